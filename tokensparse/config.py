@@ -1,0 +1,52 @@
+"""Options -> typed policy. Every bad option is a ValueError that names it and its allowed values."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from tokensparse.policies import POLICIES, Policy
+
+# Options the backend itself takes, beside the policy's own.
+BACKEND_OPTIONS = ("policy", "inductor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What tokensparse does to a model: a vision-encoder policy (more kinds arrive with later issues)."""
+
+    vision: Optional[Policy] = None
+    inductor: bool = True
+
+    def __post_init__(self):
+        if self.vision is not None and not isinstance(self.vision, Policy):
+            raise ValueError(f"vision={self.vision!r} must be a policy such as tokensparse.ToMe(r=8)")
+
+    @property
+    def policy(self) -> Optional[Policy]:
+        return self.vision
+
+
+def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
+    """Turn torch.compile(..., options={...}) into a Config, naming any option that is wrong."""
+    if isinstance(options, Config):
+        return options
+    options = dict(options or {})
+    if "policy" not in options:
+        raise ValueError(f"options has no 'policy': choose one of {sorted(POLICIES)}")
+    name = options.pop("policy")
+    if isinstance(name, Policy):
+        policy = name
+    elif name not in POLICIES:
+        raise ValueError(f"policy={name!r} is unknown: choose one of {sorted(POLICIES)}")
+    else:
+        cls = POLICIES[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        policy_options = {key: options.pop(key) for key in list(options) if key in fields}
+        policy = cls(**policy_options)
+    backend_options = {key: options.pop(key) for key in list(options) if key in BACKEND_OPTIONS}
+    if options:
+        allowed = sorted({f.name for f in dataclasses.fields(type(policy))} | set(BACKEND_OPTIONS))
+        raise ValueError(f"option {sorted(options)[0]!r} is unknown for policy {policy.name!r}: "
+                         f"allowed options are {allowed}")
+    return Config(vision=policy, **backend_options)

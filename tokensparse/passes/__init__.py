@@ -1,0 +1,17 @@
+"""The rewrite passes, one per file, applied in this explicit order. Each is (gm, ctx) -> gm."""
+
+from tokensparse.passes.merge_tokens import merge_tokens_pass
+from tokensparse.passes.proportional_attention import proportional_attention_pass
+from tokensparse.passes.prune_tokens import prune_tokens_pass
+from tokensparse.passes.sizes import rederive_sizes_pass
+from tokensparse.passes.verify import verify_pass
+
+PASSES = (
+    merge_tokens_pass,            # ToMe: merge after each block's attention residual
+    prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
+    proportional_attention_pass,  # ToMe: + log(size) on attention logits
+    rederive_sizes_pass,          # token-count literals downstream of the cuts
+    verify_pass,                  # FakeTensor propagation over the result
+)
+
+__all__ = ["PASSES"]

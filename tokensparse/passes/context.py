@@ -1,0 +1,42 @@
+"""What the passes share: the policy, the matched blocks, and a log of what each pass changed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from tokensparse.patterns.blocks import Block
+from tokensparse.policies import Policy
+
+log = logging.getLogger("tokensparse")
+
+
+@dataclass
+class PassContext:
+    policy: Policy
+    blocks: list[Block]
+    prefix_tokens: int
+    fake_inputs: list
+    fake_mode: object
+    # Filled by the passes:
+    tokens_in: dict = field(default_factory=dict)        # block index -> tokens entering it after rewrite
+    size_nodes: dict = field(default_factory=dict)       # block index -> ToMe size node its attention sees
+    changes: list = field(default_factory=list)
+    original_output_shapes: Optional[list] = None
+
+    def record(self, pass_name: str, message: str) -> None:
+        self.changes.append((pass_name, message))
+        log.debug("%s: %s", pass_name, message)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+
+def replace_uses_except(node: fx.Node, replacement: fx.Node, keep: Optional[set] = None) -> None:
+    """Point every user of `node` at `replacement`, except the nodes in `keep`."""
+    keep = keep or set()
+    node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user not in keep)

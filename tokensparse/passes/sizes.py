@@ -1,0 +1,122 @@
+"""Re-derive token-dependent sizes downstream of a cut: static graphs bake the token count into
+reshape/view/expand literals (197 appears in every attention of a ViT-B/16)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from tokensparse.passes.context import PassContext
+from tokensparse.patterns.graph import MatchFailure, op_name, shape_of
+
+# Ops whose arguments after the input tensor spell a shape, and whether numel must be preserved.
+_SHAPE_OPS = {"reshape": True, "view": True, "_unsafe_view": True, "expand": False}
+
+
+def fake_inputs(example_inputs, fake_mode) -> list:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
+            for x in example_inputs]
+
+
+class _SizeRederiver(fx.Interpreter):
+    """Runs the graph on fake tensors; before each shape op whose input changed, rewrites the literal
+    sizes from the input's old and new shapes, then stores the fresh value in the node's meta."""
+
+    def __init__(self, gm: fx.GraphModule, old_shapes: dict):
+        super().__init__(gm)
+        self.old_shapes = old_shapes
+        self.patched: list[str] = []
+
+    def run_node(self, node: fx.Node):
+        if op_name(node) in _SHAPE_OPS and node.args and isinstance(node.args[0], fx.Node):
+            self._patch(node)
+        try:
+            result = super().run_node(node)
+        except Exception as error:  # any fake-tensor failure means the rewrite is not consistent
+            raise MatchFailure(f"shapes do not agree after the rewrite at {node.name} "
+                               f"({op_name(node)}): {type(error).__name__}: {str(error).splitlines()[0]}")
+        if node.op != "output":
+            node.meta["val"] = result
+            if "example_value" in node.meta:
+                node.meta["example_value"] = result
+        return result
+
+    def _patch(self, node: fx.Node) -> None:
+        source = node.args[0]
+        old_in, old_out = self.old_shapes.get(source), self.old_shapes.get(node)
+        new_value = self.env.get(source)
+        if old_in is None or old_out is None or not isinstance(new_value, torch.Tensor):
+            return
+        new_in = tuple(new_value.shape)
+        if old_in == new_in:
+            return
+        form, sizes = _shape_args(node)
+        patched = _rederive(sizes, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
+        if patched is None:
+            raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(sizes)}): cannot tell which size is the "
+                               f"token count after its input changed from {list(old_in)} to {list(new_in)}")
+        if patched != sizes:
+            node.args = form(patched)
+            self.patched.append(f"{node.name}: {tuple(sizes)} -> {tuple(patched)}")
+
+
+def _shape_args(node: fx.Node):
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        container = type(rest[0])
+        return (lambda sizes: (node.args[0], container(sizes))), list(rest[0])
+    return (lambda sizes: (node.args[0], *sizes)), list(rest)
+
+
+def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserve_numel: bool) -> Optional[list]:
+    """New literal sizes: aligned leading dims take the input's new size, other literals equal to a
+    changed size are mapped by value when that is unambiguous; the result must keep numel."""
+    if len(sizes) != len(old_out):
+        return None
+    changed: dict = {}
+    for old, new in zip(old_in, new_in):
+        if isinstance(old, int) and isinstance(new, int) and old != new:
+            if changed.get(old, new) != new:
+                return None
+            changed[old] = new
+    unchanged_values = {old for old, new in zip(old_in, new_in) if old == new}
+    patched = list(sizes)
+    for i, size in enumerate(sizes):
+        if not isinstance(size, int) or size == -1:
+            continue
+        aligned = i < len(old_in) and all(old_out[j] == old_in[j] for j in range(i + 1))
+        if aligned:
+            patched[i] = new_in[i] if isinstance(new_in[i], int) else size
+        elif size in changed:
+            if size in unchanged_values:
+                return None  # the same literal is both a token count and an unchanged size
+            patched[i] = changed[size]
+        else:
+            # A flattened token axis (B*N): the product of changed leading dims.
+            for k in range(2, len(old_in) + 1):
+                if all(isinstance(d, int) for d in old_in[:k]) and size == math.prod(old_in[:k]) \
+                        and all(isinstance(d, int) for d in new_in[:k]) and old_in[:k] != new_in[:k]:
+                    patched[i] = math.prod(new_in[:k])
+                    break
+    if preserve_numel and all(isinstance(d, int) for d in new_in) and all(isinstance(s, int) for s in patched):
+        target = math.prod(new_in)
+        known = math.prod(s for s in patched if s != -1)
+        if (-1 in patched and (known == 0 or target % known)) or (-1 not in patched and known != target):
+            return None
+    return patched
+
+
+def rederive_sizes_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Fix token-count literals downstream of every cut, checking each node with fake tensors."""
+    old_shapes = {node: shape_of(node) for node in gm.graph.nodes}
+    rederiver = _SizeRederiver(gm, old_shapes)
+    with ctx.fake_mode:
+        rederiver.run(*ctx.fake_inputs)
+    for change in rederiver.patched:
+        ctx.record("rederive_sizes", change)
+    return gm

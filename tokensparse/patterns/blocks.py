@@ -1,0 +1,117 @@
+"""Transformer blocks: the repeated modules holding one attention each, their input stream and the
+residual add after attention (the stream point where ToMe merges and EViT prunes)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from tokensparse.patterns.attention import AttentionSite
+from tokensparse.patterns.graph import MatchFailure, downstream, is_op, module_paths, shape_of
+
+_INDEXED = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
+
+
+@dataclass
+class Block:
+    """One transformer block of the graph (index is its position among the matched blocks)."""
+
+    index: int
+    path: str
+    site: AttentionSite
+    input: fx.Node
+    attn_residual: fx.Node
+    tokens: int
+    nodes: set = field(default_factory=set, repr=False)
+
+
+@dataclass
+class BlockMatch:
+    blocks: list[Block]
+    list_path: str
+    skipped: list[str]
+
+
+def block_path(site: AttentionSite) -> Optional[str]:
+    """The deepest module on the attention's stack that is an element of a ModuleList/Sequential."""
+    for path in reversed(module_paths(site.node)):
+        if _INDEXED.match(path):
+            return path
+    return None
+
+
+def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> BlockMatch:
+    """Group attention sites into blocks of one repeated list; raise MatchFailure with the reason."""
+    if not sites:
+        raise MatchFailure("no attention found (neither scaled_dot_product_attention nor "
+                           "matmul-softmax-matmul)")
+    by_path: dict[str, list[AttentionSite]] = {}
+    skipped = []
+    for site in sites:
+        path = block_path(site)
+        if path is None:
+            skipped.append(f"attention at {site.module_path}: not inside a repeated block, left unchanged")
+            continue
+        by_path.setdefault(path, []).append(site)
+    if not by_path:
+        raise MatchFailure("attention found, but none inside a repeated block list: " + "; ".join(skipped))
+    lists: dict[str, list[str]] = {}
+    for path in by_path:
+        lists.setdefault(_INDEXED.match(path).group("list"), []).append(path)
+    list_path = next(iter(lists))
+    for other in list(lists)[1:]:
+        skipped.append(f"block list {other} ({len(lists[other])} blocks): only the first list, "
+                       f"{list_path}, is rewritten")
+    nodes_by_path = _nodes_by_block(gm, set(lists[list_path]))
+    blocks = []
+    for index, path in enumerate(lists[list_path]):
+        if len(by_path[path]) != 1:
+            raise MatchFailure(f"block {path} holds {len(by_path[path])} attentions; one was expected")
+        blocks.append(_match_block(index, path, by_path[path][0], nodes_by_path[path]))
+    return BlockMatch(blocks, list_path, skipped)
+
+
+def _nodes_by_block(gm: fx.GraphModule, paths: set) -> dict[str, set]:
+    result = {path: set() for path in paths}
+    for node in gm.graph.nodes:
+        for path in module_paths(node):
+            if path in result:
+                result[path].add(node)
+                break
+    return result
+
+
+def _match_block(index: int, path: str, site: AttentionSite, nodes: set) -> Block:
+    tokens = site.tokens
+    outside = []
+    for node in sorted(nodes, key=_order):
+        for inp in node.all_input_nodes:
+            shape = shape_of(inp)
+            if (inp not in nodes and inp not in outside and inp.op not in ("get_attr",)
+                    and shape is not None and len(shape) == 3 and shape[1] == tokens):
+                outside.append(inp)
+    if len(outside) != 1:
+        names = [n.name for n in outside]
+        raise MatchFailure(f"block {path}: expected one [B, {tokens}, D] stream entering the block, "
+                           f"found {len(outside)} {names}")
+    stream = outside[0]
+    after_attention = downstream([site.node], within=nodes)
+    for node in sorted(after_attention, key=_order):
+        if is_op(node, "add", "iadd", "add_") and stream in node.args[:2]:
+            other = node.args[1] if node.args[0] is stream else node.args[0]
+            if other in after_attention and shape_of(node) == shape_of(stream):
+                return Block(index, path, site, stream, node, tokens, nodes)
+    raise MatchFailure(f"block {path}: no residual add of the block input and the attention output")
+
+
+def _order(node: fx.Node):
+    # Graph position; fx keeps nodes in a linked list, so number them once per graph.
+    graph = node.graph
+    cache = getattr(graph, "_tokensparse_order", None)
+    if cache is None or node not in cache:
+        cache = {n: i for i, n in enumerate(graph.nodes)}
+        graph._tokensparse_order = cache
+    return cache[node]

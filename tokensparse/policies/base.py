@@ -1,0 +1,54 @@
+"""Shared pieces of the policies: the Policy base class, option checks, and the selection recorder."""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Optional
+
+
+class Policy:
+    """A token-reduction method: a frozen dataclass of options plus plain-PyTorch step functions."""
+
+    name = "policy"
+
+    def options(self) -> dict:
+        from dataclasses import asdict
+
+        return {"policy": self.name, **asdict(self)}
+
+
+def check_int_at_least(option: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{option}={value!r} must be an integer >= {low}")
+    if value < low:
+        raise ValueError(f"{option}={value!r} is out of range: it must be an integer >= {low}")
+
+
+def check_fraction(option: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{option}={value!r} must be a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise ValueError(f"{option}={value!r} is out of range: it must be in (0, 1]")
+
+
+class SelectionRecorder:
+    """Collects each eager policy step's selection (for explain()'s pictures); off unless recording."""
+
+    def __init__(self):
+        self.active: Optional[list] = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.active = []
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+    def add(self, *entry) -> None:
+        if self.active is not None:
+            self.active.append(entry)
+
+
+recorder = SelectionRecorder()

@@ -1,0 +1,115 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+Plain PyTorch. These functions are the policy's eager reference and also what the merge pass splices
+into a compiled graph, so there is one source of truth for the math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from tokensparse.policies.base import Policy, check_int_at_least, recorder
+
+SCHEDULES = ("constant", "decreasing")
+
+
+@dataclass(frozen=True)
+class ToMe(Policy):
+    """ToMe (Bolya et al., ICLR 2023): merge r tokens per block between attention and MLP."""
+
+    r: Union[int, Sequence[int]] = 13
+    schedule: str = "constant"
+    proportional_attention: bool = True
+    prefix_tokens: Optional[int] = None
+
+    name = "tome"
+
+    def __post_init__(self):
+        if isinstance(self.r, (list, tuple)):
+            object.__setattr__(self, "r", tuple(self.r))
+            for value in self.r:
+                check_int_at_least("r", value, 0)
+        else:
+            check_int_at_least("r", self.r, 0)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if isinstance(self.r, tuple) and self.schedule != "constant":
+            raise ValueError("schedule must be 'constant' when r is given per block as a list")
+        if self.prefix_tokens is not None:
+            check_int_at_least("prefix_tokens", self.prefix_tokens, 0)
+
+    def r_per_block(self, depth: int) -> list[int]:
+        """Requested merges for each of `depth` blocks (before capping at half the tokens)."""
+        if isinstance(self.r, tuple):
+            if len(self.r) != depth:
+                raise ValueError(f"r has {len(self.r)} entries but the model has {depth} blocks")
+            return list(self.r)
+        if self.schedule == "constant" or depth == 1:
+            return [self.r] * depth
+        # Decreasing: linear from 2r in the first block to 0 in the last, the same total as constant r.
+        return [int(2 * self.r - 2 * self.r * i / (depth - 1)) for i in range(depth)]
+
+    def is_identity(self, depth: int) -> bool:
+        return all(r == 0 for r in self.r_per_block(depth))
+
+
+def capped_r(r: int, tokens: int, protected: int) -> int:
+    """ToMe removes at most half of the mergeable tokens in one block."""
+    return max(0, min(r, (tokens - protected) // 2))
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int):
+    """Match alternate tokens A=even, B=odd (after the protected prefix) and pick the r best edges.
+
+    metric: [B, N, c] (keys averaged over heads). Returns (src_idx, dst_idx, unm_idx), each [B, *, 1]:
+    src_idx indexes A tokens that merge, dst_idx the B token each merges into, unm_idx the A tokens
+    that stay, in their original order.
+    """
+    m = metric[:, protected:]
+    m = m / m.norm(dim=-1, keepdim=True)
+    a, b = m[:, ::2], m[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True).unsqueeze(-1)
+    src_idx = edge_idx[:, :r]
+    unm_idx = edge_idx[:, r:].sort(dim=1).values
+    dst_idx = node_idx.unsqueeze(-1).gather(1, src_idx)
+    return src_idx, dst_idx, unm_idx
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx, protected: int):
+    """Size-weighted merge: x_b <- (s_a x_a + s_b x_b) / (s_a + s_b), s_b <- s_a + s_b.
+
+    x: [B, N, C], size: [B, N, 1]. Output tokens: the protected prefix, the unmerged A tokens in their
+    original order, then every B token.
+    """
+    channels = x.shape[-1]
+    weighted = torch.cat([x[:, protected:] * size[:, protected:], size[:, protected:]], dim=-1)
+    a, b = weighted[:, ::2], weighted[:, 1::2]
+    width = channels + 1
+    unm = a.gather(1, unm_idx.expand(-1, -1, width))
+    src = a.gather(1, src_idx.expand(-1, -1, width))
+    b = b.scatter_reduce(1, dst_idx.expand(-1, -1, width), src, reduce="sum")
+    merged = torch.cat([unm, b], dim=1)
+    merged_size = merged[..., channels:]
+    merged_x = merged[..., :channels] / merged_size
+    out_x = torch.cat([x[:, :protected], merged_x], dim=1)
+    out_size = torch.cat([size[:, :protected], merged_size], dim=1)
+    return out_x, out_size
+
+
+def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int):
+    """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens."""
+    metric = keys.mean(dim=1)
+    src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected)
+    recorder.add("tome", protected, src_idx, dst_idx, unm_idx)
+    return merge_tokens(x, size, src_idx, dst_idx, unm_idx, protected)
+
+
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention: + log(s_j) on the logits of key j, as an additive [B, 1, 1, N] mask."""
+    return size.log().transpose(1, 2).unsqueeze(1)
+

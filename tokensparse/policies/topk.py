@@ -1,0 +1,110 @@
+"""Attention-rank token pruning (EViT, Liang et al., ICLR 2022; FoPru's "rank" strategy).
+
+Plain PyTorch: the policy's eager reference and the code the prune pass splices into graphs.
+Scores are recomputed from the block's q and k for the query rows needed; the full attention matrix
+is never materialised (without a CLS token, query rows are processed in chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, recorder
+
+QUERY_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class TopK(Policy):
+    """EViT-style attention-rank pruning (Liang et al., ICLR 2022): keep the most-attended tokens."""
+
+    layers: Sequence[int] = (3, 6, 9)
+    keep: float = 0.7
+    fuse: bool = False
+    prefix_tokens: Optional[int] = None
+
+    name = "topk"
+
+    def __post_init__(self):
+        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        if not layers:
+            raise ValueError("layers=() is empty: name at least one block index to prune at")
+        for layer in layers:
+            check_int_at_least("layers", layer, 0)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers={list(layers)} repeats a block index")
+        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        check_fraction("keep", self.keep)
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"fuse={self.fuse!r} must be True or False")
+        if self.prefix_tokens is not None:
+            check_int_at_least("prefix_tokens", self.prefix_tokens, 0)
+
+    def check_depth(self, depth: int) -> None:
+        past = [layer for layer in self.layers if layer >= depth]
+        if past:
+            raise ValueError(f"layers={list(self.layers)}: block {past[0]} is past the model's depth "
+                             f"({depth} blocks, valid indices 0..{depth - 1})")
+
+    def is_identity(self, depth: int) -> bool:
+        return self.keep == 1.0 and not self.fuse
+
+
+def kept_count(tokens: int, protected: int, keep: float) -> int:
+    """Patch tokens kept out of the tokens after the protected prefix: ceil(keep * n), at least 1."""
+    patches = tokens - protected
+    return max(1, min(patches, math.ceil(keep * patches - 1e-9)))
+
+
+def attention_received(q, k, scale: float, protected: int, attn_mask=None) -> torch.Tensor:
+    """Score of each non-prefix token: CLS-row attention (mean over heads) when there is a prefix,
+    else the mean attention it receives from all queries. q, k: [B, H, N, d]. Returns [B, N - p]."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if protected > 0:
+        rows = [(0, 1)]
+    else:
+        n = q.shape[2]
+        rows = [(start, min(start + QUERY_CHUNK, n)) for start in range(0, n, QUERY_CHUNK)]
+    total = None
+    for start, stop in rows:
+        logits = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scale
+        if attn_mask is not None:
+            logits = logits + _mask_rows(attn_mask, start, stop, logits.dtype)
+        part = logits.softmax(dim=-1).sum(dim=2)
+        total = part if total is None else total + part
+    scores = total.mean(dim=1) / (rows[-1][1] - rows[0][0])
+    return scores[:, protected:]
+
+
+def _mask_rows(attn_mask, start: int, stop: int, dtype) -> torch.Tensor:
+    rows = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., start:stop, :]
+    if rows.dtype == torch.bool:
+        return torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill(~rows, -math.inf)
+    return rows
+
+
+def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool):
+    """Keep the prefix and the `keep` best-scored tokens in their original order; with fuse, append one
+    token that is the score-weighted mean of the dropped ones. x: [B, N, C], scores: [B, N - p]."""
+    rest = x[:, protected:]
+    kept_idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+    recorder.add("topk", protected, kept_idx)
+    kept = rest.gather(1, kept_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    parts = [x[:, :protected], kept]
+    if fuse:
+        dropped_weight = scores.scatter(1, kept_idx, 0.0)
+        norm = dropped_weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        fused = ((dropped_weight / norm).unsqueeze(-1) * rest).sum(dim=1, keepdim=True)
+        parts.append(fused)
+    return torch.cat(parts, dim=1)
+
+
+def topk_step(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):
+    """One pruning step at a block: score tokens from the block's own q and k, then prune x."""
+    scores = attention_received(q, k, scale, protected, attn_mask)
+    return prune_tokens(x, scores, keep, protected, fuse)

@@ -1,0 +1,98 @@
+"""Match, plan and rewrite one FX graph; fall back to the unchanged graph (with one warning that
+says why) whenever a pattern does not match or the rewrite cannot be verified."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from tokensparse.config import Config
+from tokensparse.passes import PASSES
+from tokensparse.passes.context import PassContext
+from tokensparse.passes.sizes import fake_inputs
+from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
+from tokensparse.patterns.graph import meta_value
+
+
+class TokensparseWarning(UserWarning):
+    """tokensparse compiled a graph unchanged; the message says why."""
+
+
+@dataclass
+class RewriteResult:
+    gm: fx.GraphModule                      # the rewritten graph, or the original one
+    changed: bool
+    reason: Optional[str] = None            # why nothing was changed
+    match: Optional[ModelMatch] = None
+    context: Optional[PassContext] = None
+    notes: list = field(default_factory=list)
+
+
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"tokensparse: {message}; compiling the graph unchanged", TokensparseWarning, stacklevel=3)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy with its own graph (node meta copied shallowly) sharing the original's parameters."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def detect_fake_mode(example_inputs):
+    from torch._guards import detect_fake_mode as detect
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return detect(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool = True) -> RewriteResult:
+    """Apply config's policy to a dynamo or torch.export graph. Bad options raise ValueError; anything
+    that does not match returns the original graph with the reason."""
+    policy = config.policy
+    work = copy_graph_module(gm)
+    try:
+        match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))
+    except MatchFailure as failure:
+        return _unchanged(gm, failure.reason, warn)
+    if hasattr(policy, "check_depth"):
+        policy.check_depth(match.depth)
+    if policy.is_identity(match.depth):
+        return RewriteResult(gm, False, "nothing to reduce with these options", match)
+    fake_mode = detect_fake_mode(example_inputs)
+    ctx = PassContext(policy, match.blocks, match.prefix_tokens, fake_inputs(example_inputs, fake_mode), fake_mode)
+    ctx.original_output_shapes = _output_shapes(work)
+    try:
+        for rewrite_pass in PASSES:
+            work = rewrite_pass(work, ctx)
+    except MatchFailure as failure:
+        return _unchanged(gm, failure.reason, warn, match)
+    work.graph.eliminate_dead_code()
+    work.recompile()
+    return RewriteResult(work, True, None, match, ctx, match.notes)
+
+
+def _unchanged(gm, reason: str, warn: bool, match=None) -> RewriteResult:
+    if warn:
+        warn_once(reason)
+    return RewriteResult(gm, False, reason, match)
+
+
+def _output_shapes(gm: fx.GraphModule) -> list:
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    shapes = []
+    fx.node.map_arg(output.args[0], lambda n: shapes.append(
+        tuple(meta_value(n).shape) if isinstance(meta_value(n), torch.Tensor) else None))
+    return shapes
