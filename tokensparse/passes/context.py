@@ -24,6 +24,7 @@ class PassContext:
     # Filled by the passes:
     tokens_in: dict = field(default_factory=dict)        # block index -> tokens entering it after rewrite
     size_nodes: dict = field(default_factory=dict)       # block index -> ToMe size node its attention sees
+    acted_blocks: list = field(default_factory=list)    # block indices where a policy step was inserted
     changes: list = field(default_factory=list)
     original_output_shapes: Optional[list] = None
 

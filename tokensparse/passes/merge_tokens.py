@@ -41,6 +41,7 @@ def merge_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         merged = insert_call(graph, anchor, operator.getitem, (step, 0))
         size = insert_call(graph, anchor, operator.getitem, (step, 1))
         replace_uses_except(stream, merged, keep=keep | {step})
+        ctx.acted_blocks.append(block.index)
         ctx.record("merge_tokens", f"{block.path}: merge {r} of {tokens} tokens")
         tokens -= r
     ctx.tokens_in[len(ctx.blocks)] = tokens

@@ -26,6 +26,7 @@ def prune_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                            (stream, site.q, site.k, site.scale, keep, p, policy.fuse, site.mask))
         replace_uses_except(stream, step, keep={step})
         after = p + keep + int(policy.fuse)
+        ctx.acted_blocks.append(block.index)
         ctx.record("prune_tokens", f"{block.path}: keep {after} of {tokens} tokens")
         tokens = after
     ctx.tokens_in[len(ctx.blocks)] = tokens

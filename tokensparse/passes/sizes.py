@@ -74,8 +74,9 @@ def _shape_args(node: fx.Node):
 
 
 def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserve_numel: bool) -> Optional[list]:
-    """New literal sizes: aligned leading dims take the input's new size, other literals equal to a
-    changed size are mapped by value when that is unambiguous; the result must keep numel."""
+    """New literal sizes. First candidate: leading dims aligned with the input take its new sizes. If
+    that does not keep numel, other literals equal to a changed size (or to a flattened B*N) are mapped
+    too, unless the same literal is also an unchanged size (then it is ambiguous: None)."""
     if len(sizes) != len(old_out):
         return None
     changed: dict = {}
@@ -85,30 +86,43 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
                 return None
             changed[old] = new
     unchanged_values = {old for old, new in zip(old_in, new_in) if old == new}
-    patched = list(sizes)
+    aligned = list(sizes)
+    free = []
     for i, size in enumerate(sizes):
         if not isinstance(size, int) or size == -1:
             continue
-        aligned = i < len(old_in) and all(old_out[j] == old_in[j] for j in range(i + 1))
-        if aligned:
-            patched[i] = new_in[i] if isinstance(new_in[i], int) else size
-        elif size in changed:
-            if size in unchanged_values:
-                return None  # the same literal is both a token count and an unchanged size
-            patched[i] = changed[size]
+        if i < len(old_in) and all(old_out[j] == old_in[j] for j in range(i + 1)):
+            aligned[i] = new_in[i] if isinstance(new_in[i], int) else size
         else:
-            # A flattened token axis (B*N): the product of changed leading dims.
-            for k in range(2, len(old_in) + 1):
-                if all(isinstance(d, int) for d in old_in[:k]) and size == math.prod(old_in[:k]) \
-                        and all(isinstance(d, int) for d in new_in[:k]) and old_in[:k] != new_in[:k]:
-                    patched[i] = math.prod(new_in[:k])
-                    break
-    if preserve_numel and all(isinstance(d, int) for d in new_in) and all(isinstance(s, int) for s in patched):
-        target = math.prod(new_in)
-        known = math.prod(s for s in patched if s != -1)
-        if (-1 in patched and (known == 0 or target % known)) or (-1 not in patched and known != target):
-            return None
-    return patched
+            free.append(i)
+    if preserve_numel and _keeps_numel(aligned, new_in, preserve_numel):
+        return aligned
+    mapped = list(aligned)
+    for i in free:
+        size = sizes[i]
+        if size in changed:
+            if size in unchanged_values:
+                return None
+            mapped[i] = changed[size]
+            continue
+        for k in range(2, len(old_in) + 1):  # a flattened token axis (B*N)
+            if all(isinstance(d, int) for d in old_in[:k] + new_in[:k]) and old_in[:k] != new_in[:k] \
+                    and size == math.prod(old_in[:k]):
+                mapped[i] = math.prod(new_in[:k])
+                break
+    return mapped if _keeps_numel(mapped, new_in, preserve_numel) else None
+
+
+def _keeps_numel(sizes: list, new_in: tuple, preserve_numel: bool) -> bool:
+    if not preserve_numel:
+        return True
+    if not all(isinstance(d, int) for d in new_in) or not all(isinstance(s, int) for s in sizes):
+        return True  # symbolic sizes: left to the FakeTensor check
+    target = math.prod(new_in)
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        return known != 0 and target % known == 0
+    return known == target
 
 
 def rederive_sizes_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.fx as fx
 
 from tokensparse.patterns.attention import AttentionSite, find_attention_sites
 from tokensparse.patterns.blocks import Block, find_blocks
 from tokensparse.patterns.graph import MatchFailure
-from tokensparse.patterns.tokens import find_prefix_tokens
+from tokensparse.patterns.tokens import find_prefix_tokens, patch_grid
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ModelMatch:
     blocks: list[Block]
     list_path: str
     prefix_tokens: int
+    grid: Optional[tuple]                            # patch rows and columns, when known
     notes: list[str] = field(default_factory=list)   # patterns that did not match, and why
 
     @property
@@ -37,7 +39,8 @@ def match_vision_encoder(gm: fx.GraphModule, prefix_tokens=None) -> ModelMatch:
     elif prefix_tokens >= first.tokens:
         raise ValueError(f"prefix_tokens={prefix_tokens} is out of range: the model has {first.tokens} tokens "
                          f"entering its first block")
-    return ModelMatch(sites, found.blocks, found.list_path, prefix_tokens, notes + found.skipped)
+    grid = patch_grid(first.input)
+    return ModelMatch(sites, found.blocks, found.list_path, prefix_tokens, grid, notes + found.skipped)
 
 
 __all__ = ["AttentionSite", "Block", "MatchFailure", "ModelMatch", "match_vision_encoder"]

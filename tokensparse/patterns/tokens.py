@@ -45,12 +45,16 @@ def _upstream(node: fx.Node, limit: int = 400):
     return seen
 
 
-def _patch_count(stream: fx.Node):
+def patch_grid(stream: fx.Node):
+    """(rows, cols) of the patch embedding's convolution output, or None without a convolution."""
     convs = [n for n in _upstream(stream) if is_op(n, "conv2d", "convolution", "_convolution")]
-    if not convs:
-        return None
-    shape = shape_of(convs[0])
-    return math.prod(shape[2:]) if shape is not None and len(shape) >= 3 else None
+    shape = shape_of(convs[0]) if convs else None
+    return tuple(shape[2:]) if shape is not None and len(shape) == 4 else None
+
+
+def _patch_count(stream: fx.Node):
+    grid = patch_grid(stream)
+    return math.prod(grid) if grid is not None else None
 
 
 def _nearest_token_concat(stream: fx.Node, tokens: int):

@@ -93,7 +93,7 @@ def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: in
     token that is the score-weighted mean of the dropped ones. x: [B, N, C], scores: [B, N - p]."""
     rest = x[:, protected:]
     kept_idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
-    recorder.add("topk", protected, kept_idx)
+    recorder.add("topk", protected, kept_idx, fuse)
     kept = rest.gather(1, kept_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     parts = [x[:, :protected], kept]
     if fuse:

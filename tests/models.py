@@ -1,0 +1,94 @@
+"""Seeded factories of real vision-transformer architectures (timm, transformers) from small configs with random
+weights: no downloads. build(name, **overrides) -> (model.eval(), pixel_values)."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE = 32
+SEED = 0
+
+# name -> prefix tokens the model puts in front of its patches (CLS, distillation, registers).
+PREFIX_TOKENS = {
+    "timm_vit": 1,
+    "timm_deit_distilled": 2,
+    "timm_vit_reg4": 5,
+    "timm_vit_gap": 0,
+    "timm_vit_qknorm": 1,
+    "hf_vit": 1,
+    "hf_clip": 1,
+    "hf_siglip": 0,
+    "hf_dinov2": 1,
+}
+VISION_FAMILIES = list(PREFIX_TOKENS)
+TIMM_FAMILIES = [name for name in VISION_FAMILIES if name.startswith("timm")]
+HF_FAMILIES = [name for name in VISION_FAMILIES if name.startswith("hf")]
+
+
+def _timm(variant: str, depth, width, heads, patch, num_classes=10, **kwargs):
+    import timm
+
+    return timm.create_model(variant, pretrained=False, img_size=IMAGE, patch_size=patch, embed_dim=width,
+                             depth=depth, num_heads=heads, num_classes=num_classes, **kwargs)
+
+
+def _hf_common(depth, width, heads, patch, **kwargs):
+    return dict(image_size=IMAGE, patch_size=patch, hidden_size=width, num_hidden_layers=depth,
+                num_attention_heads=heads, **kwargs)
+
+
+def _make(name: str, depth: int, width: int, heads: int, patch: int, **kwargs) -> torch.nn.Module:
+    if name == "timm_vit":
+        return _timm("vit_tiny_patch16_224", depth, width, heads, patch, **kwargs)
+    if name == "timm_deit_distilled":
+        return _timm("deit_tiny_distilled_patch16_224", depth, width, heads, patch, **kwargs)
+    if name == "timm_vit_reg4":  # like vit_*_reg4_dinov2: CLS + 4 registers, pos embed on patches only
+        options = dict(reg_tokens=4, no_embed_class=True, init_values=0.5)
+        return _timm("vit_tiny_patch16_224", depth, width, heads, patch, **{**options, **kwargs})
+    if name == "timm_vit_gap":  # no prefix tokens, average pooling + fc_norm
+        options = dict(class_token=False, global_pool="avg")
+        return _timm("vit_tiny_patch16_224", depth, width, heads, patch, **{**options, **kwargs})
+    if name == "timm_vit_qknorm":  # q/k LayerNorm (keys after k_norm feed ToMe) and LayerScale
+        options = dict(qk_norm=True, init_values=0.5)
+        return _timm("vit_tiny_patch16_224", depth, width, heads, patch, **{**options, **kwargs})
+    if name == "hf_vit":
+        from transformers import ViTConfig, ViTModel
+
+        return ViTModel(ViTConfig(**_hf_common(depth, width, heads, patch, intermediate_size=4 * width,
+                                               pooler_output_size=width, **kwargs)))
+    if name == "hf_clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        return CLIPVisionModel(CLIPVisionConfig(**_hf_common(depth, width, heads, patch,
+                                                             intermediate_size=4 * width, **kwargs)))
+    if name == "hf_siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionModel(SiglipVisionConfig(**_hf_common(depth, width, heads, patch,
+                                                                 intermediate_size=4 * width, **kwargs)))
+    if name == "hf_dinov2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        return Dinov2Model(Dinov2Config(**_hf_common(depth, width, heads, patch, mlp_ratio=4, **kwargs)))
+    raise ValueError(f"unknown model {name!r}; known: {VISION_FAMILIES}")
+
+
+def build(name: str, *, depth: int = 3, width: int = 32, heads: int = 2, patch: int = 4, batch: int = 2,
+          seed: int = SEED, **kwargs):
+    """(model.eval(), pixel_values [batch, 3, 32, 32]) for a small real architecture; kwargs go to the
+    timm model / transformers config. Same arguments, same weights and inputs."""
+    torch.manual_seed(seed)
+    model = _make(name, depth, width, heads, patch, **kwargs).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    pixel_values = torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)
+    return model, pixel_values
+
+
+def vit_b16(batch: int = 1, seed: int = SEED):
+    """timm vit_base_patch16_224 with random weights and (model.eval(), pixel_values [batch, 3, 224, 224])."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    pixel_values = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
+    return model, pixel_values

@@ -1,0 +1,51 @@
+"""FLOPs of a graph per transformer block, counted by torch's FlopCounterMode on fake tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.utils import flop_counter
+
+from tokensparse.patterns.graph import module_paths
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _register_cpu_attention() -> None:
+    """torch counts the CUDA attention kernels but not the CPU one; count it with the same formula."""
+    if _CPU_SDPA in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention()
+
+
+class _CountingInterpreter(fx.Interpreter):
+    def __init__(self, gm, counter, block_paths):
+        super().__init__(gm)
+        self.counter, self.block_paths = counter, block_paths
+        self.by_block: dict = {}
+
+    def run_node(self, node):
+        before = self.counter.get_total_flops()
+        result = super().run_node(node)
+        spent = self.counter.get_total_flops() - before
+        if spent:
+            key = next((p for p in module_paths(node) if p in self.block_paths), None)
+            if key is None:
+                key = "tokensparse" if not node.meta.get("nn_module_stack") and node.op == "call_function" \
+                    and getattr(node.target, "__module__", "").startswith("tokensparse") else "other"
+            self.by_block[key] = self.by_block.get(key, 0) + spent
+        return result
+
+
+def flops_by_block(gm: fx.GraphModule, fake_inputs, fake_mode, block_paths) -> dict:
+    """{block path: FLOPs, 'other': outside the blocks, 'tokensparse': the inserted policy ops}."""
+    with fake_mode, flop_counter.FlopCounterMode(display=False) as counter:
+        interpreter = _CountingInterpreter(gm, counter, set(block_paths))
+        interpreter.run(*fake_inputs)
+    return interpreter.by_block

@@ -1,0 +1,82 @@
+"""Shared eager pieces of the reference path: SDPA attention and the policy step after each block's
+attention residual, as the merge, proportional-attention and prune passes splice them into graphs."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tokensparse.policies import ToMe, TopK
+from tokensparse.policies.tome import capped_r, size_bias, tome_step
+from tokensparse.policies.topk import kept_count, topk_step
+
+# qkv(block, x) -> (q, k, v, scale): the block's SDPA inputs [B, H, N, d] from the stream x.
+QKV = Callable[[torch.nn.Module, torch.Tensor], tuple]
+# attn_out(block, o, x) -> the attention branch added to x; o is SDPA's output with heads merged [B, N, H*d].
+AttnOut = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# mlp(block, x) -> the MLP branch added to x.
+MLP = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+class PolicyState:
+    """Per-forward state of a policy (mirrors passes/merge_tokens, proportional_attention, prune_tokens)."""
+
+    def __init__(self, policy, depth: int, tokens: int, model_prefix_tokens: int):
+        if policy is not None and not isinstance(policy, (ToMe, TopK)):
+            raise TypeError(f"reference_forward supports ToMe and TopK policies, not {type(policy).__name__}")
+        self.policy = policy
+        prefix = getattr(policy, "prefix_tokens", None)
+        self.prefix_tokens = model_prefix_tokens if prefix is None else prefix
+        if self.prefix_tokens >= tokens:
+            raise ValueError(f"prefix_tokens={self.prefix_tokens} is out of range: the model has {tokens} tokens "
+                             "in its first block")
+        self.size: Optional[torch.Tensor] = None
+        self.schedule = policy.r_per_block(depth) if isinstance(policy, ToMe) else None
+        if isinstance(policy, TopK):
+            policy.check_depth(depth)
+
+    def attn_mask(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """ToMe proportional attention: + log(size) on the keys once any block has merged."""
+        if isinstance(self.policy, ToMe) and self.policy.proportional_attention and self.size is not None:
+            return size_bias(self.size).to(dtype)
+        return None
+
+    def step(self, index: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """Reduce the stream right after block `index`'s attention residual add, before its MLP."""
+        p = self.prefix_tokens
+        if isinstance(self.policy, ToMe):
+            r = capped_r(self.schedule[index], x.shape[1], p)
+            if r > 0:
+                if self.size is None:
+                    self.size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+                x, self.size = tome_step(x, self.size, k, r, p)
+        elif isinstance(self.policy, TopK) and index in self.policy.layers:
+            keep = kept_count(x.shape[1], p, self.policy.keep)
+            x = topk_step(x, q, k, scale, keep, p, self.policy.fuse, attn_mask=None)
+        return x
+
+
+def attention(q, k, v, scale: float, attn_mask=None) -> torch.Tensor:
+    """F.scaled_dot_product_attention, heads merged back: [B, H, N, d] -> [B, N, H*d]."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, N, H*d] -> [B, H, N, d], as HF attention modules do with view(...).transpose(1, 2)."""
+    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+
+def run_blocks(x: torch.Tensor, blocks: Sequence[torch.nn.Module], policy, prefix_tokens: int,
+               qkv: QKV, attn_out: AttnOut, mlp: MLP) -> torch.Tensor:
+    """The hand-written pre-norm block loop: x += attn(x); policy step; x += mlp(x)."""
+    state = PolicyState(policy, len(blocks), x.shape[1], prefix_tokens)
+    for index, block in enumerate(blocks):
+        q, k, v, scale = qkv(block, x)
+        o = attention(q, k, v, scale, state.attn_mask(q.dtype))
+        x = x + attn_out(block, o, x)
+        x = state.step(index, x, q, k, scale)
+        x = x + mlp(block, x)
+    return x
