@@ -62,6 +62,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     """Apply config's policy to a dynamo or torch.export graph. Bad options raise ValueError; anything
     that does not match returns the original graph with the reason."""
     policy = config.policy
+    if policy is None:
+        return RewriteResult(gm, False, "no policy configured")
     work = copy_graph_module(gm)
     try:
         match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))

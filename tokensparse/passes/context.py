@@ -13,6 +13,8 @@ from tokensparse.policies import Policy
 
 log = logging.getLogger("tokensparse")
 
+STANDS_FOR = "tokensparse_stands_for"
+
 
 @dataclass
 class PassContext:
@@ -38,6 +40,8 @@ class PassContext:
 
 
 def replace_uses_except(node: fx.Node, replacement: fx.Node, keep: Optional[set] = None) -> None:
-    """Point every user of `node` at `replacement`, except the nodes in `keep`."""
+    """Point every user of `node` at `replacement`, except the nodes in `keep`; the replacement is
+    marked as standing for `node` so the sizes pass can compare old and new shapes."""
     keep = keep or set()
+    replacement.meta[STANDS_FOR] = node
     node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user not in keep)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from tokensparse.passes.context import PassContext
+from tokensparse.passes.context import STANDS_FOR, PassContext
 from tokensparse.patterns.graph import MatchFailure, op_name, shape_of
 
 # Ops whose arguments after the input tensor spell a shape, and whether numel must be preserved.
@@ -48,7 +48,8 @@ class _SizeRederiver(fx.Interpreter):
 
     def _patch(self, node: fx.Node) -> None:
         source = node.args[0]
-        old_in, old_out = self.old_shapes.get(source), self.old_shapes.get(node)
+        old_in = self.old_shapes.get(source) or self.old_shapes.get(source.meta.get(STANDS_FOR))
+        old_out = self.old_shapes.get(node)
         new_value = self.env.get(source)
         if old_in is None or old_out is None or not isinstance(new_value, torch.Tensor):
             return

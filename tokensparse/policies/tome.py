@@ -102,7 +102,10 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx,
 
 
 def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int):
-    """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens."""
+    """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens.
+    r = 0 changes nothing (tokens keep their order)."""
+    if r == 0:
+        return x, size
     metric = keys.mean(dim=1)
     src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected)
     recorder.add("tome", protected, src_idx, dst_idx, unm_idx)

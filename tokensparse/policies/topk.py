@@ -60,16 +60,17 @@ def kept_count(tokens: int, protected: int, keep: float) -> int:
     return max(1, min(patches, math.ceil(keep * patches - 1e-9)))
 
 
-def attention_received(q, k, scale: float, protected: int, attn_mask=None) -> torch.Tensor:
+def attention_received(q, k, scale: float, protected: int, attn_mask=None, query_chunk: int = QUERY_CHUNK):
     """Score of each non-prefix token: CLS-row attention (mean over heads) when there is a prefix,
-    else the mean attention it receives from all queries. q, k: [B, H, N, d]. Returns [B, N - p]."""
+    else the mean attention it receives from all queries, `query_chunk` query rows at a time.
+    q, k: [B, H, N, d]. Returns [B, N - p]."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     if protected > 0:
         rows = [(0, 1)]
     else:
         n = q.shape[2]
-        rows = [(start, min(start + QUERY_CHUNK, n)) for start in range(0, n, QUERY_CHUNK)]
+        rows = [(start, min(start + query_chunk, n)) for start in range(0, n, query_chunk)]
     total = None
     for start, stop in rows:
         logits = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scale

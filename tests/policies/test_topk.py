@@ -1,0 +1,88 @@
+"""Attention-rank pruning against scores from the materialised attention matrix."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokensparse.policies.topk import TopK, attention_received, kept_count, prune_tokens, topk_step
+
+
+def full_attention(q, k, scale, mask=None):
+    logits = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(-1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), tokens=st.integers(2, 40),
+       protected=st.integers(0, 2), chunk=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_scores_equal_materialised_attention(batch, heads, tokens, protected, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, tokens, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, heads, tokens, 8, generator=gen, dtype=torch.float64)
+    attn = full_attention(q, k, 0.3)
+    want = attn[:, :, 0].mean(1) if protected else attn.mean(2).mean(1)
+    got = attention_received(q, k, 0.3, protected, query_chunk=chunk)
+    torch.testing.assert_close(got, want[:, protected:])
+
+
+def test_scores_with_grouped_kv_heads_and_masks():
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[..., 3] = -float("inf")
+    got = attention_received(q, k, 0.5, 0, mask)
+    want = full_attention(q, k.repeat_interleave(2, dim=1), 0.5, mask).mean(2).mean(1)
+    torch.testing.assert_close(got, want)
+    assert got[:, 3].eq(0).all()
+    bool_mask = mask == 0
+    torch.testing.assert_close(attention_received(q, k, 0.5, 0, bool_mask), want)
+
+
+def test_prune_keeps_best_in_original_order_and_prefix():
+    x = torch.arange(2 * 7 * 1, dtype=torch.float32).reshape(2, 7, 1)
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.0, 0.5], [0.6, 0.1, 0.2, 0.3, 0.9, 0.0]])
+    out = prune_tokens(x, scores, keep=3, protected=1, fuse=False)
+    assert out[0, :, 0].tolist() == [0, 2, 4, 6]   # prefix, then tokens 1, 3, 5 of the rest
+    assert out[1, :, 0].tolist() == [7, 8, 11, 12]
+
+
+def test_fuse_appends_score_weighted_mean_of_dropped():
+    x = torch.randn(1, 5, 3)
+    scores = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    out = prune_tokens(x, scores, keep=2, protected=1, fuse=True)
+    dropped = x[0, [2, 4]]
+    weights = torch.tensor([0.1, 0.1]) / 0.2
+    torch.testing.assert_close(out[0, -1], (weights[:, None] * dropped).sum(0))
+    assert out.shape == (1, 4, 3)
+
+
+def test_keep_all_is_identity():
+    x = torch.randn(2, 9, 4)
+    q, k = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    out = topk_step(x, q, k, 0.5, kept_count(9, 1, 1.0), 1, False)
+    torch.testing.assert_close(out, x)
+
+
+def test_kept_count():
+    assert kept_count(197, 1, 0.7) == 138
+    assert kept_count(197, 1, 1.0) == 196
+    assert kept_count(5, 1, 0.01) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"keep": 0.0}, r"keep=0.0 is out of range: it must be in \(0, 1\]"),
+    ({"keep": 1.5}, "keep=1.5 is out of range"),
+    ({"layers": [-1]}, "layers=-1 is out of range"),
+    ({"layers": []}, "layers=.. is empty"),
+    ({"layers": [2, 2]}, "repeats"),
+    ({"fuse": "yes"}, "fuse='yes'"),
+])
+def test_bad_options_name_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TopK(**kwargs)
+
+
+def test_layer_past_depth():
+    with pytest.raises(ValueError, match="block 12 is past the model's depth"):
+        TopK(layers=[3, 12]).check_depth(12)
