@@ -1,0 +1,53 @@
+"""The rewritten dynamo graph (run eagerly) against the independent eager reference, on every model
+family, several sizes, batch sizes 1-4, and each policy; identity options equal the unmodified model."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import main_outputs, run_eager_backend
+from tests.models import VISION_FAMILIES, build
+from tokensparse import ToMe, TokensparseWarning, TopK
+from tokensparse.reference import reference_forward
+
+# (depth, width, heads, batch) per family, so that depths, widths, head counts and batches all vary.
+SHAPES = [(3, 32, 2, 1), (4, 48, 3, 3), (3, 64, 4, 4), (5, 32, 4, 2)]
+POLICIES = {
+    "tome_r3": ToMe(r=3),
+    "tome_decreasing_no_prop": ToMe(r=4, schedule="decreasing", proportional_attention=False),
+    "topk_one_layer": TopK(layers=(1,), keep=0.5),
+    "topk_fuse_two_layers": TopK(layers=(0, 2), keep=0.6, fuse=True),
+}
+
+
+def _options(policy) -> dict:
+    return {key: value for key, value in policy.options().items() if value is not None}
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_rewrite_matches_reference(family, policy_name):
+    index = (VISION_FAMILIES.index(family) + list(POLICIES).index(policy_name)) % len(SHAPES)
+    depth, width, heads, batch = SHAPES[index]
+    model, pixels = build(family, depth=depth, width=width, heads=heads, batch=batch)
+    policy = POLICIES[policy_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = main_outputs(run_eager_backend(model, pixels, _options(policy)))
+    want = reference_forward(model, pixels, policy)
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("policy", [ToMe(r=0), TopK(layers=(0, 1), keep=1.0)], ids=["tome_r0", "topk_keep1"])
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_nothing_to_prune_equals_unmodified_model(family, policy):
+    model, pixels = build(family, batch=2)
+    with torch.no_grad():
+        want = main_outputs(model(pixels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = main_outputs(run_eager_backend(model, pixels, _options(policy)))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
