@@ -7,6 +7,7 @@ import torch.fx as fx
 from torch.utils import flop_counter
 
 from tokensparse.patterns.graph import module_paths
+from tokensparse.runtime.ops import is_tokensparse_target
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -37,8 +38,7 @@ class _CountingInterpreter(fx.Interpreter):
         if spent:
             key = next((p for p in module_paths(node) if p in self.block_paths), None)
             if key is None:
-                key = "tokensparse" if not node.meta.get("nn_module_stack") and node.op == "call_function" \
-                    and getattr(node.target, "__module__", "").startswith("tokensparse") else "other"
+                key = "tokensparse" if node.op == "call_function" and is_tokensparse_target(node.target) else "other"
             self.by_block[key] = self.by_block.get(key, 0) + spent
         return result
 

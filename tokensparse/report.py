@@ -59,6 +59,13 @@ class Report:
         """FLOPs-ideal speedup: FLOPs before / FLOPs after."""
         return self.flops_before / self.flops_after if self.flops_after else 1.0
 
+    @property
+    def flops_ideal_ratio(self) -> float:
+        """Model FLOPs before / after, leaving out the policy's own ops: the speedup a perfect
+        implementation would reach."""
+        model_after = self.flops_after - self.flops_policy
+        return self.flops_before / model_after if model_after else 1.0
+
     def __str__(self) -> str:
         from rich.console import Console
         from rich.table import Table

@@ -16,7 +16,7 @@ from tokensparse.passes import PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
-from tokensparse.patterns.graph import meta_value
+from tokensparse.patterns.graph import output_shapes
 
 
 class TokensparseWarning(UserWarning):
@@ -75,7 +75,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, match.blocks, match.prefix_tokens, fake_inputs(example_inputs, fake_mode), fake_mode)
-    ctx.original_output_shapes = _output_shapes(work)
+    ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in PASSES:
             work = rewrite_pass(work, ctx)
@@ -91,10 +91,3 @@ def _unchanged(gm, reason: str, warn: bool, match=None) -> RewriteResult:
         warn_once(reason)
     return RewriteResult(gm, False, reason, match)
 
-
-def _output_shapes(gm: fx.GraphModule) -> list:
-    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
-    shapes = []
-    fx.node.map_arg(output.args[0], lambda n: shapes.append(
-        tuple(meta_value(n).shape) if isinstance(meta_value(n), torch.Tensor) else None))
-    return shapes

@@ -11,7 +11,8 @@ import torch.fx as fx
 from tokensparse.passes.context import PassContext, replace_uses_except
 from tokensparse.patterns.graph import insert_call
 from tokensparse.policies import ToMe
-from tokensparse.policies.tome import capped_r, tome_step
+from tokensparse.policies.tome import capped_r
+from tokensparse.runtime.ops import TOME_MERGE
 
 
 def initial_sizes(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def merge_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if size is None:
             size = insert_call(graph, anchor, initial_sizes, (stream,))
             keep.add(size)
-        step = insert_call(graph, anchor, tome_step, (stream, size, block.site.k, r, p))
+        step = insert_call(graph, anchor, TOME_MERGE, (stream, size, block.site.k, r, p))
         merged = insert_call(graph, anchor, operator.getitem, (step, 0))
         size = insert_call(graph, anchor, operator.getitem, (step, 1))
         replace_uses_except(stream, merged, keep=keep | {step})

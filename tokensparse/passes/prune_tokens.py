@@ -7,7 +7,8 @@ import torch.fx as fx
 from tokensparse.passes.context import PassContext, replace_uses_except
 from tokensparse.patterns.graph import insert_call
 from tokensparse.policies import TopK
-from tokensparse.policies.topk import kept_count, topk_step
+from tokensparse.policies.topk import kept_count
+from tokensparse.runtime.ops import TOPK_PRUNE
 
 
 def prune_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -22,7 +23,7 @@ def prune_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         keep = kept_count(tokens, p, policy.keep)
         stream, site = block.attn_residual, block.site
-        step = insert_call(gm.graph, stream.next, topk_step,
+        step = insert_call(gm.graph, stream.next, TOPK_PRUNE,
                            (stream, site.q, site.k, site.scale, keep, p, policy.fuse, site.mask))
         replace_uses_except(stream, step, keep={step})
         after = p + keep + int(policy.fuse)

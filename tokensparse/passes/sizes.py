@@ -54,7 +54,7 @@ class _SizeRederiver(fx.Interpreter):
         if old_in is None or old_out is None or not isinstance(new_value, torch.Tensor):
             return
         new_in = tuple(new_value.shape)
-        if old_in == new_in:
+        if len(old_in) == len(new_in) and all(_same(a, b) for a, b in zip(old_in, new_in)):
             return
         form, sizes = _shape_args(node)
         patched = _rederive(sizes, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
@@ -86,13 +86,13 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
             if changed.get(old, new) != new:
                 return None
             changed[old] = new
-    unchanged_values = {old for old, new in zip(old_in, new_in) if old == new}
+    unchanged_values = {old for old, new in zip(old_in, new_in) if isinstance(old, int) and _same(old, new)}
     aligned = list(sizes)
     free = []
     for i, size in enumerate(sizes):
         if not isinstance(size, int) or size == -1:
             continue
-        if i < len(old_in) and all(old_out[j] == old_in[j] for j in range(i + 1)):
+        if i < len(old_in) and all(_same(old_out[j], old_in[j]) for j in range(i + 1)):
             aligned[i] = new_in[i] if isinstance(new_in[i], int) else size
         else:
             free.append(i)
@@ -108,10 +108,17 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
             continue
         for k in range(2, len(old_in) + 1):  # a flattened token axis (B*N)
             if all(isinstance(d, int) for d in old_in[:k] + new_in[:k]) and old_in[:k] != new_in[:k] \
-                    and size == math.prod(old_in[:k]):
+                    and size == math.prod(old_in[:k]):  # all plain ints here
                 mapped[i] = math.prod(new_in[:k])
                 break
     return mapped if _keeps_numel(mapped, new_in, preserve_numel) else None
+
+
+def _same(a, b) -> bool:
+    """Equal sizes, comparing symbolic sizes by expression (never by bool(), which adds guards)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
 
 
 def _keeps_numel(sizes: list, new_in: tuple, preserve_numel: bool) -> bool:

@@ -3,12 +3,11 @@ differ from the original only along token axes."""
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tokensparse.passes.context import PassContext
-from tokensparse.patterns.graph import MatchFailure
+from tokensparse.patterns.graph import MatchFailure, output_shapes
 
 
 def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -16,12 +15,12 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     try:
-        outputs = FakeTensorProp(gm, ctx.fake_mode).propagate_dont_convert_inputs(*ctx.fake_inputs)
+        FakeTensorProp(gm, ctx.fake_mode).propagate_dont_convert_inputs(*ctx.fake_inputs)
     except Exception as error:
         raise MatchFailure(f"FakeTensor verification failed: {type(error).__name__}: {str(error).splitlines()[0]}")
     token_counts = {ctx.blocks[0].tokens}
     old = ctx.original_output_shapes
-    new = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in _flat(outputs)]
+    new = output_shapes(gm)
     if old is not None:
         if len(old) != len(new):
             raise MatchFailure(f"the rewritten graph returns {len(new)} outputs instead of {len(old)}")
@@ -34,10 +33,3 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                    f"outside the token axis")
     return gm
 
-
-def _flat(outputs):
-    if isinstance(outputs, (tuple, list)):
-        for item in outputs:
-            yield from _flat(item)
-    else:
-        yield outputs

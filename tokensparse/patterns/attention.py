@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch.fx as fx
 
@@ -22,7 +22,7 @@ class AttentionSite:
     q: fx.Node
     k: fx.Node
     v: Optional[fx.Node]
-    scale: float
+    scale: Union[float, fx.Node]   # a Node when dynamo lifted a float attribute into a graph input
     mask: Optional[fx.Node]
     module_path: str
 
@@ -55,7 +55,9 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     scale = arg(node, 6, "scale")
     if scale is None:
         scale = 1.0 / math.sqrt(shape_of(q)[-1])
-    return AttentionSite(node, "sdpa", q, k, v, float(scale), arg(node, 3, "attn_mask"), _path(node))
+    elif not isinstance(scale, fx.Node):
+        scale = float(scale)
+    return AttentionSite(node, "sdpa", q, k, v, scale, arg(node, 3, "attn_mask"), _path(node))
 
 
 def _strip(node, names=_TRANSPARENT):

@@ -97,3 +97,12 @@ def insert_call(graph: fx.Graph, before: fx.Node, fn, args: tuple, kwargs: Optio
     """A call_function node placed right before `before` (so successive inserts keep their order)."""
     with graph.inserting_before(before):
         return graph.call_function(fn, args, kwargs or {})
+
+
+def output_shapes(gm: fx.GraphModule) -> list:
+    """Shapes of the graph's outputs from node meta (None for non-tensors), in output order."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    shapes = []
+    fx.node.map_arg(output.args[0], lambda n: shapes.append(
+        tuple(meta_value(n).shape) if isinstance(meta_value(n), torch.Tensor) else None))
+    return shapes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 from tokensparse.patterns.graph import MatchFailure, is_op, shape_of, tensor_inputs
 
@@ -49,7 +50,11 @@ def patch_grid(stream: fx.Node):
     """(rows, cols) of the patch embedding's convolution output, or None without a convolution."""
     convs = [n for n in _upstream(stream) if is_op(n, "conv2d", "convolution", "_convolution")]
     shape = shape_of(convs[0]) if convs else None
-    return tuple(shape[2:]) if shape is not None and len(shape) == 4 else None
+    if shape is None or len(shape) != 4:
+        return None
+    # Under dynamic shapes the grid may be symbolic while the token count is static: specialise it
+    # with a guard (the graph is already specialised on the token count).
+    return tuple(d if isinstance(d, int) else guard_int(d) for d in shape[2:])
 
 
 def _patch_count(stream: fx.Node):

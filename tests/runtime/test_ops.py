@@ -1,0 +1,43 @@
+"""The tokensparse:: custom ops: opcheck (schema, fake kernel, autograd registration) and equality with
+the policies' reference functions."""
+
+import pytest
+import torch
+
+from tokensparse.policies.tome import tome_step
+from tokensparse.policies.topk import topk_step
+from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
+
+
+def _tome_args(batch=2, tokens=11, channels=6, heads=3, r=3, protected=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen)
+    size = torch.randint(1, 3, (batch, tokens, 1), generator=gen).float()
+    keys = torch.randn(batch, heads, tokens, 4, generator=gen)
+    return x, size, keys, r, protected
+
+
+def _topk_args(batch=2, tokens=11, channels=6, heads=2, keep=4, protected=1, fuse=True, mask=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen)
+    q = torch.randn(batch, heads, tokens, 4, generator=gen)
+    k = torch.randn(batch, heads, tokens, 4, generator=gen)
+    attn_mask = torch.zeros(batch, 1, 1, tokens) if mask else None
+    return x, q, k, 0.5, keep, protected, fuse, attn_mask
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"r": 0}, {"protected": 0, "tokens": 8}, {"batch": 1, "r": 5}])
+def test_tome_merge_opcheck_and_reference(kwargs):
+    args = _tome_args(**kwargs)
+    torch.library.opcheck(TOME_MERGE, args)
+    got = TOME_MERGE(*args)
+    want = tome_step(*args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fuse": False}, {"protected": 0, "mask": True}, {"batch": 3, "keep": 10}])
+def test_topk_prune_opcheck_and_reference(kwargs):
+    args = _topk_args(**kwargs)
+    torch.library.opcheck(TOPK_PRUNE, args)
+    torch.testing.assert_close(TOPK_PRUNE(*args), topk_step(*args))

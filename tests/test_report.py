@@ -1,0 +1,65 @@
+"""explain(): the report's blocks, tokens and FLOPs, its table, its picture, and unmatched models."""
+
+import pytest
+import torch
+
+import tokensparse
+from tests.models import build
+
+
+@pytest.fixture(scope="module")
+def tome_report():
+    model, pixels = build("timm_vit", depth=4, batch=2)
+    return tokensparse.explain(model, pixels, policy="tome", r=8)
+
+
+def test_report_tokens_and_flops(tome_report):
+    report = tome_report
+    assert report.changed and report.prefix_tokens == 1 and report.grid == (8, 8)
+    assert [row.tokens_after for row in report.blocks] == [65, 57, 49, 41]
+    assert [row.tokens_out for row in report.blocks] == [57, 49, 41, 33]
+    assert [row.path for row in report.blocks] == [f"blocks.{i}" for i in range(4)]
+    for row in report.blocks[1:]:
+        assert row.flops_after < row.flops_before
+    assert report.flops_before > report.flops_after > 0
+    assert report.flops_ideal_ratio >= report.flops_ratio > 1.0
+
+
+def test_report_flops_match_hand_count():
+    model, pixels = build("timm_vit", depth=2, width=32, heads=2, batch=2)
+    report = tokensparse.explain(model, pixels, policy="topk", layers=[0], keep=0.5)
+    n, c, b, hidden = 65, 32, 2, 128
+    per_block = 2 * b * n * (3 * c * c + c * c + 2 * c * hidden) + 4 * b * n * n * c  # linears + attention
+    assert report.blocks[0].flops_before == per_block
+
+
+def test_report_table_and_picture(tome_report, tmp_path):
+    text = str(tome_report)
+    assert "blocks.3" in text and "FLOPs-ideal speedup" in text and "prefix tokens: 1" in text
+    path = tmp_path / "merges.png"
+    tome_report.save_png(path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_topk_picture_marks_dropped_patches(tmp_path):
+    from tokensparse.viz import token_groups
+
+    model, pixels = build("timm_vit", depth=3, batch=1)
+    report = tokensparse.explain(model, pixels, policy="topk", layers=[1], keep=0.25, fuse=True)
+    report.save_png(tmp_path / "topk.png")
+    from tokensparse.policies.base import recorder
+
+    with torch.no_grad(), recorder.recording() as entries:
+        report._result.gm(*report._inputs)
+    (tokens,) = token_groups(entries, 1, 64)
+    assert len(tokens) == 1 + 16 + 1                        # CLS, kept, fused
+    assert set().union(*tokens) == set(range(64))           # the fused token holds the dropped patches
+
+
+def test_unmatched_model_reports_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    report = tokensparse.explain(model, torch.randn(2, 3, 4), policy="tome", r=2)
+    assert not report.changed and "no attention found" in report.reason
+    assert "unchanged: no attention found" in str(report)
+    with pytest.raises(ValueError, match="nothing to draw"):
+        report.save_png("never.png")

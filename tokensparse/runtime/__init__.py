@@ -1,0 +1,1 @@
+"""Runtime pieces spliced into graphs: the tokensparse:: custom ops."""

@@ -1,0 +1,65 @@
+"""tokensparse:: custom ops for the policy steps. Inductor treats them as opaque calls (so compiling a
+pruned model costs about what the unpruned one does), torch.export keeps them as single nodes, and
+their eager implementations are the policies' own plain-PyTorch reference functions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils import flop_counter
+
+from tokensparse.policies.tome import tome_step
+from tokensparse.policies.topk import topk_step
+
+
+@torch.library.custom_op("tokensparse::tome_merge", mutates_args=())
+def tome_merge(x: Tensor, size: Tensor, keys: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor]:
+    """ToMe step: merge r tokens of x [B, N, C] (sizes [B, N, 1]) by the block's keys [B, H, N, d]."""
+    if r == 0:
+        return x.clone(), size.clone()
+    return tome_step(x, size, keys, r, protected)
+
+
+@tome_merge.register_fake
+def _tome_merge_fake(x, size, keys, r, protected):
+    batch, tokens, channels = x.shape
+    return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r, 1)
+
+
+@torch.library.custom_op("tokensparse::topk_prune", mutates_args=())
+def topk_prune(x: Tensor, q: Tensor, k: Tensor, scale: float, keep: int, protected: int, fuse: bool,
+               attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Attention-rank step: keep the prefix and the `keep` most-attended tokens of x (+ a fused one)."""
+    return topk_step(x, q, k, scale, keep, protected, fuse, attn_mask)
+
+
+@topk_prune.register_fake
+def _topk_prune_fake(x, q, k, scale, keep, protected, fuse, attn_mask=None):
+    batch, _, channels = x.shape
+    return x.new_empty(batch, protected + keep + int(fuse), channels)
+
+
+@flop_counter.register_flop_formula(torch.ops.tokensparse.tome_merge)
+def _tome_merge_flops(x_shape, size_shape, keys_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, dim = keys_shape
+    half = (tokens + 1) // 2
+    return batch * heads * tokens * dim + 2 * batch * half * (tokens // 2) * dim
+
+
+@flop_counter.register_flop_formula(torch.ops.tokensparse.topk_prune)
+def _topk_prune_flops(x_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, dim = q_shape
+    return 2 * batch * heads * tokens * tokens * dim if args[2] == 0 else 2 * batch * heads * tokens * dim
+
+
+TOME_MERGE = torch.ops.tokensparse.tome_merge.default
+TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
+
+
+def is_tokensparse_target(target) -> bool:
+    """A node target that tokensparse inserted: one of its custom ops or one of its helper functions."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace == "tokensparse"
+    return getattr(target, "__module__", "").startswith("tokensparse")

@@ -1,0 +1,121 @@
+"""Benchmark: eager vs Inductor vs tokensparse on timm ViT-B/16 (random init), CPU, side by side.
+
+    .venv/bin/python tools/bench.py --policy tome --r 13 --batch 8 --runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # compile times from scratch
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224", help="a timm model name (random init)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per variant (medians reported)")
+    parser.add_argument("--policy", default="tome", choices=["tome", "topk"])
+    parser.add_argument("--r", type=int, default=13, help="ToMe: tokens merged per block")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="TopK: blocks to prune at")
+    parser.add_argument("--keep", type=float, default=0.7, help="TopK: fraction of patch tokens kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--png", default=None, help="write explain()'s merge picture here")
+    parser.add_argument("--skip-eager", action="store_true", help="leave out the unmodified eager model")
+    return parser.parse_args(argv)
+
+
+def build_model(name: str):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def policy_from_args(args):
+    from tokensparse import ToMe, TopK
+
+    if args.policy == "tome":
+        return ToMe(r=args.r)
+    return TopK(layers=tuple(args.layers), keep=args.keep)
+
+
+def run(args) -> dict:
+    import tokensparse
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+    from tokensparse.benchmark import first_call_seconds, time_side_by_side
+    from tokensparse.reference import reference_forward
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    model = build_model(args.model)
+    image = model.default_cfg.get("input_size", (3, 224, 224))
+    pixels = torch.randn(args.batch, *image, generator=torch.Generator().manual_seed(0))
+    policy = policy_from_args(args)
+    options = {key: value for key, value in policy.options().items() if value is not None}
+
+    report = tokensparse.explain(model, pixels, config=tokensparse.Config(vision=policy))
+    print(report)
+    if args.png:
+        report.save_png(args.png)
+        console.print(f"merge picture: {args.png}")
+
+    console.print("compiling plain Inductor ...")
+    inductor = torch.compile(model)
+    inductor_s = first_call_seconds(inductor, pixels)
+    torch._dynamo.reset()
+    console.print(f"compiling tokensparse {options} ...")
+    pruned = torch.compile(model, backend="tokensparse", options=options)
+    pruned_s = first_call_seconds(pruned, pixels)
+    variants = {"inductor": (inductor, inductor_s), f"tokensparse {policy.name}": (pruned, pruned_s),
+                f"eager {policy.name} (reference)": (lambda x: reference_forward(model, x, policy), 0.0)}
+    if not args.skip_eager:
+        variants = {"eager": (model, 0.0), **variants}
+
+    with torch.inference_mode():
+        want = reference_forward(model, pixels, policy)["logits"]
+        got = pruned(pixels)
+    max_error = (got - want).abs().max().item()
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing", total=args.runs)
+        timings = time_side_by_side(variants, (pixels,), args.runs, progress=lambda: progress.advance(task))
+
+    base = timings["inductor"].median_ms
+    ideal = report.flops_ideal_ratio
+    table = Table(title=f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, "
+                        f"median of {args.runs} runs")
+    for column in ("variant", "median ms", "speedup vs inductor", "of FLOPs-ideal", "compile s"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    rows = {}
+    for name, timing in timings.items():
+        speedup = base / timing.median_ms
+        share = speedup / ideal if name.startswith("tokensparse") else None
+        rows[name] = {"median_ms": timing.median_ms, "speedup_vs_inductor": speedup, "of_ideal": share,
+                      "compile_s": timing.compile_s}
+        table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{share:.2f}" if share else "",
+                      f"{timing.compile_s:.1f}" if timing.compile_s else "")
+    console.print(table)
+    result = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "runs": args.runs,
+              "options": options, "flops_before": report.flops_before, "flops_after": report.flops_after,
+              "flops_ideal_speedup": ideal, "compile_ratio": pruned_s / inductor_s,
+              "max_abs_error_vs_reference": max_error, "variants": rows}
+    console.print(f"FLOPs-ideal speedup {ideal:.2f}x; tokensparse compile {pruned_s:.1f} s vs Inductor "
+                  f"{inductor_s:.1f} s ({pruned_s / inductor_s:.2f}x); max |error| vs eager reference {max_error:.2e}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()) is None)
