@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokensparse.config import config_from_options
+from tokensparse.passes.sizes import allow_symbolic_token_counts
 from tokensparse.rewrite import rewrite_graph
 
 
@@ -14,4 +15,7 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
         return result.gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(result.gm, example_inputs)
+    if not result.changed:
+        return compile_fx(result.gm, example_inputs)
+    with allow_symbolic_token_counts(result.context.fake_mode):
+        return compile_fx(result.gm, example_inputs)

@@ -7,7 +7,7 @@ import torch.fx as fx
 from torch.utils import flop_counter
 
 from tokensparse.patterns.graph import module_paths
-from tokensparse.runtime.ops import is_tokensparse_target
+from tokensparse.runtime.ops import is_tokensparse_target, static_token_counts
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -45,7 +45,7 @@ class _CountingInterpreter(fx.Interpreter):
 
 def flops_by_block(gm: fx.GraphModule, fake_inputs, fake_mode, block_paths) -> dict:
     """{block path: FLOPs, 'other': outside the blocks, 'tokensparse': the inserted policy ops}."""
-    with fake_mode, flop_counter.FlopCounterMode(display=False) as counter:
+    with static_token_counts(), fake_mode, flop_counter.FlopCounterMode(display=False) as counter:
         interpreter = _CountingInterpreter(gm, counter, set(block_paths))
         interpreter.run(*fake_inputs)
     return interpreter.by_block

@@ -54,8 +54,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def detect_fake_mode(example_inputs):
     from torch._guards import detect_fake_mode as detect
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    return detect(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    return detect(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool = True) -> RewriteResult:

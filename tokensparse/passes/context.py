@@ -29,6 +29,7 @@ class PassContext:
     acted_blocks: list = field(default_factory=list)    # block indices where a policy step was inserted
     changes: list = field(default_factory=list)
     original_output_shapes: Optional[list] = None
+    propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))

@@ -3,7 +3,10 @@ reshape/view/expand literals (197 appears in every attention of a ViT-B/16)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,10 +20,38 @@ _SHAPE_OPS = {"reshape": True, "view": True, "_unsafe_view": True, "expand": Fal
 
 
 def fake_inputs(example_inputs, fake_mode) -> list:
+    """Fakes of the example inputs: dynamo's own (memoised) under its mode, static shapes otherwise."""
+    from torch._guards import TracingContext
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
-            for x in example_inputs]
+    static = TracingContext.try_get() is None
+    return [fake_mode.from_tensor(x, static_shapes=static) if isinstance(x, torch.Tensor)
+            and not isinstance(x, FakeTensor) else x for x in example_inputs]
+
+
+@contextlib.contextmanager
+def allow_symbolic_token_counts(fake_mode):
+    """Let `fake_mode` trace the custom ops whose token count is a fresh unbacked size (dynamo's mode
+    refuses dynamic output shapes unless told otherwise)."""
+    shape_env = fake_mode.shape_env
+    if shape_env is None:
+        yield
+        return
+    before = shape_env.settings
+    shape_env.settings = dataclasses.replace(before, allow_dynamic_output_shape_ops=True)
+    try:
+        yield
+    finally:
+        shape_env.settings = before
+
+
+@contextlib.contextmanager
+def fake_propagation(fake_mode):
+    """Run under `fake_mode`, allowing the fresh unbacked token counts our custom ops create."""
+    shape_env = fake_mode.shape_env
+    with allow_symbolic_token_counts(fake_mode), fake_mode, \
+            (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()):
+        yield
 
 
 class _SizeRederiver(fx.Interpreter):
@@ -62,8 +93,19 @@ class _SizeRederiver(fx.Interpreter):
             raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(sizes)}): cannot tell which size is the "
                                f"token count after its input changed from {list(old_in)} to {list(new_in)}")
         if patched != sizes:
-            node.args = form(patched)
-            self.patched.append(f"{node.name}: {tuple(sizes)} -> {tuple(patched)}")
+            values = []
+            for size in patched:
+                if isinstance(size, InputDim):
+                    with node.graph.inserting_before(node):
+                        size_node = node.graph.call_function(torch.ops.aten.sym_size.int, (source, size.dim))
+                    # Inserted behind the interpreter's position: give it its value here.
+                    self.env[size_node] = size_node.meta["val"] = self.env[source].shape[size.dim]
+                    values.append(size_node)
+                else:
+                    values.append(size)
+            node.args = form(values)
+            shown = [f"{source.name}.size({s.dim})" if isinstance(s, InputDim) else s for s in patched]
+            self.patched.append(f"{node.name}: {tuple(sizes)} -> ({', '.join(map(str, shown))})")
 
 
 def _shape_args(node: fx.Node):
@@ -74,18 +116,26 @@ def _shape_args(node: fx.Node):
     return (lambda sizes: (node.args[0], *sizes)), list(rest)
 
 
+@dataclass(frozen=True)
+class InputDim:
+    """A size to read from the op's input at run time (the token count is symbolic after a cut)."""
+
+    dim: int
+
+
 def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserve_numel: bool) -> Optional[list]:
-    """New literal sizes. First candidate: leading dims aligned with the input take its new sizes. If
-    that does not keep numel, other literals equal to a changed size (or to a flattened B*N) are mapped
-    too, unless the same literal is also an unchanged size (then it is ambiguous: None)."""
+    """New sizes. First candidate: leading dims aligned with the input take its new sizes. If that
+    does not keep numel, other literals equal to a changed size (or to a flattened B*N) are mapped
+    too, unless the same literal is also an unchanged size (then it is ambiguous: None). A new size
+    that is symbolic comes back as InputDim(d): read it from the input's dim d."""
     if len(sizes) != len(old_out):
         return None
     changed: dict = {}
-    for old, new in zip(old_in, new_in):
-        if isinstance(old, int) and isinstance(new, int) and old != new:
-            if changed.get(old, new) != new:
+    for dim, (old, new) in enumerate(zip(old_in, new_in)):
+        if isinstance(old, int) and not _same(old, new):
+            if old in changed and not _same(changed[old][0], new):
                 return None
-            changed[old] = new
+            changed.setdefault(old, (new, dim))
     unchanged_values = {old for old, new in zip(old_in, new_in) if isinstance(old, int) and _same(old, new)}
     aligned = list(sizes)
     free = []
@@ -93,10 +143,10 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
         if not isinstance(size, int) or size == -1:
             continue
         if i < len(old_in) and all(_same(old_out[j], old_in[j]) for j in range(i + 1)):
-            aligned[i] = new_in[i] if isinstance(new_in[i], int) else size
+            aligned[i] = new_in[i] if isinstance(new_in[i], int) else InputDim(i)
         else:
             free.append(i)
-    if preserve_numel and _keeps_numel(aligned, new_in, preserve_numel):
+    if preserve_numel and _keeps_numel(aligned, old_in, new_in, preserve_numel):
         return aligned
     mapped = list(aligned)
     for i in free:
@@ -104,14 +154,15 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
         if size in changed:
             if size in unchanged_values:
                 return None
-            mapped[i] = changed[size]
+            new, dim = changed[size]
+            mapped[i] = new if isinstance(new, int) else InputDim(dim)
             continue
-        for k in range(2, len(old_in) + 1):  # a flattened token axis (B*N)
+        for k in range(2, len(old_in) + 1):  # a flattened token axis (B*N), static sizes only
             if all(isinstance(d, int) for d in old_in[:k] + new_in[:k]) and old_in[:k] != new_in[:k] \
-                    and size == math.prod(old_in[:k]):  # all plain ints here
+                    and size == math.prod(old_in[:k]):
                 mapped[i] = math.prod(new_in[:k])
                 break
-    return mapped if _keeps_numel(mapped, new_in, preserve_numel) else None
+    return mapped if _keeps_numel(mapped, old_in, new_in, preserve_numel) else None
 
 
 def _same(a, b) -> bool:
@@ -121,11 +172,15 @@ def _same(a, b) -> bool:
     return str(a) == str(b)
 
 
-def _keeps_numel(sizes: list, new_in: tuple, preserve_numel: bool) -> bool:
+def _keeps_numel(sizes: list, old_in: tuple, new_in: tuple, preserve_numel: bool) -> bool:
+    """Static sizes: numel must match. Symbolic token counts: each input dim that changed must be read
+    from the input (or absorbed by -1), since FakeTensor would only defer a mismatch to run time."""
     if not preserve_numel:
         return True
     if not all(isinstance(d, int) for d in new_in) or not all(isinstance(s, int) for s in sizes):
-        return True  # symbolic sizes: left to the FakeTensor check
+        changed = {j for j, (old, new) in enumerate(zip(old_in, new_in)) if not _same(old, new)}
+        read = {s.dim for s in sizes if isinstance(s, InputDim)}
+        return -1 in sizes or changed <= read
     target = math.prod(new_in)
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -137,8 +192,9 @@ def rederive_sizes_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Fix token-count literals downstream of every cut, checking each node with fake tensors."""
     old_shapes = {node: shape_of(node) for node in gm.graph.nodes}
     rederiver = _SizeRederiver(gm, old_shapes)
-    with ctx.fake_mode:
+    with fake_propagation(ctx.fake_mode):
         rederiver.run(*ctx.fake_inputs)
+    ctx.propagated = True
     for change in rederiver.patched:
         ctx.record("rederive_sizes", change)
     return gm

@@ -57,8 +57,8 @@ class ToMe(Policy):
 
 
 def capped_r(r: int, tokens: int, protected: int) -> int:
-    """ToMe removes at most half of the mergeable tokens in one block."""
-    return max(0, min(r, (tokens - protected) // 2))
+    """ToMe removes at most half of the mergeable tokens in one block, and always leaves two tokens."""
+    return max(0, min(r, (tokens - protected) // 2, tokens - 2))
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int):

@@ -4,6 +4,7 @@ their eager implementations are the policies' own plain-PyTorch reference functi
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -14,6 +15,19 @@ from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 
 
+_symbolic_token_counts = [True]
+
+
+@contextlib.contextmanager
+def static_token_counts():
+    """Trace the ops with static token counts (for FLOPs counting, where numbers must be concrete)."""
+    _symbolic_token_counts.append(False)
+    try:
+        yield
+    finally:
+        _symbolic_token_counts.pop()
+
+
 @torch.library.custom_op("tokensparse::tome_merge", mutates_args=())
 def tome_merge(x: Tensor, size: Tensor, keys: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor]:
     """ToMe step: merge r tokens of x [B, N, C] (sizes [B, N, 1]) by the block's keys [B, H, N, d]."""
@@ -22,10 +36,20 @@ def tome_merge(x: Tensor, size: Tensor, keys: Tensor, r: int, protected: int) ->
     return tome_step(x, size, keys, r, protected)
 
 
+def _token_count(count):
+    """The output token count seen while tracing: a fresh unbacked size (at least 2, which the passes
+    guarantee), so that Inductor generates one size-generic set of kernels shared by every block
+    instead of one set per token count. A static count below 2 stays static."""
+    if not _symbolic_token_counts[-1] or (isinstance(count, int) and count < 2):
+        return count
+    return torch.library.get_ctx().new_dynamic_size(min=2)
+
+
 @tome_merge.register_fake
 def _tome_merge_fake(x, size, keys, r, protected):
     batch, tokens, channels = x.shape
-    return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r, 1)
+    out = _token_count(tokens - r)
+    return x.new_empty(batch, out, channels), size.new_empty(batch, out, 1)
 
 
 @torch.library.custom_op("tokensparse::topk_prune", mutates_args=())
@@ -38,7 +62,7 @@ def topk_prune(x: Tensor, q: Tensor, k: Tensor, scale: float, keep: int, protect
 @topk_prune.register_fake
 def _topk_prune_fake(x, q, k, scale, keep, protected, fuse, attn_mask=None):
     batch, _, channels = x.shape
-    return x.new_empty(batch, protected + keep + int(fuse), channels)
+    return x.new_empty(batch, _token_count(protected + keep + int(fuse)), channels)
 
 
 @flop_counter.register_flop_formula(torch.ops.tokensparse.tome_merge)
