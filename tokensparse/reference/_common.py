@@ -69,6 +69,27 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
+def project_qkv(attn: torch.nn.Module, hidden: torch.Tensor, scale: float):
+    """HF attention modules' q_proj/k_proj/v_proj with heads split: (q, k, v, scale)."""
+    return (split_heads(attn.q_proj(hidden), attn.head_dim), split_heads(attn.k_proj(hidden), attn.head_dim),
+            split_heads(attn.v_proj(hidden), attn.head_dim), scale)
+
+
+def self_attn_qkv(layer, x):
+    """CLIP/SigLIP encoder layers: layer_norm1, then self_attn's projections."""
+    return project_qkv(layer.self_attn, layer.layer_norm1(x), layer.self_attn.scale)
+
+
+def self_attn_out(layer, o, x):
+    """CLIP/SigLIP encoder layers: self_attn.out_proj."""
+    return layer.self_attn.out_proj(o)
+
+
+def self_attn_mlp(layer, x):
+    """CLIP/SigLIP encoder layers' MLP half: mlp(layer_norm2(x))."""
+    return layer.mlp(layer.layer_norm2(x))
+
+
 def run_blocks(x: torch.Tensor, blocks: Sequence[torch.nn.Module], policy, prefix_tokens: int,
                qkv: QKV, attn_out: AttnOut, mlp: MLP) -> torch.Tensor:
     """The hand-written pre-norm block loop: x += attn(x); policy step; x += mlp(x)."""

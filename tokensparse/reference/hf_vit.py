@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTModel
 
-from tokensparse.reference._common import run_blocks, split_heads
+from tokensparse.reference._common import project_qkv, run_blocks
 
 
 def supports(model) -> bool:
@@ -18,8 +18,7 @@ def _qkv(layer, x):
     """ViTAttention.forward up to the attention interface: layernorm_before, q/k/v_proj, split heads."""
     attn = layer.attention
     h = layer.layernorm_before(x)
-    return (split_heads(attn.q_proj(h), attn.head_dim), split_heads(attn.k_proj(h), attn.head_dim),
-            split_heads(attn.v_proj(h), attn.head_dim), attn.scaling)
+    return project_qkv(attn, h, attn.scaling)
 
 
 def _attn_out(layer, o, x):
