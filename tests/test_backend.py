@@ -1,5 +1,6 @@
 """The dynamo backend: entry-point discovery, option errors, and unchanged graphs with one warning."""
 
+import re
 import subprocess
 import sys
 import warnings
@@ -57,7 +58,7 @@ def test_bad_options_raise_value_error_naming_the_option(options, message):
         compiled(pixels)
     error = _value_error_in(info.value)
     assert error is not None, f"no ValueError in {info.value!r}"
-    assert __import__("re").search(message, str(error)), str(error)
+    assert re.search(message, str(error)), str(error)
 
 
 class NoAttention(torch.nn.Module):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import main_outputs, run_eager_backend
 from tests.models import VISION_FAMILIES, build
@@ -51,3 +52,31 @@ def test_nothing_to_prune_equals_unmodified_model(family, policy):
         got = main_outputs(run_eager_backend(model, pixels, _options(policy)))
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_configs_match_reference(data):
+    """Random timm configs (depth, width, heads, register tokens, batch) and random policy options."""
+    depth = data.draw(st.integers(1, 4), label="depth")
+    heads = data.draw(st.sampled_from([1, 2, 4]), label="heads")
+    width = heads * data.draw(st.sampled_from([8, 16]), label="head_dim")
+    registers = data.draw(st.integers(0, 3), label="reg_tokens")
+    batch = data.draw(st.integers(1, 4), label="batch")
+    patch = data.draw(st.sampled_from([4, 8]), label="patch")
+    if data.draw(st.booleans(), label="tome"):
+        policy = ToMe(r=data.draw(st.integers(0, 40), label="r"),
+                      schedule=data.draw(st.sampled_from(["constant", "decreasing"]), label="schedule"),
+                      proportional_attention=data.draw(st.booleans(), label="proportional"))
+    else:
+        layers = data.draw(st.sets(st.integers(0, depth - 1), min_size=1), label="layers")
+        policy = TopK(layers=tuple(layers), keep=data.draw(st.floats(0.05, 1.0), label="keep"),
+                      fuse=data.draw(st.booleans(), label="fuse"))
+    torch._dynamo.reset()
+    model, pixels = build("timm_vit", depth=depth, width=width, heads=heads, batch=batch, patch=patch,
+                          reg_tokens=registers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = run_eager_backend(model, pixels, _options(policy))
+    want = reference_forward(model, pixels, policy)["logits"]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -85,7 +85,7 @@ class _SizeRederiver(fx.Interpreter):
         if old_in is None or old_out is None or not isinstance(new_value, torch.Tensor):
             return
         new_in = tuple(new_value.shape)
-        if len(old_in) == len(new_in) and all(_same(a, b) for a, b in zip(old_in, new_in)):
+        if len(old_in) == len(new_in) and all(same_size(a, b) for a, b in zip(old_in, new_in)):
             return
         form, sizes = _shape_args(node)
         patched = _rederive(sizes, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
@@ -132,17 +132,17 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
         return None
     changed: dict = {}
     for dim, (old, new) in enumerate(zip(old_in, new_in)):
-        if isinstance(old, int) and not _same(old, new):
-            if old in changed and not _same(changed[old][0], new):
+        if isinstance(old, int) and not same_size(old, new):
+            if old in changed and not same_size(changed[old][0], new):
                 return None
             changed.setdefault(old, (new, dim))
-    unchanged_values = {old for old, new in zip(old_in, new_in) if isinstance(old, int) and _same(old, new)}
+    unchanged_values = {old for old, new in zip(old_in, new_in) if isinstance(old, int) and same_size(old, new)}
     aligned = list(sizes)
     free = []
     for i, size in enumerate(sizes):
         if not isinstance(size, int) or size == -1:
             continue
-        if i < len(old_in) and all(_same(old_out[j], old_in[j]) for j in range(i + 1)):
+        if i < len(old_in) and all(same_size(old_out[j], old_in[j]) for j in range(i + 1)):
             aligned[i] = new_in[i] if isinstance(new_in[i], int) else InputDim(i)
         else:
             free.append(i)
@@ -165,7 +165,7 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
     return mapped if _keeps_numel(mapped, old_in, new_in, preserve_numel) else None
 
 
-def _same(a, b) -> bool:
+def same_size(a, b) -> bool:
     """Equal sizes, comparing symbolic sizes by expression (never by bool(), which adds guards)."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
@@ -178,7 +178,7 @@ def _keeps_numel(sizes: list, old_in: tuple, new_in: tuple, preserve_numel: bool
     if not preserve_numel:
         return True
     if not all(isinstance(d, int) for d in new_in) or not all(isinstance(s, int) for s in sizes):
-        changed = {j for j, (old, new) in enumerate(zip(old_in, new_in)) if not _same(old, new)}
+        changed = {j for j, (old, new) in enumerate(zip(old_in, new_in)) if not same_size(old, new)}
         read = {s.dim for s in sizes if isinstance(s, InputDim)}
         return -1 in sizes or changed <= read
     target = math.prod(new_in)

@@ -7,7 +7,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tokensparse.passes.context import PassContext
-from tokensparse.passes.sizes import _same, fake_propagation
+from tokensparse.passes.sizes import same_size, fake_propagation
 from tokensparse.patterns.graph import MatchFailure, output_shapes
 
 
@@ -31,9 +31,9 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if len(old) != len(new):
             raise MatchFailure(f"the rewritten graph returns {len(new)} outputs instead of {len(old)}")
         for index, (before, after) in enumerate(zip(old, new)):
-            if before is None or after is None or (len(before) == len(after) and all(map(_same, before, after))):
+            if before is None or after is None or (len(before) == len(after) and all(map(same_size, before, after))):
                 continue
-            bad = len(before) != len(after) or any(not _same(b, a) and b not in token_counts
+            bad = len(before) != len(after) or any(not same_size(b, a) and b not in token_counts
                                                    for b, a in zip(before, after))
             if bad:
                 raise MatchFailure(f"output {index} changed shape from {list(before)} to {list(after)} "

@@ -66,11 +66,12 @@ def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> BlockMatch:
         skipped.append(f"block list {other} ({len(lists[other])} blocks): only the first list, "
                        f"{list_path}, is rewritten")
     nodes_by_path = _nodes_by_block(gm, set(lists[list_path]))
+    order = {node: position for position, node in enumerate(gm.graph.nodes)}
     blocks = []
     for index, path in enumerate(lists[list_path]):
         if len(by_path[path]) != 1:
             raise MatchFailure(f"block {path} holds {len(by_path[path])} attentions; one was expected")
-        blocks.append(_match_block(index, path, by_path[path][0], nodes_by_path[path]))
+        blocks.append(_match_block(index, path, by_path[path][0], nodes_by_path[path], order))
     return BlockMatch(blocks, list_path, skipped)
 
 
@@ -84,10 +85,10 @@ def _nodes_by_block(gm: fx.GraphModule, paths: set) -> dict[str, set]:
     return result
 
 
-def _match_block(index: int, path: str, site: AttentionSite, nodes: set) -> Block:
+def _match_block(index: int, path: str, site: AttentionSite, nodes: set, order: dict) -> Block:
     tokens = site.tokens
     outside = []
-    for node in sorted(nodes, key=_order):
+    for node in sorted(nodes, key=order.__getitem__):
         for inp in node.all_input_nodes:
             shape = shape_of(inp)
             if (inp not in nodes and inp not in outside and inp.op not in ("get_attr",)
@@ -99,19 +100,10 @@ def _match_block(index: int, path: str, site: AttentionSite, nodes: set) -> Bloc
                            f"found {len(outside)} {names}")
     stream = outside[0]
     after_attention = downstream([site.node], within=nodes)
-    for node in sorted(after_attention, key=_order):
+    for node in sorted(after_attention, key=order.__getitem__):
         if is_op(node, "add", "iadd", "add_") and stream in node.args[:2]:
             other = node.args[1] if node.args[0] is stream else node.args[0]
             if other in after_attention and shape_of(node) == shape_of(stream):
                 return Block(index, path, site, stream, node, tokens, nodes)
     raise MatchFailure(f"block {path}: no residual add of the block input and the attention output")
 
-
-def _order(node: fx.Node):
-    # Graph position; fx keeps nodes in a linked list, so number them once per graph.
-    graph = node.graph
-    cache = getattr(graph, "_tokensparse_order", None)
-    if cache is None or node not in cache:
-        cache = {n: i for i, n in enumerate(graph.nodes)}
-        graph._tokensparse_order = cache
-    return cache[node]
