@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokensparse.config import config_from_options
-from tokensparse.passes.sizes import allow_symbolic_token_counts
+from tokensparse.passes.fake import allow_symbolic_token_counts
 from tokensparse.rewrite import rewrite_graph
 
 

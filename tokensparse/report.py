@@ -9,8 +9,8 @@ from typing import Optional
 from tokensparse.capture import capture_graphs
 from tokensparse.config import Config, config_from_options
 from tokensparse.flops import flops_by_block
-from tokensparse.passes.sizes import fake_inputs
-from tokensparse.rewrite import RewriteResult, detect_fake_mode, rewrite_graph
+from tokensparse.passes.fake import detect_fake_mode, fake_inputs
+from tokensparse.rewrite import RewriteResult, rewrite_graph
 
 
 @dataclass

@@ -8,13 +8,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from tokensparse.config import Config
 from tokensparse.passes import PASSES
 from tokensparse.passes.context import PassContext
-from tokensparse.passes.sizes import fake_inputs
+from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
 from tokensparse.patterns.graph import output_shapes
 
@@ -49,14 +48,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return fx.GraphModule(gm, graph)
-
-
-def detect_fake_mode(example_inputs):
-    from torch._guards import detect_fake_mode as detect
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    return detect(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool = True) -> RewriteResult:

@@ -3,55 +3,19 @@ reshape/view/expand literals (197 appears in every attention of a ViT-B/16)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from tokensparse.passes.context import STANDS_FOR, PassContext
+from tokensparse.passes.fake import fake_propagation
 from tokensparse.patterns.graph import MatchFailure, op_name, shape_of
 
 # Ops whose arguments after the input tensor spell a shape, and whether numel must be preserved.
 _SHAPE_OPS = {"reshape": True, "view": True, "_unsafe_view": True, "expand": False}
-
-
-def fake_inputs(example_inputs, fake_mode) -> list:
-    """Fakes of the example inputs: dynamo's own (memoised) under its mode, static shapes otherwise."""
-    from torch._guards import TracingContext
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    static = TracingContext.try_get() is None
-    return [fake_mode.from_tensor(x, static_shapes=static) if isinstance(x, torch.Tensor)
-            and not isinstance(x, FakeTensor) else x for x in example_inputs]
-
-
-@contextlib.contextmanager
-def allow_symbolic_token_counts(fake_mode):
-    """Let `fake_mode` trace the custom ops whose token count is a fresh unbacked size (dynamo's mode
-    refuses dynamic output shapes unless told otherwise)."""
-    shape_env = fake_mode.shape_env
-    if shape_env is None:
-        yield
-        return
-    before = shape_env.settings
-    shape_env.settings = dataclasses.replace(before, allow_dynamic_output_shape_ops=True)
-    try:
-        yield
-    finally:
-        shape_env.settings = before
-
-
-@contextlib.contextmanager
-def fake_propagation(fake_mode):
-    """Run under `fake_mode`, allowing the fresh unbacked token counts our custom ops create."""
-    shape_env = fake_mode.shape_env
-    with allow_symbolic_token_counts(fake_mode), fake_mode, \
-            (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()):
-        yield
 
 
 class _SizeRederiver(fx.Interpreter):
@@ -116,7 +80,7 @@ def _shape_args(node: fx.Node):
     return (lambda sizes: (node.args[0], *sizes)), list(rest)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class InputDim:
     """A size to read from the op's input at run time (the token count is symbolic after a cut)."""
 

@@ -7,7 +7,8 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tokensparse.passes.context import PassContext
-from tokensparse.passes.sizes import same_size, fake_propagation
+from tokensparse.passes.fake import fake_propagation
+from tokensparse.passes.sizes import same_size
 from tokensparse.patterns.graph import MatchFailure, output_shapes
 
 
