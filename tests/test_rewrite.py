@@ -80,3 +80,21 @@ def test_random_configs_match_reference(data):
         got = run_eager_backend(model, pixels, _options(policy))
     want = reference_forward(model, pixels, policy)["logits"]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", [ToMe(r=3), TopK(layers=(1,), keep=0.5, fuse=True)], ids=["tome", "topk"])
+@pytest.mark.parametrize("family", ["timm_vit", "hf_vit"])
+def test_unfused_attention_matches_reference(family, policy):
+    """matmul-softmax-matmul attention: ToMe's size bias goes before the softmax; TopK reads q and k."""
+    if family == "timm_vit":
+        model, pixels = build(family, depth=3, batch=2)
+        for block in model.blocks:
+            block.attn.fused_attn = False
+    else:
+        model, pixels = build(family, depth=3, batch=2, attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = main_outputs(run_eager_backend(model, pixels, _options(policy)))
+    want = reference_forward(model, pixels, policy)
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], atol=2e-5, rtol=1e-4)
