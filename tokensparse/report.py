@@ -56,7 +56,7 @@ class Report:
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs-ideal speedup: FLOPs before / FLOPs after."""
+        """Total FLOPs before / after, the policy's own ops included."""
         return self.flops_before / self.flops_after if self.flops_after else 1.0
 
     @property
@@ -82,7 +82,8 @@ class Report:
         lines.append(f"prefix tokens: {self.prefix_tokens}; patch grid: {self.grid}; graphs captured: {self.graphs}")
         lines.append(f"outside blocks {self.flops_other / 1e9:.3f} GFLOPs; policy ops {self.flops_policy / 1e9:.4f} GFLOPs")
         lines.append(f"total {self.flops_before / 1e9:.3f} -> {self.flops_after / 1e9:.3f} GFLOPs "
-                     f"(FLOPs-ideal speedup {self.flops_ratio:.2f}x)")
+                     f"(FLOPs-ideal speedup {self.flops_ideal_ratio:.2f}x; {self.flops_ratio:.2f}x with the "
+                     f"policy's own ops)")
         lines += [f"not matched: {note}" for note in self.notes]
         buffer = io.StringIO()
         console = Console(file=buffer, width=120, color_system=None)
