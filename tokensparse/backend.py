@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 from tokensparse.config import config_from_options
 from tokensparse.passes.fake import allow_symbolic_token_counts
-from tokensparse.rewrite import rewrite_graph
+from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_graph
 
 
 def tokensparse_backend(gm, example_inputs, options=None, **unused):
@@ -17,5 +19,39 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
+    if config.regional:
+        try:
+            return compile_by_regions(result)
+        except Exception as error:  # noqa: BLE001 - any failure here has a correct fallback, said once
+            _warn_regions_failed(f"{type(error).__name__}: {error}")
     with allow_symbolic_token_counts(result.context.fake_mode):
         return compile_fx(result.gm, example_inputs)
+
+
+def compile_by_regions(result: RewriteResult):
+    """Inductor once per distinct block (tokensparse.regions); returns the split graph's forward."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx
+
+    from tokensparse.regions import compile_regions, plan_regions
+
+    fake_mode = result.context.fake_mode
+
+    def compile_region(region, inputs):
+        # Each region gets its own tracing context (compile_fx keeps per-graph metadata there) over
+        # dynamo's fake mode, whose shape environment knows the token-count symbols in the inputs.
+        with tracing(TracingContext(fake_mode)), allow_symbolic_token_counts(fake_mode):
+            return compile_fx(region, inputs)
+
+    plan = plan_regions(result.gm, result.match.blocks)
+    return compile_regions(plan, compile_region).forward
+
+
+_failures: set = set()
+
+
+def _warn_regions_failed(reason: str) -> None:
+    if reason not in _failures:
+        _failures.add(reason)
+        warnings.warn(f"tokensparse: regional compilation failed ({reason}); compiling the rewritten graph "
+                      f"whole instead", TokensparseWarning, stacklevel=3)

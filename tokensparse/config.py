@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 from tokensparse.policies import POLICIES, Policy
 
 # Options the backend itself takes, beside the policy's own.
-BACKEND_OPTIONS = ("policy", "inductor")
+BACKEND_OPTIONS = ("policy", "inductor", "regional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +17,14 @@ class Config:
 
     vision: Optional[Policy] = None
     inductor: bool = True
+    regional: bool = True      # compile each distinct block once and reuse it (tokensparse.regions)
 
     def __post_init__(self):
         if self.vision is not None and not isinstance(self.vision, Policy):
             raise ValueError(f"vision={self.vision!r} must be a policy such as tokensparse.ToMe(r=8)")
+        for name in ("inductor", "regional"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
     @property
     def policy(self) -> Optional[Policy]:

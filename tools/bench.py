@@ -31,6 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--png", default=None, help="write explain()'s merge picture here")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the unmodified eager model")
+    parser.add_argument("--whole-graph", action="store_true",
+                        help="also time tokensparse compiled as one graph (regional=False), compiled last")
     return parser.parse_args(argv)
 
 
@@ -90,6 +92,11 @@ def run(args) -> dict:
     pruned_s = first_call_seconds(pruned, pixels)
     variants = {"inductor": (inductor, inductor_s), f"tokensparse {policy.name}": (pruned, pruned_s),
                 f"eager {policy.name} (reference)": (lambda x: reference_forward(model, x, policy), 0.0)}
+    if args.whole_graph:
+        torch._dynamo.reset()
+        console.print("compiling tokensparse as one graph (regional=False) ...")
+        whole = torch.compile(model, backend="tokensparse", options={**options, "regional": False})
+        variants[f"tokensparse {policy.name} whole graph"] = (whole, first_call_seconds(whole, pixels))
     if not args.skip_eager:
         variants = {"eager": (model, 0.0), **variants}
 
