@@ -118,3 +118,23 @@ def test_regional_false_compiles_the_whole_graph(compile_fx_eager):
     with torch.no_grad():
         compiled(pixels)
     assert len(compile_fx_eager) == 1
+
+
+def test_signature_renames_unbacked_sizes_by_pattern():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    counts = [mode.shape_env.create_unbacked_symint() for _ in range(3)]
+
+    def traced(first, second):
+        gm = torch.fx.symbolic_trace(lambda x, y: x.sum(0) + y.sum(0))
+        with mode:
+            values = [torch.empty(first, 4), torch.empty(second, 4)]
+        for node, value in zip(gm.graph.find_nodes(op="placeholder"), values):
+            node.meta["val"] = value
+        return regions.region_signature(gm)
+
+    assert traced(counts[0], counts[0]) == traced(counts[1], counts[1])   # one count read twice
+    assert traced(counts[0], counts[0]) != traced(counts[1], counts[2])   # two independent counts
+    assert traced(counts[0], 7) != traced(counts[1], 8)                   # static sizes must agree

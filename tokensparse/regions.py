@@ -4,7 +4,8 @@ block once, reused by every block of the same structure (compile time stops grow
 Blocks after a token cut see a data-dependent (unbacked) token count, so a block compiled for one of
 them is size-generic: Inductor binds the count from the input's shape at run time and cannot
 specialise on it. Blocks are shared only when their graphs are identical node for node and their inputs
-agree in dtype, device, rank and every static size and stride."""
+agree in dtype, device, rank, every static or backed-symbolic size and stride, and the pattern of their
+unbacked sizes."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import sympy
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from tokensparse.patterns.blocks import Block
 
@@ -74,13 +77,16 @@ def split_at_blocks(gm: fx.GraphModule, blocks: list[Block]) -> fx.GraphModule:
 
 
 def region_signature(region: fx.GraphModule) -> tuple:
-    """Node-for-node structure plus input layouts; symbolic sizes and strides compare as wildcards."""
+    """Node-for-node structure plus input layouts. Unbacked sizes compare by pattern (renamed in order of
+    appearance, so a region that reads one count from two inputs matches only regions that do the same);
+    every other size, static or backed-symbolic, must be equal."""
     index: dict = {}
+    unbacked: dict = {}
     signature = []
     for position, node in enumerate(region.graph.nodes):
         index[node] = position
         if node.op == "placeholder":
-            signature.append(("input", _layout(node.meta.get("val"))))
+            signature.append(("input", _layout(node.meta.get("val"), unbacked)))
             continue
         args = fx.node.map_arg((node.args, node.kwargs), lambda used: ("node", index[used]))
         signature.append((node.op, _target_key(region, node), repr(args)))
@@ -93,13 +99,25 @@ def _target_key(region: fx.GraphModule, node: fx.Node):
     return node.target if isinstance(node.target, str) else f"{node.target.__module__}.{node.target!r}"
 
 
-def _layout(value):
+def _layout(value, unbacked: dict):
     if isinstance(value, torch.Tensor):
-        wild = lambda sizes: tuple(s if isinstance(s, int) else "*" for s in sizes)  # noqa: E731
-        return ("tensor", value.dtype, value.device, wild(value.shape), wild(value.stride()))
+        def sizes(values):
+            return tuple(_size_key(v, unbacked) for v in values)
+        return ("tensor", value.dtype, value.device, sizes(value.shape), sizes(value.stride()))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return ("symbolic", type(value).__name__)
+        return ("symbolic", type(value).__name__, _size_key(value, unbacked))
     return ("value", repr(value))
+
+
+def _size_key(size, unbacked: dict):
+    if not isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return size
+    expr = size.node.expr
+    renames = {}
+    for symbol in sorted(expr.free_symbols, key=str):
+        if symbol_is_type(symbol, (SymT.UNBACKED_INT, SymT.UNBACKED_FLOAT)):
+            renames[symbol] = unbacked.setdefault(symbol, sympy.Symbol(f"unbacked{len(unbacked)}"))
+    return str(expr.xreplace(renames))
 
 
 def plan_regions(gm: fx.GraphModule, blocks: list[Block]) -> RegionPlan:
