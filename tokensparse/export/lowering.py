@@ -1,0 +1,64 @@
+"""Lower a rewritten torch.export graph to plain aten ops that every ONNX consumer runs: the tokensparse::
+custom ops become their policies' own PyTorch code (one source of truth), views become reshapes, and
+scaled_dot_product_attention becomes its math (MatMul-Softmax-MatMul, which torch.onnx emits at opset
+18 anyway)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from tokensparse.policies.tome import tome_step
+from tokensparse.policies.topk import topk_step
+from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _tome_merge(x, size, keys, r: int, protected: int):
+    return tome_step(x, size, keys, r, protected)
+
+
+# Each tokensparse op's plain-PyTorch implementation, traced into aten ops when the graph is re-exported.
+POLICY_CODE = {TOME_MERGE: _tome_merge, TOPK_PRUNE: topk_step}
+
+
+def inline_policy_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace tokensparse:: op calls by their policy functions and aten.view by aten.reshape (a view
+    whose input layout changes when attention gains a mask must copy instead)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in POLICY_CODE:
+            node.target = POLICY_CODE[node.target]
+        elif node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm
+
+
+def attention_math(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                   scale=None, enable_gqa: bool = False):
+    """softmax(q k^T * scale + mask) v: scaled_dot_product_attention's definition, for export."""
+    if dropout_p != 0.0:
+        raise ValueError(f"attention with dropout_p={dropout_p} cannot be exported for inference: "
+                         f"call model.eval() first")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    logits = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        rows, cols = logits.shape[-2], logits.shape[-1]
+        allowed = torch.ones(rows, cols, dtype=torch.bool, device=logits.device).tril(cols - rows)
+        logits = logits.masked_fill(~allowed, -math.inf)
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
+            else logits + attn_mask
+    return logits.softmax(dim=-1) @ value
+
+
+DECOMPOSITIONS = {SDPA: attention_math}
