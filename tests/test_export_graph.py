@@ -9,7 +9,7 @@ from tokensparse.reference import reference_forward
 from tokensparse.rewrite import rewrite_graph
 
 
-@pytest.mark.parametrize("family", ["timm_vit", "hf_clip"])
+@pytest.mark.parametrize("family", ["timm_vit", "hf_clip", "hf_vit", "hf_dinov2"])
 @pytest.mark.parametrize("policy", [ToMe(r=3), TopK(layers=(1,), keep=0.5, fuse=True)], ids=["tome", "topk"])
 def test_export_graph_rewrite_matches_reference(family, policy):
     model, pixels = build(family, depth=3, batch=2)

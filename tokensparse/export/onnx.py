@@ -12,7 +12,7 @@ import torch
 
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
-from tokensparse.rewrite import RewriteResult, rewrite_graph
+from tokensparse.rewrite import RewriteResult, rewrite_graph, warn_once
 
 DEFAULT_OPSET = 18
 
@@ -42,7 +42,12 @@ def export_pruned(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
     lowered = inline_policy_code(result.gm)
-    pruned = torch.export.export(lowered, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    try:
+        pruned = torch.export.export(lowered, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
+        reason = f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+        warn_once(reason)
+        return exported.run_decompositions(DECOMPOSITIONS), RewriteResult(graph, False, reason, result.match)
     return pruned.run_decompositions(DECOMPOSITIONS), result
 
 

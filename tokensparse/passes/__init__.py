@@ -1,5 +1,6 @@
 """The rewrite passes, one per file, applied in this explicit order. Each is (gm, ctx) -> gm."""
 
+from tokensparse.passes.all_pass_masks import drop_all_pass_masks_pass
 from tokensparse.passes.merge_tokens import merge_tokens_pass
 from tokensparse.passes.proportional_attention import proportional_attention_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
@@ -7,6 +8,7 @@ from tokensparse.passes.sizes import rederive_sizes_pass
 from tokensparse.passes.verify import verify_pass
 
 PASSES = (
+    drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
     merge_tokens_pass,            # ToMe: merge after each block's attention residual
     prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
     proportional_attention_pass,  # ToMe: + log(size) on attention logits

@@ -8,6 +8,7 @@ import torch.fx as fx
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
 from tokensparse.patterns.graph import MatchFailure, output_shapes
+from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
 
 
 def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -17,6 +18,8 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.recompile()
     if not ctx.propagated:
         raise RuntimeError("verify_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
+    _check_attention_masks(ctx)
+    _check_reduced_counts(gm)
     token_counts = {ctx.blocks[0].tokens}
     old = ctx.original_output_shapes
     new = output_shapes(gm)
@@ -33,3 +36,36 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                    f"outside the token axis")
     return gm
 
+
+
+def _check_attention_masks(ctx: PassContext) -> None:
+    """A mask made for the original token count cannot serve attention over fewer tokens (under
+    unbacked sizes FakeTensor broadcasting would assume they agree)."""
+    for block in ctx.blocks:
+        mask, keys = block.site.mask, block.site.k
+        if mask is None or "val" not in mask.meta or "val" not in keys.meta:
+            continue
+        columns, tokens = mask.meta["val"].shape[-1], keys.meta["val"].shape[-2]
+        if not same_size(columns, 1) and not same_size(columns, tokens):
+            raise MatchFailure(f"{block.path}: its attention mask has {columns} key columns but the keys hold "
+                               f"{tokens} tokens after the cut; a mask computed before the cut would have to "
+                               f"follow the kept tokens, which is not supported yet")
+
+
+def _check_reduced_counts(gm: fx.GraphModule) -> None:
+    """Each policy op must leave fewer tokens than it got. If FakeTensor propagation unified its fresh
+    count with the old one, some tensor sized for the old count (a mask made before the cut, say) met
+    the reduced tokens downstream, and the graph would fail or be wrong at run time."""
+    for node in gm.graph.nodes:
+        if node.target not in (TOME_MERGE, TOPK_PRUNE) or "val" not in node.meta:
+            continue
+        out = node.meta["val"][0] if node.target is TOME_MERGE else node.meta["val"]
+        tokens_in = node.args[0].meta["val"].shape[1]
+        if node.target is TOME_MERGE:
+            reduces = node.args[3] > 0
+        else:
+            reduces = not same_size(node.args[5] + node.args[4] + int(node.args[6]), tokens_in)
+        if reduces and same_size(out.shape[1], tokens_in):
+            raise MatchFailure(f"{node.name}: the reduced token count was unified with the {tokens_in} tokens it "
+                               f"started from; a tensor sized for the original tokens (such as an attention mask "
+                               f"computed before the cut) meets the reduced tokens downstream")

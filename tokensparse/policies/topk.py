@@ -109,3 +109,11 @@ def topk_step(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn
     """One pruning step at a block: score tokens from the block's own q and k, then prune x."""
     scores = attention_received(q, k, scale, protected, attn_mask)
     return prune_tokens(x, scores, keep, protected, fuse)
+
+
+def scores_from_probabilities(probs: torch.Tensor, protected: int) -> torch.Tensor:
+    """The scores of attention_received, read from attention probabilities [B, H, N, N] that a graph
+    already computes (ONNX exports materialise them): CLS row with a prefix, else the column mean."""
+    rows = probs[:, :, :1] if protected > 0 else probs
+    scores = rows.sum(dim=2).mean(dim=1) / rows.shape[2]
+    return scores[:, protected:]

@@ -1,0 +1,164 @@
+"""tokensparse.export.rewrite_onnx: token reduction for an ONNX model exported without tokensparse.
+The input file is only read; the result is verified with ONNX Runtime before it is written."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx_ir as ir
+
+from tokensparse.config import Config, config_from_options
+from tokensparse.export.onnx_passes import ONNX_PASSES
+from tokensparse.export.onnx_passes.attention import find_attention
+from tokensparse.export.onnx_passes.blocks import find_blocks, find_prefix_tokens
+from tokensparse.export.onnx_passes.context import OnnxPassContext
+from tokensparse.patterns.graph import MatchFailure
+from tokensparse.rewrite import TokensparseWarning
+
+MIN_OPSET = 18
+
+
+@dataclass
+class OnnxRewrite:
+    """What rewrite_onnx found and did; str() is the --explain text."""
+
+    source: str
+    written: Optional[str] = None
+    changed: bool = False
+    reason: Optional[str] = None
+    attentions: int = 0
+    blocks: int = 0
+    prefix_tokens: Optional[int] = None
+    tokens_in: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.attentions} attention(s), {self.blocks} block(s), "
+                 f"prefix tokens {self.prefix_tokens}"]
+        if self.tokens_in:
+            lines.append("tokens entering each block: " + " -> ".join(map(str, self.tokens_in)))
+        lines += [f"  note: {note}" for note in self.notes]
+        lines.append(f"wrote {self.written}" if self.changed else f"not rewritten: {self.reason}")
+        return "\n".join(lines)
+
+
+def load_onnx(path: str) -> ir.Model:
+    """The model in `path`, or a ValueError/FileNotFoundError that says what is wrong with the file."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(path)
+    except Exception as error:  # noqa: BLE001 - protobuf raises several kinds for a bad file
+        raise ValueError(f"{path} is not an ONNX model ({type(error).__name__}: {error})") from error
+    if not proto.graph.node:
+        raise ValueError(f"{path} is not an ONNX model: it holds no graph nodes (empty or truncated file?)")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise ValueError(f"{path} is not a valid ONNX model: {str(error).splitlines()[0]}") from error
+    try:  # annotate every value's shape (exporters leave some out); the rewrite reads them
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - the model is valid; the passes say which shape they miss
+        pass
+    return ir.serde.deserialize_model(proto)
+
+
+def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = False,
+                 verify: bool = True) -> OnnxRewrite:
+    """Apply config's vision policy to the ONNX model at `in_path` and write it to `out_path`. A model
+    that does not match is not written: the result says why (and one TokensparseWarning)."""
+    config = config_from_options(config) if not isinstance(config, Config) else config
+    if config.policy is None:
+        raise ValueError("config has no vision policy: choose one of tokensparse.ToMe, tokensparse.TopK")
+    if out_path is not None and os.path.abspath(out_path) == os.path.abspath(in_path):
+        raise ValueError(f"--out {out_path} is the input file: write the rewritten model elsewhere")
+    model = load_onnx(in_path)
+    report = OnnxRewrite(in_path)
+    try:
+        _rewrite(model, config.policy, report)
+        if verify:
+            _verify(in_path, model)
+    except MatchFailure as failure:
+        report.reason = failure.reason
+        if not explain:
+            warnings.warn(f"tokensparse: {in_path}: {failure.reason}; nothing written", TokensparseWarning,
+                          stacklevel=2)
+        return report
+    if out_path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        ir.save(model, out_path)
+        report.written, report.changed = out_path, True
+    return report
+
+
+def _rewrite(model: ir.Model, policy, report: OnnxRewrite) -> None:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < MIN_OPSET:
+        raise MatchFailure(f"the model uses opset {opset}; the ONNX-native rewrite needs opset >= {MIN_OPSET}")
+    attentions, notes = find_attention(model)
+    report.attentions, report.notes = len(attentions), notes
+    if not attentions:
+        raise MatchFailure("no attention found (MatMul-Softmax-MatMul with optional scale, mask and NaN guard)")
+    blocks, skipped = find_blocks(attentions)
+    report.blocks, report.notes = len(blocks), report.notes + skipped
+    if hasattr(policy, "check_depth"):
+        policy.check_depth(len(blocks))
+    prefix = policy.prefix_tokens
+    if prefix is None:
+        prefix = find_prefix_tokens(model.graph, blocks[0].tokens)
+    report.prefix_tokens = prefix
+    if policy.is_identity(len(blocks)):
+        raise MatchFailure("nothing to reduce with these options")
+    ctx = OnnxPassContext(model, policy, blocks, prefix)
+    for rewrite_pass in ONNX_PASSES:
+        rewrite_pass(ctx)
+    report.tokens_in, report.notes = ctx.tokens_in, report.notes + ctx.notes
+    _forget_stale_shapes(ctx)
+
+
+def _forget_stale_shapes(ctx: OnnxPassContext) -> None:
+    """Shapes annotated before the rewrite no longer hold downstream of the cut: drop them (outputs keep
+    their rank with the token axis made symbolic)."""
+    positions = ctx.positions()
+    cut = positions[ctx.first_cut]
+    outputs = set(ctx.graph.outputs)
+    for node in ctx.graph:
+        if positions[node] < cut or node in ctx.inserted:
+            continue
+        for value in node.outputs:
+            if value in outputs and value.shape is not None:
+                value.shape = ir.Shape([ir.SymbolicDim(f"tokens_{value.name}") if d == ctx.tokens else d
+                                        for d in value.shape])
+            elif value not in outputs:
+                value.shape = None
+
+
+def _verify(in_path: str, model: ir.Model) -> None:
+    """Run the original and the rewritten model in ONNX Runtime on one random batch of two: the rewrite
+    must run, give finite outputs, and change output shapes only where the original had the token count."""
+    import onnxruntime
+
+    original = onnxruntime.InferenceSession(in_path, providers=["CPUExecutionProvider"])
+    rewritten = onnxruntime.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                             providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in original.get_inputs():
+        shape = [d if isinstance(d, int) else 2 for d in value.shape]
+        dtype = np.float32 if "float" in value.type else np.int64
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    want = original.run(None, feeds)
+    try:
+        got = rewritten.run(None, feeds)
+    except Exception as error:  # noqa: BLE001 - report ORT's failure as the reason
+        raise MatchFailure(f"the rewritten model does not run in ONNX Runtime: {error}") from error
+    for index, (a, b) in enumerate(zip(want, got)):
+        if a.ndim != b.ndim or not np.all(np.isfinite(b)):
+            raise MatchFailure(f"output {index}: the rewritten model gives shape {b.shape} (original {a.shape}) "
+                               f"or non-finite values")
