@@ -1,0 +1,75 @@
+"""tools/export.py: export with --check and --check-trt from a Hugging Face config directory, rewrite an
+existing ONNX file, and a clear message with exit status 2 for every bad input."""
+
+import json
+
+import pytest
+import transformers
+
+from tokensparse.export.cli import main
+
+
+@pytest.fixture(scope="module")
+def vit_config_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vit_config")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    config.save_pretrained(directory)
+    return str(directory)
+
+
+def test_export_with_checks(vit_config_dir, tmp_path, capsys):
+    out = tmp_path / "vit.onnx"
+    status = main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2",
+                   "--onnx", str(out), "--check", "--check-trt"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert out.exists()
+    assert "with tome built in" in err
+    assert "ONNX Runtime vs pruned PyTorch" in err and "ok" in err
+    assert "TensorRT" in err and "compatible" in err
+
+
+def test_rewrite_existing_onnx(vit_config_dir, tmp_path, capsys):
+    plain = tmp_path / "plain.onnx"
+    assert main(["--model", vit_config_dir, "--random-init", "--policy", "none", "--onnx", str(plain)]) == 0
+    pruned = tmp_path / "pruned.onnx"
+    assert main(["--onnx-in", str(plain), "--policy", "topk", "--layers", "1", "--keep", "0.5",
+                 "--out", str(pruned)]) == 0
+    err = capsys.readouterr().err
+    assert pruned.exists() and "tokens entering each block: 17 -> 17 -> 9 -> 9" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--onnx-in", "missing.onnx", "--out", "x.onnx"], "no such ONNX file"),
+    (["--onnx-in", "{notes}", "--out", "x.onnx"], "is not an ONNX model"),
+    (["--model", "no_such_model_name", "--random-init", "--onnx", "x.onnx"], "neither a timm model name"),
+    (["--model", "{empty_dir}", "--random-init", "--onnx", "x.onnx"], "without a config.json"),
+    (["--model", "{config}", "--random-init", "--policy", "topk", "--keep", "1.5", "--onnx", "x.onnx"],
+     "keep=1.5 is out of range"),
+    (["--model", "{config}", "--random-init", "--policy", "topk", "--layers", "9", "--onnx", "x.onnx"],
+     "block 9 is past the model's depth"),
+])
+def test_bad_inputs_exit_2_with_a_clear_message(argv, message, vit_config_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    names = {"notes": str(tmp_path / "notes.txt"), "empty_dir": str(tmp_path / "empty"), "config": vit_config_dir}
+    argv = [arg.format(**names) for arg in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_missing_output_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "vit_tiny_patch16_224"])
+    assert exit_info.value.code == 2
+    assert "--onnx PATH is required" in capsys.readouterr().err
+
+
+def test_config_json_is_read_not_written(vit_config_dir):
+    before = open(f"{vit_config_dir}/config.json").read()
+    json.loads(before)
+    main(["--model", vit_config_dir, "--random-init", "--policy", "none", "--onnx", f"{vit_config_dir}/../m.onnx"])
+    assert open(f"{vit_config_dir}/config.json").read() == before
