@@ -1,0 +1,9 @@
+"""Triton kernels for the steps TensorRT lacks or does badly, each with a plain PyTorch reference. They
+run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them here)."""
+
+from tokensparse.runtime.kernels.kv_compact import kv_compact, kv_compact_reference
+from tokensparse.runtime.kernels.tome_merge import tome_merge_kernel, tome_merge_reference
+from tokensparse.runtime.kernels.topk_select import topk_gather, topk_gather_reference
+
+__all__ = ["kv_compact", "kv_compact_reference", "tome_merge_kernel", "tome_merge_reference", "topk_gather",
+           "topk_gather_reference"]
