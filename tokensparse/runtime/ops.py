@@ -87,3 +87,10 @@ def is_tokensparse_target(target) -> bool:
     if isinstance(target, torch._ops.OpOverload):
         return target.namespace == "tokensparse"
     return getattr(target, "__module__", "").startswith("tokensparse")
+
+
+if torch.cuda.is_available():  # CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py)
+    try:
+        import tokensparse.runtime.triton_ops  # noqa: F401
+    except ImportError:  # no Triton: the plain PyTorch implementations serve CUDA too
+        pass

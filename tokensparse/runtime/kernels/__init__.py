@@ -5,5 +5,11 @@ from tokensparse.runtime.kernels.kv_compact import kv_compact, kv_compact_refere
 from tokensparse.runtime.kernels.tome_merge import tome_merge_kernel, tome_merge_reference
 from tokensparse.runtime.kernels.topk_select import topk_gather, topk_gather_reference
 
-__all__ = ["kv_compact", "kv_compact_reference", "tome_merge_kernel", "tome_merge_reference", "topk_gather",
-           "topk_gather_reference"]
+__all__ = [
+    "kv_compact",
+    "kv_compact_reference",
+    "tome_merge_kernel",
+    "tome_merge_reference",
+    "topk_gather",
+    "topk_gather_reference",
+]

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokensparse.runtime.kernels.launch import launch as _launch
+
 
 def kv_compact_reference(cache, kept):
     """cache [B, H, S, d], kept [B, H, K] ascending: a new cache whose first K positions are the kept ones
@@ -34,7 +36,7 @@ def _compact(cache_ptr, kept_ptr, length, k, dim, BLOCK_R: tl.constexpr, BLOCK_D
             tl.store(base + j[:, None] * dim + d[None, :], value, mask=keep)
 
 
-def kv_compact(cache, kept, block_r: int = 32, block_d: int = 64):
+def kv_compact(cache, kept, block_r: int = 32, block_d: int = 64, launch=None):
     """Compact `cache` [B, H, S, d] in place to the positions `kept` [B, H, K] (ascending, unique);
     returns K, the new length."""
     batch, heads, length, dim = cache.shape
@@ -44,6 +46,7 @@ def kv_compact(cache, kept, block_r: int = 32, block_d: int = 64):
         raise ValueError(f"kept has shape {tuple(kept.shape)}; [{batch}, {heads}, K <= {length}] was expected")
     k = kept.shape[-1]
     kept = kept.contiguous().to(torch.int64)
-    _compact[(batch * heads,)](cache, kept, length, k, dim, BLOCK_R=block_r,
-                               BLOCK_D=min(block_d, triton.next_power_of_2(dim)))
+    _launch(launch, _compact)[(batch * heads,)](
+        cache, kept, length, k, dim, BLOCK_R=block_r, BLOCK_D=min(block_d, triton.next_power_of_2(dim))
+    )
     return k

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokensparse.runtime.kernels.launch import launch as _launch
+
 from tokensparse.policies.tome import merge_tokens
 
 
@@ -17,8 +19,21 @@ def tome_merge_reference(x, size, src_idx, dst_idx, unm_idx, protected: int):
 
 
 @triton.jit
-def _copy_rows(x_ptr, size_ptr, out_ptr, out_size_ptr, rows_ptr, n_rows, tokens, out_tokens, out_offset,
-               channels, weight_by_size: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _copy_rows(
+    x_ptr,
+    size_ptr,
+    out_ptr,
+    out_size_ptr,
+    rows_ptr,
+    n_rows,
+    tokens,
+    out_tokens,
+    out_offset,
+    channels,
+    weight_by_size: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """out[b, out_offset + i] = x[b, rows[b, i]] (times its size when weight_by_size); sizes alike."""
     b = tl.program_id(0)
     i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -37,8 +52,21 @@ def _copy_rows(x_ptr, size_ptr, out_ptr, out_size_ptr, rows_ptr, n_rows, tokens,
 
 
 @triton.jit
-def _scatter_add_rows(x_ptr, size_ptr, out_ptr, out_size_ptr, src_ptr, dst_ptr, r, tokens, out_tokens,
-                      b_offset, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_add_rows(
+    x_ptr,
+    size_ptr,
+    out_ptr,
+    out_size_ptr,
+    src_ptr,
+    dst_ptr,
+    r,
+    tokens,
+    out_tokens,
+    b_offset,
+    channels,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """out[b, b_offset + dst[b, k]] += size[src] * x[src] and its size += size[src] (atomics)."""
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -56,8 +84,9 @@ def _scatter_add_rows(x_ptr, size_ptr, out_ptr, out_size_ptr, src_ptr, dst_ptr, 
 
 
 @triton.jit
-def _normalise_rows(out_ptr, out_size_ptr, n_rows, out_tokens, first, channels, BLOCK_R: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+def _normalise_rows(
+    out_ptr, out_size_ptr, n_rows, out_tokens, first, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """out[b, first + j] /= size[b, first + j]."""
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -71,7 +100,9 @@ def _normalise_rows(out_ptr, out_size_ptr, n_rows, out_tokens, first, channels, 
         tl.store(pointers, tl.load(pointers, mask=keep) / s[:, None], mask=keep)
 
 
-def tome_merge_kernel(x, size, src_idx, dst_idx, unm_idx, protected: int, block_r: int = 32, block_c: int = 64):
+def tome_merge_kernel(
+    x, size, src_idx, dst_idx, unm_idx, protected: int, block_r: int = 32, block_c: int = 64, launch=None
+):
     """Same result as tome_merge_reference: tokens [prefix, unmerged A in order, every B]."""
     batch, tokens, channels = x.shape
     x, size = x.contiguous(), size.contiguous()
@@ -83,7 +114,7 @@ def tome_merge_kernel(x, size, src_idx, dst_idx, unm_idx, protected: int, block_
     out_size = torch.empty(batch, out_tokens, 1, dtype=size.dtype, device=x.device)
     positions = torch.arange(tokens, device=x.device)
     prefix_rows = positions[:protected].expand(batch, protected)
-    a_rows = protected + 2 * unm_idx.reshape(batch, kept_a)            # A tokens sit at even offsets
+    a_rows = protected + 2 * unm_idx.reshape(batch, kept_a)  # A tokens sit at even offsets
     b_rows = (protected + 1 + 2 * positions[:b_count]).expand(batch, b_count)
     src_rows = protected + 2 * src_idx.reshape(batch, r)
     dst = dst_idx.reshape(batch, r)
@@ -92,15 +123,44 @@ def tome_merge_kernel(x, size, src_idx, dst_idx, unm_idx, protected: int, block_
     def grid(rows):
         return (batch, triton.cdiv(rows, block_r))
 
-    for rows, offset, weighted in ((prefix_rows, 0, False), (a_rows, protected, False),
-                                   (b_rows, protected + kept_a, True)):
+    for rows, offset, weighted in (
+        (prefix_rows, 0, False),
+        (a_rows, protected, False),
+        (b_rows, protected + kept_a, True),
+    ):
         if rows.shape[1]:
             rows = rows.contiguous()
-            _copy_rows[grid(rows.shape[1])](x, size, out, out_size, rows, rows.shape[1], tokens, out_tokens, offset,
-                                            channels, weight_by_size=weighted, **tiles)
+            _launch(launch, _copy_rows)[grid(rows.shape[1])](
+                x,
+                size,
+                out,
+                out_size,
+                rows,
+                rows.shape[1],
+                tokens,
+                out_tokens,
+                offset,
+                channels,
+                weight_by_size=weighted,
+                **tiles,
+            )
     if r:
-        _scatter_add_rows[grid(r)](x, size, out, out_size, src_rows.contiguous(), dst.contiguous(), r, tokens,
-                                   out_tokens, protected + kept_a, channels, **tiles)
+        _launch(launch, _scatter_add_rows)[grid(r)](
+            x,
+            size,
+            out,
+            out_size,
+            src_rows.contiguous(),
+            dst.contiguous(),
+            r,
+            tokens,
+            out_tokens,
+            protected + kept_a,
+            channels,
+            **tiles,
+        )
     if b_count:
-        _normalise_rows[grid(b_count)](out, out_size, b_count, out_tokens, protected + kept_a, channels, **tiles)
+        _launch(launch, _normalise_rows)[grid(b_count)](
+            out, out_size, b_count, out_tokens, protected + kept_a, channels, **tiles
+        )
     return out, out_size

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokensparse.runtime.kernels.launch import launch as _launch
+
 
 def topk_gather_reference(x, scores, k: int):
     """kept [B, k] (ascending token order) and x gathered at them [B, k, C]."""
@@ -50,15 +52,16 @@ def _gather_rows(x_ptr, kept_ptr, out_ptr, tokens, k, channels, BLOCK_R: tl.cons
         tl.store(out_ptr + (b * k + j)[:, None] * channels + c[None, :], value, mask=keep)
 
 
-def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64):
+def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, launch=None):
     """Same result as topk_gather_reference, for any k <= tokens."""
     batch, tokens, channels = x.shape
     if not 1 <= k <= tokens:
         raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
     x, scores = x.contiguous(), scores.contiguous()
     kept = torch.empty(batch, k, dtype=torch.int64, device=x.device)
-    _select_rows[(batch,)](scores, kept, tokens, k, BLOCK_N=triton.next_power_of_2(tokens))
+    _launch(launch, _select_rows)[(batch,)](scores, kept, tokens, k, BLOCK_N=triton.next_power_of_2(tokens))
     out = torch.empty(batch, k, channels, dtype=x.dtype, device=x.device)
-    _gather_rows[(batch, triton.cdiv(k, block_r))](x, kept, out, tokens, k, channels, BLOCK_R=block_r,
-                                                   BLOCK_C=min(block_c, triton.next_power_of_2(channels)))
+    _launch(launch, _gather_rows)[(batch, triton.cdiv(k, block_r))](
+        x, kept, out, tokens, k, channels, BLOCK_R=block_r, BLOCK_C=min(block_c, triton.next_power_of_2(channels))
+    )
     return kept, out

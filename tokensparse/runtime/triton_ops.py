@@ -1,0 +1,57 @@
+"""The Triton kernels as torch.library triton_ops (torch.compile and Inductor see through them), and the
+CUDA implementations of the tokensparse:: policy ops built on them. The CPU implementations stay the
+policies' plain PyTorch code. Importing this module registers everything; it needs Triton."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from tokensparse.policies.tome import bipartite_soft_matching
+from tokensparse.policies.topk import attention_received
+from tokensparse.runtime.kernels import kv_compact, tome_merge_kernel, topk_gather
+
+
+@triton_op("tokensparse::tome_merge_rows", mutates_args={})
+def tome_merge_rows(x: Tensor, size: Tensor, src_idx: Tensor, dst_idx: Tensor, unm_idx: Tensor,
+                    protected: int) -> tuple[Tensor, Tensor]:
+    """ToMe's size-weighted merge for given matches (Triton)."""
+    return tome_merge_kernel(x, size, src_idx, dst_idx, unm_idx, protected, launch=wrap_triton)
+
+
+@triton_op("tokensparse::topk_gather", mutates_args={})
+def topk_gather_op(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the k best scores in token order, and x gathered at them (Triton; any k)."""
+    return topk_gather(x, scores, k, launch=wrap_triton)
+
+
+@triton_op("tokensparse::kv_compact_", mutates_args={"cache"})
+def kv_compact_op(cache: Tensor, kept: Tensor) -> None:
+    """Move the kept positions to the front of the cache, in place (Triton)."""
+    kv_compact(cache, kept, launch=wrap_triton)
+
+
+def tome_merge_triton(x, size, keys, r: int, protected: int):
+    """tokensparse::tome_merge with the matching in PyTorch and the merge in Triton."""
+    if r == 0:
+        return x.clone(), size.clone()
+    src_idx, dst_idx, unm_idx = bipartite_soft_matching(keys.mean(dim=1), r, protected)
+    return tome_merge_rows(x, size, src_idx, dst_idx, unm_idx, protected)
+
+
+def topk_prune_triton(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):
+    """tokensparse::topk_prune with the scores in PyTorch and selection plus gather in Triton."""
+    scores = attention_received(q, k, scale, protected, attn_mask)
+    rest = x[:, protected:].contiguous()
+    kept_idx, kept = topk_gather_op(rest, scores, keep)
+    parts = [x[:, :protected], kept]
+    if fuse:
+        dropped = scores.scatter(1, kept_idx, 0.0)
+        norm = dropped.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        parts.append(((dropped / norm).unsqueeze(-1) * rest).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+torch.library.register_kernel("tokensparse::tome_merge", "cuda", tome_merge_triton)
+torch.library.register_kernel("tokensparse::topk_prune", "cuda", topk_prune_triton)
