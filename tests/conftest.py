@@ -1,7 +1,13 @@
 """Shared fixtures: a fresh dynamo cache per test (every test compiles new model instances)."""
 
-import pytest
-import torch
+import os
+
+# The Triton kernels run in Triton's interpreter on CPU tensors (no GPU here). It must be chosen before
+# anything imports triton, since triton.language's own jit helpers (tl.sort) are bound at import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

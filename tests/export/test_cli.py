@@ -73,3 +73,31 @@ def test_config_json_is_read_not_written(vit_config_dir):
     json.loads(before)
     main(["--model", vit_config_dir, "--random-init", "--policy", "none", "--onnx", f"{vit_config_dir}/../m.onnx"])
     assert open(f"{vit_config_dir}/config.json").read() == before
+
+
+def test_engine_without_tensorrt_stops_after_the_onnx_with_the_gpu_command(vit_config_dir, tmp_path, capsys):
+    from tokensparse.export.tensorrt import missing_for_tensorrt
+
+    if missing_for_tensorrt() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine would be built")
+    out = tmp_path / "vit.onnx"
+    status = main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--onnx", str(out),
+                   "--engine", str(tmp_path / "vit.plan"), "--fp16"])
+    err = capsys.readouterr().err
+    assert status == 3 and out.exists() and not (tmp_path / "vit.plan").exists()
+    assert "no TensorRT engine built" in err and "polygraphy convert" in err and "--fp16" in err
+    assert "pixel_values:[1,3,32,32]" in err.replace("\n", "")
+
+
+def test_triton_repository_parses_as_a_model_config(vit_config_dir, tmp_path, capsys):
+    from tokensparse.export.triton_server import check_model_config
+
+    out = tmp_path / "vit.onnx"
+    repo = tmp_path / "models"
+    assert main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--onnx", str(out),
+                 "--triton-repo", str(repo)]) == 0
+    config = check_model_config((repo / "vit" / "config.pbtxt").read_text())
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert [i.name for i in config.input] == ["pixel_values"] and list(config.input[0].dims) == [3, 32, 32]
+    assert list(config.output[0].dims) == [11, 32]         # 17 tokens, 2 merged in each of 3 blocks
+    assert (repo / "vit" / "1" / "model.onnx").exists() and (repo / "README.md").exists()

@@ -13,6 +13,10 @@ EXAMPLES = """examples:
   python tools/export.py --model path/to/hf_config_dir --random-init --policy topk --layers 3 6 9 --keep 0.5 \\
       --onnx out/clip.onnx --check-trt
   python tools/export.py --onnx-in model.onnx --policy tome --r 8 --out pruned.onnx
+  python tools/export.py --model vit_base_patch16_224 --random-init --onnx out/vit.onnx --engine out/vit.plan --fp16 \
+      --compare --triton-repo out/models
+
+exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built here (GPU/TensorRT missing)
 """
 
 
@@ -45,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     output.add_argument("--check", action="store_true", help="compare ONNX Runtime with the pruned PyTorch model")
     output.add_argument("--check-trt", action="store_true", help="check the ONNX against TensorRT's op support")
     output.add_argument("--explain", action="store_true", help="with --onnx-in: say what matched and why not")
+    deploy = parser.add_argument_group("deployment (TensorRT needs a GPU machine)")
+    deploy.add_argument("--engine", help="build a TensorRT engine (.plan) from the ONNX with polygraphy")
+    precision = deploy.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true")
+    precision.add_argument("--bf16", action="store_true")
+    deploy.add_argument("--compare", action="store_true", help="polygraphy: the engine against ONNX Runtime")
+    deploy.add_argument("--max-batch", type=int, default=32, help="largest batch of the engine and the server")
+    deploy.add_argument("--triton-repo", help="write a Triton Inference Server model repository here")
     args = parser.parse_args(argv)
     if args.onnx_in is None and args.model is None:
         parser.error("give --model (to export) or --onnx-in (to rewrite an existing ONNX model)")
@@ -108,7 +120,7 @@ def _load_transformers(directory: str, random_init: bool):
 def run(args) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if args.onnx_in is not None:
         return _run_onnx_rewrite(args, console)
     return _run_export(args, console)
@@ -140,7 +152,37 @@ def _run_export(args, console) -> int:
         status |= _check_against_pytorch(model, config, result, pixels, console)
     if args.check_trt:
         status |= _check_trt(result.path, console)
+    engine = None
+    if args.engine:
+        engine, engine_status = _build_engine(args, result, image, console)
+        status = status or engine_status
+    if args.triton_repo:
+        from tokensparse.export.triton_server import write_model_repository
+
+        name = os.path.splitext(os.path.basename(args.onnx))[0]
+        config = write_model_repository(args.triton_repo, name, result.path, engine, args.max_batch)
+        console.print(f"wrote the Triton Inference Server repository {args.triton_repo} ({config})")
     return status
+
+
+def _build_engine(args, result, image, console):
+    """(engine path or None, status): 3 when TensorRT or a GPU is missing here."""
+    from tokensparse.export.tensorrt import build_engine, compare_with_onnxruntime, gpu_command, missing_for_tensorrt
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    batches = (1, min(8, args.max_batch), args.max_batch)
+    missing = missing_for_tensorrt()
+    if missing is not None:
+        command = gpu_command(result.path, args.engine, result.input_names[0], image, precision, batches)
+        console.print(f"no TensorRT engine built: {missing}. The ONNX model is ready at {result.path}; on a "
+                      f"machine with TensorRT and a GPU run:\n  {command}")
+        return None, 3
+    build_engine(result.path, args.engine, result.input_names[0], image, precision, batches)
+    console.print(f"wrote the TensorRT engine {args.engine} ({precision}, batch {batches[0]}..{batches[2]})")
+    if args.compare and not compare_with_onnxruntime(result.path, args.engine):
+        console.print("[red]polygraphy: the engine and ONNX Runtime disagree[/red]")
+        return args.engine, 1
+    return args.engine, 0
 
 
 def _check_against_pytorch(model, config, result, pixels, console) -> int:

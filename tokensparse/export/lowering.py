@@ -55,9 +55,11 @@ def attention_math(query, key, value, attn_mask=None, dropout_p: float = 0.0, is
         rows, cols = logits.shape[-2], logits.shape[-1]
         allowed = torch.ones(rows, cols, dtype=torch.bool, device=logits.device).tril(cols - rows)
         logits = logits.masked_fill(~allowed, -math.inf)
-    if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
-            else logits + attn_mask
+    if attn_mask is not None:  # additive, so that exports show the common MatMul-Add(mask)-Softmax form
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=logits.dtype, device=logits.device).masked_fill(
+                ~attn_mask, -math.inf)
+        logits = logits + attn_mask
     return logits.softmax(dim=-1) @ value
 
 

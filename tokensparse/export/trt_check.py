@@ -11,6 +11,9 @@ import numpy as np
 from tokensparse.export import trt_support
 
 
+_CHECKED = {"TopK", "ScatterElements", "Slice", "Squeeze", "Unsqueeze", "CumSum"}
+
+
 @dataclass
 class Finding:
     node: str
@@ -37,6 +40,8 @@ class TrtReport:
         for finding in self.findings:
             kind = "error" if finding.fatal else "warning"
             lines.append(f"  {kind}: {finding.op_type} {finding.node!r}: {finding.problem}")
+        noted = sorted(op for op in self.op_counts if trt_support.SUPPORTED.get(op) and op not in _CHECKED)
+        lines += [f"  note: {op}: {trt_support.SUPPORTED[op]}" for op in noted]
         return "\n".join(lines)
 
 
@@ -82,10 +87,19 @@ def _check_node(node, constants: dict) -> list[Finding]:
         if reduction not in trt_support.SCATTER_ELEMENTS_REDUCTIONS:
             findings.append(Finding(name, "ScatterElements", f"reduction={reduction!r} is not one of "
                                                              f"{sorted(trt_support.SCATTER_ELEMENTS_REDUCTIONS)}"))
-    restriction = trt_support.SUPPORTED[node.op_type]
-    if restriction and node.op_type not in ("TopK", "ScatterElements"):
-        findings.append(Finding(name, node.op_type, f"supported with restrictions: {restriction}", fatal=False))
+        elif reduction != "none":
+            findings.append(Finding(name, "ScatterElements", f"reduction={reduction!r} runs in TensorRT's "
+                                                             f"scatterElements plugin (libnvinfer_plugin)", fatal=False))
+    constant_input = _CONSTANT_INPUTS.get(node.op_type)
+    if constant_input is not None and len(node.input) > constant_input and node.input[constant_input] \
+            and node.input[constant_input] not in constants:
+        findings.append(Finding(name, node.op_type, f"input {constant_input} is computed at run time: "
+                                                    f"{trt_support.SUPPORTED[node.op_type]}"))
     return findings
+
+
+# Inputs that TensorRT's parser needs as initializers (their restriction notes say so).
+_CONSTANT_INPUTS = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "CumSum": 1}
 
 
 def _constants(model) -> dict:

@@ -86,32 +86,50 @@ def _constant(value):
 
 
 def _lets_everything_through(mask: ir.Value) -> bool:
-    """An additive mask that is zero everywhere: a zero constant, or Where(all-true, 0, x), through
-    Expand/Cast/Unsqueeze."""
-    constant = _constant(mask)
-    if constant is not None:
-        return bool(np.all(constant == 0))
+    """An additive mask that is zero everywhere: a zero constant, or Where over a constant condition that
+    picks a zero branch, through Expand/Cast/Unsqueeze/Identity."""
+    if _is_zero(mask):
+        return True
     producer = mask.producer()
     if producer is None:
         return False
-    if producer.op_type in ("Expand", "Cast", "Unsqueeze", "Identity"):
-        return _lets_everything_through(producer.inputs[0]) if producer.op_type != "Cast" else \
-            _lets_everything_through(producer.inputs[0])
+    if producer.op_type in _PASS_THROUGH:
+        return _lets_everything_through(producer.inputs[0])
     if producer.op_type == "Where":
-        return _all_true(producer.inputs[0]) and _is_zero(producer.inputs[1])
+        truth = _truth(producer.inputs[0])
+        return (truth is True and _is_zero(producer.inputs[1])) or (truth is False and _is_zero(producer.inputs[2]))
     return False
 
 
-def _all_true(value: ir.Value) -> bool:
+_PASS_THROUGH = ("Expand", "Cast", "Unsqueeze", "Identity", "Reshape")
+
+
+def _truth(value: ir.Value):
+    """True when every element is true, False when every element is false, else None."""
     constant = _constant(value)
     if constant is not None:
-        return bool(np.all(constant))
+        return True if np.all(constant) else False if not np.any(constant) else None
     producer = value.producer()
-    if producer is not None and producer.op_type in ("Expand", "Unsqueeze", "Identity", "Cast"):
-        return _all_true(producer.inputs[0])
-    return False
+    if producer is None:
+        return None
+    if producer.op_type in _PASS_THROUGH:
+        return _truth(producer.inputs[0])
+    if producer.op_type == "Not":
+        inner = _truth(producer.inputs[0])
+        return None if inner is None else not inner
+    return None
 
 
 def _is_zero(value: ir.Value) -> bool:
     constant = _constant(value)
-    return constant is not None and bool(np.all(constant == 0))
+    if constant is not None:
+        return bool(np.all(constant == 0))
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type == "ConstantOfShape":
+        fill = producer.attributes.get("value")
+        return fill is None or bool(np.all(fill.value.numpy() == 0))
+    if producer.op_type in _PASS_THROUGH:
+        return _is_zero(producer.inputs[0])
+    return False
