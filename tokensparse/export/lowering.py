@@ -39,6 +39,15 @@ def inline_policy_code(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def keep_views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Only the view -> reshape part of inline_policy_code (the policy ops stay, as plugin nodes)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm
+
+
 def attention_math(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                    scale=None, enable_gqa: bool = False):
     """softmax(q k^T * scale + mask) v: scaled_dot_product_attention's definition, for export."""

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
+from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code, keep_views_as_reshapes
+from tokensparse.runtime.ops import static_token_counts
 from tokensparse.rewrite import RewriteResult, rewrite_graph, warn_once
 
 DEFAULT_OPSET = 18
@@ -30,8 +31,9 @@ class OnnxExport:
 
 
 def export_pruned(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], config,
-                  dynamic: bool = True) -> tuple[torch.export.ExportedProgram, RewriteResult]:
-    """The model as an ExportedProgram with the config's policy built in, in plain aten ops."""
+                  dynamic: bool = True, plugins: bool = False) -> tuple[torch.export.ExportedProgram, RewriteResult]:
+    """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with
+    `plugins` keeping each policy step as one tokensparse:: op (static token counts)."""
     config = Config() if config is None else config_from_options(config)
     inputs = _batch_of_two(example_inputs) if dynamic else tuple(example_inputs)
     dynamic_shapes = _batch_axes(inputs) if dynamic else None
@@ -41,9 +43,10 @@ def export_pruned(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
     result = rewrite_graph(graph, fakes, config)
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
-    lowered = inline_policy_code(result.gm)
+    lowered = keep_views_as_reshapes(result.gm) if plugins else inline_policy_code(result.gm)
     try:
-        pruned = torch.export.export(lowered, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with static_token_counts():
+            pruned = torch.export.export(lowered, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
         reason = f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})"
         warn_once(reason)
@@ -52,17 +55,21 @@ def export_pruned(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
 
 
 def to_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], config, path: str,
-            dynamic: bool = True, opset: int = DEFAULT_OPSET) -> OnnxExport:
+            dynamic: bool = True, opset: int = DEFAULT_OPSET, plugins: bool = False) -> OnnxExport:
     """Export `model` with `config` (a Config or options dict) to the ONNX file `path`; `dynamic` makes
-    the batch axis of every input dynamic. Returns what was written and whether pruning is built in."""
+    the batch axis of every input dynamic; `plugins` writes each policy step as one TensorRT plugin node
+    (domain "tokensparse") instead of standard operators. Returns what was written and whether pruning
+    is built in."""
+    from tokensparse.export.plugin_nodes import PLUGIN_TRANSLATIONS
     from tokensparse.export.translations import TRANSLATIONS
 
     if not isinstance(opset, int) or opset < 18:
         raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
     config = Config() if config is None else config_from_options(config)
-    program, result = export_pruned(model, example_inputs, config, dynamic)
+    program, result = export_pruned(model, example_inputs, config, dynamic, plugins)
+    translations = {**TRANSLATIONS, **PLUGIN_TRANSLATIONS} if plugins else TRANSLATIONS
     onnx_program = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                     optimize=True, verbose=False, custom_translation_table=TRANSLATIONS)
+                                     optimize=True, verbose=False, custom_translation_table=translations)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     onnx_program.save(path)

@@ -65,6 +65,9 @@ def check_tensorrt(path_or_model) -> TrtReport:
 
 def _check_node(node, constants: dict) -> list[Finding]:
     name = node.name or node.output[0]
+    if node.domain == "tokensparse" and node.op_type in ("TomeMerge", "TopKPrune"):
+        return [Finding(name, node.op_type, "tokensparse plugin node: register the plugin before building "
+                                            "(tokensparse.export.trt_plugins.register_plugins())", fatal=False)]
     if node.domain not in ("", "ai.onnx"):
         return [Finding(name, node.op_type, f"custom domain {node.domain!r}: needs a TensorRT plugin")]
     if node.op_type in trt_support.UNSUPPORTED:
