@@ -1,0 +1,71 @@
+"""DivPrune's O(kN) greedy equals the textbook O(k^2 N) loop; VisionZip's dominant and contextual tokens
+equal a per-sample loop written from the paper's description."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokensparse.policies.divprune import cosine_distances, divprune_select
+from tokensparse.policies.visionzip import visionzip_step
+
+
+def _divprune_loop(features, k):
+    distances = cosine_distances(features.float())
+    tokens = features.shape[0]
+    off_diagonal = distances + torch.diag(torch.full((tokens,), float("inf")))
+    chosen = [int(off_diagonal.min(dim=1).values.argmax())]
+    while len(chosen) < k:
+        best, best_value = None, -float("inf")
+        for i in range(tokens):
+            if i in chosen:
+                continue
+            value = min(float(distances[i, j]) for j in chosen)
+            if value > best_value:
+                best, best_value = i, value
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 30), share=st.floats(0.01, 1.0), seed=st.integers(0, 999))
+def test_divprune_matches_the_textbook_loop(batch, tokens, share, seed):
+    features = torch.randn(batch, tokens, 6, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(share * tokens))
+    got = divprune_select(features, k)
+    for b in range(batch):
+        assert got[b].tolist() == _divprune_loop(features[b], k)
+
+
+def test_divprune_rejects_bad_k():
+    with pytest.raises(ValueError, match="k=0 is out of range"):
+        divprune_select(torch.randn(1, 4, 3), 0)
+
+
+def _visionzip_loop(hidden, scores, keys, dominant, contextual, protected):
+    rest, metric = hidden[protected:], torch.nn.functional.normalize(keys[protected:], dim=-1)
+    kept = sorted(scores.topk(dominant - protected).indices.tolist())
+    remaining = [i for i in range(rest.shape[0]) if i not in kept]
+    stride = len(remaining) // contextual
+    targets = [remaining[t * stride] for t in range(contextual)]
+    others = [i for i in remaining if i not in targets]
+    joined = {t: [] for t in targets}
+    for i in others:
+        similarity = torch.stack([metric[i] @ metric[t] for t in targets])
+        joined[targets[int(similarity.argmax())]].append(i)
+    context = [rest[t] + (rest[joined[t]].mean(0) if joined[t] else 0) for t in targets]
+    return torch.cat([hidden[:protected], rest[kept], torch.stack(context)])
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), protected=st.integers(0, 1), patches=st.integers(6, 40), seed=st.integers(0, 999))
+def test_visionzip_matches_a_per_sample_loop(batch, protected, patches, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = protected + patches
+    hidden, keys = torch.randn(batch, tokens, 5, generator=generator), torch.randn(batch, tokens, 4, generator=generator)
+    scores = torch.rand(batch, patches, generator=generator)
+    dominant, contextual = protected + patches // 3, max(1, patches // 5)
+    got = visionzip_step(hidden, scores, keys, dominant, contextual, protected)
+    assert got.shape == (batch, dominant + contextual, 5)
+    for b in range(batch):
+        want = _visionzip_loop(hidden[b], scores[b], keys[b], dominant, contextual, protected)
+        torch.testing.assert_close(got[b], want)
