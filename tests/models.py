@@ -92,3 +92,32 @@ def vit_b16(batch: int = 1, seed: int = SEED):
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     pixel_values = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
     return model, pixel_values
+
+
+IMAGE_TOKEN = 299
+
+
+def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED):
+    """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a Llama text model (GQA),
+    random weights; the image tokens sit between `prompt[0]` and `prompt[1]` text tokens."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import transformers as T
+
+    torch.manual_seed(seed)
+    side = int(image_tokens ** 0.5)
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=8 * side, patch_size=8)
+    text = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=IMAGE_TOKEN + 1, max_position_embeddings=512)
+    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                           vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = T.LlavaForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    before, after = prompt
+    input_ids = torch.cat([torch.randint(0, IMAGE_TOKEN - 9, (batch, before), generator=generator),
+                           torch.full((batch, image_tokens), IMAGE_TOKEN),
+                           torch.randint(0, IMAGE_TOKEN - 9, (batch, after), generator=generator)], dim=1)
+    pixel_values = torch.randn(batch, 3, 8 * side, 8 * side, generator=generator)
+    return model, {"input_ids": input_ids, "pixel_values": pixel_values}
