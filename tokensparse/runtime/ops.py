@@ -5,6 +5,7 @@ their eager implementations are the policies' own plain-PyTorch reference functi
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -89,8 +90,7 @@ def is_tokensparse_target(target) -> bool:
     return getattr(target, "__module__", "").startswith("tokensparse")
 
 
-if torch.cuda.is_available():  # CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py)
-    try:
-        import tokensparse.runtime.triton_ops  # noqa: F401
-    except ImportError:  # no Triton: the plain PyTorch implementations serve CUDA too
-        pass
+# CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py), opt-in until they have
+# run on a GPU: TOKENSPARSE_TRITON_KERNELS=1. Otherwise the plain PyTorch implementations serve CUDA too.
+if os.environ.get("TOKENSPARSE_TRITON_KERNELS") == "1" and torch.cuda.is_available():
+    import tokensparse.runtime.triton_ops  # noqa: F401
