@@ -101,3 +101,14 @@ def test_triton_repository_parses_as_a_model_config(vit_config_dir, tmp_path, ca
     assert [i.name for i in config.input] == ["pixel_values"] and list(config.input[0].dims) == [3, 32, 32]
     assert list(config.output[0].dims) == [11, 32]         # 17 tokens, 2 merged in each of 3 blocks
     assert (repo / "vit" / "1" / "model.onnx").exists() and (repo / "README.md").exists()
+
+
+def test_static_export_keeps_the_batch_axis_in_the_server_config(vit_config_dir, tmp_path):
+    from tokensparse.export.triton_server import check_model_config
+
+    repo = tmp_path / "models"
+    assert main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--static",
+                 "--batch", "3", "--onnx", str(tmp_path / "vit.onnx"), "--triton-repo", str(repo)]) == 0
+    config = check_model_config((repo / "vit" / "config.pbtxt").read_text())
+    assert config.max_batch_size == 0 and list(config.input[0].dims) == [3, 3, 32, 32]
+    assert not config.HasField("dynamic_batching")

@@ -165,7 +165,9 @@ def _run_export(args, console) -> int:
         from tokensparse.export.triton_server import write_model_repository
 
         name = os.path.splitext(os.path.basename(args.onnx))[0]
-        config = write_model_repository(args.triton_repo, name, result.path, engine, args.max_batch)
+        # A fixed batch axis cannot be batched by the server: max_batch_size 0 keeps it in the dims.
+        config = write_model_repository(args.triton_repo, name, result.path, engine,
+                                        0 if args.static else args.max_batch)
         console.print(f"wrote the Triton Inference Server repository {args.triton_repo} ({config})")
     return status
 
@@ -175,7 +177,7 @@ def _build_engine(args, result, image, console):
     from tokensparse.export.tensorrt import build_engine, compare_with_onnxruntime, gpu_command, missing_for_tensorrt
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    batches = (1, min(8, args.max_batch), args.max_batch)
+    batches = (args.batch,) * 3 if args.static else (1, min(8, args.max_batch), args.max_batch)
     missing = missing_for_tensorrt()
     if missing is not None:
         command = gpu_command(result.path, args.engine, result.input_names[0], image, precision, batches)

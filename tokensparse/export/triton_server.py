@@ -10,11 +10,12 @@ from typing import Optional
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL"}
 
 
-def _tensors(values) -> list[tuple[str, str, list[int]]]:
+def _tensors(values, batched: bool) -> list[tuple[str, str, list[int]]]:
     tensors = []
     for value in values:
         kind = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim][1:]   # batch axis out
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+        dims = dims[1:] if batched else dims          # with max_batch_size > 0 the server owns the batch axis
         tensors.append((value.name, _TYPES.get(kind.elem_type, "TYPE_FP32"), dims))
     return tensors
 
@@ -27,9 +28,10 @@ def model_config(name: str, onnx_path: str, platform: str, max_batch_size: int) 
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}"]
     for section, values in (("input", model.graph.input), ("output", model.graph.output)):
         entries = [f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(map(str, dims))} ] }}'
-                   for n, t, dims in _tensors(values)]
+                   for n, t, dims in _tensors(values, max_batch_size > 0)]
         lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
-    lines.append("dynamic_batching { max_queue_delay_microseconds: 100 }")
+    if max_batch_size > 0:
+        lines.append("dynamic_batching { max_queue_delay_microseconds: 100 }")
     lines.append('instance_group [ { kind: KIND_GPU count: 1 } ]' if platform == "tensorrt_plan" else
                  'instance_group [ { kind: KIND_CPU count: 1 } ]')
     return "\n".join(lines) + "\n"
