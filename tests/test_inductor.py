@@ -30,3 +30,17 @@ def test_inductor_matches_reference(family, policy):
     want = reference_forward(model, pixels, policy)
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_changes_recompile_once_with_a_dynamic_batch():
+    """Serving with varying batches: dynamo recompiles once with a symbolic batch, regions included."""
+    model, _ = build("timm_vit", depth=3, width=32, heads=2, batch=2)
+    policy = tokensparse.ToMe(r=3)
+    compiled = tokensparse.compile(model, tokensparse.Config(vision=policy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        for batch in (2, 3, 5):
+            pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+            with torch.no_grad():
+                got = compiled(pixels)
+            torch.testing.assert_close(got, reference_forward(model, pixels, policy)["logits"], atol=1e-4, rtol=1e-4)

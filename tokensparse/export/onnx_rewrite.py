@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.onnx_passes import ONNX_PASSES
@@ -120,6 +121,7 @@ def _rewrite(model: ir.Model, policy, report: OnnxRewrite) -> None:
         rewrite_pass(ctx)
     report.tokens_in, report.notes = ctx.tokens_in, report.notes + ctx.notes
     _forget_stale_shapes(ctx)
+    RemoveUnusedNodesPass()(model)      # what the rewrite bypassed, and initializers nothing reads any more
 
 
 def _forget_stale_shapes(ctx: OnnxPassContext) -> None:
