@@ -1,0 +1,52 @@
+"""FastV's scores from the needed query rows equal full attention weights averaged as the method says;
+kept positions are every text token plus the top image tokens, in order."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokensparse.policies.fastv import fastv_keep, fastv_scores, kept_image_count
+
+
+def _full_attention(q, k, scale):
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    sequence = q.shape[2]
+    causal = torch.ones(sequence, sequence, dtype=torch.bool).tril()
+    return (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, -math.inf).softmax(-1)   # [B, H, S, S]
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), group=st.integers(1, 3), before=st.integers(1, 4),
+       images=st.integers(1, 12), after=st.integers(1, 5), seed=st.integers(0, 999))
+def test_scores_equal_full_attention_rows(batch, kv_heads, group, before, images, after, seed):
+    generator = torch.Generator().manual_seed(seed)
+    sequence = before + images + after
+    q = torch.randn(batch, kv_heads * group, sequence, 8, generator=generator)
+    k = torch.randn(batch, kv_heads, sequence, 8, generator=generator)
+    image_mask = torch.zeros(batch, sequence, dtype=torch.bool)
+    image_mask[:, before:before + images] = True
+    weights = _full_attention(q, k, 0.3)
+    torch.testing.assert_close(fastv_scores(q, k, 0.3, image_mask, "last"), weights[:, :, -1].mean(1))
+    text_rows = weights.mean(1)[:, ~image_mask[0]]
+    torch.testing.assert_close(fastv_scores(q, k, 0.3, image_mask, "text"), text_rows.mean(1))
+
+
+def test_keep_text_and_top_images_in_order():
+    image_mask = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.4, 0.2, 9.0], [9.0, 9.0, 0.3, 0.2, 0.9, 0.1]])
+    kept = fastv_keep(scores, image_mask, keep=0.5)
+    assert kept.tolist() == [[0, 2, 3, 5], [0, 1, 2, 4]]
+    assert kept_image_count(576, 0.25) == 144
+
+
+def test_unequal_image_counts_are_refused():
+    image_mask = torch.tensor([[False, True, True], [False, True, False]])
+    with pytest.raises(ValueError, match="different numbers of image tokens"):
+        fastv_keep(torch.rand(2, 3), image_mask, 0.5)
+
+
+def test_unknown_query_is_refused():
+    with pytest.raises(ValueError, match="query='first' is not one of"):
+        fastv_scores(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2), 1.0, torch.zeros(1, 3, dtype=torch.bool), "first")
