@@ -120,3 +120,10 @@ def test_layer_past_depth_is_a_value_error(plain_vit, tmp_path):
 def test_rewritten_model_passes_the_onnx_checker(rewritten):
     report, _ = rewritten
     onnx.checker.check_model(onnx.load(report.written), full_check=True)
+
+
+def test_explain_without_output_writes_nothing(plain_vit, tmp_path):
+    report = rewrite_onnx(plain_vit, None, {"policy": "tome", "r": 2}, explain=True)
+    text = str(report)
+    assert "tokens entering each block: 65 -> 63 -> 61" in text and "nothing written" in text
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,12 @@ class OnnxRewrite:
         if self.tokens_in:
             lines.append("tokens entering each block: " + " -> ".join(map(str, self.tokens_in)))
         lines += [f"  note: {note}" for note in self.notes]
-        lines.append(f"wrote {self.written}" if self.changed else f"not rewritten: {self.reason}")
+        if self.changed:
+            lines.append(f"wrote {self.written}")
+        elif self.reason is None:
+            lines.append("the rewrite matched and ran in ONNX Runtime; nothing written (no output path)")
+        else:
+            lines.append(f"not rewritten: {self.reason}")
         return "\n".join(lines)
 
 
