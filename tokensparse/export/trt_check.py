@@ -11,7 +11,7 @@ import numpy as np
 from tokensparse.export import trt_support
 
 
-_CHECKED = {"TopK", "ScatterElements", "Slice", "Squeeze", "Unsqueeze", "CumSum"}
+_CHECKED = {"TopK", "ScatterElements", "Squeeze", "Unsqueeze", "CumSum", *trt_support.REDUCE_OPS}
 
 
 @dataclass
@@ -82,9 +82,11 @@ def _check_node(node, constants: dict) -> list[Finding]:
             findings.append(Finding(name, "TopK", f"K is computed at run time; TensorRT needs K <= "
                                                   f"{trt_support.TOPK_MAX_K} (a build-time constant is safest)",
                                     fatal=False))
-        elif int(np.max(k)) > trt_support.TOPK_MAX_K:
-            findings.append(Finding(name, "TopK", f"K={int(np.max(k))} exceeds TensorRT's limit of "
-                                                  f"{trt_support.TOPK_MAX_K}: use the Triton top-k plugin"))
+        elif int(np.max(k)) >= trt_support.TOPK_MAX_K:
+            findings.append(Finding(name, "TopK", f"K={int(np.max(k))} is not below TensorRT's limit of "
+                                                  f"{trt_support.TOPK_MAX_K}: use the Triton top-k kernel"))
+        if "sorted" in attributes and attributes["sorted"].i not in trt_support.TOPK_SORTED_VALUES:
+            findings.append(Finding(name, "TopK", "sorted=0: TensorRT supports sorted=1 only"))
     if node.op_type == "ScatterElements" and "reduction" in attributes:
         reduction = attributes["reduction"].s.decode()
         if reduction not in trt_support.SCATTER_ELEMENTS_REDUCTIONS:
@@ -101,8 +103,8 @@ def _check_node(node, constants: dict) -> list[Finding]:
     return findings
 
 
-# Inputs that TensorRT's parser needs as initializers (their restriction notes say so).
-_CONSTANT_INPUTS = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "CumSum": 1}
+# Inputs that TensorRT's parser needs at build time (their restriction notes say so).
+_CONSTANT_INPUTS = {"Squeeze": 1, "Unsqueeze": 1, "CumSum": 1, **{op: 1 for op in trt_support.REDUCE_OPS}}
 
 
 def _constants(model) -> dict:

@@ -1,52 +1,184 @@
-"""TensorRT's ONNX parser operator support, for the --check-trt report. From onnx-tensorrt's
-docs/operators.md: the operator matrix of its TensorRT 8.5 version (commit 6d0ab7be), the opset range of
-its 10.0 header (9 to 20), LayerNormalization (parsed natively since 8.6), and TopK's K limit of 3840
-from TensorRT's ITopKLayer. ScatterElements with a reduction goes through TensorRT's scatterElements
-plugin (libnvinfer_plugin) rather than the core parser."""
+"""TensorRT 10.15 ONNX parser operator support (from onnx-tensorrt docs/operators.md,
+fa5aa9f61e7781d2ca8f5351d42c1f19525a6124), for the --check-trt report.
 
-TRT_VERSION = "10.0"
-OPSET_RANGE = (9, 20)
-TOPK_MAX_K = 3840
-# reduction="none" is TensorRT core; the others are served by the scatterElements plugin.
-SCATTER_ELEMENTS_REDUCTIONS = {"none", "add", "mul", "max", "min"}
+Every entry below restates the operator support matrix of that document: whether the parser imports an
+operator, the element types listed for it, and the restriction it gives. Where a fact comes from another
+file of the same onnx-tensorrt commit (or from the ONNX spec) the comment next to it says so.
+"""
 
-_PLAIN = """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh BatchNormalization Cast Ceil Celu Clip Concat
-Constant ConstantOfShape Conv ConvTranspose Cos Cosh DepthToSpace Div Dropout Elu Equal Erf Exp Expand EyeLike
-Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
-GreaterOrEqual GridSample HardSwish HardSigmoid Identity ImageScaler IsNaN LayerNormalization LeakyRelu Less
-LessOrEqual Log LogSoftmax Loop LRN LpNormalization LpPool MatMul Max Mean MeanVarianceNormalization Min Mod Mul
-Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu Range Reciprocal ReduceL1 ReduceL2
-ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape
-RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size
-Softmax Softplus Softsign SpaceToDepth Split Sqrt Sub Sum Tan Tanh ThresholdedRelu Tile Transpose Trilu Upsample
-Where Xor"""
+TRT_VERSION = "10.15"
+OPSET_RANGE = (9, 24)          # inclusive
+SOURCE_COMMIT = "fa5aa9f61e7781d2ca8f5351d42c1f19525a6124"
 
-SUPPORTED: dict[str, str] = {name: "" for name in _PLAIN.split()}
-SUPPORTED.update({
-    "AveragePool": "2-D or 3-D pooling only",
-    "CumSum": "axis must be an initializer",
-    "DequantizeLinear": "x_zero_point must be zero",
-    "QuantizeLinear": "y_zero_point must be zero",
-    "Einsum": "no ellipsis, diagonal or broadcasting between inputs",
-    "GRU": "bidirectional: the same activations both ways",
-    "LSTM": "bidirectional: the same activations both ways",
-    "RNN": "bidirectional: the same activations both ways",
-    "If": "both branches' outputs broadcastable and differently named",
-    "InstanceNormalization": "scale and B initializers, input rank 3 to 5",
-    "MaxPool": "2-D or 3-D pooling only, no Indices output",
-    "RandomNormal": "seed ignored", "RandomNormalLike": "seed ignored",
-    "RandomUniform": "seed ignored", "RandomUniformLike": "seed ignored",
-    "Resize": "modes nearest/linear; listed coordinate transformation modes only",
-    "ReverseSequence": "static input shapes only",
-    "Slice": "axes must be an initializer",
-    "Squeeze": "axes must be an initializer",
-    "Unsqueeze": "axes must be a constant",
-    "TopK": f"K must be an initializer, at most {TOPK_MAX_K}",
-})
+# ONNX element types the parser accepts. The quantized ones are only reachable by quantizing from a wider
+# floating-point type; UINT8 is accepted only on network inputs and outputs; DOUBLE is narrowed to FLOAT.
+DATA_TYPES = frozenset({"DOUBLE", "FP32", "FP16", "BF16", "FP8", "FP4", "INT32", "INT64", "INT8", "INT4",
+                        "UINT8", "BOOL"})
+QUANTIZED_TYPES = frozenset({"INT8", "INT4", "FP8", "FP4"})
+IO_ONLY_TYPES = frozenset({"UINT8"})
 
-UNSUPPORTED: dict[str, str] = {name: "not implemented by the ONNX-TensorRT parser" for name in """Bernoulli BitShift
-BlackmanWindow Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear HammingWindow HannWindow Hardmax
-IsInf MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional
-OptionalGetElement OptionalHasElement QLinearConv QLinearMatMul STFT SequenceAt SequenceConstruct SequenceEmpty
-SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer
-TfIdfVectorizer Unique""".split()}
+# ---------------------------------------------------------------------------------------------------------
+# Element types per supported operator (the doc's "Supported Types" column).
+_F = ("FP32", "FP16", "BF16")
+_FI = _F + ("INT32", "INT64")
+_FIB = _FI + ("BOOL",)
+_HALF = ("FP32", "FP16")
+_CONST = ("FP32", "FP16", "BF16", "FP8", "FP4", "INT4", "INT32", "INT64", "BOOL")
+
+_TYPE_GROUPS = {
+    _F: """Acos Acosh Asin Asinh Atan Atanh AveragePool BatchNormalization Ceil Celu Clip Conv ConvTranspose Cos
+        Cosh CumSum Dropout Einsum Elu Erf Exp Floor Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
+        GroupNormalization GRU HardSigmoid HardSwish Hardmax ImageScaler InstanceNormalization IsInf
+        LayerNormalization LeakyRelu Log LogSoftmax LRN LSTM LpNormalization LpPool MatMul MaxPool
+        MeanVarianceNormalization ParametricSoftplus PRelu QuantizeLinear RandomNormal RandomNormalLike
+        RandomUniform RandomUniformLike Reciprocal Resize RMSNormalization RNN RotaryEmbedding Round ScaledTanh
+        Scan Selu Sigmoid Sin Sinh Softmax Softplus Softsign Sqrt Tan Tanh ThresholdedRelu Upsample""",
+    _FI: """Abs Add ArgMax ArgMin DepthToSpace Div Equal Greater GreaterOrEqual IsNaN Less LessOrEqual Max Min
+        Mod Mul Neg Pad Pow Range ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+        ReduceProd ReduceSum ReduceSumSquare Relu Scatter ScatterElements ScatterND Shrink Sign SpaceToDepth Sub
+        Sum TopK""",
+    _FIB: """Concat Expand EyeLike Flatten Gather GatherElements GatherND Identity If Loop OneHot Reshape
+        ReverseSequence Shape Size Slice Split Squeeze Tile Transpose Trilu Unsqueeze Where""",
+    _HALF: "BlackmanWindow DeformConv GridSample HammingWindow HannWindow Mish NonMaxSuppression NonZero RoiAlign",
+    ("BOOL",): "And Not Or Xor",
+    _F + ("INT32", "INT64", "UINT8", "BOOL"): "Cast CastLike",
+    _CONST: "Constant ConstantOfShape",
+    ("FP32", "FP16", "BF16", "INT8", "FP8"): "Attention",
+    ("INT8", "FP8", "FP4", "INT4"): "DequantizeLinear",
+    ("FP32", "FP16", "BF16", "INT8", "INT32", "INT64"): "Gelu",
+    ("FP32", "FP16", "BF16", "FP8", "INT32", "INT64"): "Mean",
+    ("FP32",): "STFT",
+    ("FP32", "FP16", "BF16", "INT32"): "TensorScatter",
+}
+SUPPORTED_TYPES: dict[str, tuple[str, ...]] = {
+    op: types for types, names in _TYPE_GROUPS.items() for op in names.split()}
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-operator data limits (numbers and allowed attribute values).
+TOPK_MAX_K = 3840              # the doc's bound on TopK's K input: K has to stay strictly below this number
+TOPK_K_BOUND_EXCLUSIVE = True  # the doc words it as "less than", so K == TOPK_MAX_K is already out of range
+TOPK_SORTED_VALUES = frozenset({1})   # only sorted=1; there is no ONNX Sort op, TopK is the sorting primitive
+
+SCATTER_ELEMENTS_REDUCTIONS = frozenset({"none", "add", "mul", "max", "min"})
+# ^ the matrix puts no restriction on ScatterElements; reduction support was added in 10.0 (docs/Changelog.md)
+#   and 10.3 moved the importer onto an updated plugin, so every ONNX reduction value is accepted.
+SCATTER_ND_REDUCTIONS = frozenset({"none"})
+TENSOR_SCATTER_RANK = 4        # past_cache and update
+TENSOR_SCATTER_AXIS = -2
+
+# ArgMax/ArgMin: the matrix lists no restriction. importerUtils.cpp (argMinMaxHelper, same commit) lowers them
+# to a k=1 TopK and handles select_last_index=1 by reversing the reduced axis, so both values import.
+ARG_SELECT_LAST_INDEX_VALUES = frozenset({0, 1})
+
+NONZERO_TYPES = SUPPORTED_TYPES["NonZero"]        # floating point only: no INT32/INT64/BOOL input listed
+GATHER_ELEMENTS_TYPES = SUPPORTED_TYPES["GatherElements"]
+
+REDUCE_OPS = frozenset({"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                        "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare"})
+REDUCE_AXES_MUST_BE_INITIALIZER = True
+
+LAYER_NORMALIZATION_MAX_OUTPUTS = 1   # Mean / InvStdDev outputs are not produced
+
+ATTENTION_MIN_OPSET = 23       # from the ONNX spec (Attention first appears in opset 23); the doc names no opset
+ATTENTION_RANK = 4             # Q, K, V and attn_mask
+ATTENTION_UNSUPPORTED_INPUTS = frozenset({"past_key", "past_value", "nonpad_kv_seqlen"})
+ATTENTION_UNSUPPORTED_OUTPUTS = frozenset({"present_key", "present_value", "qk_matmul_output"})
+ATTENTION_UNSUPPORTED_ATTRIBUTES = frozenset({"qk_matmul_output_mode", "softcap"})
+
+POOL_DILATIONS = "empty or all ones"  # AveragePool, MaxPool, LpPool
+RESIZE_COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
+                                     "align_corners"})
+RESIZE_MODES = frozenset({"nearest", "linear"})
+RESIZE_NEAREST_MODES = frozenset({"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"})
+RESIZE_ASPECT_RATIO_POLICIES = frozenset({"stretch"})
+LSTM_INPUT_FORGET_VALUES = frozenset({0})
+LSTM_LAYOUT_VALUES = frozenset({0})
+GRID_SAMPLE_RANK = 4
+
+# ---------------------------------------------------------------------------------------------------------
+# op_type -> restriction note ("" when the matrix gives none). Only operators the doc marks supported.
+_NOTES = {
+    "Attention": f"Q/K/V/attn_mask must be {ATTENTION_RANK}-D; no past_key/past_value/nonpad_kv_seqlen inputs, "
+                 "no present_key/present_value/qk_matmul_output outputs, no qk_matmul_output_mode/softcap; "
+                 "head counts are read from dim 1 of Q and K/V",
+    "AveragePool": f"2-D or 3-D pooling only; dilations {POOL_DILATIONS}",
+    "Constant": "sparse_value, value_string and value_strings attributes are not accepted",
+    "CumSum": "axis has to be known at build time",
+    "DeformConv": "1-D or 2-D spatial input only; begin and end pads equal on each spatial axis",
+    "DequantizeLinear": "x_zero_point has to be zero",
+    "Dropout": "is_training has to be an initializer that is False",
+    "EyeLike": "input dimensions have to be static",
+    "GridSample": f"input has to be {GRID_SAMPLE_RANK}-D",
+    "GRU": "bidirectional: forward and reverse activations have to match",
+    "Hardmax": "size of the axis dimension has to be known at build time",
+    "If": "both branches' outputs need equal rank and distinct names",
+    "LayerNormalization": "only the first output (Y) is supported",
+    "Loop": "scan output length cannot be dynamic; loop-carried shapes must not change between iterations",
+    "LpPool": f"dilations {POOL_DILATIONS}",
+    "LSTM": "bidirectional: forward and reverse activations have to match; input_forget=0 and layout=0 only",
+    "MaxPool": f"2-D or 3-D pooling only; no Indices output; dilations {POOL_DILATIONS}",
+    "OneHot": "depth has to be known at build time",
+    "QuantizeLinear": "y_zero_point has to be zero",
+    "RandomNormal": "seed is ignored",
+    "RandomNormalLike": "seed is ignored",
+    "RandomUniform": "seed is ignored",
+    "RandomUniformLike": "seed is ignored",
+    "Resize": "modes nearest/linear; coordinate modes half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn, "
+              "asymmetric, align_corners; nearest modes floor/ceil/round_prefer_floor/round_prefer_ceil; "
+              "keep_aspect_ratio_policy stretch only; with a scales tensor, axes must be 0..rank-1 in order; "
+              "no antialias",
+    "RNN": "bidirectional: forward and reverse activations have to match",
+    "RotaryEmbedding": "position_ids has to be INT64",
+    "STFT": "frame_step and window have to be initializers; real-valued input only",
+    "ScatterND": "only reduction='none'",
+    "Squeeze": "axes has to resolve to a constant",
+    "TensorScatter": f"past_cache and update must be {TENSOR_SCATTER_RANK}-D; axis must be {TENSOR_SCATTER_AXIS}",
+    "TopK": f"sorted=1 only; K must be below {TOPK_MAX_K}",
+    "Unsqueeze": "axes has to resolve to a constant",
+}
+_NOTES.update({op: "axes has to be an initializer" for op in REDUCE_OPS})
+
+SUPPORTED: dict[str, str] = {op: _NOTES.get(op, "") for op in sorted(SUPPORTED_TYPES)}
+assert set(_NOTES) <= set(SUPPORTED), set(_NOTES) - set(SUPPORTED)
+
+# Short per-op restriction strings for the ops the checker asks about ("" = the doc lists none).
+TOPK_NOTE = SUPPORTED["TopK"]
+GATHER_ELEMENTS_NOTE = SUPPORTED["GatherElements"]
+SCATTER_ELEMENTS_NOTE = SUPPORTED["ScatterElements"]
+SCATTER_ND_NOTE = SUPPORTED["ScatterND"]
+NONZERO_NOTE = SUPPORTED["NonZero"]
+ARGMAX_NOTE = SUPPORTED["ArgMax"]
+ARGMIN_NOTE = SUPPORTED["ArgMin"]
+RESHAPE_NOTE = SUPPORTED["Reshape"]
+EXPAND_NOTE = SUPPORTED["Expand"]
+SLICE_NOTE = SUPPORTED["Slice"]          # tensor axes accepted since 10.3 (Changelog), no initializer rule
+GATHER_NOTE = SUPPORTED["Gather"]
+EINSUM_NOTE = SUPPORTED["Einsum"]        # ellipsis, diagonal and broadcasting accepted since 10.12 (Changelog)
+LAYER_NORMALIZATION_NOTE = SUPPORTED["LayerNormalization"]
+ATTENTION_NOTE = SUPPORTED["Attention"]
+REDUCE_NOTE = SUPPORTED["ReduceSum"]     # same for every Reduce* op
+SOFTMAX_NOTE = SUPPORTED["Softmax"]
+GELU_NOTE = SUPPORTED["Gelu"]
+WHERE_NOTE = SUPPORTED["Where"]
+ISNAN_NOTE = SUPPORTED["IsNaN"]
+TRILU_NOTE = SUPPORTED["Trilu"]
+RANGE_NOTE = SUPPORTED["Range"]
+CUMSUM_NOTE = SUPPORTED["CumSum"]
+MOD_NOTE = SUPPORTED["Mod"]
+LOG_NOTE = SUPPORTED["Log"]
+
+# ---------------------------------------------------------------------------------------------------------
+# op_type -> why not. Operators the doc marks unsupported (N).
+_NO_IMPORTER = "no importer in the ONNX-TensorRT parser"
+UNSUPPORTED: dict[str, str] = {op: _NO_IMPORTER for op in """AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot
+    BitwiseOr BitwiseXor CenterCropPad Col2Im Compress ConvInteger DFT Det ImageDecoder MatMulInteger MaxRoiPool
+    MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss QLinearConv QLinearMatMul
+    SoftmaxCrossEntropyLoss TfIdfVectorizer Unique""".split()}
+UNSUPPORTED.update({op: "sequence/optional types are not imported" for op in """ConcatFromSequence Optional
+    OptionalGetElement OptionalHasElement SequenceAt SequenceConstruct SequenceEmpty SequenceErase SequenceInsert
+    SequenceLength SequenceMap SplitToSequence""".split()})
+UNSUPPORTED.update({op: "string tensors are not imported" for op in
+                    "RegexFullMatch StringConcat StringNormalizer StringSplit".split()})
+UNSUPPORTED["DynamicQuantizeLinear"] = ("no importer; build it from ONNX ops inside a model-local function "
+                                        "to reach TensorRT's IDynamicQuantize")
+assert not set(UNSUPPORTED) & set(SUPPORTED)
