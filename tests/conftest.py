@@ -3,8 +3,8 @@
 import os
 
 # The Triton kernels run in Triton's interpreter on CPU tensors (no GPU here). It must be chosen before
-# anything imports triton, since triton.language's own jit helpers (tl.sort) are bound at import. On a GPU
-# machine run the tests with TRITON_INTERPRET=0 to compile the kernels for real.
+# anything imports triton, since triton.language's own jit helpers (tl.sort) are bound at import. The
+# kernel tests use CPU tensors, so they need the interpreter on a GPU machine too.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
