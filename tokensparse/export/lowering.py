@@ -17,30 +17,21 @@ from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def _tome_merge(x, size, keys, r: int, protected: int):
-    return tome_step(x, size, keys, r, protected)
-
-
 # Each tokensparse op's plain-PyTorch implementation, traced into aten ops when the graph is re-exported.
-POLICY_CODE = {TOME_MERGE: _tome_merge, TOPK_PRUNE: topk_step}
+POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step}
 
 
 def inline_policy_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace tokensparse:: op calls by their policy functions and aten.view by aten.reshape (a view
-    whose input layout changes when attention gains a mask must copy instead)."""
+    """Replace tokensparse:: op calls by their policy functions, then views by reshapes."""
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in POLICY_CODE:
+        if node.op == "call_function" and node.target in POLICY_CODE:
             node.target = POLICY_CODE[node.target]
-        elif node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
-    gm.recompile()
-    return gm
+    return keep_views_as_reshapes(gm)
 
 
 def keep_views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
-    """Only the view -> reshape part of inline_policy_code (the policy ops stay, as plugin nodes)."""
+    """aten.view -> aten.reshape: a view whose input layout changes when attention gains a mask (or when
+    the graph is decomposed again for ONNX) must copy instead."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default

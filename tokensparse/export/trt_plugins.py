@@ -37,9 +37,9 @@ def register_plugins() -> list[str]:
     @trtp.register(tome_name)
     def tome_merge_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, protected: int):
         merged = x.like()
-        merged.shape_expr[1] = x.shape_expr[1] - r
+        merged.shape_expr[1] = tome_merge_tokens(x.shape_expr[1], r)
         merged_size = size.like()
-        merged_size.shape_expr[1] = size.shape_expr[1] - r
+        merged_size.shape_expr[1] = tome_merge_tokens(size.shape_expr[1], r)
         return merged, merged_size
 
     @trtp.impl(tome_name)

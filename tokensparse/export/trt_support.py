@@ -70,9 +70,6 @@ TENSOR_SCATTER_AXIS = -2
 # to a k=1 TopK and handles select_last_index=1 by reversing the reduced axis, so both values import.
 ARG_SELECT_LAST_INDEX_VALUES = frozenset({0, 1})
 
-NONZERO_TYPES = SUPPORTED_TYPES["NonZero"]        # floating point only: no INT32/INT64/BOOL input listed
-GATHER_ELEMENTS_TYPES = SUPPORTED_TYPES["GatherElements"]
-
 REDUCE_OPS = frozenset({"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
                         "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare"})
 REDUCE_AXES_MUST_BE_INITIALIZER = True
@@ -141,31 +138,6 @@ _NOTES.update({op: "axes has to be an initializer" for op in REDUCE_OPS})
 SUPPORTED: dict[str, str] = {op: _NOTES.get(op, "") for op in sorted(SUPPORTED_TYPES)}
 assert set(_NOTES) <= set(SUPPORTED), set(_NOTES) - set(SUPPORTED)
 
-# Short per-op restriction strings for the ops the checker asks about ("" = the doc lists none).
-TOPK_NOTE = SUPPORTED["TopK"]
-GATHER_ELEMENTS_NOTE = SUPPORTED["GatherElements"]
-SCATTER_ELEMENTS_NOTE = SUPPORTED["ScatterElements"]
-SCATTER_ND_NOTE = SUPPORTED["ScatterND"]
-NONZERO_NOTE = SUPPORTED["NonZero"]
-ARGMAX_NOTE = SUPPORTED["ArgMax"]
-ARGMIN_NOTE = SUPPORTED["ArgMin"]
-RESHAPE_NOTE = SUPPORTED["Reshape"]
-EXPAND_NOTE = SUPPORTED["Expand"]
-SLICE_NOTE = SUPPORTED["Slice"]          # tensor axes accepted since 10.3 (Changelog), no initializer rule
-GATHER_NOTE = SUPPORTED["Gather"]
-EINSUM_NOTE = SUPPORTED["Einsum"]        # ellipsis, diagonal and broadcasting accepted since 10.12 (Changelog)
-LAYER_NORMALIZATION_NOTE = SUPPORTED["LayerNormalization"]
-ATTENTION_NOTE = SUPPORTED["Attention"]
-REDUCE_NOTE = SUPPORTED["ReduceSum"]     # same for every Reduce* op
-SOFTMAX_NOTE = SUPPORTED["Softmax"]
-GELU_NOTE = SUPPORTED["Gelu"]
-WHERE_NOTE = SUPPORTED["Where"]
-ISNAN_NOTE = SUPPORTED["IsNaN"]
-TRILU_NOTE = SUPPORTED["Trilu"]
-RANGE_NOTE = SUPPORTED["Range"]
-CUMSUM_NOTE = SUPPORTED["CumSum"]
-MOD_NOTE = SUPPORTED["Mod"]
-LOG_NOTE = SUPPORTED["Log"]
 
 # ---------------------------------------------------------------------------------------------------------
 # op_type -> why not. Operators the doc marks unsupported (N).

@@ -27,7 +27,12 @@ def fastv_scores(q: torch.Tensor, k: torch.Tensor, scale: float, image_mask: tor
         return logits.softmax(dim=-1).mean(dim=1)[:, 0]
     logits = q @ k.transpose(-1, -2) * scale                                          # all rows, then keep text rows
     causal = torch.ones(sequence, sequence, dtype=torch.bool, device=q.device).tril()
-    probabilities = logits.masked_fill(~causal, -math.inf).softmax(dim=-1).mean(dim=1)   # [B, S, S]
+    return text_row_mean(logits.masked_fill(~causal, -math.inf).softmax(dim=-1), image_mask)
+
+
+def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Attention received [B, S]: probabilities [B, H, S, S] averaged over heads and over the text rows."""
+    probabilities = probabilities.mean(dim=1)
     text_rows = (~image_mask).to(probabilities.dtype).unsqueeze(-1)
     return (probabilities * text_rows).sum(dim=1) / text_rows.sum(dim=1).clamp_min(1)
 

@@ -101,15 +101,16 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx,
     return out_x, out_size
 
 
-def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int):
-    """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens.
-    r = 0 changes nothing (tokens keep their order)."""
+def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int,
+              merge=merge_tokens):
+    """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens with `merge`
+    (merge_tokens, or a kernel with its signature). r = 0 changes nothing (tokens keep their order)."""
     if r == 0:
         return x, size
     metric = keys.mean(dim=1)
     src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected)
     recorder.add("tome", protected, src_idx, dst_idx, unm_idx)
-    return merge_tokens(x, size, src_idx, dst_idx, unm_idx, protected)
+    return merge(x, size, src_idx, dst_idx, unm_idx, protected)
 
 
 def size_bias(size: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,11 @@ def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: in
     kept_idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
     recorder.add("topk", protected, kept_idx, fuse)
     kept = rest.gather(1, kept_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return join_kept(x, rest, kept, kept_idx, scores, protected, fuse)
+
+
+def join_kept(x, rest, kept, kept_idx, scores, protected: int, fuse: bool) -> torch.Tensor:
+    """[prefix, kept tokens, (with fuse) the score-weighted mean of the dropped ones]."""
     parts = [x[:, :protected], kept]
     if fuse:
         dropped_weight = scores.scatter(1, kept_idx, 0.0)

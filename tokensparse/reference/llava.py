@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from tokensparse.policies.fastv import fastv_keep
+from tokensparse.policies.fastv import fastv_keep, text_row_mean
 
 
 def _language_layers(model):
@@ -36,8 +36,7 @@ def fastv_masked_forward(model, inputs: dict, layer: int, keep: float, query: st
             if query == "last":
                 scores = probabilities[:, :, -1].mean(dim=1)
             else:
-                text_rows = (~image_mask).float().unsqueeze(-1)
-                scores = (probabilities.mean(dim=1) * text_rows).sum(dim=1) / text_rows.sum(dim=1)
+                scores = text_row_mean(probabilities, image_mask)
             kept = fastv_keep(scores, image_mask, keep)
             mask = _kept_causal_mask(kept, image_mask.shape[1], probabilities.dtype)
 

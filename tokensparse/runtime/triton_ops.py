@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from tokensparse.policies.tome import bipartite_soft_matching
-from tokensparse.policies.topk import attention_received
+from tokensparse.policies.tome import tome_step
+from tokensparse.policies.topk import attention_received, join_kept
 from tokensparse.runtime.kernels import kv_compact, tome_merge_kernel, topk_gather
 
 
@@ -36,8 +36,7 @@ def tome_merge_triton(x, size, keys, r: int, protected: int):
     """tokensparse::tome_merge with the matching in PyTorch and the merge in Triton."""
     if r == 0:
         return x.clone(), size.clone()
-    src_idx, dst_idx, unm_idx = bipartite_soft_matching(keys.mean(dim=1), r, protected)
-    return tome_merge_rows(x, size, src_idx, dst_idx, unm_idx, protected)
+    return tome_step(x, size, keys, r, protected, merge=tome_merge_rows)
 
 
 def topk_prune_triton(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):
@@ -45,12 +44,7 @@ def topk_prune_triton(x, q, k, scale: float, keep: int, protected: int, fuse: bo
     scores = attention_received(q, k, scale, protected, attn_mask)
     rest = x[:, protected:].contiguous()
     kept_idx, kept = topk_gather_op(rest, scores, keep)
-    parts = [x[:, :protected], kept]
-    if fuse:
-        dropped = scores.scatter(1, kept_idx, 0.0)
-        norm = dropped.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        parts.append(((dropped / norm).unsqueeze(-1) * rest).sum(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1)
+    return join_kept(x, rest, kept, kept_idx, scores, protected, fuse)
 
 
 torch.library.register_kernel("tokensparse::tome_merge", "cuda", tome_merge_triton)

@@ -85,51 +85,51 @@ def _constant(value):
     return None
 
 
+_PASS_THROUGH = ("Expand", "Cast", "Unsqueeze", "Identity", "Reshape")
+
+
+def _through_broadcasts(value: ir.Value) -> ir.Value:
+    """The value behind any chain of ops that only broadcast, reshape or cast it (all-zero and all-true
+    survive them)."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in _PASS_THROUGH:
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
 def _lets_everything_through(mask: ir.Value) -> bool:
     """An additive mask that is zero everywhere: a zero constant, or Where over a constant condition that
-    picks a zero branch, through Expand/Cast/Unsqueeze/Identity."""
+    picks a zero branch, through Expand/Cast/Unsqueeze/Identity/Reshape."""
     if _is_zero(mask):
         return True
-    producer = mask.producer()
-    if producer is None:
+    producer = _through_broadcasts(mask).producer()
+    if producer is None or producer.op_type != "Where":
         return False
-    if producer.op_type in _PASS_THROUGH:
-        return _lets_everything_through(producer.inputs[0])
-    if producer.op_type == "Where":
-        truth = _truth(producer.inputs[0])
-        return (truth is True and _is_zero(producer.inputs[1])) or (truth is False and _is_zero(producer.inputs[2]))
-    return False
-
-
-_PASS_THROUGH = ("Expand", "Cast", "Unsqueeze", "Identity", "Reshape")
+    truth = _truth(producer.inputs[0])
+    return (truth is True and _is_zero(producer.inputs[1])) or (truth is False and _is_zero(producer.inputs[2]))
 
 
 def _truth(value: ir.Value):
     """True when every element is true, False when every element is false, else None."""
+    value = _through_broadcasts(value)
     constant = _constant(value)
     if constant is not None:
         return True if np.all(constant) else False if not np.any(constant) else None
     producer = value.producer()
-    if producer is None:
-        return None
-    if producer.op_type in _PASS_THROUGH:
-        return _truth(producer.inputs[0])
-    if producer.op_type == "Not":
+    if producer is not None and producer.op_type == "Not":
         inner = _truth(producer.inputs[0])
         return None if inner is None else not inner
     return None
 
 
 def _is_zero(value: ir.Value) -> bool:
+    value = _through_broadcasts(value)
     constant = _constant(value)
     if constant is not None:
         return bool(np.all(constant == 0))
     producer = value.producer()
-    if producer is None:
-        return False
-    if producer.op_type == "ConstantOfShape":
+    if producer is not None and producer.op_type == "ConstantOfShape":
         fill = producer.attributes.get("value")
         return fill is None or bool(np.all(fill.value.numpy() == 0))
-    if producer.op_type in _PASS_THROUGH:
-        return _is_zero(producer.inputs[0])
     return False
