@@ -127,3 +127,9 @@ def test_explain_without_output_writes_nothing(plain_vit, tmp_path):
     text = str(report)
     assert "tokens entering each block: 65 -> 63 -> 61" in text and "nothing written" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_to_reduce_writes_nothing_and_says_so(plain_vit, tmp_path):
+    with pytest.warns(TokensparseWarning, match="nothing to reduce"):
+        report = rewrite_onnx(plain_vit, str(tmp_path / "same.onnx"), {"policy": "tome", "r": 0})
+    assert not report.changed and not (tmp_path / "same.onnx").exists()
