@@ -8,19 +8,25 @@
 from __future__ import annotations
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.policies import ToMe, TopK
+from tokensparse.policies import DivPrune, FastV, PyramidDrop, ToMe, TopK, VisualExit
 from tokensparse.report import Report, explain
 from tokensparse.rewrite import TokensparseWarning
 
 
 def compile(model, config: Config | None = None, **torch_compile_kwargs):
-    """torch.compile `model` with the tokensparse backend and `config` (a Config or an options dict)."""
+    """torch.compile `model` with the tokensparse backend and `config` (a Config or an options dict).
+    A Hugging Face generative model comes back as a copy (same weights) whose forward is compiled, so
+    that model.generate() runs the pruned prefill and decodes from the pruned KV cache."""
     import torch
 
     from tokensparse.backend import tokensparse_backend
+    from tokensparse.runtime.hf import compile_for_generate, is_generative
 
     config = config_from_options(config if config is not None else {})
+    if is_generative(model):
+        return compile_for_generate(model, config, **torch_compile_kwargs)
     return torch.compile(model, backend=tokensparse_backend, options=config, **torch_compile_kwargs)
 
 
-__all__ = ["Config", "Report", "ToMe", "TopK", "TokensparseWarning", "compile", "explain"]
+__all__ = ["Config", "DivPrune", "FastV", "PyramidDrop", "Report", "ToMe", "TokensparseWarning", "TopK", "VisualExit",
+           "compile", "explain"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from tokensparse.policies import POLICIES, Policy
+from tokensparse.policies import POLICIES, LanguagePolicy, Policy
 
 # Options the backend itself takes, beside the policy's own.
 BACKEND_OPTIONS = ("policy", "inductor", "regional")
@@ -13,22 +13,31 @@ BACKEND_OPTIONS = ("policy", "inductor", "regional")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """What tokensparse does to a model: a vision-encoder policy (more kinds arrive with later issues)."""
+    """What tokensparse does to a model: a vision-encoder policy (ToMe, TopK) and a language-model policy
+    (FastV, PyramidDrop, DivPrune, VisualExit) that prunes vision tokens of a VLM's sequence."""
 
     vision: Optional[Policy] = None
+    llm: Optional[LanguagePolicy] = None
     inductor: bool = True
     regional: bool = True      # compile each distinct block once and reuse it (tokensparse.regions)
 
     def __post_init__(self):
-        if self.vision is not None and not isinstance(self.vision, Policy):
-            raise ValueError(f"vision={self.vision!r} must be a policy such as tokensparse.ToMe(r=8)")
+        if self.vision is not None and (not isinstance(self.vision, Policy) or isinstance(self.vision, LanguagePolicy)):
+            raise ValueError(f"vision={self.vision!r} must be a vision-encoder policy such as tokensparse.ToMe(r=8)")
+        if self.llm is not None and not isinstance(self.llm, LanguagePolicy):
+            raise ValueError(f"llm={self.llm!r} must be a language-model policy such as "
+                             f"tokensparse.FastV(layer=2, keep=0.25)")
+        if self.vision is not None and self.llm is not None:
+            raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
+                             "number of image features the language model expects; choose one")
         for name in ("inductor", "regional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
     @property
     def policy(self) -> Optional[Policy]:
-        return self.vision
+        """The one policy this config applies."""
+        return self.vision if self.vision is not None else self.llm
 
 
 def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
@@ -53,4 +62,6 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
         allowed = sorted({f.name for f in dataclasses.fields(type(policy))} | set(BACKEND_OPTIONS))
         raise ValueError(f"option {sorted(options)[0]!r} is unknown for policy {policy.name!r}: "
                          f"allowed options are {allowed}")
+    if isinstance(policy, LanguagePolicy):
+        return Config(llm=policy, **backend_options)
     return Config(vision=policy, **backend_options)

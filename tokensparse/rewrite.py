@@ -16,6 +16,8 @@ from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
 from tokensparse.patterns.graph import output_shapes
+from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
+from tokensparse.policies import LanguagePolicy
 
 
 class TokensparseWarning(UserWarning):
@@ -27,7 +29,7 @@ class RewriteResult:
     gm: fx.GraphModule                      # the rewritten graph, or the original one
     changed: bool
     reason: Optional[str] = None            # why nothing was changed
-    match: Optional[ModelMatch] = None
+    match: Optional[ModelMatch | LanguageModelMatch] = None
     context: Optional[PassContext] = None
     notes: list = field(default_factory=list)
 
@@ -57,16 +59,24 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     if policy is None:
         return RewriteResult(gm, False, "no policy configured")
     work = copy_graph_module(gm)
+    language = isinstance(policy, LanguagePolicy)
     try:
-        match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))
+        if language:
+            match = match_language_model(work, policy.vision_span)
+        else:
+            match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))
     except MatchFailure as failure:
+        if language and policy.vision_span is None and not has_image_input(gm):
+            # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
+            return RewriteResult(gm, False, f"no image in this graph ({failure.reason})")
         return _unchanged(gm, failure.reason, warn)
     if hasattr(policy, "check_depth"):
         policy.check_depth(match.depth)
     if policy.is_identity(match.depth):
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
-    ctx = PassContext(policy, match.blocks, match.prefix_tokens, fake_inputs(example_inputs, fake_mode), fake_mode)
+    ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
+                      fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None)
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in PASSES:

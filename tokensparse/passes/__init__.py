@@ -3,6 +3,7 @@
 from tokensparse.passes.all_pass_masks import drop_all_pass_masks_pass
 from tokensparse.passes.merge_tokens import merge_tokens_pass
 from tokensparse.passes.proportional_attention import proportional_attention_pass
+from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
 from tokensparse.passes.verify import verify_pass
@@ -11,6 +12,7 @@ PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
     merge_tokens_pass,            # ToMe: merge after each block's attention residual
     prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
+    prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit: prune a VLM's vision tokens before layers
     proportional_attention_pass,  # ToMe: + log(size) on attention logits
     rederive_sizes_pass,          # token-count literals downstream of the cuts
     verify_pass,                  # FakeTensor propagation over the result

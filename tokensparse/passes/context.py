@@ -30,6 +30,7 @@ class PassContext:
     changes: list = field(default_factory=list)
     original_output_shapes: Optional[list] = None
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
+    language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))
@@ -37,7 +38,12 @@ class PassContext:
 
     @property
     def depth(self) -> int:
-        return len(self.blocks)
+        return len(self.language.layers) if self.language is not None else len(self.blocks)
+
+    @property
+    def tokens(self):
+        """The token count entering the first block (or decoder layer) as traced."""
+        return self.language.sequence if self.language is not None else self.blocks[0].tokens
 
 
 def replace_uses_except(node: fx.Node, replacement: fx.Node, keep: Optional[set] = None) -> None:
@@ -46,3 +52,10 @@ def replace_uses_except(node: fx.Node, replacement: fx.Node, keep: Optional[set]
     keep = keep or set()
     replacement.meta[STANDS_FOR] = node
     node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user not in keep)
+
+
+def original_node(node: fx.Node) -> fx.Node:
+    """The node a chain of replacements stands for (itself if it replaced nothing)."""
+    while STANDS_FOR in node.meta:
+        node = node.meta[STANDS_FOR]
+    return node

@@ -8,7 +8,7 @@ import torch.fx as fx
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
 from tokensparse.patterns.graph import MatchFailure, output_shapes
-from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
+from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION, TOME_MERGE, TOPK_PRUNE
 
 
 def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -20,7 +20,7 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise RuntimeError("verify_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
     _check_attention_masks(ctx)
     _check_reduced_counts(gm)
-    token_counts = {ctx.blocks[0].tokens}
+    token_counts = {ctx.tokens}
     old = ctx.original_output_shapes
     new = output_shapes(gm)
     if old is not None:
@@ -57,12 +57,14 @@ def _check_reduced_counts(gm: fx.GraphModule) -> None:
     count with the old one, some tensor sized for the old count (a mask made before the cut, say) met
     the reduced tokens downstream, and the graph would fail or be wrong at run time."""
     for node in gm.graph.nodes:
-        if node.target not in (TOME_MERGE, TOPK_PRUNE) or "val" not in node.meta:
+        if node.target not in (TOME_MERGE, TOPK_PRUNE, KEEP_VISION, KEEP_DIVERSE) or "val" not in node.meta:
             continue
         out = node.meta["val"][0] if node.target is TOME_MERGE else node.meta["val"]
         tokens_in = node.args[0].meta["val"].shape[1]
         if node.target is TOME_MERGE:
             reduces = node.args[3] > 0
+        elif node.target in (KEEP_VISION, KEEP_DIVERSE):
+            reduces = node.args[2] < 1
         else:
             reduces = not same_size(node.args[5] + node.args[4] + int(node.args[6]), tokens_in)
         if reduces and same_size(out.shape[1], tokens_in):

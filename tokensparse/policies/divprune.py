@@ -1,9 +1,34 @@
 """DivPrune (Alvar et al., CVPR 2025): keep the k most diverse visual tokens by greedy max-min cosine
-distance. Plain PyTorch step functions; the VLM pass that splices them in comes with the VLM issue."""
+distance among the projected visual tokens, before the language model. Plain PyTorch step functions,
+which the language-model pass (passes/prune_sequence.py) splices in before decoder layer 0."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+from tokensparse.policies.base import check_fraction
+from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
+
+
+@dataclass(frozen=True)
+class DivPrune(LanguagePolicy):
+    """DivPrune (Alvar et al., CVPR 2025): keep `keep` of the vision tokens, the most diverse by greedy
+    max-min cosine distance, before the language model; kept tokens keep their positions."""
+
+    keep: float = 0.098
+    vision_span: Optional[tuple] = None
+
+    name = "divprune"
+
+    def __post_init__(self):
+        check_fraction("keep", self.keep)
+        object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))
+
+    def stages(self) -> list[Stage]:
+        return [Stage(0, self.keep, "diversity")]
 
 
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
@@ -33,3 +58,16 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
         chosen[rows, candidate] = True
         to_set = torch.minimum(to_set, distances[rows, candidate])
     return torch.stack(picks, dim=1).sort(dim=1).values
+
+
+def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """Positions [B, S'] ascending: every text position and the kept_image_count(n, keep) most diverse image
+    positions of features [B, S, D] (every sample holds the same number n of image tokens)."""
+    from tokensparse.policies.fastv import image_count, kept_image_count, positions_kept
+
+    batch, _, channels = features.shape
+    count = image_count(image_mask)
+    where = image_mask.nonzero()[:, 1].view(batch, count)                           # [B, n] image positions
+    images = features.gather(1, where.unsqueeze(-1).expand(-1, -1, channels))
+    chosen = divprune_select(images, kept_image_count(count, keep))
+    return positions_kept(image_mask, where.gather(1, chosen))

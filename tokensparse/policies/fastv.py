@@ -1,33 +1,77 @@
 """FastV (Chen et al., ECCV 2024): at decoder layer K keep every text token and the image tokens that
 received the most attention in layer K-1 (mean over heads), from the last prompt token (the authors'
-code) or from all text tokens (the paper). Plain PyTorch step functions; the language-model pass that
-splices them in comes with the VLM issue."""
+code) or from all text tokens (the paper). Plain PyTorch step functions, which the language-model pass
+(passes/prune_sequence.py) splices into the graph."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from tokensparse.policies.base import check_fraction, check_int_at_least
+from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
 
 QUERIES = ("last", "text")
 
 
+@dataclass(frozen=True)
+class FastV(LanguagePolicy):
+    """FastV (Chen et al., ECCV 2024): before decoder layer `layer` keep `keep` of the vision tokens, those
+    most attended in the layer before (from the last token, or from all text tokens)."""
+
+    layer: int = 2
+    keep: float = 0.5
+    query: str = "last"
+    vision_span: Optional[tuple] = None
+
+    name = "fastv"
+
+    def __post_init__(self):
+        check_int_at_least("layer", self.layer, 1)
+        check_fraction("keep", self.keep)
+        if self.query not in QUERIES:
+            raise ValueError(f"query={self.query!r} is unknown: choose one of {list(QUERIES)}")
+        object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))
+
+    def first_layer(self) -> int:
+        return 1
+
+    def stages(self) -> list[Stage]:
+        return [Stage(self.layer, self.keep, "previous_attention", self.query)]
+
+
 def fastv_scores(q: torch.Tensor, k: torch.Tensor, scale: float, image_mask: torch.Tensor,
-                 query: str = "last") -> torch.Tensor:
+                 query: str = "last", attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention received by each position [B, S] from the chosen query rows, mean over heads (and rows),
-    causal; recomputed from q [B, H, S, d] and k [B, H_kv, S, d] for those rows only."""
+    causal; recomputed from q [B, H, S, d] and k [B, H_kv, S, d] for those rows only. `attn_mask` is the
+    layer's own mask ([B or 1, 1 or H, S, S], bool or additive; None means causal only)."""
     if query not in QUERIES:
         raise ValueError(f"query={query!r} is not one of {QUERIES}")
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    q, k = q.float(), k.float()
     sequence = q.shape[2]
     if query == "last":
-        rows = q[:, :, -1:]
-        logits = rows @ k.transpose(-1, -2) * scale                                   # [B, H, 1, S]
+        logits = q[:, :, -1:] @ k.transpose(-1, -2) * scale                           # [B, H, 1, S]
+        if attn_mask is not None:
+            logits = _masked(logits, attn_mask[..., -1:, :])
         return logits.softmax(dim=-1).mean(dim=1)[:, 0]
     logits = q @ k.transpose(-1, -2) * scale                                          # all rows, then keep text rows
-    causal = torch.ones(sequence, sequence, dtype=torch.bool, device=q.device).tril()
-    return text_row_mean(logits.masked_fill(~causal, -math.inf).softmax(dim=-1), image_mask)
+    if attn_mask is None:
+        causal = torch.ones(sequence, sequence, dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal, -math.inf)
+    else:
+        logits = _masked(logits, attn_mask)
+    return text_row_mean(logits.softmax(dim=-1), image_mask)
+
+
+def _masked(logits: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill(~attn_mask, -math.inf)
+    return logits + attn_mask.float()
 
 
 def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
@@ -38,19 +82,35 @@ def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torc
 
 
 def kept_image_count(image_tokens: int, keep: float) -> int:
-    """round(keep * N_vision), at least one."""
+    """round(keep * N_vision), at least one; keep=0 keeps none (visual-token exit)."""
+    if keep == 0 or image_tokens == 0:
+        return 0
     return max(1, min(image_tokens, round(keep * image_tokens)))
+
+
+def image_count(image_mask: torch.Tensor) -> int:
+    """The number of image tokens per sample; every sample must hold the same number."""
+    counts = image_mask.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"samples hold different numbers of image tokens ({counts.tolist()}); pruning inside "
+                         f"the language model needs equal counts per batch")
+    return int(counts[0])
 
 
 def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
     """Positions [B, S'] kept from layer K on, ascending: every text position and the best-scored
-    image positions. Every sample must hold the same number of image tokens."""
-    counts = image_mask.sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(f"samples hold different numbers of image tokens ({counts.tolist()}); FastV needs equal "
-                         f"counts per batch")
-    image_tokens = int(counts[0])
-    best = scores.masked_fill(~image_mask, -math.inf).topk(kept_image_count(image_tokens, keep), dim=-1).indices
-    kept = ~image_mask
-    kept = kept.scatter(1, best, True)
-    return kept.nonzero()[:, 1].view(scores.shape[0], -1)
+    image positions (ties to the lower position). Every sample must hold the same number of image tokens."""
+    return positions_kept(image_mask, top_image_positions(scores, image_mask, keep))
+
+
+def top_image_positions(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """[B, k] positions of the k = kept_image_count best-scored image tokens."""
+    count = kept_image_count(image_count(image_mask), keep)
+    ranked = scores.float().masked_fill(~image_mask, -math.inf).sort(dim=-1, descending=True, stable=True)
+    return ranked.indices[:, :count]
+
+
+def positions_kept(image_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """[B, S'] ascending: every text position plus the given image positions [B, k]."""
+    kept = (~image_mask).scatter(1, image_positions, True)
+    return kept.nonzero()[:, 1].view(image_mask.shape[0], -1)

@@ -1,18 +1,23 @@
-"""Eager FastV oracle for LLaVA-style models: the reference a compiled FastV must equal. Layer K-1's
-attention picks the kept image tokens (eager attention weights); from layer K on, the dropped tokens'
-key columns are masked out, so the kept tokens compute exactly what they would with the dropped tokens
-removed, at their original positions."""
+"""Eager masking oracle for the language-model policies on LLaVA-style models: the reference a compiled
+policy must equal. Each stage's kept set is chosen from eager attention weights or the layer's own modules;
+from that stage's layer on, the dropped tokens' key columns are masked out, so the kept tokens compute
+exactly what they would with the dropped tokens removed, at their original positions. The same masks
+apply to decode steps, so generate() here is the reference for the pruned KV cache."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-from tokensparse.policies.fastv import fastv_keep, text_row_mean
+from tokensparse.policies import LanguagePolicy
+from tokensparse.policies.divprune import divprune_select
+from tokensparse.policies.fastv import kept_image_count, text_row_mean
+from tokensparse.policies.language import Stage
 
 
-def _language_layers(model):
+def language_layers(model):
     inner = getattr(model, "model", model)
     language = getattr(inner, "language_model", None)
     if language is None or not hasattr(language, "layers"):
@@ -20,44 +25,168 @@ def _language_layers(model):
     return language.layers
 
 
+def masked_forward(model, inputs: dict, policy: LanguagePolicy) -> dict:
+    """{"logits": [B, S, V], "kept": [B, S'] positions surviving the last stage, "stages": the positions
+    surviving each stage} of `policy` applied by masking."""
+    layers = language_layers(model)
+    policy.check_depth(len(layers))
+    image_mask = _image_mask(model, inputs, policy)
+    survivors = torch.ones_like(image_mask)                 # [B, S] which positions are still there
+    columns: dict[int, torch.Tensor] = {}                   # first layer -> surviving positions from it on
+    stages = []
+    for stage in policy.stages():
+        survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
+        columns[stage.layer] = survivors
+        stages.append(survivors.nonzero()[:, 1].view(survivors.shape[0], -1))
+    with torch.no_grad(), _masking(layers, columns):
+        logits = model(**inputs).logits
+    return {"logits": logits, "kept": stages[-1], "stages": stages}
+
+
+def masked_generate(model, inputs: dict, policy: LanguagePolicy, **generate_kwargs) -> torch.Tensor:
+    """model.generate() with the policy's kept sets enforced by masks in prefill and every decode step."""
+    layers = language_layers(model)
+    image_mask = _image_mask(model, inputs, policy)
+    survivors = torch.ones_like(image_mask)
+    columns: dict[int, torch.Tensor] = {}
+    for stage in policy.stages():
+        survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
+        columns[stage.layer] = survivors
+    with torch.no_grad(), _masking(layers, columns):
+        return model.generate(**inputs, **generate_kwargs)
+
+
 def fastv_masked_forward(model, inputs: dict, layer: int, keep: float, query: str = "last") -> dict:
-    """{"logits": [B, S, V], "kept": [B, S'] positions} of FastV at decoder layer `layer` by masking."""
-    layers = _language_layers(model)
-    if not 1 <= layer < len(layers):
-        raise ValueError(f"layer={layer} is out of range: FastV needs 1 <= layer < {len(layers)} (the model's "
-                         f"language model has {len(layers)} layers)")
-    image_mask = inputs["input_ids"] == model.config.image_token_index
+    """FastV at decoder layer `layer` by masking: {"logits": [B, S, V], "kept": [B, S'] positions}."""
+    from tokensparse.policies import FastV
+
+    return masked_forward(model, inputs, FastV(layer=layer, keep=keep, query=query))
+
+
+def _image_mask(model, inputs, policy) -> torch.Tensor:
+    if policy.vision_span is not None:
+        mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        mask[:, policy.vision_span[0]:policy.vision_span[1]] = True
+        return mask
+    return inputs["input_ids"] == model.config.image_token_index
+
+
+def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns) -> torch.Tensor:
+    """The positions surviving `stage` ([B, S] bool), chosen among the surviving image tokens."""
+    images = image_mask & survivors
+    if stage.score == "none":
+        return survivors & ~image_mask
+    if stage.score == "previous_attention":
+        scores = _attention_received(model, inputs, layers, stage, images, columns)
+    elif stage.score == "next_projection":
+        scores = _next_layer_scores(model, inputs, layers, stage.layer, survivors, columns)
+    else:
+        return _diverse(model, inputs, layers, stage, images, survivors, columns)
+    count = kept_image_count(int(images[0].sum()), stage.keep)
+    ranked = scores.float().masked_fill(~images, -math.inf).sort(dim=-1, descending=True, stable=True).indices
+    return (survivors & ~image_mask).scatter(1, ranked[:, :count], True)
+
+
+def _attention_received(model, inputs, layers, stage, images, columns) -> torch.Tensor:
+    """FastV: layer K-1's eager attention weights, from the last row (mean over heads) or all text rows."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    handles = []
     try:
-        with torch.no_grad():
-            probabilities = model(**inputs, output_attentions=True).attentions[layer - 1].float()
-            if query == "last":
-                scores = probabilities[:, :, -1].mean(dim=1)
-            else:
-                scores = text_row_mean(probabilities, image_mask)
-            kept = fastv_keep(scores, image_mask, keep)
-            mask = _kept_causal_mask(kept, image_mask.shape[1], probabilities.dtype)
+        with torch.no_grad(), _masking(layers, columns):
+            probabilities = model(**inputs, output_attentions=True).attentions[stage.layer - 1].float()
+    finally:
+        model.set_attn_implementation(previous)
+    if stage.query == "last":
+        return probabilities[:, :, -1].mean(dim=1)
+    survivors = _surviving(columns, stage.layer - 1, images.shape)
+    return text_row_mean(probabilities, ~(survivors & ~images))    # rows: the surviving text tokens
 
-            def use_mask(module, args, kwargs):
-                kwargs["attention_mask"] = mask.to(kwargs["hidden_states"].dtype if "hidden_states" in kwargs
-                                                   else args[0].dtype)
-                return args, kwargs
 
-            handles = [block.register_forward_pre_hook(use_mask, with_kwargs=True) for block in layers[layer:]]
-            logits = model(**inputs).logits
+def _next_layer_scores(model, inputs, layers, index, survivors, columns) -> torch.Tensor:
+    """PyramidDrop: the last token's query through layer `index`'s input norm, q/k projections and RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured = _layer_inputs(model, inputs, layers, index, columns)
+    layer = layers[index]
+    attention = layer.self_attn
+    hidden = layer.input_layernorm(captured["hidden"])
+    batch, sequence, _ = hidden.shape
+    d = attention.head_dim
+    q = attention.q_proj(hidden).view(batch, sequence, -1, d).transpose(1, 2)
+    k = attention.k_proj(hidden).view(batch, sequence, -1, d).transpose(1, 2)
+    cos, sin = captured["position_embeddings"]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q[:, :, -1:] @ k.transpose(-1, -2) * attention.scaling)[:, :, 0]           # [B, H, S]
+    logits = logits.masked_fill(~survivors[:, None], -math.inf)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def _diverse(model, inputs, layers, stage, images, survivors, columns) -> torch.Tensor:
+    """DivPrune on the features entering layer `stage.layer` at the surviving image positions."""
+    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns)["hidden"]
+    batch, _, channels = hidden.shape
+    where = images.nonzero()[:, 1].view(batch, -1)
+    chosen = divprune_select(hidden.gather(1, where[..., None].expand(-1, -1, channels)),
+                             kept_image_count(where.shape[1], stage.keep))
+    return (survivors & ~images).scatter(1, where.gather(1, chosen), True)
+
+
+def _layer_inputs(model, inputs, layers, index, columns) -> dict:
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["position_embeddings"] = kwargs["position_embeddings"]
+
+    handle = layers[index].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad(), _masking(layers, columns):
+            model(**inputs)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _surviving(columns: dict, layer: int, shape) -> torch.Tensor:
+    starts = [start for start in columns if start <= layer]
+    return columns[max(starts)] if starts else torch.ones(shape, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def _masking(layers, columns: dict):
+    """Forward pre-hooks: from each stage's layer on, attention sees only the surviving prompt positions
+    (and every generated position), causally; a dropped row still sees itself."""
+    handles = []
+
+    def hook_for(index):
+        def use_mask(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            alive = _surviving(columns, index, None)
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length(index) if cache is not None else 0
+            kwargs["attention_mask"] = _mask(alive, hidden.shape[1], past, hidden.dtype)
+            return args, kwargs
+        return use_mask
+
+    try:
+        for index in range(len(layers)):
+            if any(start <= index for start in columns):
+                handles.append(layers[index].register_forward_pre_hook(hook_for(index), with_kwargs=True))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        model.set_attn_implementation(previous)
-    return {"logits": logits, "kept": kept}
 
 
-def _kept_causal_mask(kept: torch.Tensor, sequence: int, dtype) -> torch.Tensor:
-    """Additive [B, 1, S, S]: causal, and only kept positions as keys."""
-    columns = torch.zeros(kept.shape[0], sequence, dtype=torch.bool).scatter(1, kept, True)
-    causal = torch.ones(sequence, sequence, dtype=torch.bool).tril()
-    allowed = causal[None, None] & columns[:, None, None, :]
-    allowed |= torch.eye(sequence, dtype=torch.bool)[None, None]      # a dropped row still sees itself
+def _mask(alive: torch.Tensor, queries: int, past: int, dtype) -> torch.Tensor:
+    """Additive [B, 1, queries, past + queries]: causal, keys limited to the surviving prompt positions."""
+    batch, prompt = alive.shape
+    total = past + queries
+    keys = torch.ones(batch, total, dtype=torch.bool)
+    keys[:, :min(prompt, total)] = alive[:, :total]
+    rows = torch.arange(past, total)[:, None]
+    columns = torch.arange(total)[None, :]
+    allowed = (columns <= rows)[None, None] & keys[:, None, None, :]
+    allowed |= (columns == rows)[None, None]
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, -math.inf)

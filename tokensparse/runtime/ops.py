@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from tokensparse.policies.divprune import divprune_keep
+from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 
@@ -66,6 +68,35 @@ def _topk_prune_fake(x, q, k, scale, keep, protected, fuse, attn_mask=None):
     return x.new_empty(batch, _token_count(protected + keep + int(fuse)), channels)
 
 
+@torch.library.custom_op("tokensparse::keep_vision_tokens", mutates_args=())
+def keep_vision_tokens(scores: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and `keep` of the image tokens by score (FastV,
+    PyramidDrop; keep=0 drops every image token). The count depends on the data (the image tokens)."""
+    return fastv_keep(scores, image_mask, keep)
+
+
+@keep_vision_tokens.register_fake
+def _keep_vision_tokens_fake(scores, image_mask, keep):
+    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::keep_diverse_vision_tokens", mutates_args=())
+def keep_diverse_vision_tokens(features: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and `keep` of the image tokens by DivPrune's greedy
+    max-min cosine distance of their features [B, S, D]."""
+    return divprune_keep(features, image_mask, keep)
+
+
+@keep_diverse_vision_tokens.register_fake
+def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
+    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+
+
+def _kept_positions():
+    """The kept sequence length: data-dependent (it counts image tokens), so always a fresh unbacked size."""
+    return torch.library.get_ctx().new_dynamic_size(min=1)
+
+
 @flop_counter.register_flop_formula(torch.ops.tokensparse.tome_merge)
 def _tome_merge_flops(x_shape, size_shape, keys_shape, *args, out_shape=None, **kwargs) -> int:
     batch, heads, tokens, dim = keys_shape
@@ -81,6 +112,8 @@ def _topk_prune_flops(x_shape, q_shape, k_shape, *args, out_shape=None, **kwargs
 
 TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
+KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
+KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
 
 
 def is_tokensparse_target(target) -> bool:

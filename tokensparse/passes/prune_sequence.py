@@ -1,0 +1,145 @@
+"""Prune vision tokens of a VLM's sequence before chosen decoder layers (FastV, Chen et al., ECCV 2024;
+PyramidDrop, Xing et al., CVPR 2025; DivPrune, Alvar et al., CVPR 2025; visual-token exit, DyVTE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from tokensparse.passes.context import PassContext, original_node, replace_uses_except
+from tokensparse.passes.sizes import same_size
+from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, shape_of
+from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
+from tokensparse.policies import LanguagePolicy
+from tokensparse.policies.fastv import fastv_scores
+from tokensparse.policies.language import Stage
+from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION
+from tokensparse.runtime.sequence import gather_tokens, span_mask, vision_mask_2d
+
+_VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
+
+
+def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Before each stage's decoder layer, choose the kept positions (every text token and some vision
+    tokens) and gather every token-indexed tensor that the later layers read: the residual stream, RoPE
+    cos/sin, attention masks. Kept tokens keep their original positions."""
+    if not isinstance(ctx.policy, LanguagePolicy):
+        return gm
+    lm: LanguageModelMatch = ctx.language
+    graph = gm.graph
+    mask = None
+    for stage in ctx.policy.stages():
+        layer = lm.layers[stage.layer]
+        inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
+        order = {node: position for position, node in enumerate(graph.nodes)}
+        point = min(layer.nodes, key=order.__getitem__)
+        riders = _riders(graph, inside, lm.sequence)
+        stream = _stream_into(layer, riders)
+        if mask is None:
+            mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
+        kept = _select(graph, point, stage, lm, layer, mask, stream)
+        for rider, axes in riders:
+            gathered = insert_call(graph, point, gather_tokens, (rider, kept, axes))
+            replace_uses_except(rider, gathered, keep={user for user in rider.users if user not in inside})
+        mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
+        ctx.acted_blocks.append(stage.layer)
+        ctx.record("prune_sequence", f"{layer.path}: keep {stage.keep:g} of the vision tokens ({stage.score}); "
+                                     f"gathered {', '.join(node.name for node, _ in riders)}")
+    return gm
+
+
+def _riders(graph: fx.Graph, inside: set, sequence) -> list[tuple[fx.Node, tuple]]:
+    """Tensors made before the cut and read inside it that are indexed by token, with their token axes."""
+    riders = []
+    for node in graph.nodes:
+        if node in inside or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if not any(user in inside for user in node.users):
+            continue
+        shape = shape_of(original_node(node))
+        if shape is None or not shape:
+            continue
+        axes = tuple(d for d in range(1, len(shape)) if same_size(shape[d], sequence))
+        if len(shape) == 1 and same_size(shape[0], sequence):
+            raise MatchFailure(f"{node.name} {list(shape)} is indexed by token but has no batch axis; the kept "
+                               f"positions differ per sample")
+        if len(axes) > 1 and not (axes == (len(shape) - 2, len(shape) - 1) and _is_attention_mask(node)):
+            raise MatchFailure(f"{node.name} {list(shape)}: cannot tell which axis holds the {sequence} tokens "
+                               f"(another size equals the sequence length)")
+        if axes:
+            riders.append((node, axes))
+    if not riders:
+        raise MatchFailure("no token-indexed tensor enters the pruned layers")
+    return riders
+
+
+def _is_attention_mask(node: fx.Node, hops: int = 6) -> bool:
+    """A bool tensor, or one that reaches an attention's mask argument through view-like ops."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        return True
+    frontier = [node]
+    for _ in range(hops):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                if is_op(user, "scaled_dot_product_attention") and arg(user, 3, "attn_mask") is current:
+                    return True
+                if is_op(user, *_VIEWS):
+                    following.append(user)
+        frontier = following
+    return False
+
+
+def _stream_into(layer: DecoderLayer, riders: list) -> fx.Node:
+    """The residual stream entering `layer`: the rider that the layer adds to its attention output."""
+    after = downstream([layer.site.node], within=layer.nodes)
+    for rider, _ in riders:
+        for user in rider.users:
+            if user in after and is_op(user, "add", "iadd", "add_"):
+                return rider
+    raise MatchFailure(f"{layer.path}: no residual add of the layer input and its attention output")
+
+
+def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> fx.Node:
+    if vision_span is not None:
+        return insert_call(graph, point, span_mask, (stream, *vision_span))
+    return insert_call(graph, point, vision_mask_2d, (lm.image_mask,))
+
+
+def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLayer, mask, stream) -> fx.Node:
+    """The kept positions [B, S'] of this stage."""
+    if stage.score == "diversity":
+        return insert_call(graph, point, KEEP_DIVERSE, (stream, mask, stage.keep))
+    if stage.score == "none":
+        return insert_call(graph, point, KEEP_VISION, (mask, mask, stage.keep))
+    if stage.score == "previous_attention":
+        site = lm.layers[stage.layer - 1].site
+        q, k = site.q, site.k
+        query = stage.query
+    else:                                   # next_projection: this layer's own norm, q/k projections and RoPE
+        site = layer.site
+        q, k = _copy_projections(graph, point, layer)
+        query = "last"
+    scores = insert_call(graph, point, fastv_scores,
+                         (q, k, site.scale, mask, query, arg(site.node, 3, "attn_mask")))
+    return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep))
+
+
+def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> tuple[fx.Node, fx.Node]:
+    """Copies, placed before `point`, of the layer's nodes that compute its attention q and k from what
+    enters the layer (so they see every token, before the cut)."""
+    needed, todo = set(), [layer.site.q, layer.site.k]
+    while todo:
+        node = todo.pop()
+        if node in needed or node not in layer.nodes:
+            continue
+        needed.add(node)
+        todo.extend(node.all_input_nodes)
+    copies: dict = {}
+    for node in [n for n in graph.nodes if n in needed]:
+        with graph.inserting_before(point):
+            copy = graph.node_copy(node, lambda n: copies.get(n, n))
+        copy.meta.pop("nn_module_stack", None)
+        copies[node] = copy
+    return copies[layer.site.q], copies[layer.site.k]

@@ -1,0 +1,104 @@
+"""The language model of a vision-language graph: its decoder layers (the repeated block list that reads
+the merged embeddings), each layer's attention, and where the vision tokens sit in the sequence."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from tokensparse.patterns.attention import AttentionSite, find_attention_sites
+from tokensparse.patterns.blocks import block_path
+from tokensparse.patterns.graph import MatchFailure, downstream, is_op, module_paths, shape_of
+from tokensparse.patterns.vision_span import VisionSpan, find_vision_span
+
+_INDEXED = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
+
+
+@dataclass
+class DecoderLayer:
+    index: int
+    path: str
+    site: AttentionSite
+    nodes: set = field(default_factory=set, repr=False)     # computation nodes (no placeholders)
+
+
+@dataclass
+class LanguageModelMatch:
+    layers: list[DecoderLayer]
+    list_path: str
+    sequence: int                      # S, the prompt length seen while tracing
+    batch: object                      # B (int or symbolic)
+    span: Optional[VisionSpan]         # the masked_scatter merge, when found
+    image_mask: Optional[fx.Node]      # [B, S] or [B, S, 1] bool from the merge (None with an explicit span)
+    notes: list = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+
+def has_image_input(gm: fx.GraphModule) -> bool:
+    """Whether the graph reads an image: a convolution (patch embedding) or an input named for pixels,
+    images or video. Decode steps and text-only prompts of a VLM read none."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and any(word in node.name.lower() for word in ("pixel", "image", "video")):
+            return True
+        if is_op(node, "conv2d", "conv3d", "convolution", "_convolution"):
+            return True
+    return False
+
+
+def match_language_model(gm: fx.GraphModule, vision_span: Optional[tuple] = None) -> LanguageModelMatch:
+    """Decoder layers and the vision span of a VLM graph; MatchFailure says why not."""
+    span = find_vision_span(gm) if vision_span is None else None
+    sites, notes = find_attention_sites(gm)
+    lists: dict[str, list[tuple[str, AttentionSite]]] = {}
+    for site in sites:
+        path = block_path(site)
+        if path is not None:
+            lists.setdefault(_INDEXED.match(path).group("list"), []).append((path, site))
+    if span is not None:
+        after = downstream([span.merge])
+        candidates = [name for name, entries in lists.items() if entries[0][1].q in after]
+    else:
+        candidates = list(lists)[-1:]
+    if not candidates:
+        raise MatchFailure("no decoder layers: no repeated block of attention reads the merged embeddings")
+    list_path = candidates[0]
+    layers = _layers(gm, list_path, lists[list_path])
+    q_shape = shape_of(layers[0].site.q)
+    if q_shape is None or len(q_shape) != 4:
+        raise MatchFailure(f"{layers[0].path}: its attention query is not [B, H, S, d]")
+    batch, sequence = q_shape[0], q_shape[2]
+    if span is not None and span.sequence != sequence:
+        raise MatchFailure(f"the vision span is merged into {span.sequence} positions but {layers[0].path} attends "
+                           f"over {sequence}")
+    if vision_span is not None and vision_span[1] > sequence:
+        raise ValueError(f"vision_span={vision_span} is outside the sequence: the prompt has {sequence} positions")
+    notes += [f"block list {name}: not the language model, left unchanged" for name in lists if name != list_path]
+    return LanguageModelMatch(layers, list_path, sequence, batch, span, span.mask if span else None, notes)
+
+
+def _layers(gm: fx.GraphModule, list_path: str, entries: list) -> list[DecoderLayer]:
+    by_path: dict[str, list[AttentionSite]] = {}
+    for path, site in entries:
+        by_path.setdefault(path, []).append(site)
+    nodes: dict[str, set] = {path: set() for path in by_path}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        for path in module_paths(node):
+            if path in nodes:
+                nodes[path].add(node)
+                break
+    layers = []
+    for index, path in enumerate(by_path):
+        if len(by_path[path]) != 1:
+            raise MatchFailure(f"decoder layer {path} holds {len(by_path[path])} attentions; one was expected")
+        if int(_INDEXED.match(path).group("index")) != index:
+            raise MatchFailure(f"decoder layers of {list_path} are not traced in order (found {path} as layer {index})")
+        layers.append(DecoderLayer(index, path, by_path[path][0], nodes[path]))
+    return layers

@@ -1,0 +1,33 @@
+"""Plain-PyTorch helpers that the language-model pass splices into graphs: the vision mask in [B, S]
+form, and gathering every token-indexed tensor by the kept positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def vision_mask_2d(mask: torch.Tensor) -> torch.Tensor:
+    """The merge's image mask ([B, S], or [B, S, D] / [B, S, 1] broadcast over features) as [B, S] bool."""
+    while mask.dim() > 2:
+        mask = mask[..., 0]
+    return mask.bool()
+
+
+def span_mask(like: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[B, S] bool, True at positions start..end-1, for a sequence tensor `like` [B, S, ...]."""
+    positions = torch.arange(like.shape[1], device=like.device)
+    return ((positions >= start) & (positions < end)).unsqueeze(0).expand(like.shape[0], -1)
+
+
+def gather_tokens(x: torch.Tensor, kept: torch.Tensor, axes: tuple) -> torch.Tensor:
+    """x with each token axis in `axes` reduced to the kept positions kept [B, S'] (per sample). A
+    batch axis of size 1 (RoPE tables shared by the batch) is expanded to B first."""
+    batch, count = kept.shape
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    for axis in axes:
+        shape = [1] * x.dim()
+        shape[0], shape[axis] = batch, count
+        index = kept.view(shape).expand(*[count if d == axis else x.shape[d] for d in range(x.dim())])
+        x = x.gather(axis, index)
+    return x
