@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokensparse import Config, ToMe, TopK
+from tokensparse import Config, DivPrune, FastV, PyramidDrop, ToMe, TopK, VisualExit
 from tokensparse.config import config_from_options
 
 
@@ -14,7 +14,16 @@ def test_options_build_typed_policies():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['tome', 'topk'\]"),
+    ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['divprune', 'exit', 'fastv', 'pyramiddrop', "
+                            r"'tome', 'topk'\]"),
+    ({"policy": "fastv", "keep": 0.0}, "keep=0.0 is out of range"),
+    ({"policy": "fastv", "layer": 0}, "layer=0 is out of range"),
+    ({"policy": "fastv", "query": "first"}, "query='first' is unknown"),
+    ({"policy": "fastv", "vision_span": (5, 2)}, r"vision_span=\(5, 2\) must be \(start, end\)"),
+    ({"policy": "pyramiddrop", "layers": [2, 2]}, r"layers=\[2, 2\] repeats a layer"),
+    ({"policy": "pyramiddrop", "ratio": 1.5}, "ratio=1.5 is out of range"),
+    ({"policy": "divprune", "keep": -0.1}, "keep=-0.1 is out of range"),
+    ({"policy": "exit", "layer": "3"}, "layer='3' must be an integer"),
     ({"r": 3}, "options has no 'policy'"),
     ({"policy": "tome", "keep": 0.5}, "option 'keep' is unknown for policy 'tome'"),
     ({"policy": "tome", "r": -1}, "r=-1 is out of range"),
@@ -25,6 +34,20 @@ def test_bad_options(options, message):
         config_from_options(options)
 
 
+def test_language_policies_go_to_the_llm_slot():
+    config = config_from_options({"policy": "fastv", "layer": 3, "keep": 0.25})
+    assert config.llm == FastV(layer=3, keep=0.25) and config.vision is None and config.policy == config.llm
+    assert config_from_options({"policy": "pyramiddrop", "layers": [16, 8]}).llm == PyramidDrop(layers=(8, 16))
+    assert [stage.keep for stage in VisualExit(layer=4).stages()] == [0.0]
+    assert DivPrune().stages()[0].layer == 0
+
+
 def test_config_rejects_non_policy():
-    with pytest.raises(ValueError, match="vision='tome' must be a policy"):
+    with pytest.raises(ValueError, match="vision='tome' must be a vision-encoder policy"):
         Config(vision="tome")
+    with pytest.raises(ValueError, match="vision=FastV.* must be a vision-encoder policy"):
+        Config(vision=FastV())
+    with pytest.raises(ValueError, match="llm=ToMe.* must be a language-model policy"):
+        Config(llm=ToMe(r=2))
+    with pytest.raises(ValueError, match="vision= and llm= together are not supported yet"):
+        Config(vision=ToMe(r=2), llm=FastV())

@@ -44,3 +44,21 @@ def test_batch_changes_recompile_once_with_a_dynamic_batch():
             with torch.no_grad():
                 got = compiled(pixels)
             torch.testing.assert_close(got, reference_forward(model, pixels, policy)["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_fastv_generate_under_inductor_equals_the_masking_oracle():
+    """LLaVA (CLIP tower, Llama GQA): the pruned prefill graph and the decode graphs compiled by Inductor."""
+    from tests.models import build_llava
+    from tokensparse.reference.llava import masked_forward, masked_generate
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5))
+    policy = tokensparse.FastV(layer=2, keep=0.25)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        prefill = fast(**inputs).logits
+        out = fast.generate(**inputs, **settings)
+    want = masked_forward(model, inputs, policy)
+    torch.testing.assert_close(prefill[:, -1], want["logits"][:, -1], atol=1e-5, rtol=1e-4)
+    assert torch.equal(out, masked_generate(model, inputs, policy, **settings))

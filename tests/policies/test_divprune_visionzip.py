@@ -69,3 +69,22 @@ def test_visionzip_matches_a_per_sample_loop(batch, protected, patches, seed):
     for b in range(batch):
         want = _visionzip_loop(hidden[b], scores[b], keys[b], dominant, contextual, protected)
         torch.testing.assert_close(got[b], want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), before=st.integers(0, 4), images=st.integers(1, 10), after=st.integers(1, 4),
+       keep=st.floats(0.05, 1.0), seed=st.integers(0, 999))
+def test_divprune_keep_keeps_text_and_the_diverse_images_in_order(batch, before, images, after, keep, seed):
+    from tokensparse.policies.divprune import divprune_keep
+    from tokensparse.policies.fastv import kept_image_count
+
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, before + images + after, 6, generator=generator)
+    image_mask = torch.zeros(batch, before + images + after, dtype=torch.bool)
+    image_mask[:, before:before + images] = True
+    kept = divprune_keep(features, image_mask, keep)
+    count = kept_image_count(images, keep)
+    chosen = divprune_select(features[:, before:before + images], count) + before
+    for row in range(batch):
+        want = list(range(before)) + chosen[row].tolist() + list(range(before + images, before + images + after))
+        assert kept[row].tolist() == want

@@ -38,5 +38,5 @@ def test_pruning_keeps_text_and_top_images(llava):
 
 def test_layer_out_of_range_is_refused(llava):
     model, inputs = llava
-    with pytest.raises(ValueError, match="layer=4 is out of range"):
+    with pytest.raises(ValueError, match="layer 4 is out of range: fastv needs 1 <= layer < 4"):
         fastv_masked_forward(model, inputs, layer=4, keep=0.5)

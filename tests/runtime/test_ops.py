@@ -41,3 +41,28 @@ def test_topk_prune_opcheck_and_reference(kwargs):
     args = _topk_args(**kwargs)
     torch.library.opcheck(TOPK_PRUNE, args)
     torch.testing.assert_close(TOPK_PRUNE(*args), topk_step(*args))
+
+
+@pytest.mark.parametrize("keep", [0.25, 1.0, 0.0])
+def test_keep_vision_tokens_opcheck_and_reference(keep):
+    from tokensparse.policies.fastv import fastv_keep
+    from tokensparse.runtime.ops import KEEP_VISION
+
+    scores = torch.rand(2, 9, generator=torch.Generator().manual_seed(1))
+    image_mask = torch.zeros(2, 9, dtype=torch.bool)
+    image_mask[:, 2:7] = True
+    torch.library.opcheck(KEEP_VISION, (scores, image_mask, keep))
+    kept = KEEP_VISION(scores, image_mask, keep)
+    assert torch.equal(kept, fastv_keep(scores, image_mask, keep))
+    assert kept.shape == (2, 4 + {0.25: 1, 1.0: 5, 0.0: 0}[keep])
+
+
+def test_keep_diverse_vision_tokens_opcheck_and_reference():
+    from tokensparse.policies.divprune import divprune_keep
+    from tokensparse.runtime.ops import KEEP_DIVERSE
+
+    features = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(2))
+    image_mask = torch.zeros(2, 9, dtype=torch.bool)
+    image_mask[:, 1:8] = True
+    torch.library.opcheck(KEEP_DIVERSE, (features, image_mask, 0.5))
+    assert torch.equal(KEEP_DIVERSE(features, image_mask, 0.5), divprune_keep(features, image_mask, 0.5))

@@ -113,4 +113,4 @@ def top_image_positions(scores: torch.Tensor, image_mask: torch.Tensor, keep: fl
 def positions_kept(image_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
     """[B, S'] ascending: every text position plus the given image positions [B, k]."""
     kept = (~image_mask).scatter(1, image_positions, True)
-    return kept.nonzero()[:, 1].view(image_mask.shape[0], -1)
+    return kept.nonzero()[:, 1].reshape(image_mask.shape[0], -1).clone(memory_format=torch.contiguous_format)

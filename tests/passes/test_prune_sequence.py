@@ -1,0 +1,110 @@
+"""The language-model pass on a LLaVA graph (CLIP tower, Llama GQA text model), run eagerly: every policy
+equals the eager masking oracle (tokensparse/reference/llava.py) at the kept positions, the KV cache holds
+the pruned tokens from the stage's layer on, and keep=1.0 leaves the model exactly as it was."""
+
+import warnings
+
+import pytest
+import torch
+
+import tokensparse
+from tests.models import build_llava
+from tokensparse import TokensparseWarning
+from tokensparse.reference.llava import masked_forward
+from tokensparse.runtime.hf import install_output_hooks
+
+POLICIES = [
+    (tokensparse.FastV(layer=2, keep=0.25), [24, 24, 12, 12, 12, 12]),
+    (tokensparse.FastV(layer=3, keep=0.5, query="text"), [24, 24, 24, 16, 16, 16]),
+    (tokensparse.PyramidDrop(layers=(2, 4), ratio=0.5), [24, 24, 16, 16, 12, 12]),
+    (tokensparse.DivPrune(keep=0.3), [13] * 6),
+    (tokensparse.VisualExit(layer=3), [24, 24, 24, 8, 8, 8]),
+]
+
+
+def _llava(**kwargs):
+    model, inputs = build_llava(**{"text_layers": 6, "image_tokens": 16, "prompt": (3, 5), **kwargs})
+    install_output_hooks(model)
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return _llava()
+
+
+def run_pruned(model, inputs, policy, **options):
+    compiled = torch.compile(model, backend="tokensparse", options={"policy": policy, "inductor": False, **options})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        return compiled(**inputs)
+
+
+def assert_equals_oracle(out, want):
+    kept = want["kept"]
+    rows = want["logits"].gather(1, kept[..., None].expand(-1, -1, want["logits"].shape[-1]))
+    assert out.logits.shape == rows.shape
+    torch.testing.assert_close(out.logits, rows, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy, cache", POLICIES, ids=lambda p: getattr(p, "name", None))
+def test_policy_equals_the_masking_oracle(llava, policy, cache):
+    model, inputs = llava
+    out = run_pruned(model, inputs, policy)
+    assert_equals_oracle(out, masked_forward(model, inputs, policy))
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == cache
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fastv_at_other_batch_sizes(batch):
+    model, inputs = _llava(batch=batch, text_layers=4, seed=batch)
+    policy = tokensparse.FastV(layer=1, keep=0.5)
+    assert_equals_oracle(run_pruned(model, inputs, policy), masked_forward(model, inputs, policy))
+
+
+@pytest.mark.parametrize("policy", [tokensparse.FastV(layer=2, keep=1.0), tokensparse.PyramidDrop(layers=(2, 4), ratio=1.0),
+                                    tokensparse.DivPrune(keep=1.0)], ids=lambda p: p.name)
+def test_keep_all_is_the_unmodified_model(llava, policy):
+    model, inputs = llava
+    with torch.no_grad():
+        want = model(**inputs).logits
+    assert torch.equal(run_pruned(model, inputs, policy).logits, want)
+
+
+def test_explicit_vision_span_equals_the_detected_one(llava):
+    model, inputs = llava
+    detected = run_pruned(model, inputs, tokensparse.FastV(layer=2, keep=0.25))
+    explicit = run_pruned(model, inputs, tokensparse.FastV(layer=2, keep=0.25, vision_span=(3, 19)))
+    torch.testing.assert_close(explicit.logits, detected.logits)
+
+
+def test_text_only_prompt_runs_unpruned_without_a_warning(llava):
+    model, inputs = llava
+    text = {"input_ids": inputs["input_ids"][:, 19:]}
+    with torch.no_grad():
+        want = model(**text).logits
+    torch.testing.assert_close(run_pruned(model, text, tokensparse.FastV(layer=2, keep=0.25)).logits, want)
+
+
+def test_a_layer_past_the_depth_is_refused(llava):
+    model, inputs = llava
+    with pytest.raises(Exception, match=r"layer 6 is out of range: fastv needs 1 <= layer < 6"):
+        run_pruned(model, inputs, tokensparse.FastV(layer=6, keep=0.5))
+
+
+def test_a_vision_span_outside_the_sequence_is_refused(llava):
+    model, inputs = llava
+    with pytest.raises(Exception, match=r"vision_span=\(3, 30\) is outside the sequence: the prompt has 24"):
+        run_pruned(model, inputs, tokensparse.FastV(layer=2, keep=0.5, vision_span=(3, 30)))
+
+
+def test_hidden_size_equal_to_the_sequence_length_refuses_with_the_reason():
+    """64 positions and hidden size 64: which axis of the residual stream holds the tokens is ambiguous."""
+    model, inputs = _llava(prompt=(24, 24), text_layers=3)
+    compiled = torch.compile(model, backend="tokensparse",
+                             options={"policy": "fastv", "layer": 1, "keep": 0.5, "inductor": False})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with pytest.warns(TokensparseWarning, match="cannot tell which axis holds the 64 tokens"):
+            got = compiled(**inputs).logits
+        want = model(**inputs).logits
+    torch.testing.assert_close(got, want)
