@@ -97,9 +97,12 @@ def vit_b16(batch: int = 1, seed: int = SEED):
 IMAGE_TOKEN = 299
 
 
-def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED):
+def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED,
+                hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = IMAGE_TOKEN + 1,
+                vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8):
     """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a Llama text model (GQA),
-    random weights; the image tokens sit between `prompt[0]` and `prompt[1]` text tokens."""
+    random weights; the image tokens sit between `prompt[0]` and `prompt[1]` text tokens. The image token
+    id is the last of the vocabulary."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
@@ -107,17 +110,20 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
 
     torch.manual_seed(seed)
     side = int(image_tokens ** 0.5)
-    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=8 * side, patch_size=8)
-    text = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=IMAGE_TOKEN + 1, max_position_embeddings=512)
-    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+    image_token = vocab - 1
+    vision = T.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=vision_layers, num_attention_heads=2, image_size=patch * side,
+                                patch_size=patch)
+    text = T.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=text_layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096)
+    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                            vision_feature_select_strategy="default", vision_feature_layer=-1)
     model = T.LlavaForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
     before, after = prompt
-    input_ids = torch.cat([torch.randint(0, IMAGE_TOKEN - 9, (batch, before), generator=generator),
-                           torch.full((batch, image_tokens), IMAGE_TOKEN),
-                           torch.randint(0, IMAGE_TOKEN - 9, (batch, after), generator=generator)], dim=1)
-    pixel_values = torch.randn(batch, 3, 8 * side, 8 * side, generator=generator)
+    input_ids = torch.cat([torch.randint(0, image_token - 9, (batch, before), generator=generator),
+                           torch.full((batch, image_tokens), image_token),
+                           torch.randint(0, image_token - 9, (batch, after), generator=generator)], dim=1)
+    pixel_values = torch.randn(batch, 3, patch * side, patch * side, generator=generator)
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}

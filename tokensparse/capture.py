@@ -13,7 +13,11 @@ def capture_graphs(model, *args, **kwargs) -> list:
         graphs.append((gm, list(example_inputs)))
         return gm.forward
 
+    from tokensparse.runtime.hf import install_output_hooks
+
+    install_output_hooks(model)
     compiled = torch.compile(model, backend=record, isolate_recompiles=True)
-    with torch.no_grad():
+    # capture_scalar_outputs: a VLM's image merge counts image tokens with .item().
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         compiled(*args, **kwargs)
     return graphs

@@ -25,20 +25,27 @@ def _register_cpu_attention() -> None:
 _register_cpu_attention()
 
 
+POLICY_NODE = "tokensparse_policy"      # node meta flag: inserted by a pass as part of a policy's own work
+
+
 class _CountingInterpreter(fx.Interpreter):
-    def __init__(self, gm, counter, block_paths):
+    def __init__(self, gm, counter, block_paths, watch=()):
         super().__init__(gm)
         self.counter, self.block_paths = counter, block_paths
         self.by_block: dict = {}
+        self.watch, self.shapes = set(watch), {}
 
     def run_node(self, node):
         before = self.counter.get_total_flops()
         result = super().run_node(node)
         spent = self.counter.get_total_flops() - before
+        if node in self.watch:
+            self.shapes[node] = tuple(result.shape)
         if spent:
             key = next((p for p in module_paths(node) if p in self.block_paths), None)
             if key is None:
-                key = "tokensparse" if node.op == "call_function" and is_tokensparse_target(node.target) else "other"
+                policy = node.meta.get(POLICY_NODE) or (node.op == "call_function" and is_tokensparse_target(node.target))
+                key = "tokensparse" if policy else "other"
             self.by_block[key] = self.by_block.get(key, 0) + spent
         return result
 
@@ -49,3 +56,12 @@ def flops_by_block(gm: fx.GraphModule, fake_inputs, fake_mode, block_paths) -> d
         interpreter = _CountingInterpreter(gm, counter, set(block_paths))
         interpreter.run(*fake_inputs)
     return interpreter.by_block
+
+
+def flops_by_block_running(gm: fx.GraphModule, inputs, block_paths, watch=()) -> tuple[dict, dict]:
+    """flops_by_block on real inputs (for graphs whose token counts depend on the data), and the shapes of
+    the `watch` nodes seen on the way."""
+    with flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad():
+        interpreter = _CountingInterpreter(gm, counter, set(block_paths), watch)
+        interpreter.run(*inputs)
+    return interpreter.by_block, interpreter.shapes

@@ -8,8 +8,9 @@ from typing import Optional
 
 from tokensparse.capture import capture_graphs
 from tokensparse.config import Config, config_from_options
-from tokensparse.flops import flops_by_block
+from tokensparse.flops import flops_by_block, flops_by_block_running
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
+from tokensparse.patterns.language_model import LanguageModelMatch
 from tokensparse.rewrite import RewriteResult, rewrite_graph
 
 
@@ -40,8 +41,10 @@ class Report:
     grid: Optional[tuple]
     blocks: list[BlockRow] = field(default_factory=list)
     flops_other: int = 0
+    flops_other_after: Optional[int] = None     # when the rewrite changes work outside the blocks (LM head)
     flops_policy: int = 0
     notes: list[str] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)    # what the patterns found beyond the blocks
     graphs: int = 1
     _result: Optional[RewriteResult] = field(default=None, repr=False)
     _inputs: Optional[list] = field(default=None, repr=False)
@@ -52,7 +55,8 @@ class Report:
 
     @property
     def flops_after(self) -> int:
-        return sum(row.flops_after for row in self.blocks) + self.flops_other + self.flops_policy
+        other = self.flops_other if self.flops_other_after is None else self.flops_other_after
+        return sum(row.flops_after for row in self.blocks) + other + self.flops_policy
 
     @property
     def flops_ratio(self) -> float:
@@ -79,7 +83,9 @@ class Report:
         lines = []
         if self.reason:
             lines.append(f"unchanged: {self.reason}")
-        lines.append(f"prefix tokens: {self.prefix_tokens}; patch grid: {self.grid}; graphs captured: {self.graphs}")
+        lines += self.found
+        if self.prefix_tokens is not None:
+            lines.append(f"prefix tokens: {self.prefix_tokens}; patch grid: {self.grid}; graphs captured: {self.graphs}")
         lines.append(f"outside blocks {self.flops_other / 1e9:.3f} GFLOPs; policy ops {self.flops_policy / 1e9:.4f} GFLOPs")
         lines.append(f"total {self.flops_before / 1e9:.3f} -> {self.flops_after / 1e9:.3f} GFLOPs "
                      f"(FLOPs-ideal speedup {self.flops_ideal_ratio:.2f}x; {self.flops_ratio:.2f}x with the "
@@ -100,20 +106,25 @@ class Report:
 
 
 def explain(model, *inputs, config: Optional[Config] = None, **options) -> Report:
-    """Report what `options` (or `config`) would do to `model` on `inputs`, without compiling."""
+    """Report what `options` (or `config`) would do to `model` on `inputs`, without compiling. A single dict
+    of inputs is passed as keyword arguments (a VLM's input_ids and pixel_values)."""
     config = config_from_options(config if config is not None else options)
-    graphs = capture_graphs(model, *inputs)
+    if len(inputs) == 1 and isinstance(inputs[0], dict):
+        graphs = capture_graphs(model, **inputs[0])
+    else:
+        graphs = capture_graphs(model, *inputs)
     results = [(rewrite_graph(gm, example, config, warn=False), gm, example) for gm, example in graphs]
     matched = [entry for entry in results if entry[0].match is not None]
     result, original, example = (matched or results)[0]
     report = Report(type(model).__name__, config.policy.options(), result.changed, result.reason,
-                    result.match.prefix_tokens if result.match else None,
-                    result.match.grid if result.match else None, graphs=len(graphs),
+                    getattr(result.match, "prefix_tokens", None), getattr(result.match, "grid", None), graphs=len(graphs),
                     _result=result, _inputs=example)
     if result.match is None:
         report.notes.append(result.reason)
         return report
     report.notes += result.match.notes
+    if isinstance(result.match, LanguageModelMatch):
+        return _explain_language_model(report, result, original, example)
     paths = [block.path for block in result.match.blocks]
     fake_mode = detect_fake_mode(example)
     before = flops_by_block(original, fake_inputs(example, fake_mode), fake_mode, paths)
@@ -130,4 +141,29 @@ def explain(model, *inputs, config: Optional[Config] = None, **options) -> Repor
                                       after.get(block.path, 0), bool(ctx) and block.index in ctx.acted_blocks))
     report.flops_other = before.get("other", 0)
     report.flops_policy = after.get("tokensparse", 0)
+    return report
+
+
+def _explain_language_model(report: Report, result: RewriteResult, original, example) -> Report:
+    """Decoder layers as rows: tokens entering each (counted on the example, since the kept count depends
+    on the data) and FLOPs, before and after."""
+    match: LanguageModelMatch = result.match
+    paths = [layer.path for layer in match.layers]
+    queries = [layer.site.q for layer in match.layers]
+    before, _ = flops_by_block_running(original, example, paths)
+    after, shapes = (flops_by_block_running(result.gm, example, paths, queries) if result.changed
+                     else (before, {q: (0, 0, match.sequence) for q in queries}))
+    tokens = [shapes[q][2] for q in queries] + [None]
+    acted = set(result.context.acted_blocks) if result.context else set()
+    for layer in match.layers:
+        site = layer.site
+        report.blocks.append(BlockRow(layer.index, layer.path, site.module_path, site.kind, match.sequence,
+                                      tokens[layer.index], tokens[layer.index + 1] or tokens[layer.index],
+                                      before.get(layer.path, 0), after.get(layer.path, 0), layer.index in acted))
+    report.flops_other = before.get("other", 0)
+    report.flops_other_after = after.get("other", 0)
+    report.flops_policy = after.get("tokensparse", 0)
+    if match.image_mask is not None:
+        report.found.append(f"vision span: {match.span.merge.name} merges image features into {match.sequence} "
+                               f"positions; {len(match.layers)} decoder layers in {match.list_path}")
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from tokensparse.flops import POLICY_NODE
 from tokensparse.passes.context import PassContext, original_node, replace_uses_except
 from tokensparse.passes.sizes import same_size
 from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, shape_of
@@ -141,5 +142,6 @@ def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> t
         with graph.inserting_before(point):
             copy = graph.node_copy(node, lambda n: copies.get(n, n))
         copy.meta.pop("nn_module_stack", None)
+        copy.meta[POLICY_NODE] = True
         copies[node] = copy
     return copies[layer.site.q], copies[layer.site.k]

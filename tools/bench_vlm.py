@@ -1,0 +1,129 @@
+"""Benchmark: prefill of a LLaVA-shaped model (random init) with language-model pruning, CPU, side by side.
+
+    .venv/bin/python tools/bench_vlm.py --runs 20
+
+The model: a small CLIP tower (576 image tokens) and a Llama text model (hidden 1024, 8 layers, GQA 16/8
+heads, MLP 2816) on a prompt of 32 + 576 + 32 tokens. Prefill is forward(..., logits_to_keep=1), as
+generate() calls it. Every variant is compiled by Inductor through the same forward; speedups are over
+the unpruned one, and "of ideal" divides by the FLOPs-ideal speedup counted by tokensparse.explain.
+Decode: greedy generate() of --new-tokens tokens, tokens/s and the KV-cache bytes it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tokensparse-bench-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20, help="timed prefills per variant (medians reported)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def variants(layers: int):
+    import tokensparse
+
+    quarter = layers // 4
+    return {
+        "fastv K=2 keep=0.25": tokensparse.FastV(layer=2, keep=0.25),
+        f"pyramiddrop layers {quarter},{2 * quarter},{3 * quarter} ratio 0.5":
+            tokensparse.PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter), ratio=0.5),
+    }
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    import tokensparse
+    from tests.models import build_llava
+    from tokensparse.benchmark import first_call_seconds, time_side_by_side
+
+    console = Console()
+    model, inputs = build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch,
+                                hidden=1024, heads=16, kv_heads=8, intermediate=2816, vocab=32000,
+                                vision_hidden=256, patch=14)
+    prefill = {**inputs, "logits_to_keep": 1}
+    policies = variants(args.layers)
+    compiled, ideal = {}, {}
+    console.print("compiling unpruned (Inductor) ...")
+    plain = torch.compile(model.forward)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill)))
+    for name, policy in policies.items():
+        report = tokensparse.explain(model, prefill, config=tokensparse.Config(llm=policy))
+        ideal[name] = report.flops_ideal_ratio
+        console.print(f"compiling tokensparse {name} (FLOPs-ideal {ideal[name]:.2f}x) ...")
+        fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+        compiled[f"tokensparse {name}"] = ((lambda f=fast: f(**prefill)), first_call_seconds(lambda f=fast: f(**prefill)))
+    base_flops = report.flops_before
+    timings = time_side_by_side({name: (lambda *_, fn=fn: fn(), s) for name, (fn, s) in compiled.items()},
+                                (), args.runs)
+
+    base = timings["inductor (unpruned)"].median_ms
+    table = Table(title=f"LLaVA-shaped prefill, batch {args.batch}, {torch.get_num_threads()} threads, "
+                        f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)")
+    for column in ("variant", "median ms", "speedup", "FLOPs-ideal", "of ideal", "compile s"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    rows = {}
+    for name, timing in timings.items():
+        speedup = base / timing.median_ms
+        key = name.removeprefix("tokensparse ")
+        share = speedup / ideal[key] if key in ideal else None
+        rows[name] = {"median_ms": timing.median_ms, "speedup": speedup, "flops_ideal": ideal.get(key),
+                      "of_ideal": share, "compile_s": timing.compile_s}
+        table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{ideal[key]:.2f}x" if share else "",
+                      f"{share:.2f}" if share else "", f"{timing.compile_s:.1f}")
+    console.print(table)
+
+    decode = Table(title=f"greedy generate(), {args.new_tokens} new tokens")
+    for column in ("variant", "decode tokens/s", "KV bytes after prefill", "KV bytes at the end"):
+        decode.add_column(column, justify="left" if column == "variant" else "right")
+    configs = {"inductor (unpruned)": tokensparse.FastV(keep=1.0)}       # keep=1.0: the graph compiles unchanged
+    configs.update({f"tokensparse {name}": policy for name, policy in policies.items()})
+    for name, policy in configs.items():
+        torch._dynamo.reset()      # each copy's graphs count against dynamo's recompile limit of the shared forward
+        fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+        settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        with torch.inference_mode():
+            fast.generate(**inputs, max_new_tokens=3, **settings)               # compile prefill and decode
+            first = fast.generate(**inputs, max_new_tokens=1, **settings)
+            start = time.perf_counter()
+            out = fast.generate(**inputs, max_new_tokens=args.new_tokens, **settings)
+            total = time.perf_counter() - start
+        prefill_s = rows[name]["median_ms"] / 1e3
+        rate = (args.new_tokens - 1) * args.batch / max(total - prefill_s, 1e-9)
+        rows[name].update({"decode_tokens_per_s": rate, "kv_bytes_prefill": kv_bytes(first.past_key_values),
+                           "kv_bytes_end": kv_bytes(out.past_key_values)})
+        decode.add_row(name, f"{rate:.1f}", f"{kv_bytes(first.past_key_values) / 2**20:.1f} MiB",
+                       f"{kv_bytes(out.past_key_values) / 2**20:.1f} MiB")
+    console.print(decode)
+    result = {"batch": args.batch, "layers": args.layers, "runs": args.runs, "threads": torch.get_num_threads(),
+              "flops_before": base_flops, "variants": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()) is None)
