@@ -63,3 +63,17 @@ def test_unmatched_model_reports_reason():
     assert "unchanged: no attention found" in str(report)
     with pytest.raises(ValueError, match="nothing to draw"):
         report.save_png("never.png")
+
+
+def test_vlm_report_counts_tokens_per_decoder_layer():
+    from tests.models import build_llava
+
+    model, inputs = build_llava(text_layers=6, image_tokens=16, prompt=(3, 5))
+    report = tokensparse.explain(model, inputs, policy="pyramiddrop", layers=[2, 4], ratio=0.5)
+    assert report.changed and [row.path for row in report.blocks] == [f"model.language_model.layers.{i}" for i in range(6)]
+    assert [row.tokens_after for row in report.blocks] == [24, 24, 16, 16, 12, 12]
+    assert [row.tokens_out for row in report.blocks] == [24, 16, 16, 12, 12, 12]
+    assert all(row.flops_after < row.flops_before for row in report.blocks[2:])
+    assert report.blocks[0].flops_after == report.blocks[0].flops_before
+    assert report.flops_policy > 0 and report.flops_ideal_ratio > report.flops_ratio > 1.0
+    assert "vision span: " in str(report) and "model.language_model.layers" in str(report)

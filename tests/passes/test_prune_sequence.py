@@ -108,3 +108,16 @@ def test_hidden_size_equal_to_the_sequence_length_refuses_with_the_reason():
             got = compiled(**inputs).logits
         want = model(**inputs).logits
     torch.testing.assert_close(got, want)
+
+
+def test_padding_is_refused_with_the_reason(llava):
+    model, inputs = llava
+    padded = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+    padded["attention_mask"][0, :2] = 0
+    compiled = torch.compile(model, backend="tokensparse",
+                             options={"policy": "fastv", "layer": 2, "keep": 0.5, "inductor": False})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with pytest.warns(TokensparseWarning, match="padding attention mask: pruning prompts with padding"):
+            got = compiled(**padded).logits
+        want = model(**padded).logits
+    torch.testing.assert_close(got, want)

@@ -67,6 +67,11 @@ def _riders(graph: fx.Graph, inside: set, sequence) -> list[tuple[fx.Node, tuple
         if len(axes) > 1 and not (axes == (len(shape) - 2, len(shape) - 1) and _is_attention_mask(node)):
             raise MatchFailure(f"{node.name} {list(shape)}: cannot tell which axis holds the {sequence} tokens "
                                f"(another size equals the sequence length)")
+        if len(axes) > 1:
+            # Gathering the prefill mask is right, but generate() builds every decode step's mask from layer
+            # 0's cache length, which the pruned layers no longer have.
+            raise MatchFailure(f"{node.name} {list(shape)} is a padding attention mask: pruning prompts with padding "
+                               f"is not supported yet")
         if axes:
             riders.append((node, axes))
     if not riders:
