@@ -98,26 +98,25 @@ def test_a_vision_span_outside_the_sequence_is_refused(llava):
         run_pruned(model, inputs, tokensparse.FastV(layer=2, keep=0.5, vision_span=(3, 30)))
 
 
-def test_hidden_size_equal_to_the_sequence_length_refuses_with_the_reason():
-    """64 positions and hidden size 64: which axis of the residual stream holds the tokens is ambiguous."""
-    model, inputs = _llava(prompt=(24, 24), text_layers=3)
+def assert_refused_unchanged(model, inputs, layer, reason):
+    """One TokensparseWarning naming `reason`, and outputs equal to the unmodified model's."""
     compiled = torch.compile(model, backend="tokensparse",
-                             options={"policy": "fastv", "layer": 1, "keep": 0.5, "inductor": False})
+                             options={"policy": "fastv", "layer": layer, "keep": 0.5, "inductor": False})
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        with pytest.warns(TokensparseWarning, match="cannot tell which axis holds the 64 tokens"):
+        with pytest.warns(TokensparseWarning, match=reason):
             got = compiled(**inputs).logits
         want = model(**inputs).logits
     torch.testing.assert_close(got, want)
+
+
+def test_hidden_size_equal_to_the_sequence_length_refuses_with_the_reason():
+    """64 positions and hidden size 64: which axis of the residual stream holds the tokens is ambiguous."""
+    model, inputs = _llava(prompt=(24, 24), text_layers=3)
+    assert_refused_unchanged(model, inputs, 1, "cannot tell which axis holds the 64 tokens")
 
 
 def test_padding_is_refused_with_the_reason(llava):
     model, inputs = llava
     padded = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
     padded["attention_mask"][0, :2] = 0
-    compiled = torch.compile(model, backend="tokensparse",
-                             options={"policy": "fastv", "layer": 2, "keep": 0.5, "inductor": False})
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        with pytest.warns(TokensparseWarning, match="padding attention mask: pruning prompts with padding"):
-            got = compiled(**padded).logits
-        want = model(**padded).logits
-    torch.testing.assert_close(got, want)
+    assert_refused_unchanged(model, padded, 2, "padding attention mask: pruning prompts with padding")

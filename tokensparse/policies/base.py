@@ -25,6 +25,18 @@ def check_int_at_least(option: str, value, low: int) -> None:
         raise ValueError(f"{option}={value!r} is out of range: it must be an integer >= {low}")
 
 
+def checked_layers(option: str, layers, low: int, what: str = "layer") -> tuple:
+    """One int or a sequence of distinct ints >= low, as a sorted tuple."""
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    if not layers:
+        raise ValueError(f"{option}=() is empty: name at least one {what}")
+    for layer in layers:
+        check_int_at_least(option, layer, low)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{option}={list(layers)} repeats a {what}")
+    return tuple(sorted(layers))
+
+
 def check_fraction(option: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{option}={value!r} must be a number in (0, 1]")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from tokensparse.policies.base import check_fraction, check_int_at_least
+from tokensparse.policies.base import check_fraction, checked_layers
 from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
 
 
@@ -22,14 +22,7 @@ class PyramidDrop(LanguagePolicy):
     name = "pyramiddrop"
 
     def __post_init__(self):
-        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-        if not layers:
-            raise ValueError("layers=() is empty: name at least one decoder layer to prune before")
-        for layer in layers:
-            check_int_at_least("layers", layer, 1)
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers={list(layers)} repeats a layer")
-        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        object.__setattr__(self, "layers", checked_layers("layers", self.layers, 1))
         check_fraction("ratio", self.ratio)
         object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, recorder
+from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, checked_layers, recorder
 
 QUERY_CHUNK = 128
 
@@ -30,14 +30,7 @@ class TopK(Policy):
     name = "topk"
 
     def __post_init__(self):
-        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-        if not layers:
-            raise ValueError("layers=() is empty: name at least one block index to prune at")
-        for layer in layers:
-            check_int_at_least("layers", layer, 0)
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers={list(layers)} repeats a block index")
-        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        object.__setattr__(self, "layers", checked_layers("layers", self.layers, 0, "block index"))
         check_fraction("keep", self.keep)
         if not isinstance(self.fuse, bool):
             raise ValueError(f"fuse={self.fuse!r} must be True or False")
