@@ -30,7 +30,6 @@ class LanguageModelMatch:
     layers: list[DecoderLayer]
     list_path: str
     sequence: int                      # S, the prompt length seen while tracing
-    batch: object                      # B (int or symbolic)
     span: Optional[VisionSpan]         # the masked_scatter merge, when found
     image_mask: Optional[fx.Node]      # [B, S] or [B, S, 1] bool from the merge (None with an explicit span)
     notes: list = field(default_factory=list)
@@ -72,14 +71,14 @@ def match_language_model(gm: fx.GraphModule, vision_span: Optional[tuple] = None
     q_shape = shape_of(layers[0].site.q)
     if q_shape is None or len(q_shape) != 4:
         raise MatchFailure(f"{layers[0].path}: its attention query is not [B, H, S, d]")
-    batch, sequence = q_shape[0], q_shape[2]
+    sequence = q_shape[2]
     if span is not None and span.sequence != sequence:
         raise MatchFailure(f"the vision span is merged into {span.sequence} positions but {layers[0].path} attends "
                            f"over {sequence}")
     if vision_span is not None and vision_span[1] > sequence:
         raise ValueError(f"vision_span={vision_span} is outside the sequence: the prompt has {sequence} positions")
     notes += [f"block list {name}: not the language model, left unchanged" for name in lists if name != list_path]
-    return LanguageModelMatch(layers, list_path, sequence, batch, span, span.mask if span else None, notes)
+    return LanguageModelMatch(layers, list_path, sequence, span, span.mask if span else None, notes)
 
 
 def _layers(gm: fx.GraphModule, list_path: str, entries: list) -> list[DecoderLayer]:

@@ -29,31 +29,31 @@ def masked_forward(model, inputs: dict, policy: LanguagePolicy) -> dict:
     """{"logits": [B, S, V], "kept": [B, S'] positions surviving the last stage, "stages": the positions
     surviving each stage} of `policy` applied by masking."""
     layers = language_layers(model)
-    policy.check_depth(len(layers))
-    image_mask = _image_mask(model, inputs, policy)
-    survivors = torch.ones_like(image_mask)                 # [B, S] which positions are still there
-    columns: dict[int, torch.Tensor] = {}                   # first layer -> surviving positions from it on
-    stages = []
-    for stage in policy.stages():
-        survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
-        columns[stage.layer] = survivors
-        stages.append(survivors.nonzero()[:, 1].view(survivors.shape[0], -1))
+    columns = _surviving_by_stage(model, inputs, policy, layers)
     with torch.no_grad(), _masking(layers, columns):
         logits = model(**inputs).logits
+    stages = [alive.nonzero()[:, 1].view(alive.shape[0], -1) for alive in columns.values()]
     return {"logits": logits, "kept": stages[-1], "stages": stages}
 
 
 def masked_generate(model, inputs: dict, policy: LanguagePolicy, **generate_kwargs) -> torch.Tensor:
     """model.generate() with the policy's kept sets enforced by masks in prefill and every decode step."""
     layers = language_layers(model)
+    columns = _surviving_by_stage(model, inputs, policy, layers)
+    with torch.no_grad(), _masking(layers, columns):
+        return model.generate(**inputs, **generate_kwargs)
+
+
+def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers) -> dict[int, torch.Tensor]:
+    """{stage layer: [B, S] bool, the positions surviving from that layer on}, stage by stage in order."""
+    policy.check_depth(len(layers))
     image_mask = _image_mask(model, inputs, policy)
     survivors = torch.ones_like(image_mask)
     columns: dict[int, torch.Tensor] = {}
     for stage in policy.stages():
         survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
         columns[stage.layer] = survivors
-    with torch.no_grad(), _masking(layers, columns):
-        return model.generate(**inputs, **generate_kwargs)
+    return columns
 
 
 def fastv_masked_forward(model, inputs: dict, layer: int, keep: float, query: str = "last") -> dict:
