@@ -31,6 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8, help="decoder layers")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant")
+    parser.add_argument("--onnx", action="store_true", help="time ONNX Runtime on to_onnx exports instead of "
+                                                                "Inductor (prefill only)")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
 
@@ -51,18 +53,78 @@ def kv_bytes(cache) -> int:
                for layer in cache.layers)
 
 
+def llava_shaped(args):
+    from tests.models import build_llava
+
+    return build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch, hidden=1024,
+                       heads=16, kv_heads=8, intermediate=2816, vocab=32000, vision_hidden=256, patch=14)
+
+
+def print_table(console, title: str, timings: dict, base_name: str, ideal: dict, prefix: str) -> dict:
+    """Medians, speedups over `base_name` and shares of the FLOPs-ideal speedup; returns the rows."""
+    from rich.table import Table
+
+    base = timings[base_name].median_ms
+    table = Table(title=title)
+    for column in ("variant", "median ms", "speedup", "FLOPs-ideal", "of ideal", "compile s"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    rows = {}
+    for name, timing in timings.items():
+        speedup = base / timing.median_ms
+        key = name.removeprefix(prefix)
+        share = speedup / ideal[key] if key in ideal else None
+        rows[name] = {"median_ms": timing.median_ms, "speedup": speedup, "flops_ideal": ideal.get(key),
+                      "of_ideal": share, "compile_s": timing.compile_s}
+        table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{ideal[key]:.2f}x" if share else "",
+                      f"{share:.2f}" if share else "", f"{timing.compile_s:.1f}")
+    console.print(table)
+    return rows
+
+
+def run_onnx(args) -> dict:
+    """ONNX Runtime (CPU) on static-batch exports of the unpruned and pruned prefills."""
+    import onnxruntime
+    from rich.console import Console
+
+    import tokensparse
+    from tokensparse.benchmark import time_side_by_side
+    from tokensparse.export import to_onnx
+
+    console = Console()
+    model, inputs = llava_shaped(args)
+    prefill = {**inputs, "logits_to_keep": 1}
+    directory = tempfile.mkdtemp(prefix="tokensparse-vlm-onnx-")
+    configs = {"unpruned": None, **{name: tokensparse.Config(llm=policy) for name, policy in variants(args.layers).items()}}
+    sessions, ideal = {}, {}
+    for name, config in configs.items():
+        console.print(f"exporting {name} ...")
+        start = time.perf_counter()
+        path = to_onnx(model, prefill, config, os.path.join(directory, f"{len(sessions)}.onnx"), dynamic=False).path
+        if config is not None:
+            ideal[name] = tokensparse.explain(model, prefill, config=config).flops_ideal_ratio
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feed = {value.name: prefill[value.name].numpy() for value in session.get_inputs()}
+        sessions[f"onnxruntime {name}"] = ((lambda *_, s=session, f=feed: s.run(None, f)), time.perf_counter() - start)
+    timings = time_side_by_side(sessions, (), args.runs)
+    rows = print_table(console, f"LLaVA-shaped prefill in ONNX Runtime, batch {args.batch}, median of {args.runs} runs "
+                                f"(compile s: export + session)", timings, "onnxruntime unpruned", ideal, "onnxruntime ")
+    result = {"runtime": "onnxruntime", "batch": args.batch, "layers": args.layers, "runs": args.runs, "variants": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     import tokensparse
-    from tests.models import build_llava
     from tokensparse.benchmark import first_call_seconds, time_side_by_side
 
+    if args.onnx:
+        return run_onnx(args)
     console = Console()
-    model, inputs = build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch,
-                                hidden=1024, heads=16, kv_heads=8, intermediate=2816, vocab=32000,
-                                vision_hidden=256, patch=14)
+    model, inputs = llava_shaped(args)
     prefill = {**inputs, "logits_to_keep": 1}
     policies = variants(args.layers)
     compiled, ideal = {}, {}
@@ -80,21 +142,9 @@ def run(args) -> dict:
     timings = time_side_by_side({name: (lambda *_, fn=fn: fn(), s) for name, (fn, s) in compiled.items()},
                                 (), args.runs)
 
-    base = timings["inductor (unpruned)"].median_ms
-    table = Table(title=f"LLaVA-shaped prefill, batch {args.batch}, {torch.get_num_threads()} threads, "
-                        f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)")
-    for column in ("variant", "median ms", "speedup", "FLOPs-ideal", "of ideal", "compile s"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    rows = {}
-    for name, timing in timings.items():
-        speedup = base / timing.median_ms
-        key = name.removeprefix("tokensparse ")
-        share = speedup / ideal[key] if key in ideal else None
-        rows[name] = {"median_ms": timing.median_ms, "speedup": speedup, "flops_ideal": ideal.get(key),
-                      "of_ideal": share, "compile_s": timing.compile_s}
-        table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{ideal[key]:.2f}x" if share else "",
-                      f"{share:.2f}" if share else "", f"{timing.compile_s:.1f}")
-    console.print(table)
+    rows = print_table(console, f"LLaVA-shaped prefill, batch {args.batch}, {torch.get_num_threads()} threads, "
+                                f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)",
+                       timings, "inductor (unpruned)", ideal, "tokensparse ")
 
     decode = Table(title=f"greedy generate(), {args.new_tokens} new tokens")
     for column in ("variant", "decode tokens/s", "KV bytes after prefill", "KV bytes at the end"):

@@ -112,3 +112,37 @@ def test_static_export_keeps_the_batch_axis_in_the_server_config(vit_config_dir,
     config = check_model_config((repo / "vit" / "config.pbtxt").read_text())
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [3, 3, 32, 32]
     assert not config.HasField("dynamic_batching")
+
+
+@pytest.fixture(scope="module")
+def llava_config_dir(tmp_path_factory):
+    from tests.models import build_llava
+
+    directory = tmp_path_factory.mktemp("llava_config")
+    model, _ = build_llava()
+    model.config.save_pretrained(directory)
+    return str(directory)
+
+
+def test_llava_fastv_export_with_checks(llava_config_dir, tmp_path, capsys):
+    out = tmp_path / "llava.onnx"
+    status = main(["--model", llava_config_dir, "--random-init", "--policy", "fastv", "--layer", "2", "--keep", "0.25",
+                   "--static", "--onnx", str(out), "--check", "--check-trt"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "with fastv built in; inputs ['input_ids', 'pixel_values'], outputs ['logits', 'image_hidden_states']" in err
+    assert "ONNX Runtime vs the masking oracle" in err and "ok" in err
+    assert "compatible" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policy", "fastv"], "cannot be exported with a dynamic batch axis: export with dynamic=False (tools/export.py "
+                            "--static)"),
+    (["--policy", "fastv", "--layer", "9", "--static"], "layer 9 is out of range: fastv needs 1 <= layer < 4"),
+    (["--policy", "pyramiddrop", "--ratio", "0", "--static"], "ratio=0.0 is out of range"),
+])
+def test_llava_bad_options_exit_2(argv, message, llava_config_dir, tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    assert main(["--model", llava_config_dir, "--random-init", "--onnx", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

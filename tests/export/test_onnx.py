@@ -54,6 +54,12 @@ def test_only_standard_onnx_ops(exported):
     assert "TopK" in ops and "GatherElements" in ops
 
 
+def test_outputs_are_named_after_the_model_outputs(exported):
+    model, _, result = exported
+    hf = type(model).__module__.startswith("transformers")
+    assert result.output_names == (["last_hidden_state", "pooler_output"] if hf else ["output"])
+
+
 def test_identity_policy_exports_the_unmodified_model(tmp_path):
     model, pixels = build("timm_vit", depth=2, width=32, heads=2, batch=3)
     result = to_onnx(model, (pixels,), {"policy": "tome", "r": 0}, str(tmp_path / "same.onnx"))

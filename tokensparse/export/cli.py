@@ -33,12 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a state_dict file for a timm model")
     source.add_argument("--onnx-in", help="rewrite this existing ONNX model instead of exporting one")
     policy = parser.add_argument_group("policy")
-    policy.add_argument("--policy", default="tome", choices=["tome", "topk", "none"])
+    policy.add_argument("--policy", default="tome", choices=["tome", "topk", "fastv", "pyramiddrop", "exit", "none"],
+                        help="tome/topk: vision transformers; fastv/pyramiddrop/exit: a LLaVA model's language model")
     policy.add_argument("--r", type=int, default=13, help="tome: tokens merged per block")
     policy.add_argument("--schedule", default="constant", choices=["constant", "decreasing"])
     policy.add_argument("--no-proportional-attention", action="store_true")
-    policy.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="topk: blocks to prune at")
-    policy.add_argument("--keep", type=float, default=0.7, help="topk: fraction of patch tokens kept")
+    policy.add_argument("--layers", type=int, nargs="+", help="topk: blocks to prune at (3 6 9); pyramiddrop: "
+                                                                   "decoder layers (8 16 24)")
+    policy.add_argument("--keep", type=float, help="topk: fraction of patch tokens kept (0.7); fastv: of vision "
+                                                   "tokens (0.5)")
+    policy.add_argument("--layer", type=int, help="fastv: decoder layer K (2); exit: the layer from which no "
+                                                  "vision token is left (16)")
+    policy.add_argument("--query", default="last", choices=["last", "text"], help="fastv: whose attention ranks")
+    policy.add_argument("--ratio", type=float, default=0.5, help="pyramiddrop: fraction kept at each stage")
     policy.add_argument("--fuse", action="store_true", help="topk: append the dropped tokens' weighted mean")
     output = parser.add_argument_group("output")
     output.add_argument("--onnx", help="where to write the exported ONNX model")
@@ -71,52 +78,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def policy_from_args(args):
     from tokensparse import ToMe, TopK
+    from tokensparse.policies import FastV, PyramidDrop, VisualExit
 
+    def given(**options):
+        return {name: value for name, value in options.items() if value is not None}
+
+    layers = tuple(args.layers) if args.layers else None
     if args.policy == "none":
         return None
     if args.policy == "tome":
         return ToMe(r=args.r, schedule=args.schedule, proportional_attention=not args.no_proportional_attention)
-    return TopK(layers=tuple(args.layers), keep=args.keep, fuse=args.fuse)
+    if args.policy == "topk":
+        return TopK(**given(layers=layers or (3, 6, 9), keep=0.7 if args.keep is None else args.keep), fuse=args.fuse)
+    if args.policy == "fastv":
+        return FastV(**given(layer=args.layer, keep=args.keep), query=args.query)
+    if args.policy == "pyramiddrop":
+        return PyramidDrop(**given(layers=layers), ratio=args.ratio)
+    return VisualExit(**given(layer=args.layer))
 
 
-def load_model(name: str, random_init: bool, checkpoint: Optional[str]):
-    """(model in eval mode, example image shape [C, H, W]) from a timm name or a HF directory."""
-    import torch
+def config_from_policy(policy):
+    from tokensparse import Config
+    from tokensparse.policies import LanguagePolicy
 
-    torch.manual_seed(0)
-    if os.path.isdir(name):
-        return _load_transformers(name, random_init)
-    import timm
-
-    if not timm.is_model(name):
-        raise UserError(f"--model {name!r} is neither a timm model name nor a directory with a Hugging Face "
-                        f"config.json")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise UserError(f"--checkpoint {checkpoint!r}: file not found")
-    try:
-        model = timm.create_model(name, pretrained=not (random_init or checkpoint))
-    except Exception as error:  # noqa: BLE001 - a failed download, said plainly
-        raise UserError(f"could not load pretrained weights for {name!r} ({type(error).__name__}); use "
-                        f"--random-init or --checkpoint FILE") from error
-    if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    return model.eval(), tuple(model.default_cfg.get("input_size", (3, 224, 224)))
-
-
-def _load_transformers(directory: str, random_init: bool):
-    import transformers
-
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise UserError(f"--model {directory!r} is a directory without a config.json")
-    config = transformers.AutoConfig.from_pretrained(directory)
-    vision = getattr(config, "vision_config", None) or config
-    if random_init:
-        model = transformers.AutoModel.from_config(vision)
-    else:
-        model = transformers.AutoModel.from_pretrained(directory)
-        model = getattr(model, "vision_model", model)
-    size = getattr(vision, "image_size", 224)
-    return model.eval(), (getattr(vision, "num_channels", 3), size, size)
+    return Config(llm=policy) if isinstance(policy, LanguagePolicy) else Config(vision=policy)
 
 
 def run(args) -> int:
@@ -132,27 +117,30 @@ def _run_export(args, console) -> int:
     import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tokensparse import Config
     from tokensparse.export import to_onnx
+    from tokensparse.export.cli_models import load_model
 
     if args.batch < 1:
         raise UserError(f"--batch {args.batch} is out of range: it must be at least 1")
     policy = policy_from_args(args)
-    config = Config(vision=policy)
+    config = config_from_policy(policy)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"building {args.model}")
-        model, image = load_model(args.model, args.random_init, args.checkpoint)
-        pixels = torch.randn(args.batch, *image, generator=torch.Generator().manual_seed(0))
+        loaded = load_model(args.model, args.random_init, args.checkpoint, args.batch)
+        model, image, inputs = loaded.model, loaded.image, loaded.inputs
+        pixels = inputs if isinstance(inputs, torch.Tensor) else inputs["pixel_values"]
         progress.update(task, description="torch.export, tokensparse passes, ONNX")
-        result = to_onnx(model, (pixels,), config, args.onnx, dynamic=not args.static, opset=args.opset,
-                         plugins=args.plugins)
+        result = to_onnx(model, (inputs,) if isinstance(inputs, torch.Tensor) else inputs, config, args.onnx,
+                         dynamic=not args.static, opset=args.opset, plugins=args.plugins)
         progress.update(task, description="done")
     what = f"with {policy.name} built in" if result.changed else f"unpruned ({result.reason})"
     console.print(f"wrote {result.path}: {what}; inputs {result.input_names}, outputs {result.output_names}")
     status = 0
     if args.check and args.plugins:
         console.print("check skipped: ONNX Runtime has no kernels for the TensorRT plugin nodes")
+    elif args.check and isinstance(inputs, dict):
+        status |= _check_vlm(model, policy if result.changed else None, result, inputs, console)
     elif args.check:
         status |= _check_against_pytorch(model, config, result, pixels, console)
     if args.check_trt:
@@ -206,15 +194,37 @@ def _check_against_pytorch(model, config, result, pixels, console) -> int:
         want = reference(pixels)
     want = want if isinstance(want, torch.Tensor) else want[0]
     [got, *_] = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
-    got = torch.from_numpy(got)
+    return _report_check(torch.from_numpy(got), want, "pruned PyTorch", console)
+
+
+def _check_vlm(model, policy, result, inputs: dict, console) -> int:
+    """ONNX Runtime's logits against the masking oracle's at the kept positions (tokensparse.reference.llava)."""
+    import onnxruntime
+    import torch
+
+    from tokensparse.reference.llava import masked_forward
+
+    session = onnxruntime.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+    [got, *_] = session.run(None, {value.name: inputs[value.name].numpy() for value in session.get_inputs()})
+    if policy is None:
+        with torch.no_grad():
+            want = model(**inputs, use_cache=False).logits
+    else:
+        reference = masked_forward(model, inputs, policy)
+        kept = reference["kept"].unsqueeze(-1).expand(-1, -1, reference["logits"].shape[-1])
+        want = reference["logits"].gather(1, kept)
+    return _report_check(torch.from_numpy(got), want, "the masking oracle" if policy else "PyTorch", console)
+
+
+def _report_check(got, want, against: str, console) -> int:
     if got.shape != want.shape:
-        console.print(f"[red]check failed[/red]: ONNX Runtime gives shape {tuple(got.shape)}, PyTorch "
+        console.print(f"[red]check failed[/red]: ONNX Runtime gives shape {tuple(got.shape)}, {against} "
                       f"{tuple(want.shape)}")
         return 1
     error = (got - want).abs().max().item()
     relative = error / max(want.abs().max().item(), 1e-12)
     ok = relative <= 1e-4
-    console.print(f"check: ONNX Runtime vs pruned PyTorch, max |error| {error:.2e} (relative {relative:.2e}): "
+    console.print(f"check: ONNX Runtime vs {against}, max |error| {error:.2e} (relative {relative:.2e}): "
                   + ("[green]ok[/green]" if ok else "[red]too large[/red]"))
     return 0 if ok else 1
 
@@ -234,10 +244,9 @@ def _check_trt(path: str, console) -> int:
 
 
 def _run_onnx_rewrite(args, console) -> int:
-    from tokensparse import Config
     from tokensparse.export import rewrite_onnx
 
-    result = rewrite_onnx(args.onnx_in, args.out, Config(vision=policy_from_args(args)), explain=args.explain)
+    result = rewrite_onnx(args.onnx_in, args.out, config_from_policy(policy_from_args(args)), explain=args.explain)
     console.print(str(result))
     if args.check_trt and args.out:
         return _check_trt(args.out, console)

@@ -10,21 +10,33 @@ import math
 import torch
 import torch.fx as fx
 
+from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
-from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
+from tokensparse.patterns.graph import MatchFailure
+from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION, TOME_MERGE, TOPK_PRUNE
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 # Each tokensparse op's plain-PyTorch implementation, traced into aten ops when the graph is re-exported.
-POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step}
+POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_keep}
 
 
-def inline_policy_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace tokensparse:: op calls by their policy functions, then views by reshapes."""
+# Ops whose policy code has no ONNX form yet, with the reason.
+NOT_LOWERED = {KEEP_DIVERSE: "divprune's greedy selection takes one data-dependent step per kept token "
+                             "(an ONNX Loop), which is not built yet"}
+
+
+def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset()) -> fx.GraphModule:
+    """Replace tokensparse:: op calls (except those in `keep_ops`, which become plugin nodes) by their
+    policy functions, then views by reshapes."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in POLICY_CODE:
+        if node.op != "call_function" or node.target in keep_ops:
+            continue
+        if node.target in NOT_LOWERED:
+            raise MatchFailure(f"{node.name}: {NOT_LOWERED[node.target]}")
+        if node.target in POLICY_CODE:
             node.target = POLICY_CODE[node.target]
     return keep_views_as_reshapes(gm)
 

@@ -5,13 +5,17 @@ with reduction), so that ONNX Runtime, TensorRT and OpenVINO run it without cust
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code, keep_views_as_reshapes
+from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
+from tokensparse.patterns.graph import MatchFailure
+from tokensparse.runtime.hf import is_generative
 from tokensparse.runtime.ops import static_token_counts
 from tokensparse.rewrite import RewriteResult, rewrite_graph, warn_once
 
@@ -30,34 +34,40 @@ class OnnxExport:
     output_names: list = field(default_factory=list)
 
 
-def export_pruned(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], config,
-                  dynamic: bool = True, plugins: bool = False) -> tuple[torch.export.ExportedProgram, RewriteResult]:
+def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool = True,
+                  plugins: bool = False) -> tuple[torch.export.ExportedProgram, RewriteResult]:
     """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with
-    `plugins` keeping each policy step as one tokensparse:: op (static token counts)."""
+    `plugins` keeping each policy step as one tokensparse:: op (static token counts). `example_inputs` is
+    a sequence of positional inputs or a dict of keyword inputs."""
     config = Config() if config is None else config_from_options(config)
-    inputs = _batch_of_two(example_inputs) if dynamic else tuple(example_inputs)
-    dynamic_shapes = _batch_axes(inputs) if dynamic else None
-    exported = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    args, kwargs = example_call(model, example_inputs)
+    if dynamic:
+        args, kwargs = _batch_of_two(args), dict(zip(kwargs, _batch_of_two(kwargs.values())))
+    dynamic_shapes = _batch_axes(args, kwargs) if dynamic else None
+    exported = _export(model, args, kwargs, dynamic_shapes)
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
     result = rewrite_graph(graph, fakes, config)
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
-    lowered = keep_views_as_reshapes(result.gm) if plugins else inline_policy_code(result.gm)
     try:
+        lowered = inline_policy_code(result.gm, plugin_ops() if plugins else frozenset())
         with static_token_counts():
-            pruned = torch.export.export(lowered, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            pruned = _export(lowered, args, kwargs, dynamic_shapes)
     except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
-        reason = f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+        reason = error.reason if isinstance(error, MatchFailure) else (
+            f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})")
         warn_once(reason)
         return exported.run_decompositions(DECOMPOSITIONS), RewriteResult(graph, False, reason, result.match)
     return pruned.run_decompositions(DECOMPOSITIONS), result
 
 
-def to_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], config, path: str,
-            dynamic: bool = True, opset: int = DEFAULT_OPSET, plugins: bool = False) -> OnnxExport:
-    """Export `model` with `config` (a Config or options dict) to the ONNX file `path`; `dynamic` makes
-    the batch axis of every input dynamic; `plugins` writes each policy step as one TensorRT plugin node
+def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: bool = True,
+            opset: int = DEFAULT_OPSET, plugins: bool = False) -> OnnxExport:
+    """Export `model` with `config` (a Config or options dict) to the ONNX file `path`. `example_inputs` is
+    a sequence of positional inputs or a dict of keyword inputs (a Hugging Face VLM's input_ids and
+    pixel_values; generative models export their prefill logits, without a KV cache). `dynamic` makes the
+    batch axis of every input dynamic; `plugins` writes each policy step as one TensorRT plugin node
     (domain "tokensparse") instead of standard operators. Returns what was written and whether pruning
     is built in."""
     from tokensparse.export.plugin_nodes import PLUGIN_TRANSLATIONS
@@ -68,8 +78,10 @@ def to_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], conf
     config = Config() if config is None else config_from_options(config)
     program, result = export_pruned(model, example_inputs, config, dynamic, plugins)
     translations = {**TRANSLATIONS, **PLUGIN_TRANSLATIONS} if plugins else TRANSLATIONS
-    onnx_program = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                     optimize=True, verbose=False, custom_translation_table=translations)
+    args, kwargs = example_call(model, example_inputs)
+    onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                     optimize=True, verbose=False, custom_translation_table=translations,
+                                     output_names=output_names(program))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     onnx_program.save(path)
@@ -78,12 +90,63 @@ def to_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], conf
                       [value.name for value in graph.inputs], [value.name for value in graph.outputs])
 
 
-def _batch_of_two(example_inputs) -> tuple:
+def output_names(program: torch.export.ExportedProgram) -> list[str]:
+    """Names for the exported outputs from the model's own output structure: "logits" and
+    "image_hidden_states" for a ModelOutput, "output" for a lone tensor, "output_0", ... for a tuple."""
+    spec = program.call_spec.out_spec
+    leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+    names = [re.sub(r"\W+", "_", pytree.keystr(path)).strip("_") for path, _ in leaves]
+    names = [name if not name.isdigit() else f"output_{name}" for name in names]
+    if len(set(names)) != len(names) or not all(names):
+        return ["output"] if len(names) == 1 else [f"output_{index}" for index in range(len(names))]
+    return names
+
+
+def plugin_ops() -> frozenset:
+    """The tokensparse ops that plugins=True writes as TensorRT plugin nodes; the others become standard ops."""
+    from tokensparse.export.plugin_nodes import PLUGIN_TRANSLATIONS
+
+    return frozenset(PLUGIN_TRANSLATIONS)
+
+
+def example_call(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) of the exported call. A generative Hugging Face model is exported without its KV
+    cache (use_cache=False): the export computes the prefill's logits."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError(f"example_inputs is a {type(example_inputs).__name__}: give a tuple of positional "
+                        f"inputs or a dict of keyword inputs")
+    if is_generative(model):
+        kwargs.setdefault("use_cache", False)
+    return args, kwargs
+
+
+def _export(model, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except torch._dynamo.exc.UserError as error:
+        if dynamic_shapes is None or error.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+            raise
+        raise ValueError(f"{type(model).__name__} fixes the batch size while it is traced, so it cannot be "
+                         f"exported with a dynamic batch axis: export with dynamic=False (tools/export.py "
+                         f"--static) and one example batch per batch size") from error
+
+
+def _batch_of_two(inputs) -> tuple:
     """torch.export specialises a dimension of size 1: trace a dynamic batch with two samples."""
     return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0
-                 and x.shape[0] == 1 else x for x in example_inputs)
+                 and x.shape[0] == 1 else x for x in inputs)
 
 
-def _batch_axes(inputs) -> tuple:
+def _batch_axes(args, kwargs):
     batch = torch.export.Dim("batch", min=1, max=4096)
-    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+
+    def axes(x):
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    positional = tuple(axes(x) for x in args)
+    return {name: axes(x) for name, x in kwargs.items()} if not args else positional if not kwargs else (
+        positional + tuple(axes(x) for x in kwargs.values()))

@@ -34,7 +34,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
         order = {node: position for position, node in enumerate(graph.nodes)}
         point = min(layer.nodes, key=order.__getitem__)
-        riders = _riders(graph, inside, lm.sequence)
+        riders = _riders(graph, inside, lm.sequence, lm.returns_cache)
         stream = _stream_into(layer, riders)
         if mask is None:
             mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
@@ -49,8 +49,9 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _riders(graph: fx.Graph, inside: set, sequence) -> list[tuple[fx.Node, tuple]]:
-    """Tensors made before the cut and read inside it that are indexed by token, with their token axes."""
+def _riders(graph: fx.Graph, inside: set, sequence, returns_cache: bool) -> list[tuple[fx.Node, tuple]]:
+    """Tensors made before the cut and read inside it that are indexed by token, with their token axes. An
+    attention mask [B, 1, S, S] is gathered on both axes when the graph returns no KV cache."""
     riders = []
     for node in graph.nodes:
         if node in inside or node.op in ("placeholder", "get_attr", "output"):
@@ -67,7 +68,7 @@ def _riders(graph: fx.Graph, inside: set, sequence) -> list[tuple[fx.Node, tuple
         if len(axes) > 1 and not (axes == (len(shape) - 2, len(shape) - 1) and _is_attention_mask(node)):
             raise MatchFailure(f"{node.name} {list(shape)}: cannot tell which axis holds the {sequence} tokens "
                                f"(another size equals the sequence length)")
-        if len(axes) > 1:
+        if len(axes) > 1 and returns_cache:
             # Gathering the prefill mask is right, but generate() builds every decode step's mask from layer
             # 0's cache length, which the pruned layers no longer have.
             raise MatchFailure(f"{node.name} {list(shape)} is a padding attention mask: pruning prompts with padding "
@@ -101,10 +102,18 @@ def _stream_into(layer: DecoderLayer, riders: list) -> fx.Node:
     """The residual stream entering `layer`: the rider that the layer adds to its attention output."""
     after = downstream([layer.site.node], within=layer.nodes)
     for rider, _ in riders:
-        for user in rider.users:
-            if user in after and is_op(user, "add", "iadd", "add_"):
+        # torch.export records a no-op .to(dtype) as the node that later reads of the same tensor use
+        aliases = [rider] + [user for user in rider.users if is_op(user, "to") and same_size(
+            shape_of(user), shape_of(rider)) and _dtype(user) == _dtype(rider)]
+        for alias in aliases:
+            if any(user in after and is_op(user, "add", "iadd", "add_") for user in alias.users):
                 return rider
     raise MatchFailure(f"{layer.path}: no residual add of the layer input and its attention output")
+
+
+def _dtype(node: fx.Node):
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return getattr(value, "dtype", None)
 
 
 def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> fx.Node:

@@ -32,6 +32,7 @@ class LanguageModelMatch:
     sequence: int                      # S, the prompt length seen while tracing
     span: Optional[VisionSpan]         # the masked_scatter merge, when found
     image_mask: Optional[fx.Node]      # [B, S] or [B, S, 1] bool from the merge (None with an explicit span)
+    returns_cache: bool = True         # the graph outputs tensors made inside decoder layers (its KV cache)
     notes: list = field(default_factory=list)
 
     @property
@@ -78,7 +79,15 @@ def match_language_model(gm: fx.GraphModule, vision_span: Optional[tuple] = None
     if vision_span is not None and vision_span[1] > sequence:
         raise ValueError(f"vision_span={vision_span} is outside the sequence: the prompt has {sequence} positions")
     notes += [f"block list {name}: not the language model, left unchanged" for name in lists if name != list_path]
-    return LanguageModelMatch(layers, list_path, sequence, span, span.mask if span else None, notes)
+    return LanguageModelMatch(layers, list_path, sequence, span, span.mask if span else None,
+                              _returns_layer_tensors(gm, layers), notes)
+
+
+def _returns_layer_tensors(gm: fx.GraphModule, layers: list[DecoderLayer]) -> bool:
+    """Whether a graph output is made inside a decoder layer: its KV cache (or per-layer hidden states), which
+    later decode steps read. A prefill-only graph (use_cache=False, an export of the logits) returns none."""
+    inside = set().union(*(layer.nodes for layer in layers))
+    return any(node in inside for node in gm.graph.find_nodes(op="output")[0].all_input_nodes)
 
 
 def _layers(gm: fx.GraphModule, list_path: str, entries: list) -> list[DecoderLayer]:

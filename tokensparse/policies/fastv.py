@@ -82,10 +82,17 @@ def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torc
 
 
 def kept_image_count(image_tokens: int, keep: float) -> int:
-    """round(keep * N_vision), at least one; keep=0 keeps none (visual-token exit)."""
-    if keep == 0 or image_tokens == 0:
-        return 0
-    return max(1, min(image_tokens, round(keep * image_tokens)))
+    """round(keep * N_vision) (in float32, as exported graphs compute it), at least one; keep=0 keeps none
+    (visual-token exit)."""
+    return int(kept_image_counts(torch.tensor([image_tokens]), keep)[0].clamp_max(image_tokens))
+
+
+def kept_image_counts(counts: torch.Tensor, keep: float) -> torch.Tensor:
+    """kept_image_count for a tensor of image-token counts, in tensor ops that torch.export and ONNX trace."""
+    if keep == 0:
+        return torch.zeros_like(counts)
+    kept = torch.round(counts.float() * keep).clamp_min(1).to(counts.dtype)
+    return torch.where(counts == 0, counts, kept)
 
 
 def image_count(image_mask: torch.Tensor) -> int:
@@ -98,19 +105,31 @@ def image_count(image_mask: torch.Tensor) -> int:
 
 
 def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
-    """Positions [B, S'] kept from layer K on, ascending: every text position and the best-scored
-    image positions (ties to the lower position). Every sample must hold the same number of image tokens."""
-    return positions_kept(image_mask, top_image_positions(scores, image_mask, keep))
-
-
-def top_image_positions(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
-    """[B, k] positions of the k = kept_image_count best-scored image tokens."""
-    count = kept_image_count(image_count(image_mask), keep)
-    ranked = scores.float().masked_fill(~image_mask, -math.inf).sort(dim=-1, descending=True, stable=True)
-    return ranked.indices[:, :count]
+    """Positions [B, S'] kept from layer K on, ascending: every text position and the kept_image_count
+    best-scored image positions (ties to the lower position). Every sample must hold the same number of
+    image tokens. Data-dependent only through nonzero, so that torch.export and ONNX trace it."""
+    if not _traced(image_mask):
+        image_count(image_mask)                                  # unequal counts: a clear error, eagerly
+    batch, sequence = image_mask.shape
+    order = scores.float().masked_fill(~image_mask, -math.inf).sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(sequence, device=order.device).expand(batch, -1)
+    rank = torch.empty_like(order).scatter(1, order, ranks)                 # each position's place in the order
+    counts = kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep)
+    return _ascending_positions(~image_mask | (rank < counts))
 
 
 def positions_kept(image_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
     """[B, S'] ascending: every text position plus the given image positions [B, k]."""
-    kept = (~image_mask).scatter(1, image_positions, True)
-    return kept.nonzero()[:, 1].reshape(image_mask.shape[0], -1).clone(memory_format=torch.contiguous_format)
+    return _ascending_positions((~image_mask).scatter(1, image_positions, True))
+
+
+def _ascending_positions(kept: torch.Tensor) -> torch.Tensor:
+    """[B, S'] the True positions of kept [B, S] (the same count in every sample), contiguous."""
+    return kept.nonzero()[:, 1].reshape(kept.shape[0], -1).clone(memory_format=torch.contiguous_format)
+
+
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is being traced (torch.export, FakeTensor propagation) rather than computed."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor) or torch.compiler.is_compiling()

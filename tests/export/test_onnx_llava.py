@@ -1,0 +1,70 @@
+"""to_onnx on a LLaVA language model: ONNX Runtime runs the pruned prefill (standard ops only: the kept
+count is data-dependent, so NonZero) and its logits equal the masking oracle's at the kept positions,
+at batch sizes 1, 2 and 5 and on inputs other than the traced ones."""
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from tests.models import build_llava
+from tokensparse import Config
+from tokensparse.export import to_onnx
+from tokensparse.policies import DivPrune, FastV, PyramidDrop, VisualExit
+from tokensparse.reference.llava import masked_forward
+
+
+def _ort_logits(path: str, inputs: dict) -> torch.Tensor:
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {value.name: inputs[value.name].numpy() for value in session.get_inputs()}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def _oracle_at_kept(model, inputs: dict, policy) -> torch.Tensor:
+    reference = masked_forward(model, inputs, policy)
+    logits, kept = reference["logits"], reference["kept"]
+    return logits.gather(1, kept.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+def _export_and_compare(tmp_path, policy, batch: int, **sizes):
+    model, traced = build_llava(batch=batch, **sizes)
+    result = to_onnx(model, traced, Config(llm=policy), str(tmp_path / "llava.onnx"), dynamic=False)
+    assert result.changed, result.reason
+    assert result.input_names == ["input_ids", "pixel_values"]
+    _, other = build_llava(batch=batch, seed=batch + 100, **sizes)         # not the traced example
+    got = _ort_logits(result.path, other)
+    want = _oracle_at_kept(model, other, policy)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return result
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_fastv_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
+    result = _export_and_compare(tmp_path, FastV(layer=2, keep=0.25), batch)
+    ops = {node.op_type for node in onnx.load(result.path).graph.node}
+    assert {"TopK", "NonZero", "GatherElements"} <= ops
+    assert {node.domain for node in onnx.load(result.path).graph.node} <= {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("policy", [FastV(layer=3, keep=0.5, query="text"), PyramidDrop(layers=(1, 3), ratio=0.5),
+                                    VisualExit(layer=3)], ids=["fastv_text", "pyramiddrop", "exit"])
+def test_other_language_policies_export(tmp_path, policy):
+    _export_and_compare(tmp_path, policy, 2)
+
+
+def test_divprune_exports_unpruned_with_the_reason(tmp_path):
+    model, inputs = build_llava(batch=1)
+    with pytest.warns(UserWarning, match="divprune's greedy selection"):
+        result = to_onnx(model, inputs, Config(llm=DivPrune(keep=0.3)), str(tmp_path / "d.onnx"), dynamic=False)
+    assert not result.changed
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(_ort_logits(result.path, inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_fixes_its_batch_gets_a_clear_error(tmp_path):
+    model, inputs = build_llava(batch=1)
+    with pytest.raises(ValueError, match="cannot be exported with a dynamic batch axis: export with dynamic=False"):
+        to_onnx(model, inputs, Config(llm=FastV()), str(tmp_path / "x.onnx"))
+    assert not (tmp_path / "x.onnx").exists()
