@@ -127,3 +127,20 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
                            torch.randint(0, image_token - 9, (batch, after), generator=generator)], dim=1)
     pixel_values = torch.randn(batch, 3, patch * side, patch * side, generator=generator)
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}
+
+
+def build_llama(*, layers: int = 2, prompt: int = 40, batch: int = 2, seed: int = SEED, hidden: int = 64,
+                heads: int = 4, kv_heads: int = 2, vocab: int = 300):
+    """(LlamaForCausalLM.eval(), inputs) with GQA and random weights; inputs hold input_ids and an
+    all-ones attention_mask."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
+    model = T.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

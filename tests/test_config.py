@@ -15,7 +15,7 @@ def test_options_build_typed_policies():
 
 @pytest.mark.parametrize("options, message", [
     ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['divprune', 'exit', 'fastv', 'pyramiddrop', "
-                            r"'tome', 'topk'\]"),
+                            r"'snapkv', 'streamingllm', 'tome', 'topk'\]"),
     ({"policy": "fastv", "keep": 0.0}, "keep=0.0 is out of range"),
     ({"policy": "fastv", "layer": 0}, "layer=0 is out of range"),
     ({"policy": "fastv", "query": "first"}, "query='first' is unknown"),
@@ -40,6 +40,21 @@ def test_language_policies_go_to_the_llm_slot():
     assert config_from_options({"policy": "pyramiddrop", "layers": [16, 8]}).llm == PyramidDrop(layers=(8, 16))
     assert [stage.keep for stage in VisualExit(layer=4).stages()] == [0.0]
     assert DivPrune().stages()[0].layer == 0
+
+
+def test_kv_policies_go_to_the_kv_slot():
+    from tokensparse import SnapKV, StreamingLLM
+
+    config = config_from_options({"policy": "snapkv", "budget": 16, "window": 4})
+    assert config.kv == SnapKV(budget=16, window=4) and config.policy is None
+    assert config_from_options({"policy": "streamingllm", "sinks": 2}).kv == StreamingLLM(sinks=2)
+    assert Config(llm=FastV(), kv=SnapKV()).kv == SnapKV()
+    with pytest.raises(ValueError, match="kv=FastV.* must be a KV-cache policy"):
+        Config(kv=FastV())
+    with pytest.raises(ValueError, match="vision= and kv= together are not supported"):
+        Config(vision=ToMe(r=2), kv=SnapKV())
+    with pytest.raises(ValueError, match="vision=SnapKV.* must be a vision-encoder policy"):
+        Config(vision=SnapKV())
 
 
 def test_config_rejects_non_policy():

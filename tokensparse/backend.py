@@ -6,13 +6,18 @@ import warnings
 
 from tokensparse.config import config_from_options
 from tokensparse.passes.fake import allow_symbolic_token_counts
-from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_graph
+from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_graph, rewrite_kv_cache
 
 
 def tokensparse_backend(gm, example_inputs, options=None, **unused):
     """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13})."""
     config = config_from_options(options)
     result = rewrite_graph(gm, example_inputs, config)
+    if config.kv is not None:
+        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv)
+        if evicted.changed:
+            result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
+                                   result.notes)
     if not config.inductor:
         return result.gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from tokensparse.policies import POLICIES, LanguagePolicy, Policy
+from tokensparse.policies import POLICIES, KVPolicy, LanguagePolicy, Policy
 
 # Options the backend itself takes, beside the policy's own.
 BACKEND_OPTIONS = ("policy", "inductor", "regional")
@@ -13,20 +13,28 @@ BACKEND_OPTIONS = ("policy", "inductor", "regional")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """What tokensparse does to a model: a vision-encoder policy (ToMe, TopK) and a language-model policy
-    (FastV, PyramidDrop, DivPrune, VisualExit) that prunes vision tokens of a VLM's sequence."""
+    """What tokensparse does to a model: a vision-encoder policy (ToMe, TopK), a language-model policy
+    (FastV, PyramidDrop, DivPrune, VisualExit) that prunes vision tokens of a VLM's sequence, and a
+    KV-cache policy (SnapKV, StreamingLLM) that shrinks a decoder's cache for decoding."""
 
     vision: Optional[Policy] = None
     llm: Optional[LanguagePolicy] = None
+    kv: Optional[KVPolicy] = None
     inductor: bool = True
     regional: bool = True      # compile each distinct block once and reuse it (tokensparse.regions)
 
     def __post_init__(self):
-        if self.vision is not None and (not isinstance(self.vision, Policy) or isinstance(self.vision, LanguagePolicy)):
+        if self.vision is not None and (not isinstance(self.vision, Policy)
+                                        or isinstance(self.vision, (LanguagePolicy, KVPolicy))):
             raise ValueError(f"vision={self.vision!r} must be a vision-encoder policy such as tokensparse.ToMe(r=8)")
         if self.llm is not None and not isinstance(self.llm, LanguagePolicy):
             raise ValueError(f"llm={self.llm!r} must be a language-model policy such as "
                              f"tokensparse.FastV(layer=2, keep=0.25)")
+        if self.kv is not None and not isinstance(self.kv, KVPolicy):
+            raise ValueError(f"kv={self.kv!r} must be a KV-cache policy such as tokensparse.SnapKV(budget=512)")
+        if self.vision is not None and self.kv is not None:
+            raise ValueError("vision= and kv= together are not supported: a vision-encoder policy acts on a model "
+                             "without a KV cache; use llm= and kv= for a VLM's language model")
         if self.vision is not None and self.llm is not None:
             raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
                              "number of image features the language model expects; choose one")
@@ -36,7 +44,7 @@ class Config:
 
     @property
     def policy(self) -> Optional[Policy]:
-        """The one policy this config applies."""
+        """The token policy this config applies (vision= or llm=); kv= is applied after it."""
         return self.vision if self.vision is not None else self.llm
 
 
@@ -64,4 +72,6 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
                          f"allowed options are {allowed}")
     if isinstance(policy, LanguagePolicy):
         return Config(llm=policy, **backend_options)
+    if isinstance(policy, KVPolicy):
+        return Config(kv=policy, **backend_options)
     return Config(vision=policy, **backend_options)

@@ -11,13 +11,14 @@ from typing import Optional
 import torch.fx as fx
 
 from tokensparse.config import Config
-from tokensparse.passes import PASSES
+from tokensparse.passes import KV_PASSES, PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
 from tokensparse.patterns.graph import output_shapes
+from tokensparse.patterns.kv_cache import find_cache_sites
 from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
-from tokensparse.policies import LanguagePolicy
+from tokensparse.policies import KVPolicy, LanguagePolicy
 
 
 class TokensparseWarning(UserWarning):
@@ -86,6 +87,29 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     work.graph.eliminate_dead_code()
     work.recompile()
     return RewriteResult(work, True, None, match, ctx, match.notes)
+
+
+def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True) -> RewriteResult:
+    """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward
+    whose cache is still within the budget comes back unchanged without a warning."""
+    work = copy_graph_module(gm)
+    try:
+        sites = find_cache_sites(work)
+    except MatchFailure as failure:
+        return _unchanged(gm, failure.reason, warn)
+    fake_mode = detect_fake_mode(example_inputs)
+    ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites)
+    ctx.original_output_shapes = output_shapes(work)
+    try:
+        for rewrite_pass in KV_PASSES:
+            work = rewrite_pass(work, ctx)
+            if not ctx.acted_blocks:
+                return RewriteResult(gm, False, "the cache is within the budget")
+    except MatchFailure as failure:
+        return _unchanged(gm, failure.reason, warn)
+    work.graph.eliminate_dead_code()
+    work.recompile()
+    return RewriteResult(work, True, None, None, ctx)
 
 
 def _unchanged(gm, reason: str, warn: bool, match=None) -> RewriteResult:

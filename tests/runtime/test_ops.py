@@ -66,3 +66,21 @@ def test_keep_diverse_vision_tokens_opcheck_and_reference():
     image_mask[:, 1:8] = True
     torch.library.opcheck(KEEP_DIVERSE, (features, image_mask, 0.5))
     assert torch.equal(KEEP_DIVERSE(features, image_mask, 0.5), divprune_keep(features, image_mask, 0.5))
+
+
+@pytest.mark.parametrize("count", [5, 9, 12])
+def test_snapkv_keep_and_kv_evict_opcheck(count):
+    from tokensparse.policies.snapkv import snapkv_keep
+    from tokensparse.runtime.ops import KV_EVICT, SNAPKV_KEEP
+
+    gen = torch.Generator().manual_seed(count)
+    q, keys, values = (torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen),
+                       torch.randn(2, 2, 12, 8, generator=gen))
+    args = (q, keys, 0.35, count, 3, 5, "avg")
+    torch.library.opcheck(SNAPKV_KEEP, args)
+    kept = SNAPKV_KEEP(*args)
+    assert torch.equal(kept, snapkv_keep(*args)) and kept.shape == (2, 2, count)
+    torch.library.opcheck(KV_EVICT, (keys, values, kept))
+    new_keys, new_values = KV_EVICT(keys, values, kept)
+    assert torch.equal(new_keys[1, 0, 2], keys[1, 0, kept[1, 0, 2]])
+    assert torch.equal(new_values[0, 1, -1], values[0, 1, 11])

@@ -1,12 +1,13 @@
 """The rewrite passes, one per file, applied in this explicit order. Each is (gm, ctx) -> gm."""
 
 from tokensparse.passes.all_pass_masks import drop_all_pass_masks_pass
+from tokensparse.passes.evict_kv import evict_kv_pass
 from tokensparse.passes.merge_tokens import merge_tokens_pass
 from tokensparse.passes.proportional_attention import proportional_attention_pass
 from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
-from tokensparse.passes.verify import verify_pass
+from tokensparse.passes.verify import verify_cache_pass, verify_pass
 
 PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
@@ -18,4 +19,11 @@ PASSES = (
     verify_pass,                  # FakeTensor propagation over the result
 )
 
-__all__ = ["PASSES"]
+# KV-cache policies rewrite the graph that the passes above produced (or the plain one).
+KV_PASSES = (
+    evict_kv_pass,                # SnapKV, StreamingLLM: the stored keys/values keep only the kept positions
+    rederive_sizes_pass,          # FakeTensor propagation (nothing reads the evicted cache in this graph)
+    verify_cache_pass,            # outputs changed only along the cache axis
+)
+
+__all__ = ["KV_PASSES", "PASSES"]

@@ -31,6 +31,7 @@ class PassContext:
     original_output_shapes: Optional[list] = None
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
     language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
+    cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))

@@ -38,6 +38,25 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 
+def verify_cache_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """After a KV-cache eviction: the graph lints, ran on fake tensors, and its outputs changed only along
+    the cache axis of the stored keys and values."""
+    gm.graph.lint()
+    gm.recompile()
+    if not ctx.propagated:
+        raise RuntimeError("verify_cache_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
+    old, new = ctx.original_output_shapes, output_shapes(gm)
+    if len(old) != len(new):
+        raise MatchFailure(f"the rewritten graph returns {len(new)} outputs instead of {len(old)}")
+    for index, (before, after) in enumerate(zip(old, new)):
+        if before is None or after is None or (len(before) == len(after) and all(map(same_size, before, after))):
+            continue
+        if len(before) != 4 or len(after) != 4 or any(not same_size(before[d], after[d]) for d in (0, 1, 3)):
+            raise MatchFailure(f"output {index} changed shape from {list(before)} to {list(after)} outside the "
+                               f"cache axis")
+    return gm
+
+
 def _check_attention_masks(ctx: PassContext) -> None:
     """A mask made for the original token count cannot serve attention over fewer tokens (under
     unbacked sizes FakeTensor broadcasting would assume they agree)."""

@@ -3,13 +3,16 @@
 from tokensparse.policies.base import Policy
 from tokensparse.policies.divprune import DivPrune
 from tokensparse.policies.fastv import FastV
+from tokensparse.policies.kv_policy import KVPolicy
 from tokensparse.policies.language import LanguagePolicy
 from tokensparse.policies.pyramiddrop import PyramidDrop
+from tokensparse.policies.snapkv import SnapKV
+from tokensparse.policies.streamingllm import StreamingLLM
 from tokensparse.policies.tome import ToMe
 from tokensparse.policies.topk import TopK
 from tokensparse.policies.visual_exit import VisualExit
 
-POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit)}
+POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM)}
 
-__all__ = ["POLICIES", "DivPrune", "FastV", "LanguagePolicy", "Policy", "PyramidDrop", "ToMe", "TopK",
-           "VisualExit"]
+__all__ = ["POLICIES", "DivPrune", "FastV", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
+           "StreamingLLM", "ToMe", "TopK", "VisualExit"]

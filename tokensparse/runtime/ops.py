@@ -14,6 +14,7 @@ from torch.utils import flop_counter
 
 from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.fastv import fastv_keep
+from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 
@@ -92,6 +93,34 @@ def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
     return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::snapkv_keep", mutates_args=())
+def snapkv_keep_op(q: Tensor, keys: Tensor, scale: float, count: int, window: int, kernel: int,
+                   pooling: str) -> Tensor:
+    """SnapKV's kept cache positions [B, H_kv, count] from the forward's queries q [B, H, S, d] and the
+    cache's keys [B, H_kv, L, d]."""
+    return snapkv_keep(q, keys, scale, count, window, kernel, pooling)
+
+
+@snapkv_keep_op.register_fake
+def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling):
+    return keys.new_empty(keys.shape[0], keys.shape[1], count, dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
+def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
+    values [B, H_kv, K, d]. DynamicCache stores these in place of the grown cache."""
+    index = kept.unsqueeze(-1)
+    return (keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
+            values.gather(2, index.expand(-1, -1, -1, values.shape[-1])))
+
+
+@kv_evict.register_fake
+def _kv_evict_fake(keys, values, kept):
+    batch, heads, count = kept.shape
+    return keys.new_empty(batch, heads, count, keys.shape[-1]), values.new_empty(batch, heads, count, values.shape[-1])
+
+
 def _kept_positions():
     """The kept sequence length: data-dependent (it counts image tokens), so always a fresh unbacked size."""
     return torch.library.get_ctx().new_dynamic_size(min=1)
@@ -114,6 +143,8 @@ TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
+SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
+KV_EVICT = torch.ops.tokensparse.kv_evict.default
 
 
 def is_tokensparse_target(target) -> bool:

@@ -1,0 +1,103 @@
+"""KV-cache eviction in generate(): the compiled (eager-run) graphs evict what the masking reference
+evicts: same greedy tokens, logits within float tolerance, the kept keys are the reference's, and the
+cache holds the budget. Nothing to evict leaves every graph unchanged; padding is refused with the reason."""
+
+import warnings
+
+import pytest
+import torch
+
+import tokensparse
+from tests.models import build_llama, build_llava
+from tokensparse import Config, FastV, SnapKV, StreamingLLM
+from tokensparse.reference.kv import evicted_generate
+
+GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_llama(layers=2, prompt=40, batch=2)
+
+
+def _generate(model, inputs, config):
+    fast = tokensparse.compile(model, config)
+    with torch.no_grad():
+        return fast.generate(**inputs, **GENERATE)
+
+
+def _assert_same(out, reference):
+    assert torch.equal(out.sequences, reference.sequences)
+    for got, want in zip(out.logits, reference.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy, lengths", [
+    (SnapKV(budget=16, window=4), 16 + 19),
+    (SnapKV(budget=0.3, window=4, kernel=3, pooling="max"), 12 + 19),
+    (StreamingLLM(sinks=2, window=10), 12),
+], ids=["snapkv", "snapkv_ratio_max", "streamingllm"])
+def test_generate_equals_the_evicting_reference(llama, policy, lengths):
+    model, inputs = llama
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [lengths, lengths]
+    assert all(int(alive[0, 0].sum()) == lengths for alive in log.alive.values())
+
+
+def test_the_kept_keys_are_the_references(llama):
+    model, inputs = llama
+    policy = SnapKV(budget=10, window=4)
+    fast = tokensparse.compile(model, Config(kv=policy, inductor=False))
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        ids = inputs["input_ids"]     # no attention_mask: traced, an all-ones mask is materialised (and refused)
+        cache = fast(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+        full = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+    _, log = evicted_generate(model, inputs, policy, max_new_tokens=1, do_sample=False)
+    for index, layer in enumerate(cache.layers):
+        alive = log.alive[index]
+        where = alive.nonzero()[:, -1].view(*alive.shape[:2], -1)
+        want = full.layers[index].keys.gather(2, where.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1]))
+        torch.testing.assert_close(layer.keys, want)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100)],
+                         ids=["ratio_1", "budget_above_prompt", "window_above_length"])
+def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
+    model, inputs = llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GENERATE)
+    assert torch.equal(out.sequences, plain.sequences)
+    for got, want in zip(out.logits, plain.logits):
+        assert torch.equal(got, want)
+
+
+def test_padding_is_refused_with_the_reason(llama):
+    model, inputs = llama
+    padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
+    padded["attention_mask"][0, :3] = 0
+    with pytest.warns(UserWarning, match="a padded batch"):
+        out = _generate(model, padded, Config(kv=SnapKV(budget=16, window=4), inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**padded, **GENERATE)
+    assert torch.equal(out.sequences, plain.sequences)
+
+
+def test_fastv_and_snapkv_together_on_llava():
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    config = Config(llm=FastV(layer=2, keep=0.25), kv=SnapKV(budget=8, window=2), inductor=False)
+    out = _generate(model, inputs, config)
+    from tokensparse.reference.llava import _masking, _surviving_by_stage, language_layers
+
+    layers = language_layers(model)
+    columns = _surviving_by_stage(model, inputs, config.llm, layers)
+    with _masking(layers, columns):
+        reference, log = evicted_generate(model, inputs, config.kv, **GENERATE)
+    _assert_same(out, reference)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8 + 19] * 4

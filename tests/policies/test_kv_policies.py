@@ -1,0 +1,83 @@
+"""SnapKV's and StreamingLLM's selections against plain loop references, and their option checks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensparse import SnapKV, StreamingLLM
+from tokensparse.policies.snapkv import snapkv_keep
+from tokensparse.policies.streamingllm import streaming_keep
+
+
+def snapkv_loops(q, keys, scale, count, window, kernel, pooling):
+    """One (sample, KV head) at a time, one window query at a time."""
+    batch, heads, _, _ = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    window = min(window, length, q.shape[2])
+    kept = torch.empty(batch, kv_heads, count, dtype=torch.int64)
+    for b in range(batch):
+        for h in range(kv_heads):
+            scores = [0.0] * (length - window)
+            for head in range(h * group, (h + 1) * group):
+                for row in range(window):
+                    position = length - window + row
+                    logits = [float(q[b, head, q.shape[2] - window + row] @ keys[b, h, j]) * scale
+                              for j in range(position + 1)]
+                    top = max(logits)
+                    weights = [math.exp(x - top) for x in logits]
+                    for j in range(length - window):
+                        scores[j] += weights[j] / sum(weights) / group
+            pooled = []
+            for j in range(length - window):
+                near = [scores[i] if 0 <= i < length - window else 0.0 for i in range(j - kernel // 2, j + kernel // 2 + 1)]
+                inside = [scores[i] for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < length - window]
+                pooled.append(max(inside) if pooling == "max" else sum(near) / kernel)
+            order = sorted(range(length - window), key=lambda j: (-pooled[j], j))
+            chosen = sorted(order[: count - window]) + list(range(length - window, length))
+            kept[b, h] = torch.tensor(chosen)
+    return kept
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 2), length=st.integers(6, 20),
+       window=st.integers(1, 5), extra=st.integers(0, 6), kernel=st.sampled_from([1, 3, 5]),
+       pooling=st.sampled_from(["avg", "max"]), seed=st.integers(0, 1000))
+def test_snapkv_keep_equals_the_loop_reference(batch, kv_heads, group, length, window, extra, kernel, pooling, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, 8, generator=generator)
+    keys = torch.randn(batch, kv_heads, length, 8, generator=generator)
+    count = min(length, window + extra)
+    got = snapkv_keep(q, keys, 0.35, count, window, kernel, pooling)
+    assert torch.equal(got, snapkv_loops(q, keys, 0.35, count, window, kernel, pooling))
+
+
+def test_streaming_keep_holds_sinks_and_the_recent_window():
+    kept = streaming_keep(torch.zeros(2, 3, 10, 4), sinks=2, window=3)
+    assert kept.shape == (2, 3, 5) and kept[1, 2].tolist() == [0, 1, 7, 8, 9]
+
+
+def test_budgets():
+    assert SnapKV(budget=16, window=4).kept_count(40) == 16
+    assert SnapKV(budget=0.25, window=4).kept_count(40) == 10
+    assert SnapKV(budget=2, window=4).kept_count(40) == 4          # the window is always kept
+    assert SnapKV(budget=64).kept_count(40) == 40
+    assert SnapKV(budget=16, window=4).evicts(40, 40) and not SnapKV(budget=16, window=4).evicts(1, 41)
+    assert StreamingLLM(sinks=2, window=10).evicts(1, 13) and not StreamingLLM(sinks=2, window=10).evicts(1, 12)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SnapKV(budget=0), "budget=0 is out of range"),
+    (lambda: SnapKV(budget=1.5), "budget=1.5 is out of range"),
+    (lambda: SnapKV(budget="all"), "budget='all' must be a count"),
+    (lambda: SnapKV(kernel=4), "kernel=4 must be odd"),
+    (lambda: SnapKV(pooling="min"), "pooling='min' is unknown"),
+    (lambda: SnapKV(window=0), "window=0 is out of range"),
+    (lambda: StreamingLLM(sinks=-1), "sinks=-1 is out of range"),
+])
+def test_bad_options_name_the_problem(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,67 @@
+"""KV-cache sites of a decoder graph: per attention, the keys and values that the graph stores back into
+the cache (DynamicCache: torch.cat([past, new], dim=-2), returned as graph outputs) and read by it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.fx as fx
+
+from tokensparse.patterns.attention import AttentionSite, find_attention_sites
+from tokensparse.patterns.graph import MatchFailure, arg, is_op, shape_of
+
+_VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contiguous", "clone", "to", "_to_copy",
+          "getitem")
+
+
+@dataclass
+class CacheSite:
+    """One attention's cache: keys/values [B, H_kv, L, d] as stored (the cat nodes), and its queries."""
+
+    attention: AttentionSite
+    keys: fx.Node
+    values: fx.Node
+
+    @property
+    def path(self) -> str:
+        return self.attention.module_path
+
+    @property
+    def query_length(self):
+        return shape_of(self.attention.q)[2]
+
+    @property
+    def cache_length(self):
+        return shape_of(self.keys)[2]
+
+
+def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
+    """Every attention whose keys and values come from a cache update that the graph returns; MatchFailure
+    says why there is none, or why a site cannot be evicted."""
+    outputs = set(gm.graph.find_nodes(op="output")[0].all_input_nodes)
+    attentions, _ = find_attention_sites(gm)
+    sites = []
+    for attention in attentions:
+        keys, values = _cache_update(attention.k), _cache_update(attention.v)
+        if keys is None or values is None or keys not in outputs or values not in outputs:
+            continue                            # a vision tower's attention, or no cache in this call
+        if attention.mask is not None:
+            raise MatchFailure(f"{attention.module_path}: its attention has a mask (a padded batch); generate() builds "
+                               f"decode masks for the full-length cache, so evicting with padding is not supported yet")
+        sites.append(CacheSite(attention, keys, values))
+    if not sites:
+        raise MatchFailure("no KV cache: no attention reads keys and values that the graph stores back "
+                           "(use_cache=False, or a cache other than DynamicCache)")
+    return sites
+
+
+def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
+    """The torch.cat([past, new], dim=-2) that `node` (an attention's k or v) is read from, through views."""
+    for _ in range(hops):
+        if is_op(node, "cat") and arg(node, 1, "dim") in (-2, 2) and len(shape_of(node) or ()) == 4:
+            return node
+        if not is_op(node, *_VIEWS):
+            return None
+        node = node.args[0]
+    return None

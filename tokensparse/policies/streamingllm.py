@@ -1,0 +1,40 @@
+"""StreamingLLM (Xiao et al., ICLR 2024): keep the first `sinks` positions (attention sinks) and the most
+recent `window` positions of every layer's cache; evict the middle, at every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensparse.policies.base import check_int_at_least
+from tokensparse.policies.kv_policy import KVPolicy
+
+
+@dataclass(frozen=True)
+class StreamingLLM(KVPolicy):
+    """StreamingLLM (Xiao et al., ICLR 2024): keep `sinks` first and `window` most recent cache positions.
+    Kept keys keep their original rotations and new tokens their original positions."""
+
+    sinks: int = 4
+    window: int = 1020
+
+    name = "streamingllm"
+
+    def __post_init__(self):
+        check_int_at_least("sinks", self.sinks, 0)
+        check_int_at_least("window", self.window, 1)
+
+    def kept_count(self, cache_length: int) -> int:
+        return min(cache_length, self.sinks + self.window)
+
+    def evicts(self, query_length: int, cache_length: int) -> bool:
+        return cache_length > self.sinks + self.window
+
+
+def streaming_keep(keys: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Kept positions [B, H_kv, sinks + window], ascending, of keys [B, H_kv, L] (L > sinks + window)."""
+    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    positions = torch.cat([torch.arange(sinks, device=keys.device),
+                           torch.arange(length - window, length, device=keys.device)])
+    return positions.expand(batch, kv_heads, sinks + window).contiguous()

@@ -1,0 +1,123 @@
+"""Benchmark: KV-cache eviction in generate() on a LLaVA-shaped model (random init), CPU, side by side.
+
+    .venv/bin/python tools/bench_kv.py --new-tokens 128
+
+For each variant (all compiled by Inductor through tokensparse.compile): the KV-cache bytes held after
+prefill and after --new-tokens greedy steps, against the budget's ideal (budget positions x layers x
+keys and values); decode tokens/s (a generate() of --new-tokens minus a generate() of one token, medians
+of --runs); and the eviction ops' own time per decode step at the decode shape (median of 200 calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tokensparse-bench-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--budget", type=int, default=256, help="positions kept per layer and KV head")
+    parser.add_argument("--runs", type=int, default=3, help="timed generate() calls per variant (medians)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    return parser.parse_args(argv)
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+def op_ms(policy, shape) -> float:
+    """Median ms of one decode step's eviction (selection + gather) for one layer's cache of `shape`."""
+    from tokensparse.policies.streamingllm import streaming_keep
+    from tokensparse.runtime.ops import kv_evict
+
+    keys, values = torch.randn(shape), torch.randn(shape)
+    samples = []
+    for _ in range(200):
+        start = time.perf_counter()
+        kv_evict(keys, values, streaming_keep(keys, policy.sinks, policy.window))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    import tokensparse
+    from bench_vlm import llava_shaped
+
+    console = Console()
+    args.onnx = False
+    model, inputs = llava_shaped(args)
+    prompt = inputs["input_ids"].shape[1]
+    text = model.config.text_config
+    per_position = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4 * args.layers
+    budget = args.budget
+    variants = {
+        "unpruned": (tokensparse.SnapKV(budget=1.0), prompt, prompt + args.new_tokens - 1),
+        f"snapkv budget {budget}": (tokensparse.SnapKV(budget=budget), budget, budget + args.new_tokens - 1),
+        f"streamingllm 4 + {budget - 4}": (tokensparse.StreamingLLM(sinks=4, window=budget - 4), budget, budget),
+    }
+    settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    rows = {}
+    table = Table(title=f"LLaVA-shaped generate(), prompt {prompt}, {args.new_tokens} new tokens, batch {args.batch}, "
+                        f"{torch.get_num_threads()} threads")
+    for column in ("variant", "KV after prefill", "ideal", "KV at the end", "ideal", "of ideal", "decode tok/s",
+                   "speedup", "evict op ms/step"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, (policy, ideal_prefill, ideal_end) in variants.items():
+        console.print(f"compiling and running {name} ...")
+        torch._dynamo.reset()
+        fast = tokensparse.compile(model, tokensparse.Config(kv=policy))
+        with torch.inference_mode():
+            fast.generate(**inputs, max_new_tokens=4, **settings)                    # compile prefill and decode
+            first = fast.generate(**inputs, max_new_tokens=1, **settings)
+            full_s, one_s = [], []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                out = fast.generate(**inputs, max_new_tokens=args.new_tokens, **settings)
+                full_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                fast.generate(**inputs, max_new_tokens=1, **settings)
+                one_s.append(time.perf_counter() - start)
+        rate = (args.new_tokens - 1) * args.batch / (statistics.median(full_s) - statistics.median(one_s))
+        prefill_bytes, end_bytes = kv_bytes(first.past_key_values), kv_bytes(out.past_key_values)
+        ideal = (ideal_prefill * per_position * args.batch, ideal_end * per_position * args.batch)
+        evict = op_ms(policy, (args.batch, text.num_key_value_heads, budget + 1, text.hidden_size // text.num_attention_heads)) \
+            if isinstance(policy, tokensparse.StreamingLLM) else None
+        rows[name] = {"kv_bytes_prefill": prefill_bytes, "ideal_prefill": ideal[0], "kv_bytes_end": end_bytes,
+                      "ideal_end": ideal[1], "decode_tokens_per_s": rate, "evict_op_ms_per_layer_step": evict}
+    base = rows["unpruned"]["decode_tokens_per_s"]
+    for name, row in rows.items():
+        mib = 2 ** 20
+        table.add_row(name, f"{row['kv_bytes_prefill'] / mib:.2f} MiB", f"{row['ideal_prefill'] / mib:.2f}",
+                      f"{row['kv_bytes_end'] / mib:.2f} MiB", f"{row['ideal_end'] / mib:.2f}",
+                      f"{row['kv_bytes_end'] / row['ideal_end']:.3f}", f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['decode_tokens_per_s'] / base:.2f}x",
+                      f"{row['evict_op_ms_per_layer_step']:.3f}" if row["evict_op_ms_per_layer_step"] else "")
+    console.print(table)
+    result = {"prompt": prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run(parse_args())
