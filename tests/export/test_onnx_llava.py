@@ -68,3 +68,12 @@ def test_a_model_that_fixes_its_batch_gets_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot be exported with a dynamic batch axis: export with dynamic=False"):
         to_onnx(model, inputs, Config(llm=FastV()), str(tmp_path / "x.onnx"))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_kv_policy_is_named_as_not_exported(tmp_path):
+    from tokensparse import SnapKV
+
+    model, inputs = build_llava(batch=1)
+    with pytest.warns(UserWarning, match="kv=snapkv is not exported"):
+        result = to_onnx(model, inputs, Config(kv=SnapKV(budget=8)), str(tmp_path / "kv.onnx"), dynamic=False)
+    assert not result.changed

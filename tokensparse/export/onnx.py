@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -76,6 +76,9 @@ def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: 
     if not isinstance(opset, int) or opset < 18:
         raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
     config = Config() if config is None else config_from_options(config)
+    if config.kv is not None:
+        warn_once(f"kv={config.kv.name} is not exported: the ONNX computes the prefill without a KV cache, which "
+                  f"eviction does not change")
     program, result = export_pruned(model, example_inputs, config, dynamic, plugins)
     translations = {**TRANSLATIONS, **PLUGIN_TRANSLATIONS} if plugins else TRANSLATIONS
     args, kwargs = example_call(model, example_inputs)
