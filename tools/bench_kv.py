@@ -64,7 +64,6 @@ def run(args) -> dict:
     from bench_vlm import llava_shaped
 
     console = Console()
-    args.onnx = False
     model, inputs = llava_shaped(args)
     prompt = inputs["input_ids"].shape[1]
     text = model.config.text_config

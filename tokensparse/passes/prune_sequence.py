@@ -9,7 +9,7 @@ import torch.fx as fx
 from tokensparse.flops import POLICY_NODE
 from tokensparse.passes.context import PassContext, original_node, replace_uses_except
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, shape_of
+from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, meta_value, shape_of
 from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
 from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
@@ -103,17 +103,13 @@ def _stream_into(layer: DecoderLayer, riders: list) -> fx.Node:
     after = downstream([layer.site.node], within=layer.nodes)
     for rider, _ in riders:
         # torch.export records a no-op .to(dtype) as the node that later reads of the same tensor use
+        dtype = getattr(meta_value(rider), "dtype", None)
         aliases = [rider] + [user for user in rider.users if is_op(user, "to") and same_size(
-            shape_of(user), shape_of(rider)) and _dtype(user) == _dtype(rider)]
+            shape_of(user), shape_of(rider)) and getattr(meta_value(user), "dtype", None) == dtype]
         for alias in aliases:
             if any(user in after and is_op(user, "add", "iadd", "add_") for user in alias.users):
                 return rider
     raise MatchFailure(f"{layer.path}: no residual add of the layer input and its attention output")
-
-
-def _dtype(node: fx.Node):
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return getattr(value, "dtype", None)
 
 
 def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> fx.Node:
