@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.policies import DivPrune, FastV, PyramidDrop, SnapKV, StreamingLLM, ToMe, TopK, VisualExit
+from tokensparse.policies import H2O, DivPrune, FastV, PyramidDrop, SnapKV, StreamingLLM, ToMe, TopK, VisualExit
 from tokensparse.report import Report, explain
 from tokensparse.rewrite import TokensparseWarning
 
@@ -28,5 +28,13 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
     return torch.compile(model, backend=tokensparse_backend, options=config, **torch_compile_kwargs)
 
 
-__all__ = ["Config", "DivPrune", "FastV", "PyramidDrop", "Report", "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning",
-           "TopK", "VisualExit", "compile", "explain"]
+def __getattr__(name: str):
+    if name == "ScoredCache":          # imports transformers: only when asked for
+        from tokensparse.runtime.scored_cache import ScoredCache
+
+        return ScoredCache
+    raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
+
+
+__all__ = ["H2O", "Config", "DivPrune", "FastV", "PyramidDrop", "Report", "ScoredCache", "SnapKV", "StreamingLLM",
+           "ToMe", "TokensparseWarning", "TopK", "VisualExit", "compile", "explain"]

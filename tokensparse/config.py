@@ -15,7 +15,7 @@ BACKEND_OPTIONS = ("policy", "inductor", "regional")
 class Config:
     """What tokensparse does to a model: a vision-encoder policy (ToMe, TopK), a language-model policy
     (FastV, PyramidDrop, DivPrune, VisualExit) that prunes vision tokens of a VLM's sequence, and a
-    KV-cache policy (SnapKV, StreamingLLM) that shrinks a decoder's cache for decoding."""
+    KV-cache policy (SnapKV, StreamingLLM, H2O) that shrinks a decoder's cache for decoding."""
 
     vision: Optional[Policy] = None
     llm: Optional[LanguagePolicy] = None

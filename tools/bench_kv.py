@@ -4,8 +4,9 @@
 
 For each variant (all compiled by Inductor through tokensparse.compile): the KV-cache bytes held after
 prefill and after --new-tokens greedy steps, against the budget's ideal (budget positions x layers x
-keys and values); decode tokens/s (a generate() of --new-tokens minus a generate() of one token, medians
-of --runs); and the eviction ops' own time per decode step at the decode shape (median of 200 calls).
+keys and values; H2O's cache also holds a float32 score per position, counted); decode tokens/s (a
+generate() of --new-tokens minus a generate() of one token, medians of --runs); and the per-step eviction
+ops' own time at the decode shape (median of 200 calls).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import tokensparse  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,25 +36,40 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="timed generate() calls per variant (medians)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of unpruned,snapkv,streamingllm,h2o (default: all)")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
 
 def kv_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    """Bytes the cache holds: keys, values and (ScoredCache) scores."""
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, getattr(layer, "scores", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def op_ms(policy, shape) -> float:
-    """Median ms of one decode step's eviction (selection + gather) for one layer's cache of `shape`."""
-    from tokensparse.policies.streamingllm import streaming_keep
-    from tokensparse.runtime.ops import kv_evict
+def op_ms(policy, shape, heads: int) -> float:
+    """Median ms of one decode step's eviction for one layer's cache of `shape` [B, H_kv, L, d]: the
+    selection and gather (StreamingLLM); H2O adds the new query's column sums and the scores' gather."""
+    from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT
 
     keys, values = torch.randn(shape), torch.randn(shape)
+    query, scores = torch.randn(shape[0], heads, 1, shape[3]), torch.rand(shape[:3])
+    count = policy.kept_count(shape[2])
+
+    def step():
+        if isinstance(policy, tokensparse.H2O):
+            accumulated = scores + ATTENTION_COLUMN_SUMS(query, keys, shape[3] ** -0.5)
+            kept = H2O_KEEP(accumulated, count, policy.recent)
+            accumulated.gather(2, kept)
+        else:
+            kept = policy.keep(query, keys, 1.0, count)
+        KV_EVICT(keys, values, kept)
+
     samples = []
     for _ in range(200):
         start = time.perf_counter()
-        kv_evict(keys, values, streaming_keep(keys, policy.sinks, policy.window))
+        step()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
@@ -60,7 +78,6 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    import tokensparse
     from bench_vlm import llava_shaped
 
     console = Console()
@@ -73,7 +90,12 @@ def run(args) -> dict:
         "unpruned": (tokensparse.SnapKV(budget=1.0), prompt, prompt + args.new_tokens - 1),
         f"snapkv budget {budget}": (tokensparse.SnapKV(budget=budget), budget, budget + args.new_tokens - 1),
         f"streamingllm 4 + {budget - 4}": (tokensparse.StreamingLLM(sinks=4, window=budget - 4), budget, budget),
+        f"h2o {budget // 2} + {budget - budget // 2}": (tokensparse.H2O(heavy=budget // 2, recent=budget - budget // 2),
+                                                       budget, budget),
     }
+    if args.variants:
+        wanted = args.variants.split(",")
+        variants = {name: value for name, value in variants.items() if name.split()[0] in wanted}
     settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     rows = {}
     table = Table(title=f"LLaVA-shaped generate(), prompt {prompt}, {args.new_tokens} new tokens, batch {args.batch}, "
@@ -99,17 +121,18 @@ def run(args) -> dict:
         rate = (args.new_tokens - 1) * args.batch / (statistics.median(full_s) - statistics.median(one_s))
         prefill_bytes, end_bytes = kv_bytes(first.past_key_values), kv_bytes(out.past_key_values)
         ideal = (ideal_prefill * per_position * args.batch, ideal_end * per_position * args.batch)
-        evict = op_ms(policy, (args.batch, text.num_key_value_heads, budget + 1, text.hidden_size // text.num_attention_heads)) \
-            if isinstance(policy, tokensparse.StreamingLLM) else None
+        head_dim = text.hidden_size // text.num_attention_heads
+        evict = op_ms(policy, (args.batch, text.num_key_value_heads, budget + 1, head_dim), text.num_attention_heads) \
+            if isinstance(policy, (tokensparse.StreamingLLM, tokensparse.H2O)) else None
         rows[name] = {"kv_bytes_prefill": prefill_bytes, "ideal_prefill": ideal[0], "kv_bytes_end": end_bytes,
                       "ideal_end": ideal[1], "decode_tokens_per_s": rate, "evict_op_ms_per_layer_step": evict}
-    base = rows["unpruned"]["decode_tokens_per_s"]
+    base = rows["unpruned"]["decode_tokens_per_s"] if "unpruned" in rows else None
     for name, row in rows.items():
         mib = 2 ** 20
         table.add_row(name, f"{row['kv_bytes_prefill'] / mib:.2f} MiB", f"{row['ideal_prefill'] / mib:.2f}",
                       f"{row['kv_bytes_end'] / mib:.2f} MiB", f"{row['ideal_end'] / mib:.2f}",
                       f"{row['kv_bytes_end'] / row['ideal_end']:.3f}", f"{row['decode_tokens_per_s']:.1f}",
-                      f"{row['decode_tokens_per_s'] / base:.2f}x",
+                      f"{row['decode_tokens_per_s'] / base:.2f}x" if base else "",
                       f"{row['evict_op_ms_per_layer_step']:.3f}" if row["evict_op_ms_per_layer_step"] else "")
     console.print(table)
     result = {"prompt": prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": rows}

@@ -9,7 +9,7 @@ import torch
 
 import tokensparse
 from tests.models import build_llama, build_llava
-from tokensparse import Config, FastV, SnapKV, StreamingLLM
+from tokensparse import H2O, Config, FastV, SnapKV, StreamingLLM
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -36,7 +36,8 @@ def _assert_same(out, reference):
     (SnapKV(budget=16, window=4), 16 + 19),
     (SnapKV(budget=0.3, window=4, kernel=3, pooling="max"), 12 + 19),
     (StreamingLLM(sinks=2, window=10), 12),
-], ids=["snapkv", "snapkv_ratio_max", "streamingllm"])
+    (H2O(heavy=8, recent=6), 14),
+], ids=["snapkv", "snapkv_ratio_max", "streamingllm", "h2o"])
 def test_generate_equals_the_evicting_reference(llama, policy, lengths):
     model, inputs = llama
     out = _generate(model, inputs, Config(kv=policy, inductor=False))
@@ -44,6 +45,33 @@ def test_generate_equals_the_evicting_reference(llama, policy, lengths):
     _assert_same(out, reference)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [lengths, lengths]
     assert all(int(alive[0, 0].sum()) == lengths for alive in log.alive.values())
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GENERATE)
+    assert not torch.allclose(out.logits[-1], plain.logits[-1])          # the eviction changed something
+
+
+def test_h2o_carries_the_references_accumulated_scores(llama):
+    model, inputs = llama
+    policy = H2O(heavy=8, recent=6)
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    _, log = evicted_generate(model, inputs, policy, **GENERATE)
+    for index, layer in enumerate(out.past_key_values.layers):
+        alive = log.alive[index]
+        where = alive.nonzero()[:, -1].view(*alive.shape[:2], -1)
+        torch.testing.assert_close(layer.scores, log.scores[index].gather(2, where), rtol=1e-5, atol=1e-5)
+
+
+def test_h2o_without_a_scored_cache_says_what_to_pass(llama):
+    model, inputs = llama
+    fast = tokensparse.compile(model, Config(kv=H2O(heavy=8, recent=6), inductor=False))
+    from transformers import DynamicCache
+
+    with pytest.warns(UserWarning, match="pass past_key_values=tokensparse.ScoredCache"), torch.no_grad():
+        out = fast(input_ids=inputs["input_ids"], past_key_values=DynamicCache(config=model.config), use_cache=True)
+    with torch.no_grad():
+        plain = model(input_ids=inputs["input_ids"], use_cache=True)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+    assert out.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1]
 
 
 def test_the_kept_keys_are_the_references(llama):
@@ -64,8 +92,9 @@ def test_the_kept_keys_are_the_references(llama):
         torch.testing.assert_close(layer.keys, want)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100)],
-                         ids=["ratio_1", "budget_above_prompt", "window_above_length"])
+@pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100),
+                                    H2O(heavy=50, recent=50)],
+                         ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length"])
 def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
     model, inputs = llama
     with warnings.catch_warnings():
@@ -101,3 +130,18 @@ def test_fastv_and_snapkv_together_on_llava():
         reference, log = evicted_generate(model, inputs, config.kv, **GENERATE)
     _assert_same(out, reference)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8 + 19] * 4
+
+
+def test_fastv_and_h2o_together_on_llava():
+    """After FastV the pruned layers' cache lengths are data-dependent: H2O keeps min(L, budget) there."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    config = Config(llm=FastV(layer=2, keep=0.25), kv=H2O(heavy=6, recent=4), inductor=False)
+    out = _generate(model, inputs, config)
+    from tokensparse.reference.llava import _masking, _surviving_by_stage, language_layers
+
+    layers = language_layers(model)
+    columns = _surviving_by_stage(model, inputs, config.llm, layers)
+    with _masking(layers, columns):
+        reference, log = evicted_generate(model, inputs, config.kv, **GENERATE)
+    _assert_same(out, reference)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [10] * 4

@@ -1,4 +1,4 @@
-"""SnapKV's and StreamingLLM's selections against plain loop references, and their option checks."""
+"""SnapKV's, StreamingLLM's and H2O's selections against plain loop references, and their option checks."""
 
 import math
 
@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse import SnapKV, StreamingLLM
+from tokensparse import H2O, SnapKV, StreamingLLM
+from tokensparse.policies import h2o
+from tokensparse.policies.h2o import attention_column_sums, h2o_keep
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.streamingllm import streaming_keep
 
@@ -55,6 +57,49 @@ def test_snapkv_keep_equals_the_loop_reference(batch, kv_heads, group, length, w
     assert torch.equal(got, snapkv_loops(q, keys, 0.35, count, window, kernel, pooling))
 
 
+def column_sums_loops(q, keys, scale):
+    """Each query's causal softmax row, one (sample, head, query) at a time, added to its KV group's sums."""
+    batch, heads, queries, _ = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    sums = torch.zeros(batch, kv_heads, length, dtype=torch.float64)
+    for b in range(batch):
+        for head in range(heads):
+            for row in range(queries):
+                position = length - queries + row
+                logits = (keys[b, head // group, : position + 1].double() @ q[b, head, row].double()) * scale
+                sums[b, head // group, : position + 1] += logits.softmax(dim=0) / group
+    return sums
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 3), past=st.integers(0, 12),
+       queries=st.integers(1, 9), chunk=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_attention_column_sums_equal_the_loop_reference(batch, kv_heads, group, past, queries, chunk, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, queries, 8, generator=generator)
+    keys = torch.randn(batch, kv_heads, past + queries, 8, generator=generator)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(h2o, "QUERY_CHUNK", chunk)               # the query blocks add up to the whole
+        got = attention_column_sums(q, keys, 0.35)
+    torch.testing.assert_close(got.double(), column_sums_loops(q, keys, 0.35), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), length=st.integers(1, 24), heavy=st.integers(0, 8),
+       recent=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_h2o_keep_holds_the_heavy_hitters_and_the_recent_window(batch, kv_heads, length, heavy, recent, seed):
+    scores = torch.rand(batch, kv_heads, length, generator=torch.Generator().manual_seed(seed))
+    count = H2O(heavy=heavy, recent=recent).kept_count(length)
+    kept = h2o_keep(scores, count, recent)
+    assert kept.shape == (batch, kv_heads, count)
+    tail = min(recent, count)
+    for b in range(batch):
+        for h in range(kv_heads):
+            before = sorted(range(length - tail), key=lambda j: (-float(scores[b, h, j]), j))[: count - tail]
+            assert kept[b, h].tolist() == sorted(before) + list(range(length - tail, length))
+
+
 def test_streaming_keep_holds_sinks_and_the_recent_window():
     kept = streaming_keep(torch.zeros(2, 3, 10, 4), sinks=2, window=3)
     assert kept.shape == (2, 3, 5) and kept[1, 2].tolist() == [0, 1, 7, 8, 9]
@@ -67,6 +112,8 @@ def test_budgets():
     assert SnapKV(budget=64).kept_count(40) == 40
     assert SnapKV(budget=16, window=4).evicts(40, 40) and not SnapKV(budget=16, window=4).evicts(1, 41)
     assert StreamingLLM(sinks=2, window=10).evicts(1, 13) and not StreamingLLM(sinks=2, window=10).evicts(1, 12)
+    assert H2O(heavy=8, recent=4).evicts(1, 13) and not H2O(heavy=8, recent=4).evicts(40, 12)
+    assert H2O(heavy=8, recent=4).kept_count(40) == 12 and H2O(heavy=0, recent=4).kept_count(3) == 3
 
 
 @pytest.mark.parametrize("make, message", [
@@ -77,6 +124,9 @@ def test_budgets():
     (lambda: SnapKV(pooling="min"), "pooling='min' is unknown"),
     (lambda: SnapKV(window=0), "window=0 is out of range"),
     (lambda: StreamingLLM(sinks=-1), "sinks=-1 is out of range"),
+    (lambda: H2O(heavy=-1), "heavy=-1 is out of range"),
+    (lambda: H2O(recent=0), "recent=0 is out of range"),
+    (lambda: H2O(heavy=0.2), "heavy=0.2 must be an integer"),
 ])
 def test_bad_options_name_the_problem(make, message):
     with pytest.raises(ValueError, match=message):

@@ -84,3 +84,19 @@ def test_snapkv_keep_and_kv_evict_opcheck(count):
     new_keys, new_values = KV_EVICT(keys, values, kept)
     assert torch.equal(new_keys[1, 0, 2], keys[1, 0, kept[1, 0, 2]])
     assert torch.equal(new_values[0, 1, -1], values[0, 1, 11])
+
+
+@pytest.mark.parametrize("queries, count", [(12, 7), (1, 12)])
+def test_h2o_ops_opcheck(queries, count):
+    from tokensparse.policies.h2o import attention_column_sums, h2o_keep
+    from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP
+
+    gen = torch.Generator().manual_seed(queries)
+    q, keys = torch.randn(2, 4, queries, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
+    torch.library.opcheck(ATTENTION_COLUMN_SUMS, (q, keys, 0.35))
+    sums = ATTENTION_COLUMN_SUMS(q, keys, 0.35)
+    assert torch.equal(sums, attention_column_sums(q, keys, 0.35)) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums.sum(dim=-1), torch.full((2, 2), float(queries)))   # each row sums to 1
+    torch.library.opcheck(H2O_KEEP, (sums, count, 3))
+    kept = H2O_KEEP(sums, count, 3)
+    assert torch.equal(kept, h2o_keep(sums, count, 3)) and kept.shape == (2, 2, count)

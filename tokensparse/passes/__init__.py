@@ -21,7 +21,7 @@ PASSES = (
 
 # KV-cache policies rewrite the graph that the passes above produced (or the plain one).
 KV_PASSES = (
-    evict_kv_pass,                # SnapKV, StreamingLLM: the stored keys/values keep only the kept positions
+    evict_kv_pass,                # SnapKV, StreamingLLM, H2O: the stored cache keeps only the kept positions
     rederive_sizes_pass,          # FakeTensor propagation (nothing reads the evicted cache in this graph)
     verify_cache_pass,            # outputs changed only along the cache axis
 )

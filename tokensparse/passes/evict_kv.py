@@ -1,6 +1,6 @@
 """Evict KV-cache positions where the graph stores its cache (SnapKV, Li et al., 2024; StreamingLLM, Xiao
-et al., ICLR 2024): the attention of this forward reads the full cache, the cache kept for the next
-steps holds only the kept positions."""
+et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023): the attention of this forward reads the full cache,
+the cache kept for the next steps holds only the kept positions (and, for H2O, their accumulated scores)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,64 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false
 
 from tokensparse.passes.context import PassContext
 from tokensparse.patterns.graph import MatchFailure, insert_call
 from tokensparse.patterns.kv_cache import CacheSite
-from tokensparse.policies import KVPolicy, SnapKV, StreamingLLM
+from tokensparse.policies import H2O, KVPolicy, SnapKV, StreamingLLM
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import KV_EVICT, SNAPKV_KEEP
+from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP
 
 
 def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Before the graph returns each layer's grown keys and values, choose the kept positions per KV head
-    and return the evicted cache in their place."""
+    and return the evicted cache in their place; a scored policy (H2O) also returns the accumulated scores."""
     if not isinstance(ctx.policy, KVPolicy):
         return gm
     output = gm.graph.find_nodes(op="output")[0]
     queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
     for site in ctx.cache_sites:
+        scores = _accumulated_scores(gm.graph, output, ctx.policy, site)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
         if count is None:
+            if scores is not None:
+                output.replace_input_with(site.scores, scores)
+                ctx.acted_blocks.append(site.path)
+                ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
             continue
-        kept = _kept(gm.graph, output, ctx.policy, site, count)
+        kept = _kept(gm.graph, output, ctx.policy, site, count, scores)
         evicted = insert_call(gm.graph, output, KV_EVICT, (site.keys, site.values, kept))
         keys = insert_call(gm.graph, output, operator.getitem, (evicted, 0))
         values = insert_call(gm.graph, output, operator.getitem, (evicted, 1))
         output.replace_input_with(site.keys, keys)
         output.replace_input_with(site.values, values)
+        if scores is not None:
+            output.replace_input_with(site.scores, insert_call(gm.graph, output, torch.gather, (scores, 2, kept)))
         ctx.acted_blocks.append(site.path)
         ctx.record("evict_kv", f"{site.path}: the cache keeps {count} of {site.cache_length} positions per KV head")
     return gm
+
+
+def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite):
+    """For a scored policy, the stored scores plus this forward's attention column sums; else None."""
+    if not policy.scored:
+        return None
+    if site.scores is None:
+        raise MatchFailure(f"{site.path}: {policy.name} accumulates attention per cached position and this cache "
+                           f"carries no scores: pass past_key_values=tokensparse.ScoredCache() to the model "
+                           f"(tokensparse.compile() does this for generate())")
+    _zeros_sized_like_the_new_keys(graph, site.scores.args[0][-1])
+    sums = insert_call(graph, point, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site)))
+    return insert_call(graph, point, torch.add, (site.scores, sums))
+
+
+def _zeros_sized_like_the_new_keys(graph: fx.Graph, zeros: fx.Node) -> None:
+    """The cache's appended scores new_keys.new_zeros(B, H_kv, S) were traced with sizes fixed before a
+    token pass cut the sequence: read them from the new keys instead."""
+    new_keys = zeros.args[0]
+    zeros.args = (new_keys, *(insert_call(graph, zeros, torch.ops.aten.sym_size.int, (new_keys, dim))
+                              for dim in range(3)))
 
 
 def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, queries):
@@ -48,22 +76,38 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         return policy.kept_count(length) if policy.evicts(queries, length) else None
     if isinstance(policy, StreamingLLM):
         return policy.kept_count(length) if guard_or_false(length > policy.sinks + policy.window) else None
+    if isinstance(policy, H2O):
+        budget = policy.heavy + policy.recent
+        if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
+            return _at_most(graph, point, site, budget)
+        return budget if guard_or_false(length > budget) else None
     if isinstance(policy, SnapKV) and queries > 1:
         if not isinstance(policy.budget, int):
             raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so SnapKV needs a budget "
                                f"given as a count, not the fraction {policy.budget}")
-        size = insert_call(graph, point, torch.ops.aten.sym_size.int, (site.keys, 2))
-        return insert_call(graph, point, torch.sym_min, (size, max(policy.budget, policy.window)))
+        return _at_most(graph, point, site, max(policy.budget, policy.window))
     return None
 
 
-def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count) -> fx.Node:
+def _at_most(graph: fx.Graph, point: fx.Node, site: CacheSite, budget: int) -> fx.Node:
+    """min(cache length, budget) as a graph value, for a data-dependent cache length."""
+    size = insert_call(graph, point, torch.ops.aten.sym_size.int, (site.keys, 2))
+    return insert_call(graph, point, torch.sym_min, (size, budget))
+
+
+def _scale(site: CacheSite) -> float:
+    scale = site.attention.scale
+    if not isinstance(scale, float):
+        raise MatchFailure(f"{site.path}: its attention scale is a graph input, not a constant")
+    return scale
+
+
+def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count, scores) -> fx.Node:
     if isinstance(policy, SnapKV):
-        scale = site.attention.scale
-        if not isinstance(scale, float):
-            raise MatchFailure(f"{site.path}: its attention scale is a graph input, not a constant")
-        return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, scale, count, policy.window,
-                                                       policy.kernel, policy.pooling))
+        return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, _scale(site), count,
+                                                       policy.window, policy.kernel, policy.pooling))
     if isinstance(policy, StreamingLLM):
         return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window))
+    if isinstance(policy, H2O):
+        return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent))
     raise MatchFailure(f"policy {policy.name!r} has no cache selection")

@@ -1,5 +1,6 @@
 """KV-cache sites of a decoder graph: per attention, the keys and values that the graph stores back into
-the cache (DynamicCache: torch.cat([past, new], dim=-2), returned as graph outputs) and read by it."""
+the cache (DynamicCache: torch.cat([past, new], dim=-2), returned as graph outputs) and read by it, and
+with a ScoredCache the per-position scores stored beside them (torch.cat([past, new_zeros], dim=-1))."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ _VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contig
 
 @dataclass
 class CacheSite:
-    """One attention's cache: keys/values [B, H_kv, L, d] as stored (the cat nodes), and its queries."""
+    """One attention's cache: keys/values [B, H_kv, L, d] as stored (the cat nodes), its queries, and the
+    stored scores [B, H_kv, L] when the cache carries them (ScoredCache)."""
 
     attention: AttentionSite
     keys: fx.Node
     values: fx.Node
+    scores: Optional[fx.Node] = None
 
     @property
     def path(self) -> str:
@@ -40,6 +43,7 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
     """Every attention whose keys and values come from a cache update that the graph returns; MatchFailure
     says why there is none, or why a site cannot be evicted."""
     outputs = set(gm.graph.find_nodes(op="output")[0].all_input_nodes)
+    scores = _scores_by_new_keys(outputs)
     attentions, _ = find_attention_sites(gm)
     sites = []
     for attention in attentions:
@@ -49,11 +53,22 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
         if attention.mask is not None:
             raise MatchFailure(f"{attention.module_path}: its attention has a mask (a padded batch); generate() builds "
                                f"decode masks for the full-length cache, so evicting with padding is not supported yet")
-        sites.append(CacheSite(attention, keys, values))
+        sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1])))
     if not sites:
         raise MatchFailure("no KV cache: no attention reads keys and values that the graph stores back "
                            "(use_cache=False, or a cache other than DynamicCache)")
     return sites
+
+
+def _scores_by_new_keys(outputs) -> dict:
+    """The returned score updates cat([past, new_keys.new_zeros(B, H_kv, S)], dim=-1), by their new keys."""
+    found = {}
+    for node in outputs:
+        if is_op(node, "cat") and arg(node, 1, "dim") in (-1, 2) and len(shape_of(node) or ()) == 3:
+            appended = node.args[0][-1]
+            if is_op(appended, "new_zeros") and isinstance(appended.args[0], fx.Node):
+                found[appended.args[0]] = node
+    return found
 
 
 def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:

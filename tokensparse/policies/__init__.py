@@ -3,6 +3,7 @@
 from tokensparse.policies.base import Policy
 from tokensparse.policies.divprune import DivPrune
 from tokensparse.policies.fastv import FastV
+from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import KVPolicy
 from tokensparse.policies.language import LanguagePolicy
 from tokensparse.policies.pyramiddrop import PyramidDrop
@@ -12,7 +13,8 @@ from tokensparse.policies.tome import ToMe
 from tokensparse.policies.topk import TopK
 from tokensparse.policies.visual_exit import VisualExit
 
-POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM)}
+POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM,
+                                      H2O)}
 
-__all__ = ["POLICIES", "DivPrune", "FastV", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
+__all__ = ["POLICIES", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
            "StreamingLLM", "ToMe", "TopK", "VisualExit"]

@@ -3,6 +3,8 @@ stay for the next decode steps (stage "kv"). Positions keep their original RoPE 
 
 from __future__ import annotations
 
+import torch
+
 from tokensparse.policies.base import Policy
 
 
@@ -10,6 +12,7 @@ class KVPolicy(Policy):
     """A policy that shrinks a decoder's KV cache (Config(kv=...))."""
 
     stage = "kv"
+    scored = False      # whether it accumulates a score per cached position (needs a ScoredCache)
 
     def evicts(self, query_length: int, cache_length: int) -> bool:
         """Whether a forward with this many new queries, whose cache then holds `cache_length` positions,
@@ -20,5 +23,22 @@ class KVPolicy(Policy):
         """Positions kept per layer and KV head out of `cache_length`."""
         raise NotImplementedError
 
+    def keep(self, query: torch.Tensor, keys: torch.Tensor, scale: float, count: int,
+             scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain-PyTorch selection: kept positions [B, H_kv, count], ascending, of keys [B, H_kv, L, d],
+        from the forward's queries [B, H, S, d] (and, for a scored policy, the accumulated scores [B, H_kv, L])."""
+        raise NotImplementedError
+
     def is_identity(self, depth: int) -> bool:
         return False
+
+
+def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent: int) -> torch.Tensor:
+    """Kept positions [B, H_kv, count], ascending, out of `length`: the last min(recent, count) positions and
+    the best-scored of the positions before them, by scores_before [B, H_kv, >= length - recent] (ties to
+    the lower position)."""
+    batch, kv_heads = scores_before.shape[:2]
+    recent = min(recent, count, length)
+    tail = torch.arange(length - recent, length, device=scores_before.device).expand(batch, kv_heads, recent)
+    best = scores_before[..., : length - recent].sort(dim=-1, descending=True, stable=True).indices
+    return torch.cat([best[..., : count - recent].sort(dim=-1).values, tail], dim=-1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy
+from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
 
 POOLINGS = ("avg", "max")
 
@@ -53,6 +53,9 @@ class SnapKV(KVPolicy):
         # Once, after prefill: the forward that reads the whole prompt (more than one query).
         return query_length > 1 and self.kept_count(cache_length) < cache_length
 
+    def keep(self, query, keys, scale, count, scores=None):
+        return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling)
+
     def is_identity(self, depth: int) -> bool:
         return isinstance(self.budget, float) and self.budget == 1.0
 
@@ -82,11 +85,8 @@ def snapkv_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, count: int, w
                 pooling: str = "avg") -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending: the last min(window, L) positions and the best-scored
     positions before them (ties to the lower position). q [B, H, S, d] are the forward's queries."""
-    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    length = keys.shape[2]
     window = min(window, length, q.shape[2])
-    recent = torch.arange(length - window, length, device=keys.device).expand(batch, kv_heads, window)
     if count <= window:
-        return recent[..., window - count:].contiguous()
-    scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling)
-    best = scores.sort(dim=-1, descending=True, stable=True).indices[..., : count - window]
-    return torch.cat([best.sort(dim=-1).values, recent], dim=-1)
+        return torch.arange(length - count, length, device=keys.device).expand(*keys.shape[:2], count).contiguous()
+    return best_and_recent(snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling), length, count, window)

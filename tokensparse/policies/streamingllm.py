@@ -31,6 +31,9 @@ class StreamingLLM(KVPolicy):
     def evicts(self, query_length: int, cache_length: int) -> bool:
         return cache_length > self.sinks + self.window
 
+    def keep(self, query, keys, scale, count, scores=None):
+        return streaming_keep(keys, self.sinks, self.window)
+
 
 def streaming_keep(keys: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Kept positions [B, H_kv, sinks + window], ascending, of keys [B, H_kv, L] (L > sinks + window)."""

@@ -1,7 +1,8 @@
 """Eager reference for the KV-cache policies: generate() with eager attention in which every evicted
 position's key column is masked, per layer and KV head, from the step that evicts it on. Evicting a
 position and masking it are the same computation; this reference keeps the full cache and chooses with
-the policies' plain-PyTorch selection on the attention's own q and k."""
+the policies' plain-PyTorch selection on the attention's own q and k. H2O's scores accumulate per
+absolute position from the probabilities this attention computes."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import math
 
 import torch
 
-from tokensparse.policies import KVPolicy, SnapKV, StreamingLLM
-from tokensparse.policies.snapkv import snapkv_keep
-from tokensparse.policies.streamingllm import streaming_keep
+from tokensparse.policies import KVPolicy
 
 ORACLE = "tokensparse_kv_oracle"
 
 
 class EvictionLog:
-    """Per layer, the positions alive [B, H_kv, T] after the latest step (absolute cache positions)."""
+    """Per layer, the positions alive [B, H_kv, T] after the latest step (absolute cache positions), and the
+    attention each position has received so far [B, H_kv, T] (averaged over each KV group's heads)."""
 
     def __init__(self, policy: KVPolicy):
         self.policy = policy
         self.alive: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, torch.Tensor] = {}
 
 
 _active: list[EvictionLog] = []
@@ -60,11 +61,16 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     logits = logits.masked_fill(~alive.repeat_interleave(group, dim=1)[:, :, None, :], -math.inf)
     probabilities = logits.softmax(dim=-1)
     output = (probabilities @ value.repeat_interleave(group, dim=1).float()).to(query.dtype)
-    log.alive[layer] = _evict(log.policy, query, key, scale, alive)
+    scores = probabilities.sum(dim=2).view(batch, kv_heads, group, total).mean(dim=2)
+    previous = log.scores.get(layer)
+    if previous is not None:
+        scores[..., : previous.shape[-1]] += previous
+    log.scores[layer] = scores
+    log.alive[layer] = _evict(log.policy, query, key, scale, alive, scores)
     return output.transpose(1, 2).contiguous(), probabilities
 
 
-def _evict(policy: KVPolicy, query, key, scale: float, alive: torch.Tensor) -> torch.Tensor:
+def _evict(policy: KVPolicy, query, key, scale: float, alive: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """The positions alive after this step: the policy applied to the alive positions, in order."""
     present = alive[0, 0].sum().item()
     if not bool((alive.sum(dim=-1) == present).all()):
@@ -73,13 +79,7 @@ def _evict(policy: KVPolicy, query, key, scale: float, alive: torch.Tensor) -> t
         return alive
     where = alive.nonzero()[:, -1].view(*alive.shape[:2], present)                  # [B, H_kv, n] absolute
     stored = key.gather(2, where.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
-    count = policy.kept_count(present)
-    if isinstance(policy, SnapKV):
-        kept = snapkv_keep(query, stored, scale, count, policy.window, policy.kernel, policy.pooling)
-    elif isinstance(policy, StreamingLLM):
-        kept = streaming_keep(stored, policy.sinks, policy.window)
-    else:
-        raise TypeError(f"no reference for {policy.name}")
+    kept = policy.keep(query, stored, scale, policy.kept_count(present), scores.gather(2, where))
     return torch.zeros_like(alive).scatter(2, where.gather(2, kept), True)
 
 

@@ -48,4 +48,19 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             return compiled(*args, **kwargs)
 
     fast.forward = forward
+    if config.kv is not None and config.kv.scored:
+        _generate_with_scored_cache(fast, type(model).generate)
     return fast
+
+
+def _generate_with_scored_cache(fast, generate) -> None:
+    """Make fast.generate() start from a ScoredCache (H2O's per-position scores) unless given a cache."""
+    from tokensparse.runtime.scored_cache import ScoredCache
+
+    @functools.wraps(generate)
+    def scored_generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = ScoredCache(fast.config)
+        return generate(fast, *args, **kwargs)
+
+    fast.generate = scored_generate

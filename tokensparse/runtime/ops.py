@@ -14,6 +14,7 @@ from torch.utils import flop_counter
 
 from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.fastv import fastv_keep
+from tokensparse.policies.h2o import attention_column_sums, h2o_keep
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
@@ -106,6 +107,29 @@ def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling):
     return keys.new_empty(keys.shape[0], keys.shape[1], count, dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::attention_column_sums", mutates_args=())
+def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """[B, H_kv, L] float32: the attention the forward's queries q [B, H, S, d] (causal, the last S positions)
+    give each cached key [B, H_kv, L, d], summed over the queries and averaged over each KV group."""
+    return attention_column_sums(q, keys, scale)
+
+
+@attention_column_sums_op.register_fake
+def _attention_column_sums_fake(q, keys, scale):
+    return keys.new_empty(keys.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tokensparse::h2o_keep", mutates_args=())
+def h2o_keep_op(scores: Tensor, count: int, recent: int) -> Tensor:
+    """H2O's kept cache positions [B, H_kv, count] from accumulated scores [B, H_kv, L]."""
+    return h2o_keep(scores, count, recent)
+
+
+@h2o_keep_op.register_fake
+def _h2o_keep_fake(scores, count, recent):
+    return scores.new_empty(scores.shape[0], scores.shape[1], count, dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
@@ -145,6 +169,8 @@ KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
+ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
+H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
 
 
 def is_tokensparse_target(target) -> bool:

@@ -1,0 +1,62 @@
+"""A DynamicCache that also carries, per layer, KV head and cached position, a float32 score that
+policies accumulate across forwards (H2O's column sums of attention). The cache appends a zero score for
+each new position; the tokensparse pass adds the forward's attention to it and evicts it with the keys."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class ScoredLayer(DynamicLayer):
+    """A DynamicLayer with `scores` [B, H_kv, L] (float32) beside its keys and values."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.scores = torch.tensor([], dtype=torch.float32, device=self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, kv_heads, length = key_states.shape[:3]
+        self.scores = torch.cat([self.scores, key_states.new_zeros(batch, kv_heads, length, dtype=torch.float32)],
+                                dim=-1)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        self.scores = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.is_initialized:
+            self.scores = self.scores[..., : -abs(tokens_to_remove)]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.scores = self.scores.repeat_interleave(repeats, dim=0)
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.scores = self.scores[indices, ...]
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self.scores = self.scores.index_select(0, beam_idx.to(self.scores.device))
+        super().reorder_cache(beam_idx)
+
+
+class ScoredCache(DynamicCache):
+    """The cache for KV policies that accumulate a score per cached position (H2O): pass it to generate()
+    as past_key_values=ScoredCache(model.config), or let tokensparse.compile() do it. Full-attention
+    layers only: given a config whose layers slide (or are not attention), it says so."""
+
+    def __init__(self, config=None):
+        if config is not None:
+            text = config.get_text_config(decoder=True)
+            others = sorted({kind for kind in getattr(text, "layer_types", None) or () if kind != "full_attention"})
+            if others:
+                raise ValueError(f"ScoredCache holds full-attention layers only; this model also has {others} layers")
+        super(DynamicCache, self).__init__(layer_class_to_replicate=ScoredLayer)
