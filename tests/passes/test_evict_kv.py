@@ -9,7 +9,7 @@ import torch
 
 import tokensparse
 from tests.models import build_llama, build_llava
-from tokensparse import H2O, Config, FastV, SnapKV, StreamingLLM
+from tokensparse import H2O, AdaptiveKV, Config, FastV, SnapKV, StreamingLLM
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -48,6 +48,17 @@ def test_generate_equals_the_evicting_reference(llama, policy, lengths):
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE)
     assert not torch.allclose(out.logits[-1], plain.logits[-1])          # the eviction changed something
+
+
+def test_adaptive_keeps_a_data_dependent_count_per_layer():
+    model, inputs = build_llama(layers=4, prompt=40, batch=2)
+    policy = AdaptiveKV(tau=0.3, window=4)
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(4)]
+    assert all(length < 40 + 19 for length in lengths)
 
 
 def test_h2o_carries_the_references_accumulated_scores(llama):
@@ -93,8 +104,8 @@ def test_the_kept_keys_are_the_references(llama):
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100),
-                                    H2O(heavy=50, recent=50)],
-                         ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length"])
+                                    H2O(heavy=50, recent=50), AdaptiveKV(tau=1.0)],
+                         ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length", "tau_1"])
 def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
     model, inputs = llama
     with warnings.catch_warnings():
@@ -118,9 +129,13 @@ def test_padding_is_refused_with_the_reason(llama):
     assert torch.equal(out.sequences, plain.sequences)
 
 
-def test_fastv_and_snapkv_together_on_llava():
+@pytest.mark.parametrize("policy, length", [(SnapKV(budget=8, window=2), 8 + 19), (H2O(heavy=6, recent=4), 10),
+                                            (AdaptiveKV(tau=0.5, window=2), None)], ids=["snapkv", "h2o", "adaptive"])
+def test_fastv_and_a_kv_policy_together_on_llava(policy, length):
+    """After FastV the pruned layers' cache lengths are data-dependent: SnapKV and H2O keep min(L, budget)
+    there, AdaptiveKV its own data-dependent count."""
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
-    config = Config(llm=FastV(layer=2, keep=0.25), kv=SnapKV(budget=8, window=2), inductor=False)
+    config = Config(llm=FastV(layer=2, keep=0.25), kv=policy, inductor=False)
     out = _generate(model, inputs, config)
     from tokensparse.reference.llava import _masking, _surviving_by_stage, language_layers
 
@@ -129,19 +144,7 @@ def test_fastv_and_snapkv_together_on_llava():
     with _masking(layers, columns):
         reference, log = evicted_generate(model, inputs, config.kv, **GENERATE)
     _assert_same(out, reference)
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8 + 19] * 4
-
-
-def test_fastv_and_h2o_together_on_llava():
-    """After FastV the pruned layers' cache lengths are data-dependent: H2O keeps min(L, budget) there."""
-    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
-    config = Config(llm=FastV(layer=2, keep=0.25), kv=H2O(heavy=6, recent=4), inductor=False)
-    out = _generate(model, inputs, config)
-    from tokensparse.reference.llava import _masking, _surviving_by_stage, language_layers
-
-    layers = language_layers(model)
-    columns = _surviving_by_stage(model, inputs, config.llm, layers)
-    with _masking(layers, columns):
-        reference, log = evicted_generate(model, inputs, config.kv, **GENERATE)
-    _assert_same(out, reference)
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [10] * 4
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(4)]
+    if length is not None:
+        assert lengths == [length] * 4

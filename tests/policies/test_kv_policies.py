@@ -7,9 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse import H2O, SnapKV, StreamingLLM
-from tokensparse.policies import h2o
-from tokensparse.policies.h2o import attention_column_sums, h2o_keep
+from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM
+from tokensparse.policies import kv_policy
+from tokensparse.policies.adaptive_kv import adaptive_keep
+from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.streamingllm import streaming_keep
 
@@ -80,7 +82,7 @@ def test_attention_column_sums_equal_the_loop_reference(batch, kv_heads, group, 
     q = torch.randn(batch, kv_heads * group, queries, 8, generator=generator)
     keys = torch.randn(batch, kv_heads, past + queries, 8, generator=generator)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(h2o, "QUERY_CHUNK", chunk)               # the query blocks add up to the whole
+        patch.setattr(kv_policy, "QUERY_CHUNK", chunk)               # the query blocks add up to the whole
         got = attention_column_sums(q, keys, 0.35)
     torch.testing.assert_close(got.double(), column_sums_loops(q, keys, 0.35), rtol=1e-5, atol=1e-6)
 
@@ -98,6 +100,40 @@ def test_h2o_keep_holds_the_heavy_hitters_and_the_recent_window(batch, kv_heads,
         for h in range(kv_heads):
             before = sorted(range(length - tail), key=lambda j: (-float(scores[b, h, j]), j))[: count - tail]
             assert kept[b, h].tolist() == sorted(before) + list(range(length - tail, length))
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 2), length=st.integers(2, 20),
+       window=st.integers(1, 5), tau=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
+def test_adaptive_keep_is_the_fewest_positions_holding_tau(batch, kv_heads, group, length, window, tau, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, 8, generator=generator) * 2
+    keys = torch.randn(batch, kv_heads, length, 8, generator=generator)
+    kept = adaptive_keep(q, keys, 0.35, tau, window)
+    window = min(window, length)
+    mass = column_sums_loops(q[:, :, -window:], keys, 0.35)
+    needed = 0                                  # per (sample, head): window + the fewest best positions before it
+    for b in range(batch):
+        for h in range(kv_heads):
+            order = sorted(range(length - window), key=lambda j: (-float(mass[b, h, j]), j))
+            held, count = float(mass[b, h, length - window:].sum()), 0
+            while held < tau * float(mass[b, h].sum()) - 1e-6 and count < len(order):
+                held, count = held + float(mass[b, h, order[count]]), count + 1
+            needed = max(needed, count)
+    assert abs(kept.shape[-1] - (window + needed)) <= 1          # float32 against float64 at the boundary
+    for b in range(batch):
+        for h in range(kv_heads):
+            before = kept[b, h, : kept.shape[-1] - window].tolist()
+            assert kept[b, h, kept.shape[-1] - window:].tolist() == list(range(length - window, length))
+            best = sorted(range(length - window), key=lambda j: (-float(mass[b, h, j]), j))[: len(before)]
+            assert set(before) == set(best) or torch.allclose(mass[b, h, sorted(best)].sum(), mass[b, h, before].sum())
+
+
+def test_adaptive_keeps_more_for_a_larger_tau():
+    generator = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 4, 30, 8, generator=generator), torch.randn(2, 2, 30, 8, generator=generator)
+    counts = [adaptive_keep(q, keys, 0.35, tau, 4).shape[-1] for tau in (0.2, 0.5, 0.8, 1.0)]
+    assert counts == sorted(counts) and counts[0] < counts[-1] == 30
 
 
 def test_streaming_keep_holds_sinks_and_the_recent_window():
@@ -127,6 +163,9 @@ def test_budgets():
     (lambda: H2O(heavy=-1), "heavy=-1 is out of range"),
     (lambda: H2O(recent=0), "recent=0 is out of range"),
     (lambda: H2O(heavy=0.2), "heavy=0.2 must be an integer"),
+    (lambda: AdaptiveKV(tau=0.0), "tau=0.0 is out of range"),
+    (lambda: AdaptiveKV(tau=1.5), "tau=1.5 is out of range"),
+    (lambda: AdaptiveKV(window=0), "window=0 is out of range"),
 ])
 def test_bad_options_name_the_problem(make, message):
     with pytest.raises(ValueError, match=message):

@@ -88,7 +88,8 @@ def test_snapkv_keep_and_kv_evict_opcheck(count):
 
 @pytest.mark.parametrize("queries, count", [(12, 7), (1, 12)])
 def test_h2o_ops_opcheck(queries, count):
-    from tokensparse.policies.h2o import attention_column_sums, h2o_keep
+    from tokensparse.policies.h2o import h2o_keep
+    from tokensparse.policies.kv_policy import attention_column_sums
     from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP
 
     gen = torch.Generator().manual_seed(queries)
@@ -100,3 +101,16 @@ def test_h2o_ops_opcheck(queries, count):
     torch.library.opcheck(H2O_KEEP, (sums, count, 3))
     kept = H2O_KEEP(sums, count, 3)
     assert torch.equal(kept, h2o_keep(sums, count, 3)) and kept.shape == (2, 2, count)
+
+
+@pytest.mark.parametrize("tau", [0.3, 1.0])
+def test_adaptive_keep_opcheck(tau):
+    from tokensparse.policies.adaptive_kv import adaptive_keep
+    from tokensparse.runtime.ops import ADAPTIVE_KEEP
+
+    gen = torch.Generator().manual_seed(7)
+    q, keys = torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
+    torch.library.opcheck(ADAPTIVE_KEEP, (q, keys, 0.35, tau, 3))
+    kept = ADAPTIVE_KEEP(q, keys, 0.35, tau, 3)
+    assert torch.equal(kept, adaptive_keep(q, keys, 0.35, tau, 3))
+    assert kept.shape[-1] == 12 if tau == 1.0 else 3 <= kept.shape[-1] < 12

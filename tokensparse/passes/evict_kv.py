@@ -1,5 +1,5 @@
 """Evict KV-cache positions where the graph stores its cache (SnapKV, Li et al., 2024; StreamingLLM, Xiao
-et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023): the attention of this forward reads the full cache,
+et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024): the attention of this forward reads the full cache,
 the cache kept for the next steps holds only the kept positions (and, for H2O, their accumulated scores)."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 from tokensparse.passes.context import PassContext
 from tokensparse.patterns.graph import MatchFailure, insert_call
 from tokensparse.patterns.kv_cache import CacheSite
-from tokensparse.policies import H2O, KVPolicy, SnapKV, StreamingLLM
+from tokensparse.policies import H2O, AdaptiveKV, KVPolicy, SnapKV, StreamingLLM
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP
+from tokensparse.runtime.ops import ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP
+
+DATA_DEPENDENT = "a data-dependent number"
 
 
 def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -70,8 +72,11 @@ def _zeros_sized_like_the_new_keys(graph: fx.Graph, zeros: fx.Node) -> None:
 
 def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, queries):
     """How many positions this site keeps (an int, or a node when the cache length is data-dependent, as
-    after FastV), or None when it keeps them all."""
+    after FastV; DATA_DEPENDENT when the selection decides), or None when it keeps them all."""
     length = site.cache_length
+    if isinstance(policy, AdaptiveKV):
+        evicts = policy.evicts(queries, length) if isinstance(length, int) else queries > 1 and policy.tau < 1
+        return DATA_DEPENDENT if evicts else None
     if isinstance(length, int):
         return policy.kept_count(length) if policy.evicts(queries, length) else None
     if isinstance(policy, StreamingLLM):
@@ -110,4 +115,7 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
         return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window))
     if isinstance(policy, H2O):
         return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent))
+    if isinstance(policy, AdaptiveKV):
+        return insert_call(graph, point, ADAPTIVE_KEEP, (site.attention.q, site.keys, _scale(site), policy.tau,
+                                                         policy.window))
     raise MatchFailure(f"policy {policy.name!r} has no cache selection")

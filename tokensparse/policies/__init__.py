@@ -1,5 +1,6 @@
 """Token-reduction policies: one small file per method, each with plain-PyTorch step functions."""
 
+from tokensparse.policies.adaptive_kv import AdaptiveKV
 from tokensparse.policies.base import Policy
 from tokensparse.policies.divprune import DivPrune
 from tokensparse.policies.fastv import FastV
@@ -14,7 +15,7 @@ from tokensparse.policies.topk import TopK
 from tokensparse.policies.visual_exit import VisualExit
 
 POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM,
-                                      H2O)}
+                                      H2O, AdaptiveKV)}
 
-__all__ = ["POLICIES", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
+__all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
            "StreamingLLM", "ToMe", "TopK", "VisualExit"]

@@ -4,15 +4,12 @@ and keep the `heavy` top-scoring positions plus the `recent` most recent ones; e
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
-
-QUERY_CHUNK = 256       # queries per q K^T block in the column sums: bounds memory to [B, H, 256, L]
 
 
 @dataclass(frozen=True)
@@ -39,25 +36,6 @@ class H2O(KVPolicy):
 
     def keep(self, query, keys, scale, count, scores=None):
         return h2o_keep(scores, count, self.recent)
-
-
-def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """[B, H_kv, L] float32: the attention probabilities that the forward's queries q [B, H, S, d] (causal,
-    at positions L-S..L-1) give keys [B, H_kv, L, d], summed over the queries and averaged over each KV
-    group's query heads. A decode step (S = 1) costs one q K^T row."""
-    batch, heads, queries, dim = q.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
-    grouped_keys = keys.float().unsqueeze(2).transpose(-1, -2)                          # [B, H_kv, 1, d, L]
-    columns = torch.arange(length, device=keys.device)
-    sums = keys.new_zeros(batch, kv_heads, heads // kv_heads, length, dtype=torch.float32)
-    for start in range(0, queries, QUERY_CHUNK):
-        block = q[:, :, start:start + QUERY_CHUNK].float()
-        rows = block.shape[2]
-        logits = block.reshape(batch, kv_heads, heads // kv_heads, rows, dim) @ grouped_keys * scale
-        positions = torch.arange(length - queries + start, length - queries + start + rows, device=keys.device)
-        logits = logits.masked_fill(columns > positions[:, None], -math.inf)
-        sums += logits.softmax(dim=-1).sum(dim=-2)
-    return sums.mean(dim=2)
 
 
 def h2o_keep(scores: torch.Tensor, count: int, recent: int) -> torch.Tensor:

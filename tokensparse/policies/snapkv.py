@@ -4,7 +4,6 @@ over the query heads of each KV group), plus the window itself."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Union
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
+from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, best_and_recent
 
 POOLINGS = ("avg", "max")
 
@@ -65,14 +64,9 @@ def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, scale: float, kern
     """[B, H_kv, L - w] scores of the positions before the window: the attention the last w queries
     q_window [B, H, w, d] (causal, at positions L-w..L-1) give keys [B, H_kv, L, d], summed over the window,
     averaged over each KV group's query heads, then pooled along the sequence (odd `kernel`)."""
-    batch, heads, window, dim = q_window.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
-    grouped = q_window.float().reshape(batch, kv_heads, heads // kv_heads, window, dim)
-    logits = grouped @ keys.float().unsqueeze(2).transpose(-1, -2) * scale          # [B, H_kv, g, w, L]
-    rows = torch.arange(length - window, length, device=keys.device).unsqueeze(-1)
-    visible = torch.arange(length, device=keys.device) <= rows                        # [w, L] causal
-    probabilities = logits.masked_fill(~visible, -math.inf).softmax(dim=-1)
-    scores = probabilities[..., : length - window].sum(dim=-2).mean(dim=2)            # [B, H_kv, L - w]
+    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    window = q_window.shape[2]
+    scores = attention_column_sums(q_window, keys, scale)[..., : length - window]      # [B, H_kv, L - w]
     flat = scores.reshape(batch * kv_heads, 1, length - window)
     if pooling == "max":
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)

@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.fastv import fastv_keep
-from tokensparse.policies.h2o import attention_column_sums, h2o_keep
+from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
@@ -130,6 +132,18 @@ def _h2o_keep_fake(scores, count, recent):
     return scores.new_empty(scores.shape[0], scores.shape[1], count, dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::adaptive_keep", mutates_args=())
+def adaptive_keep_op(q: Tensor, keys: Tensor, scale: float, tau: float, window: int) -> Tensor:
+    """ZipVL's kept cache positions [B, H_kv, p]: p, data-dependent, is the fewest that hold `tau` of the last
+    `window` queries' attention mass in every KV head."""
+    return adaptive_keep(q, keys, scale, tau, window)
+
+
+@adaptive_keep_op.register_fake
+def _adaptive_keep_fake(q, keys, scale, tau, window):
+    return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
@@ -146,7 +160,7 @@ def _kv_evict_fake(keys, values, kept):
 
 
 def _kept_positions():
-    """The kept sequence length: data-dependent (it counts image tokens), so always a fresh unbacked size."""
+    """A kept length that depends on the data (image tokens, attention mass): a fresh unbacked size."""
     return torch.library.get_ctx().new_dynamic_size(min=1)
 
 
@@ -171,6 +185,7 @@ SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
 H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
+ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default
 
 
 def is_tokensparse_target(target) -> bool:

@@ -1,0 +1,61 @@
+"""Adaptive KV budgets (ZipVL, He et al., 2024): once, after prefill, each layer keeps the fewest positions
+that hold a fraction `tau` of the attention mass of the last `window` queries (the probe queries), plus the
+window itself; the kept count depends on the data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensparse.policies.base import check_fraction, check_int_at_least
+from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, best_and_recent
+
+
+@dataclass(frozen=True)
+class AdaptiveKV(KVPolicy):
+    """ZipVL's adaptive budget (He et al., 2024): per layer, the smallest count p such that every KV head's
+    window plus its top positions hold at least `tau` of the window queries' attention mass; every head of
+    the layer keeps p positions (so the cache stays rectangular), the window included."""
+
+    tau: float = 0.9
+    window: int = 32
+
+    name = "adaptive"
+
+    def __post_init__(self):
+        check_fraction("tau", self.tau)
+        check_int_at_least("window", self.window, 1)
+
+    def kept_count(self, cache_length: int):
+        return None                                   # data-dependent: known only from the attention
+
+    def evicts(self, query_length: int, cache_length: int) -> bool:
+        # Once, after prefill (more than one query), and only when something could go.
+        return query_length > 1 and self.tau < 1 and cache_length > self.window
+
+    def keep(self, query, keys, scale, count=None, scores=None):
+        return adaptive_keep(query, keys, scale, self.tau, self.window)
+
+    def is_identity(self, depth: int) -> bool:
+        return self.tau == 1.0
+
+
+def adaptive_count(mass: torch.Tensor, window: int, tau: float) -> int:
+    """The layer's kept count: the window plus the most positions any (sample, KV head) needs before the
+    window so that its kept mass reaches tau of its total, mass [B, H_kv, L]."""
+    length = mass.shape[-1]
+    before, recent = mass[..., : length - window], mass[..., length - window:].sum(dim=-1, keepdim=True)
+    target = tau * mass.sum(dim=-1, keepdim=True)
+    reached = before.sort(dim=-1, descending=True).values.cumsum(dim=-1) + recent      # [B, H_kv, L - w]
+    needed = torch.where(recent >= target, 0, (reached < target).sum(dim=-1, keepdim=True) + 1)
+    return window + int(needed.clamp(max=length - window).max())
+
+
+def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int) -> torch.Tensor:
+    """Kept positions [B, H_kv, p], ascending, p from adaptive_count: the last min(window, L) positions and
+    each head's most-attended positions before them (ties to the lower position). q [B, H, S, d]."""
+    length = keys.shape[2]
+    window = min(window, length, q.shape[2])
+    mass = attention_column_sums(q[:, :, -window:], keys, scale)
+    return best_and_recent(mass, length, adaptive_count(mass, window, tau), window)
