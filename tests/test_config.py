@@ -15,7 +15,7 @@ def test_options_build_typed_policies():
 
 @pytest.mark.parametrize("options, message", [
     ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['adaptive', 'divprune', 'exit', 'fastv', 'h2o', "
-                            r"'pyramiddrop', 'snapkv', 'streamingllm', 'tome', 'topk'\]"),
+                            r"'pyramiddrop', 'snapkv', 'streamingllm', 'tome', 'topk', 'vision_budget'\]"),
     ({"policy": "fastv", "keep": 0.0}, "keep=0.0 is out of range"),
     ({"policy": "fastv", "layer": 0}, "layer=0 is out of range"),
     ({"policy": "fastv", "query": "first"}, "query='first' is unknown"),
@@ -43,13 +43,15 @@ def test_language_policies_go_to_the_llm_slot():
 
 
 def test_kv_policies_go_to_the_kv_slot():
-    from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM
+    from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM, VisionBudget
 
     config = config_from_options({"policy": "snapkv", "budget": 16, "window": 4})
     assert config.kv == SnapKV(budget=16, window=4) and config.policy is None
     assert config_from_options({"policy": "streamingllm", "sinks": 2}).kv == StreamingLLM(sinks=2)
     assert config_from_options({"policy": "h2o", "heavy": 16, "recent": 8}).kv == H2O(heavy=16, recent=8)
     assert config_from_options({"policy": "adaptive", "tau": 0.8}).kv == AdaptiveKV(tau=0.8)
+    assert config_from_options({"policy": "vision_budget", "vision": 64, "alpha": 0.1}).kv == VisionBudget(vision=64,
+                                                                                                          alpha=0.1)
     assert Config(llm=FastV(), kv=SnapKV()).kv == SnapKV()
     with pytest.raises(ValueError, match="kv=FastV.* must be a KV-cache policy"):
         Config(kv=FastV())

@@ -9,7 +9,7 @@ import torch
 
 import tokensparse
 from tests.models import build_llama, build_llava
-from tokensparse import H2O, AdaptiveKV, Config, FastV, SnapKV, StreamingLLM
+from tokensparse import H2O, AdaptiveKV, Config, FastV, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -37,7 +37,8 @@ def _assert_same(out, reference):
     (SnapKV(budget=0.3, window=4, kernel=3, pooling="max"), 12 + 19),
     (StreamingLLM(sinks=2, window=10), 12),
     (H2O(heavy=8, recent=6), 14),
-], ids=["snapkv", "snapkv_ratio_max", "streamingllm", "h2o"])
+    (VisionBudget(vision=4, text=10, window=4), 14 + 19),          # a text model: every position is text
+], ids=["snapkv", "snapkv_ratio_max", "streamingllm", "h2o", "vision_budget_text_only"])
 def test_generate_equals_the_evicting_reference(llama, policy, lengths):
     model, inputs = llama
     out = _generate(model, inputs, Config(kv=policy, inductor=False))
@@ -59,6 +60,30 @@ def test_adaptive_keeps_a_data_dependent_count_per_layer():
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(4)]
     assert all(length < 40 + 19 for length in lengths)
+
+
+@pytest.mark.parametrize("policy, kept", [
+    (VisionBudget(vision=4, text=1.0, window=2), 4 + 6 + 2),
+    (VisionBudget(vision=0.25, text=3, window=2, alpha=0.5, temperature=2.0), 4 + 3 + 2),
+], ids=["vision_count", "fractions_and_saliency"])
+def test_vision_budgets_on_llava_equal_the_reference(policy, kept):
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    steps = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [kept + steps - 1] * 4
+    image = inputs["input_ids"][0] == model.config.image_token_index
+    for alive in log.alive.values():                      # the image keeps its budget, in every head
+        assert int(alive[0, :, : image.shape[0]][:, image].sum(dim=-1).unique().item()) == 4
+
+
+def test_vision_budgets_after_fastv_are_refused_with_the_reason():
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    config = Config(llm=FastV(layer=2, keep=0.25), kv=VisionBudget(vision=4, window=2), inductor=False)
+    with pytest.warns(UserWarning, match="vision budgets after a language-model policy cut the sequence"):
+        out = _generate(model, inputs, config)
+    assert out.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1] + 19
 
 
 def test_h2o_carries_the_references_accumulated_scores(llama):
@@ -148,3 +173,22 @@ def test_fastv_and_a_kv_policy_together_on_llava(policy, length):
     assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(4)]
     if length is not None:
         assert lengths == [length] * 4
+
+
+def test_a_new_prompt_length_recompiles_dynamic_and_still_evicts():
+    """The third prompt length compiles a graph with a symbolic sequence length: the pass re-propagates it
+    (masked_scatter's meta needs the Python dispatcher) and SnapKV still equals the reference."""
+    model, _ = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2)
+    policy = SnapKV(budget=8, window=2)
+    fast = tokensparse.compile(model, Config(kv=policy, inductor=False))
+    for prompt in ((3, 5), (4, 7), (6, 9)):
+        _, inputs = build_llava(text_layers=2, image_tokens=16, prompt=prompt, batch=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tokensparse.TokensparseWarning)
+            with torch.no_grad():
+                out = fast.generate(**inputs, **GENERATE)
+        reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+        _assert_same(out, reference)
+        steps = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+        assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8 + steps - 1] * 2
+        assert [int(alive[0, 0].sum()) for alive in log.alive.values()] == [8 + steps - 1] * 2

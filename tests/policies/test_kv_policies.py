@@ -7,13 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM
+from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies import kv_policy
 from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
-from tokensparse.policies.snapkv import snapkv_keep
+from tokensparse.policies.snapkv import snapkv_keep, snapkv_scores
 from tokensparse.policies.streamingllm import streaming_keep
+from tokensparse.policies.vision_budget import vision_budget_keep, vision_saliency
 
 
 def snapkv_loops(q, keys, scale, count, window, kernel, pooling):
@@ -136,6 +137,53 @@ def test_adaptive_keeps_more_for_a_larger_tau():
     assert counts == sorted(counts) and counts[0] < counts[-1] == 30
 
 
+def _vision_inputs(seed=0, batch=2, length=24, images=(4, 16)):
+    generator = torch.Generator().manual_seed(seed)
+    q, keys = torch.randn(batch, 4, length, 8, generator=generator), torch.randn(batch, 2, length, 8, generator=generator)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, images[0]:images[1]] = True
+    return q, keys, mask, torch.randn(batch, length, 16, generator=generator)
+
+
+@pytest.mark.parametrize("vision, text, want", [(4, 1.0, (4, 10)), (0.5, 3, (6, 3)), (0, 2, (0, 2)), (99, 99, (12, 10))])
+def test_vision_budget_keeps_each_kinds_budget_and_the_window(vision, text, want):
+    q, keys, mask, _ = _vision_inputs()
+    kept = vision_budget_keep(q, keys, 0.35, mask, None, vision, text, window=2)
+    scores = snapkv_scores(q[:, :, -2:], keys, 0.35)
+    assert kept.shape == (2, 2, sum(want) + 2)
+    for b in range(2):
+        for h in range(2):
+            chosen = kept[b, h, :-2]
+            assert kept[b, h, -2:].tolist() == [22, 23] and chosen.tolist() == sorted(chosen.tolist())
+            for kind, count in zip((mask[b, :22], ~mask[b, :22]), want):
+                positions = kind.nonzero()[:, 0].tolist()
+                best = sorted(positions, key=lambda j: (-float(scores[b, h, j]), j))[:count]
+                assert sorted(best) == [j for j in chosen.tolist() if kind[j]]
+
+
+def test_vision_saliency_ranks_vision_positions_by_hidden_norm():
+    q, keys, mask, hidden = _vision_inputs(seed=3)
+    hidden[:, 4:16] *= 2.0 ** torch.arange(12).float()[:, None]          # norms grow along the image
+    kept = vision_budget_keep(q, keys, 0.35, mask, hidden, 3, 1.0, window=2, alpha=1e6, temperature=1e4)
+    assert all(kept[b, h, :-2][mask[b, kept[b, h, :-2]]].tolist() == [13, 14, 15] for b in range(2) for h in range(2))
+    saliency = vision_saliency(hidden, mask, 0.5)
+    torch.testing.assert_close(saliency.sum(dim=-1), torch.ones(2))
+    assert bool((saliency[~mask] == 0).all())
+
+
+def test_vision_budget_without_images_treats_every_position_as_text():
+    q, keys, _, _ = _vision_inputs()
+    kept = vision_budget_keep(q, keys, 0.35, None, None, 4, 5, window=2)
+    assert kept.shape == (2, 2, 7)
+
+
+def test_vision_budget_needs_equal_image_counts():
+    q, keys, mask, _ = _vision_inputs()
+    mask[1, 3] = True
+    with pytest.raises(ValueError, match=r"same number of vision positions in every sample; this batch holds \[12, 13\]"):
+        vision_budget_keep(q, keys, 0.35, mask, None, 4, 1.0, window=2)
+
+
 def test_streaming_keep_holds_sinks_and_the_recent_window():
     kept = streaming_keep(torch.zeros(2, 3, 10, 4), sinks=2, window=3)
     assert kept.shape == (2, 3, 5) and kept[1, 2].tolist() == [0, 1, 7, 8, 9]
@@ -166,6 +214,11 @@ def test_budgets():
     (lambda: AdaptiveKV(tau=0.0), "tau=0.0 is out of range"),
     (lambda: AdaptiveKV(tau=1.5), "tau=1.5 is out of range"),
     (lambda: AdaptiveKV(window=0), "window=0 is out of range"),
+    (lambda: VisionBudget(vision=-1), "vision=-1 is out of range"),
+    (lambda: VisionBudget(text=1.5), "text=1.5 is out of range"),
+    (lambda: VisionBudget(alpha=-0.1), "alpha=-0.1 must be a number >= 0"),
+    (lambda: VisionBudget(temperature=0), "temperature=0 must be a number > 0"),
+    (lambda: VisionBudget(kernel=2), "kernel=2 must be odd"),
 ])
 def test_bad_options_name_the_problem(make, message):
     with pytest.raises(ValueError, match=message):

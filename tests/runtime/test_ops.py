@@ -114,3 +114,20 @@ def test_adaptive_keep_opcheck(tau):
     kept = ADAPTIVE_KEEP(q, keys, 0.35, tau, 3)
     assert torch.equal(kept, adaptive_keep(q, keys, 0.35, tau, 3))
     assert kept.shape[-1] == 12 if tau == 1.0 else 3 <= kept.shape[-1] < 12
+
+
+@pytest.mark.parametrize("saliency", [False, True])
+def test_vision_budget_keep_opcheck(saliency):
+    from tokensparse.policies.vision_budget import vision_budget_keep
+    from tokensparse.runtime.ops import VISION_BUDGET_KEEP
+
+    gen = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 2:8] = True
+    hidden = torch.randn(2, 12, 16, generator=gen) if saliency else None
+    args = (q, keys, 0.35, mask, hidden, 0.5, False, 2.0, True, 2, 3, "max", 0.3 if saliency else 0.0, 1.0)
+    torch.library.opcheck(VISION_BUDGET_KEEP, args)
+    kept = VISION_BUDGET_KEEP(*args)
+    assert torch.equal(kept, vision_budget_keep(q, keys, 0.35, mask, hidden, 0.5, 2, 2, 3, "max", args[12], 1.0))
+    assert kept.shape == (2, 2, 3 + 2 + 2)

@@ -1,6 +1,7 @@
 """Evict KV-cache positions where the graph stores its cache (SnapKV, Li et al., 2024; StreamingLLM, Xiao
-et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024): the attention of this forward reads the full cache,
-the cache kept for the next steps holds only the kept positions (and, for H2O, their accumulated scores)."""
+et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024; GUI-KV, Huang et al., 2025):
+the attention of this forward reads the full cache, the cache kept for the next steps holds only the kept
+positions (and, for H2O, their accumulated scores)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false
 
 from tokensparse.passes.context import PassContext
-from tokensparse.patterns.graph import MatchFailure, insert_call
+from tokensparse.passes.sizes import same_size
+from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
 from tokensparse.patterns.kv_cache import CacheSite
-from tokensparse.policies import H2O, AdaptiveKV, KVPolicy, SnapKV, StreamingLLM
+from tokensparse.patterns.vision_span import find_vision_span
+from tokensparse.policies import H2O, AdaptiveKV, KVPolicy, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP
+from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
+                                     VISION_BUDGET_KEEP)
+from tokensparse.runtime.sequence import vision_mask_2d
 
 DATA_DEPENDENT = "a data-dependent number"
 
@@ -74,8 +79,9 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
     """How many positions this site keeps (an int, or a node when the cache length is data-dependent, as
     after FastV; DATA_DEPENDENT when the selection decides), or None when it keeps them all."""
     length = site.cache_length
-    if isinstance(policy, AdaptiveKV):
-        evicts = policy.evicts(queries, length) if isinstance(length, int) else queries > 1 and policy.tau < 1
+    if isinstance(policy, (AdaptiveKV, VisionBudget)):
+        evicts = policy.evicts(queries, length) if isinstance(length, int) else queries > 1 and \
+            not policy.is_identity(0)
         return DATA_DEPENDENT if evicts else None
     if isinstance(length, int):
         return policy.kept_count(length) if policy.evicts(queries, length) else None
@@ -118,4 +124,37 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
     if isinstance(policy, AdaptiveKV):
         return insert_call(graph, point, ADAPTIVE_KEEP, (site.attention.q, site.keys, _scale(site), policy.tau,
                                                          policy.window))
+    if isinstance(policy, VisionBudget):
+        hidden = _attention_input(site) if policy.alpha else None
+        budgets = (float(policy.vision), isinstance(policy.vision, int), float(policy.text),
+                   isinstance(policy.text, int))
+        return insert_call(graph, point, VISION_BUDGET_KEEP, (
+            site.attention.q, site.keys, _scale(site), _image_mask(graph, point, site), hidden, *budgets,
+            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature)))
     raise MatchFailure(f"policy {policy.name!r} has no cache selection")
+
+
+def _image_mask(graph: fx.Graph, point: fx.Node, site: CacheSite):
+    """[B, L] bool: which cached positions are image tokens (the merge's mask), or None in a graph without
+    images (every position is text)."""
+    try:
+        span = find_vision_span(graph.owning_module)
+    except MatchFailure:
+        return None
+    if not same_size(span.sequence, site.cache_length):
+        raise MatchFailure(f"{site.path}: its cache holds {site.cache_length} positions but the image mask covers "
+                           f"{span.sequence}; vision budgets after a language-model policy cut the sequence (or with "
+                           f"a cached prefix) are not supported yet")
+    return insert_call(graph, point, vision_mask_2d, (span.mask,))
+
+
+def _attention_input(site: CacheSite) -> fx.Node:
+    """The hidden states [B, S, D] the attention reads: the input of its value projection."""
+    node = site.values.args[0][-1]
+    for _ in range(6):
+        if is_op(node, "linear"):
+            return node.args[0]
+        if not is_op(node, "view", "reshape", "transpose", "contiguous", "to", "_to_copy"):
+            break
+        node = node.args[0]
+    raise MatchFailure(f"{site.path}: the value projection that GUI-KV's saliency reads was not found")

@@ -46,8 +46,12 @@ def allow_symbolic_token_counts(fake_mode):
 
 @contextlib.contextmanager
 def fake_propagation(fake_mode):
-    """Run under `fake_mode`, allowing the fresh unbacked token counts our custom ops create."""
+    """Run under `fake_mode`, allowing the fresh unbacked token counts our custom ops create; with the
+    Python dispatcher on, as dynamo traces, so that meta functions of symbolic shapes (masked_scatter's
+    broadcast under a dynamic sequence length) decompose as they did there."""
+    from torch._dispatch.python import enable_python_dispatcher
+
     shape_env = fake_mode.shape_env
-    with allow_symbolic_token_counts(fake_mode), fake_mode, \
+    with allow_symbolic_token_counts(fake_mode), fake_mode, enable_python_dispatcher(), \
             (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()):
         yield

@@ -12,10 +12,11 @@ from tokensparse.policies.snapkv import SnapKV
 from tokensparse.policies.streamingllm import StreamingLLM
 from tokensparse.policies.tome import ToMe
 from tokensparse.policies.topk import TopK
+from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.policies.visual_exit import VisualExit
 
 POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM,
-                                      H2O, AdaptiveKV)}
+                                      H2O, AdaptiveKV, VisionBudget)}
 
-__all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop", "SnapKV",
-           "StreamingLLM", "ToMe", "TopK", "VisualExit"]
+__all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop",
+           "SnapKV", "StreamingLLM", "ToMe", "TopK", "VisionBudget", "VisualExit"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 
-from tokensparse.policies import KVPolicy
+from tokensparse.policies import KVPolicy, VisionBudget
 
 ORACLE = "tokensparse_kv_oracle"
 
@@ -20,10 +21,12 @@ class EvictionLog:
     """Per layer, the positions alive [B, H_kv, T] after the latest step (absolute cache positions), and the
     attention each position has received so far [B, H_kv, T] (averaged over each KV group's heads)."""
 
-    def __init__(self, policy: KVPolicy):
+    def __init__(self, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None):
         self.policy = policy
+        self.image_mask = image_mask                    # [B, S] bool over the prompt, for vision budgets
         self.alive: dict[int, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}       # the hidden states each attention read last
 
 
 _active: list[EvictionLog] = []
@@ -66,12 +69,14 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     if previous is not None:
         scores[..., : previous.shape[-1]] += previous
     log.scores[layer] = scores
-    log.alive[layer] = _evict(log.policy, query, key, scale, alive, scores)
+    log.alive[layer] = _evict(log, layer, query, key, scale, alive, scores)
     return output.transpose(1, 2).contiguous(), probabilities
 
 
-def _evict(policy: KVPolicy, query, key, scale: float, alive: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.Tensor,
+           scores: torch.Tensor) -> torch.Tensor:
     """The positions alive after this step: the policy applied to the alive positions, in order."""
+    policy = log.policy
     present = alive[0, 0].sum().item()
     if not bool((alive.sum(dim=-1) == present).all()):
         raise AssertionError("every layer and head holds the same number of positions")
@@ -79,13 +84,19 @@ def _evict(policy: KVPolicy, query, key, scale: float, alive: torch.Tensor, scor
         return alive
     where = alive.nonzero()[:, -1].view(*alive.shape[:2], present)                  # [B, H_kv, n] absolute
     stored = key.gather(2, where.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
-    kept = policy.keep(query, stored, scale, policy.kept_count(present), scores.gather(2, where))
+    context = {}
+    if isinstance(policy, VisionBudget):                # the prompt's positions, alive in every head alike
+        context["image_mask"] = None if log.image_mask is None else log.image_mask.gather(1, where[:, 0])
+        hidden = log.hidden[layer]
+        context["hidden"] = hidden.gather(1, where[:, 0, :, None].expand(-1, -1, hidden.shape[-1]))
+    kept = policy.keep(query, stored, scale, policy.kept_count(present), scores.gather(2, where), **context)
     return torch.zeros_like(alive).scatter(2, where.gather(2, kept), True)
 
 
 @contextlib.contextmanager
-def evicting(model, policy: KVPolicy):
-    """Run `model` with the evicting reference attention; yields the EvictionLog."""
+def evicting(model, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None):
+    """Run `model` with the evicting reference attention; yields the EvictionLog. `image_mask` [B, S] marks
+    the prompt's image tokens (vision budgets)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
 
@@ -93,19 +104,35 @@ def evicting(model, policy: KVPolicy):
     AttentionMaskInterface.register(ORACLE, eager_mask)
     configs = [model.config] + [getattr(model.config, name) for name in ("text_config",) if hasattr(model.config, name)]
     previous = [config._attn_implementation for config in configs]
-    log = EvictionLog(policy)
+    log = EvictionLog(policy, image_mask)
     _active.append(log)
+    hooks = [module.register_forward_pre_hook(_recorder(log, module.layer_idx), with_kwargs=True)
+             for module in model.modules() if _is_cached_attention(module)]
     try:
         for config in configs:
             config._attn_implementation = ORACLE
         yield log
     finally:
+        for hook in hooks:
+            hook.remove()
         _active.pop()
         for config, name in zip(configs, previous):
             config._attn_implementation = name
 
 
+def _is_cached_attention(module) -> bool:
+    return isinstance(getattr(module, "layer_idx", None), int) and type(module).__name__.endswith("Attention")
+
+
+def _recorder(log: EvictionLog, layer: int):
+    def record(module, args, kwargs):
+        log.hidden[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return record
+
+
 def evicted_generate(model, inputs: dict, policy: KVPolicy, **generate_kwargs):
     """(generate()'s output, the EvictionLog): greedy decoding with `policy`'s evictions applied by masking."""
-    with torch.no_grad(), evicting(model, policy) as log:
+    image_token = getattr(model.config, "image_token_index", getattr(model.config, "image_token_id", None))
+    image_mask = inputs["input_ids"] == image_token if image_token is not None and "pixel_values" in inputs else None
+    with torch.no_grad(), evicting(model, policy, image_mask) as log:
         return model.generate(**inputs, **generate_kwargs), log

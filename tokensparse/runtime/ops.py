@@ -20,6 +20,7 @@ from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
+from tokensparse.policies.vision_budget import vision_budget_keep
 
 
 _symbolic_token_counts = [True]
@@ -144,6 +145,22 @@ def _adaptive_keep_fake(q, keys, scale, tau, window):
     return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::vision_budget_keep", mutates_args=())
+def vision_budget_keep_op(q: Tensor, keys: Tensor, scale: float, image_mask: Optional[Tensor], hidden: Optional[Tensor],
+                          vision: float, vision_is_count: bool, text: float, text_is_count: bool, window: int,
+                          kernel: int, pooling: str, alpha: float, temperature: float) -> Tensor:
+    """Kept cache positions [B, H_kv, K] under separate vision and text budgets (a count, or a fraction of
+    that kind's positions); K depends on how many positions are vision tokens."""
+    return vision_budget_keep(q, keys, scale, image_mask, hidden, int(vision) if vision_is_count else vision,
+                              int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature)
+
+
+@vision_budget_keep_op.register_fake
+def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
+                             window, kernel, pooling, alpha, temperature):
+    return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
@@ -186,6 +203,7 @@ KV_EVICT = torch.ops.tokensparse.kv_evict.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
 H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
 ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default
+VISION_BUDGET_KEEP = torch.ops.tokensparse.vision_budget_keep.default
 
 
 def is_tokensparse_target(target) -> bool:

@@ -1,0 +1,113 @@
+"""Vision and text KV budgets (GUI-KV, Huang et al., 2025; the training-free counterpart of Dynamic-LLaVA's
+decode sparsification): once, after prefill, each layer and KV head keeps its best vision positions and its
+best text positions under separate budgets, scored by SnapKV's pooled window attention plus, as an option,
+GUI-KV's saliency alpha * softmax(||h||_2 / T) over the vision positions; the window is always kept."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from tokensparse.policies.base import check_int_at_least
+from tokensparse.policies.kv_policy import KVPolicy
+from tokensparse.policies.snapkv import POOLINGS, snapkv_scores
+
+
+def _check_budget(option: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{option}={value!r} must be a count of positions (int >= 0) or a fraction in (0, 1]")
+    if isinstance(value, numbers.Integral):
+        check_int_at_least(option, value, 0)
+    elif not 0 < value <= 1:
+        raise ValueError(f"{option}={value!r} is out of range: a fraction must be in (0, 1] (or give a count)")
+
+
+def budget_count(budget: Union[int, float], available: int) -> int:
+    """Positions kept out of `available`: a count (at most all), or round(fraction * available)."""
+    wanted = budget if isinstance(budget, numbers.Integral) else round(budget * available)
+    return min(available, wanted)
+
+
+@dataclass(frozen=True)
+class VisionBudget(KVPolicy):
+    """GUI-KV-style split budgets (Huang et al., 2025): after prefill keep `vision` vision positions and `text`
+    text positions (each a count, or a fraction of that kind's positions before the window) per layer and KV
+    head, ranked by SnapKV's score (window, kernel, pooling) plus alpha * softmax(||h||_2 / temperature)
+    over the vision positions (h: the hidden states the attention reads); the window is always kept."""
+
+    vision: Union[int, float] = 0.25
+    text: Union[int, float] = 1.0
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    alpha: float = 0.0
+    temperature: float = 1.0
+
+    name = "vision_budget"
+
+    def __post_init__(self):
+        _check_budget("vision", self.vision)
+        _check_budget("text", self.text)
+        check_int_at_least("window", self.window, 1)
+        check_int_at_least("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every position centred")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is unknown: choose one of {list(POOLINGS)}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or self.alpha < 0:
+            raise ValueError(f"alpha={self.alpha!r} must be a number >= 0 (the saliency term's weight)")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
+                or self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a number > 0")
+
+    def kept_count(self, cache_length: int):
+        return None                              # depends on how many positions are vision tokens
+
+    def evicts(self, query_length: int, cache_length: int) -> bool:
+        return query_length > 1 and not self.is_identity(0) and cache_length > self.window
+
+    def keep(self, query, keys, scale, count=None, scores=None, image_mask=None, hidden=None):
+        return vision_budget_keep(query, keys, scale, image_mask, hidden, self.vision, self.text, self.window,
+                                  self.kernel, self.pooling, self.alpha, self.temperature)
+
+    def is_identity(self, depth: int) -> bool:
+        return all(isinstance(b, float) and b == 1.0 for b in (self.vision, self.text))
+
+
+def vision_saliency(hidden: torch.Tensor, image_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """GUI-KV's saliency [B, L]: softmax over each sample's vision positions of ||h||_2 / temperature, zero at
+    text positions. hidden [B, L, D], image_mask [B, L] bool."""
+    norms = hidden.float().norm(dim=-1) / temperature
+    return norms.masked_fill(~image_mask, -torch.inf).softmax(dim=-1).nan_to_num(0.0)
+
+
+def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_mask: Optional[torch.Tensor],
+                       hidden: Optional[torch.Tensor], vision: Union[int, float], text: Union[int, float],
+                       window: int, kernel: int = 5, pooling: str = "avg", alpha: float = 0.0,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Kept positions [B, H_kv, K], ascending: per kind (vision, text) before the window, that kind's budget of
+    best-scored positions (ties to the lower position), then the window. image_mask [B, L] bool (None: all
+    text); every sample must hold the same number of vision positions before the window."""
+    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    window = min(window, length, q.shape[2])
+    if image_mask is None:
+        image_mask = torch.zeros(batch, length, dtype=torch.bool, device=keys.device)
+    before = image_mask[:, : length - window]
+    counts = before.sum(dim=-1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"vision KV budgets need the same number of vision positions in every sample; this batch "
+                         f"holds {counts.tolist()}")
+    scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling)               # [B, H_kv, L - w]
+    if alpha and hidden is not None:
+        scores = scores + alpha * vision_saliency(hidden, image_mask, temperature)[:, None, : length - window]
+    vision_count = budget_count(vision, int(counts[0]))
+    text_count = budget_count(text, length - window - int(counts[0]))
+    chosen = []
+    for kind, count in ((before, vision_count), (~before, text_count)):
+        ranked = scores.masked_fill(~kind[:, None, :], -torch.inf).sort(dim=-1, descending=True, stable=True)
+        chosen.append(ranked.indices[..., :count])
+    recent = torch.arange(length - window, length, device=keys.device).expand(batch, kv_heads, window)
+    return torch.cat([torch.cat(chosen, dim=-1).sort(dim=-1).values, recent], dim=-1)
