@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of unpruned,snapkv,streamingllm,h2o (default: all)")
+                        help="comma-separated subset of unpruned,snapkv,streamingllm,h2o,adaptive,vision_budget "
+                             "(default: all)")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
@@ -92,6 +93,9 @@ def run(args) -> dict:
         f"streamingllm 4 + {budget - 4}": (tokensparse.StreamingLLM(sinks=4, window=budget - 4), budget, budget),
         f"h2o {budget // 2} + {budget - budget // 2}": (tokensparse.H2O(heavy=budget // 2, recent=budget - budget // 2),
                                                        budget, budget),
+        "adaptive tau 0.9": (tokensparse.AdaptiveKV(tau=0.9), None, None),       # the count depends on the data
+        # 576 image tokens -> 128; the 32 text tokens before the window and the 32-token window stay
+        "vision_budget 128 + all text": (tokensparse.VisionBudget(vision=128, text=1.0), 192, 192 + args.new_tokens - 1),
     }
     if args.variants:
         wanted = args.variants.split(",")
@@ -120,7 +124,8 @@ def run(args) -> dict:
                 one_s.append(time.perf_counter() - start)
         rate = (args.new_tokens - 1) * args.batch / (statistics.median(full_s) - statistics.median(one_s))
         prefill_bytes, end_bytes = kv_bytes(first.past_key_values), kv_bytes(out.past_key_values)
-        ideal = (ideal_prefill * per_position * args.batch, ideal_end * per_position * args.batch)
+        ideal = (None, None) if ideal_prefill is None else (ideal_prefill * per_position * args.batch,
+                                                            ideal_end * per_position * args.batch)
         head_dim = text.hidden_size // text.num_attention_heads
         evict = op_ms(policy, (args.batch, text.num_key_value_heads, budget + 1, head_dim), text.num_attention_heads) \
             if isinstance(policy, (tokensparse.StreamingLLM, tokensparse.H2O)) else None
@@ -129,11 +134,16 @@ def run(args) -> dict:
     base = rows["unpruned"]["decode_tokens_per_s"] if "unpruned" in rows else None
     for name, row in rows.items():
         mib = 2 ** 20
-        table.add_row(name, f"{row['kv_bytes_prefill'] / mib:.2f} MiB", f"{row['ideal_prefill'] / mib:.2f}",
-                      f"{row['kv_bytes_end'] / mib:.2f} MiB", f"{row['ideal_end'] / mib:.2f}",
-                      f"{row['kv_bytes_end'] / row['ideal_end']:.3f}", f"{row['decode_tokens_per_s']:.1f}",
+        known = row["ideal_end"] is not None
+        table.add_row(name, f"{row['kv_bytes_prefill'] / mib:.2f} MiB",
+                      f"{row['ideal_prefill'] / mib:.2f}" if known else "data",
+                      f"{row['kv_bytes_end'] / mib:.2f} MiB", f"{row['ideal_end'] / mib:.2f}" if known else "data",
+                      f"{row['kv_bytes_end'] / row['ideal_end']:.3f}" if known else "", f"{row['decode_tokens_per_s']:.1f}",
                       f"{row['decode_tokens_per_s'] / base:.2f}x" if base else "",
                       f"{row['evict_op_ms_per_layer_step']:.3f}" if row["evict_op_ms_per_layer_step"] else "")
+        if not known:
+            console.print(f"{name}: keeps {row['kv_bytes_prefill'] / per_position / args.batch:.1f} positions per "
+                          f"layer on average after prefill (of {prompt})")
     console.print(table)
     result = {"prompt": prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": rows}
     if args.json:
