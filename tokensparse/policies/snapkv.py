@@ -17,6 +17,32 @@ from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, best
 POOLINGS = ("avg", "max")
 
 
+def check_budget(option: str, value, low: int) -> None:
+    """A budget is a count of positions (an int >= low) or a fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{option}={value!r} must be a count of positions (int >= {low}) or a fraction in (0, 1]")
+    if isinstance(value, numbers.Integral):
+        check_int_at_least(option, value, low)
+    elif not 0 < value <= 1:
+        raise ValueError(f"{option}={value!r} is out of range: a fraction must be in (0, 1] (or give a count)")
+
+
+def budget_count(budget: Union[int, float], available: int) -> int:
+    """Positions kept out of `available`: a count (at most all), or round(fraction * available)."""
+    wanted = budget if isinstance(budget, numbers.Integral) else round(budget * available)
+    return min(available, wanted)
+
+
+def check_window_scoring(window: int, kernel: int, pooling: str) -> None:
+    """SnapKV's scoring options: the observation window, an odd pooling kernel, avg or max pooling."""
+    check_int_at_least("window", window, 1)
+    check_int_at_least("kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel} must be odd, so that pooling keeps every position centred")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is unknown: choose one of {list(POOLINGS)}")
+
+
 @dataclass(frozen=True)
 class SnapKV(KVPolicy):
     """SnapKV (Li et al., 2024): after prefill keep `budget` positions per layer and KV head (an int, or a
@@ -31,22 +57,11 @@ class SnapKV(KVPolicy):
     name = "snapkv"
 
     def __post_init__(self):
-        if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
-            raise ValueError(f"budget={self.budget!r} must be a count of positions (int >= 1) or a fraction in (0, 1]")
-        if isinstance(self.budget, numbers.Integral):
-            check_int_at_least("budget", self.budget, 1)
-        elif not 0 < self.budget <= 1:
-            raise ValueError(f"budget={self.budget!r} is out of range: a fraction must be in (0, 1] (or give a count)")
-        check_int_at_least("window", self.window, 1)
-        check_int_at_least("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every position centred")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is unknown: choose one of {list(POOLINGS)}")
+        check_budget("budget", self.budget, 1)
+        check_window_scoring(self.window, self.kernel, self.pooling)
 
     def kept_count(self, cache_length: int) -> int:
-        wanted = self.budget if isinstance(self.budget, numbers.Integral) else round(self.budget * cache_length)
-        return min(cache_length, max(wanted, self.window))
+        return min(cache_length, max(budget_count(self.budget, cache_length), self.window))
 
     def evicts(self, query_length: int, cache_length: int) -> bool:
         # Once, after prefill: the forward that reads the whole prompt (more than one query).

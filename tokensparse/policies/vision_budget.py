@@ -11,24 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.kv_policy import KVPolicy
-from tokensparse.policies.snapkv import POOLINGS, snapkv_scores
-
-
-def _check_budget(option: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{option}={value!r} must be a count of positions (int >= 0) or a fraction in (0, 1]")
-    if isinstance(value, numbers.Integral):
-        check_int_at_least(option, value, 0)
-    elif not 0 < value <= 1:
-        raise ValueError(f"{option}={value!r} is out of range: a fraction must be in (0, 1] (or give a count)")
-
-
-def budget_count(budget: Union[int, float], available: int) -> int:
-    """Positions kept out of `available`: a count (at most all), or round(fraction * available)."""
-    wanted = budget if isinstance(budget, numbers.Integral) else round(budget * available)
-    return min(available, wanted)
+from tokensparse.policies.snapkv import budget_count, check_budget, check_window_scoring, snapkv_scores
 
 
 @dataclass(frozen=True)
@@ -49,14 +33,9 @@ class VisionBudget(KVPolicy):
     name = "vision_budget"
 
     def __post_init__(self):
-        _check_budget("vision", self.vision)
-        _check_budget("text", self.text)
-        check_int_at_least("window", self.window, 1)
-        check_int_at_least("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every position centred")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is unknown: choose one of {list(POOLINGS)}")
+        check_budget("vision", self.vision, 0)
+        check_budget("text", self.text, 0)
+        check_window_scoring(self.window, self.kernel, self.pooling)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or self.alpha < 0:
             raise ValueError(f"alpha={self.alpha!r} must be a number >= 0 (the saliency term's weight)")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
