@@ -98,3 +98,26 @@ def test_unfused_attention_matches_reference(family, policy):
     want = reference_forward(model, pixels, policy)
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], atol=2e-5, rtol=1e-4)
+
+
+def test_a_bug_inside_a_pass_compiles_unchanged_with_a_warning(monkeypatch):
+    """An unexpected exception in a pass (a tokensparse bug) must not break the user's program: the graph
+    compiles unchanged and the warning names the error. The tests themselves run with TOKENSPARSE_STRICT=1."""
+    import tokensparse.rewrite as rewrite
+
+    def broken_pass(gm, ctx):
+        raise RuntimeError("boom in a pass")
+
+    monkeypatch.setattr(rewrite, "PASSES", (broken_pass,) + rewrite.PASSES)
+    monkeypatch.setenv("TOKENSPARSE_STRICT", "0")
+    model, pixels = build(VISION_FAMILIES[0], batch=2)
+    with torch.no_grad():
+        want = main_outputs(model(pixels))
+    with pytest.warns(TokensparseWarning, match="internal error while rewriting \\(RuntimeError: boom in a pass\\)"):
+        got = main_outputs(run_eager_backend(model, pixels, {"policy": ToMe(r=2)}))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    monkeypatch.setenv("TOKENSPARSE_STRICT", "1")
+    with pytest.raises(Exception, match="boom in a pass"):
+        torch._dynamo.reset()
+        run_eager_backend(model, pixels, {"policy": ToMe(r=2)})

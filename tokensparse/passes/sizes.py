@@ -52,10 +52,13 @@ class _SizeRederiver(fx.Interpreter):
         if len(old_in) == len(new_in) and all(same_size(a, b) for a, b in zip(old_in, new_in)):
             return
         form, sizes = _shape_args(node)
-        patched = _rederive(sizes, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
+        # Under a dynamic prompt length the sizes are SymInt nodes (the s27 placeholder): compare their values.
+        traced = [_traced_size(size) for size in sizes]
+        patched = _rederive(traced, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
         if patched is None:
-            raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(sizes)}): cannot tell which size is the "
+            raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(traced)}): cannot tell which size is the "
                                f"token count after its input changed from {list(old_in)} to {list(new_in)}")
+        patched = [size if new is old else new for size, old, new in zip(sizes, traced, patched)]
         if patched != sizes:
             values = []
             for size in patched:
@@ -68,8 +71,24 @@ class _SizeRederiver(fx.Interpreter):
                 else:
                     values.append(size)
             node.args = form(values)
-            shown = [f"{source.name}.size({s.dim})" if isinstance(s, InputDim) else s for s in patched]
+            shown = [f"{source.name}.size({s.dim})" if isinstance(s, InputDim) else _traced_size(s) for s in patched]
             self.patched.append(f"{node.name}: {tuple(sizes)} -> ({', '.join(map(str, shown))})")
+
+
+def _traced_size(size):
+    """A size argument's traced value: a literal itself, a SymInt node its symbolic value."""
+    if isinstance(size, fx.Node):
+        value = size.meta.get("example_value", size.meta.get("val"))
+        return value if isinstance(value, (int, torch.SymInt)) else size
+    return size
+
+
+def _is_size(size) -> bool:
+    return isinstance(size, (int, torch.SymInt)) and not (isinstance(size, int) and size == -1)
+
+
+def _key(size) -> str:
+    return str(size)
 
 
 def _shape_args(node: fx.Node):
@@ -96,18 +115,19 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
         return None
     changed: dict = {}
     for dim, (old, new) in enumerate(zip(old_in, new_in)):
-        if isinstance(old, int) and not same_size(old, new):
-            if old in changed and not same_size(changed[old][0], new):
+        if not same_size(old, new):
+            if _key(old) in changed and not same_size(changed[_key(old)][0], new):
                 return None
-            changed.setdefault(old, (new, dim))
-    unchanged_values = {old for old, new in zip(old_in, new_in) if isinstance(old, int) and same_size(old, new)}
+            changed.setdefault(_key(old), (new, dim))
+    unchanged_values = {_key(old) for old, new in zip(old_in, new_in) if same_size(old, new)}
     aligned = list(sizes)
     free = []
     for i, size in enumerate(sizes):
-        if not isinstance(size, int) or size == -1:
+        if not _is_size(size):
             continue
         if i < len(old_in) and all(same_size(old_out[j], old_in[j]) for j in range(i + 1)):
-            aligned[i] = new_in[i] if isinstance(new_in[i], int) else InputDim(i)
+            if not same_size(old_in[i], new_in[i]):
+                aligned[i] = new_in[i] if isinstance(new_in[i], int) else InputDim(i)
         else:
             free.append(i)
     if preserve_numel and _keeps_numel(aligned, old_in, new_in, preserve_numel):
@@ -115,15 +135,15 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
     mapped = list(aligned)
     for i in free:
         size = sizes[i]
-        if size in changed:
-            if size in unchanged_values:
+        if _key(size) in changed:
+            if _key(size) in unchanged_values:
                 return None
-            new, dim = changed[size]
+            new, dim = changed[_key(size)]
             mapped[i] = new if isinstance(new, int) else InputDim(dim)
             continue
         for k in range(2, len(old_in) + 1):  # a flattened token axis (B*N), static sizes only
             if all(isinstance(d, int) for d in old_in[:k] + new_in[:k]) and old_in[:k] != new_in[:k] \
-                    and size == math.prod(old_in[:k]):
+                    and isinstance(size, int) and size == math.prod(old_in[:k]):
                 mapped[i] = math.prod(new_in[:k])
                 break
     return mapped if _keeps_numel(mapped, old_in, new_in, preserve_numel) else None
