@@ -22,6 +22,9 @@ class Config:
     kv: Optional[KVPolicy] = None
     inductor: bool = True
     regional: bool = True      # compile each distinct block once and reuse it (tokensparse.regions)
+    # Set by tokensparse.compile(), whose decoder layers cut each decode step's padding mask to their own
+    # (pruned) cache length: then prompts with left padding can be pruned in graphs that return the cache.
+    decode_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
 
     def __post_init__(self):
         if self.vision is not None and (not isinstance(self.vision, Policy)
@@ -38,7 +41,7 @@ class Config:
         if self.vision is not None and self.llm is not None:
             raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
                              "number of image features the language model expects; choose one")
-        for name in ("inductor", "regional"):
+        for name in ("inductor", "regional", "decode_masks_follow_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 

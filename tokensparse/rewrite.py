@@ -87,7 +87,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
-                      fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None)
+                      fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None,
+                      decode_masks_follow_cache=config.decode_masks_follow_cache)
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in PASSES:

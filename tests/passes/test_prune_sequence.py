@@ -119,4 +119,5 @@ def test_padding_is_refused_with_the_reason(llava):
     model, inputs = llava
     padded = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
     padded["attention_mask"][0, :2] = 0
-    assert_refused_unchanged(model, padded, 2, "padding attention mask: pruning prompts with padding")
+    assert_refused_unchanged(model, padded, 2, "padding attention mask: pruning padded prompts in a graph that "
+                                                "returns the KV cache needs tokensparse.compile")

@@ -33,6 +33,33 @@ def test_scores_equal_full_attention_rows(batch, kv_heads, group, before, images
     torch.testing.assert_close(fastv_scores(q, k, 0.3, image_mask, "text"), text_rows.mean(1))
 
 
+@settings(max_examples=20, deadline=None)
+@given(pads=st.lists(st.integers(0, 3), min_size=1, max_size=3), images=st.integers(1, 8), additive=st.booleans(),
+       seed=st.integers(0, 999))
+def test_left_padding_is_masked_and_padding_rows_do_not_vote(pads, images, additive, seed):
+    """With a padding mask (bool, or additive with the dtype's minimum as HF builds it), each sample's scores
+    equal those of the same sample without its padding: padding keys get nothing, padding rows do not vote."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, before, after, most = len(pads), 2, 3, max(pads)
+    sequence = most + before + images + after
+    q = torch.randn(batch, 4, sequence, 8, generator=generator)
+    k = torch.randn(batch, 2, sequence, 8, generator=generator)
+    real = torch.arange(sequence)[None, :] >= (most - torch.tensor(pads))[:, None]          # [B, S]
+    allowed = torch.ones(sequence, sequence, dtype=torch.bool).tril() & real[:, None, :] & real[:, :, None]
+    mask = allowed[:, None]
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    image_mask = torch.zeros(batch, sequence, dtype=torch.bool)
+    image_mask[:, most + before:most + before + images] = True
+    for query in ("last", "text"):
+        padded = fastv_scores(q, k, 0.3, image_mask, query, mask)
+        for b, pad in enumerate(pads):
+            start = most - pad
+            alone = fastv_scores(q[b:b + 1, :, start:], k[b:b + 1, :, start:], 0.3, image_mask[b:b + 1, start:], query)
+            torch.testing.assert_close(padded[b, start:], alone[0])
+            assert bool((padded[b, :start] == 0).all())
+
+
 def test_keep_text_and_top_images_in_order():
     image_mask = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
     scores = torch.tensor([[9.0, 0.1, 0.5, 0.4, 0.2, 9.0], [9.0, 9.0, 0.3, 0.2, 0.9, 0.1]])

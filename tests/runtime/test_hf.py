@@ -3,6 +3,7 @@ greedy tokens equal to the eager masking oracle's generate(), and the model pass
 
 import warnings
 
+import pytest
 import torch
 
 import tokensparse
@@ -42,3 +43,48 @@ def test_every_prompt_length_is_pruned_including_the_dynamic_graph():
         assert torch.equal(out.sequences, masked_generate(model, inputs, policy, **settings))
         full = sum(prompt) + 16 + 7
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [full, full, full - 12, full - 12]
+
+
+PADDED_POLICIES = [tokensparse.FastV(layer=2, keep=0.25), tokensparse.FastV(layer=2, keep=0.5, query="text"),
+                   tokensparse.PyramidDrop(layers=(1, 3), ratio=0.5), tokensparse.DivPrune(keep=0.3),
+                   tokensparse.VisualExit(layer=2)]
+
+
+def _left_padded_llava():
+    """Sample 0 holds 3 padding positions on the left, sample 1 none; 16 image tokens each."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(5, 5))
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :3] = 0
+    inputs["input_ids"][0, :3] = 0
+    return model, inputs
+
+
+@pytest.mark.parametrize("policy", PADDED_POLICIES, ids=lambda p: f"{p.name}_{getattr(p, 'query', '')}")
+def test_a_left_padded_batch_is_pruned_per_sample(policy):
+    """Padding positions are text, so every layer keeps them first; each decode step's mask is cut to the
+    layer's own cache. Equal to the masking oracle, and the padded sample equals itself run alone."""
+    model, inputs = _left_padded_llava()
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                    output_logits=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        out = fast.generate(**inputs, **settings)
+        alone = fast.generate(input_ids=inputs["input_ids"][:1, 3:], pixel_values=inputs["pixel_values"][:1],
+                              **settings)
+    want = masked_generate(model, inputs, policy, **settings)
+    assert torch.equal(out.sequences, want.sequences)
+    for got, expected, single in zip(out.logits, want.logits, alone.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[0], single[0], rtol=1e-4, atol=1e-5)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths[-1] < lengths[0] or isinstance(policy, tokensparse.DivPrune)
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_right_padding_is_refused_with_the_fix():
+    model, inputs = _left_padded_llava()
+    inputs["attention_mask"] = inputs["attention_mask"].flip(1)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=0.25), inductor=False))
+    with pytest.raises(ValueError, match=r"pads samples \[0\] on the right .* needs left padding"):
+        fast.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)

@@ -32,6 +32,7 @@ class PassContext:
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
     language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
     cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
+    decode_masks_follow_cache: bool = False   # Config.decode_masks_follow_cache (padded prompts can be pruned)
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))

@@ -34,7 +34,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
         order = {node: position for position, node in enumerate(graph.nodes)}
         point = min(layer.nodes, key=order.__getitem__)
-        riders = _riders(graph, inside, lm.sequence, lm.returns_cache)
+        riders = _riders(graph, inside, lm.sequence, lm.returns_cache and not ctx.decode_masks_follow_cache)
         stream = _stream_into(layer, riders)
         if mask is None:
             mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
@@ -49,9 +49,10 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _riders(graph: fx.Graph, inside: set, sequence, returns_cache: bool) -> list[tuple[fx.Node, tuple]]:
+def _riders(graph: fx.Graph, inside: set, sequence, refuse_padding: bool) -> list[tuple[fx.Node, tuple]]:
     """Tensors made before the cut and read inside it that are indexed by token, with their token axes. An
-    attention mask [B, 1, S, S] is gathered on both axes when the graph returns no KV cache."""
+    attention mask [B, 1, S, S] (a padded batch) is gathered on both axes, unless `refuse_padding`: the graph
+    returns a KV cache whose decode steps would get masks as long as the unpruned layers' caches."""
     riders = []
     for node in graph.nodes:
         if node in inside or node.op in ("placeholder", "get_attr", "output"):
@@ -68,11 +69,12 @@ def _riders(graph: fx.Graph, inside: set, sequence, returns_cache: bool) -> list
         if len(axes) > 1 and not (axes == (len(shape) - 2, len(shape) - 1) and _is_attention_mask(node)):
             raise MatchFailure(f"{node.name} {list(shape)}: cannot tell which axis holds the {sequence} tokens "
                                f"(another size equals the sequence length)")
-        if len(axes) > 1 and returns_cache:
+        if len(axes) > 1 and refuse_padding:
             # Gathering the prefill mask is right, but generate() builds every decode step's mask from layer
-            # 0's cache length, which the pruned layers no longer have.
-            raise MatchFailure(f"{node.name} {list(shape)} is a padding attention mask: pruning prompts with padding "
-                               f"is not supported yet")
+            # 0's cache length, which the pruned layers no longer have; tokensparse.compile() cuts those masks.
+            raise MatchFailure(f"{node.name} {list(shape)} is a padding attention mask: pruning padded prompts in a "
+                               f"graph that returns the KV cache needs tokensparse.compile(model, config), whose "
+                               f"decode steps follow the pruned cache")
         if axes:
             riders.append((node, axes))
     if not riders:

@@ -62,20 +62,31 @@ def fastv_scores(q: torch.Tensor, k: torch.Tensor, scale: float, image_mask: tor
     logits = q @ k.transpose(-1, -2) * scale                                          # all rows, then keep text rows
     if attn_mask is None:
         causal = torch.ones(sequence, sequence, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~causal, -math.inf)
-    else:
-        logits = _masked(logits, attn_mask)
-    return text_row_mean(logits.softmax(dim=-1), image_mask)
+        return text_row_mean(logits.masked_fill(~causal, -math.inf).softmax(dim=-1), image_mask)
+    allowed = attended(attn_mask)
+    probabilities = _masked(logits, attn_mask).softmax(dim=-1)
+    padding_rows = ~allowed.any(dim=-1)[:, 0]                                         # [B, S] rows that see nothing
+    probabilities = probabilities.masked_fill(padding_rows[:, None, :, None], 0.0)
+    return text_row_mean(probabilities, image_mask | padding_rows)
+
+
+def attended(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Where an attention mask (bool, or additive with -inf or the dtype's minimum) lets a query see a key."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
 
 
 def _masked(logits: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-    if attn_mask.dtype == torch.bool:
-        return logits.masked_fill(~attn_mask, -math.inf)
-    return logits + attn_mask.float()
+    """Logits with the mask applied: masked keys at -inf, an additive mask's other values added."""
+    if attn_mask.dtype != torch.bool:
+        logits = logits + attn_mask.float()
+    return logits.masked_fill(~attended(attn_mask), -math.inf)
 
 
 def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """Attention received [B, S]: probabilities [B, H, S, S] averaged over heads and over the text rows."""
+    """Attention received [B, S]: probabilities [B, H, S, S] averaged over heads and over the text rows (the
+    rows where image_mask [B, S] is False; padding rows are passed as True, they do not vote)."""
     probabilities = probabilities.mean(dim=1)
     text_rows = (~image_mask).to(probabilities.dtype).unsqueeze(-1)
     return (probabilities * text_rows).sum(dim=1) / text_rows.sum(dim=1).clamp_min(1)

@@ -13,7 +13,7 @@ import torch
 
 from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.divprune import divprune_select
-from tokensparse.policies.fastv import kept_image_count, text_row_mean
+from tokensparse.policies.fastv import attended, kept_image_count, text_row_mean
 from tokensparse.policies.language import Stage
 
 
@@ -98,7 +98,7 @@ def _attention_received(model, inputs, layers, stage, images, columns) -> torch.
         model.set_attn_implementation(previous)
     if stage.query == "last":
         return probabilities[:, :, -1].mean(dim=1)
-    survivors = _surviving(columns, stage.layer - 1, images.shape)
+    survivors = _surviving(columns, stage.layer - 1, images.shape) & _not_padding(inputs, images)
     return text_row_mean(probabilities, ~(survivors & ~images))    # rows: the surviving text tokens
 
 
@@ -118,8 +118,14 @@ def _next_layer_scores(model, inputs, layers, index, survivors, columns) -> torc
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q[:, :, -1:] @ k.transpose(-1, -2) * attention.scaling)[:, :, 0]           # [B, H, S]
-    logits = logits.masked_fill(~survivors[:, None], -math.inf)
+    logits = logits.masked_fill(~(survivors & _not_padding(inputs, survivors))[:, None], -math.inf)
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def _not_padding(inputs, like: torch.Tensor) -> torch.Tensor:
+    """[B, S] True at the prompt's real (unpadded) positions."""
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(like, dtype=torch.bool) if mask is None else mask.bool()
 
 
 def _diverse(model, inputs, layers, stage, images, survivors, columns) -> torch.Tensor:
@@ -165,7 +171,13 @@ def _masking(layers, columns: dict):
             alive = _surviving(columns, index, None)
             cache = kwargs.get("past_key_values")
             past = cache.get_seq_length(index) if cache is not None else 0
-            kwargs["attention_mask"] = _mask(alive, hidden.shape[1], past, hidden.dtype)
+            own = kwargs.get("attention_mask")
+            if own is None:
+                kwargs["attention_mask"] = _mask(alive, hidden.shape[1], past, hidden.dtype)
+            else:       # a padded batch: the model's mask (causal and padding) and the surviving columns
+                allowed = attended(own) & _surviving_columns(alive, past + hidden.shape[1])
+                kwargs["attention_mask"] = allowed if own.dtype == torch.bool else \
+                    torch.zeros_like(own).masked_fill(~allowed, torch.finfo(own.dtype).min)
             return args, kwargs
         return use_mask
 
@@ -177,6 +189,13 @@ def _masking(layers, columns: dict):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _surviving_columns(alive: torch.Tensor, total: int) -> torch.Tensor:
+    """[B, 1, 1, total]: the surviving prompt positions and every generated one."""
+    keys = torch.ones(alive.shape[0], total, dtype=torch.bool)
+    keys[:, :min(alive.shape[1], total)] = alive[:, :total]
+    return keys[:, None, None, :]
 
 
 def _mask(alive: torch.Tensor, queries: int, past: int, dtype) -> torch.Tensor:

@@ -5,6 +5,7 @@ KV cache. torch.compile(model).generate() would compile nothing: generate() call
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -31,18 +32,26 @@ def install_output_hooks(model) -> None:
             maybe_install_capturing_hooks(module)
 
 
+# Forward arguments that carry an image: raw pixels, or the features generate() encodes before prefill.
+_IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "image_features")
+
+
 def compile_for_generate(model, config, **torch_compile_kwargs):
     """A shallow copy of `model` (same weights) whose forward is compiled with the tokensparse backend and
     `config`; the model passed in is not changed."""
     from tokensparse.backend import tokensparse_backend
 
     install_output_hooks(model)
-    fast = copy.copy(model)
+    fast = own_copy(model)
+    if config.llm is not None and _follow_pruned_caches(fast):
+        config = dataclasses.replace(config, decode_masks_follow_cache=True)
     backend = functools.partial(tokensparse_backend, options=config)
     compiled = torch.compile(type(model).forward.__get__(fast), backend=backend, **torch_compile_kwargs)
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
+        if config.llm is not None and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
+            check_left_padding(kwargs.get("attention_mask"))
         # The image merge counts image tokens with .item(); without this it splits the graph there.
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
@@ -64,3 +73,59 @@ def _generate_with_scored_cache(fast, generate) -> None:
         return generate(fast, *args, **kwargs)
 
     fast.generate = scored_generate
+
+
+def own_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `module` with its own submodule and hook tables (the same parameters and buffers):
+    replacing a child of the copy, or hooking it, leaves the original alone."""
+    duplicate = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, dict):
+            duplicate.__dict__[name] = copy.copy(value)
+    return duplicate
+
+
+def _follow_pruned_caches(fast) -> bool:
+    """Give `fast` its own copies of the modules down to its decoder layers, each layer with a forward
+    pre-hook that cuts a decode step's 4-D padding mask to that layer's cache length. generate() builds the
+    mask once, as long as layer 0's cache; a pruned layer holds fewer positions. Its cache is the kept prompt
+    positions in order, then the generated ones. Left padding puts every padding position first, and no
+    policy drops a padding position (they are text). So the first columns of the mask are that layer's
+    mask. Returns False for a model whose decoder layers are not found (padded prompts then stay refused)."""
+    try:
+        layers = fast.get_decoder().layers
+    except (AttributeError, NotImplementedError):
+        return False
+    path = next((name for name, module in fast.named_modules() if module is layers), None)
+    if path is None or not isinstance(layers, torch.nn.ModuleList):
+        return False
+    parent = fast
+    for name in path.split("."):
+        parent._modules[name] = own_copy(parent._modules[name])
+        parent = parent._modules[name]
+    for index, name in enumerate(list(parent._modules)):
+        layer = parent._modules[name] = own_copy(parent._modules[name])
+        layer.register_forward_pre_hook(functools.partial(_cut_mask_to_cache, index), with_kwargs=True)
+    return True
+
+
+def _cut_mask_to_cache(index: int, module, args, kwargs):
+    mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    keys = cache.get_seq_length(index) + hidden.shape[1]
+    if mask.shape[-1] <= keys:
+        return None
+    return args, {**kwargs, "attention_mask": mask[..., :keys]}
+
+
+def check_left_padding(attention_mask) -> None:
+    """Pruning a padded batch needs the padding on the left (each row 0...0 1...1), as generate() expects."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    rows = attention_mask.bool()
+    wrong = (rows[:, :-1] & ~rows[:, 1:]).any(dim=1)
+    if bool(wrong.any()):
+        raise ValueError(f"attention_mask pads samples {wrong.nonzero()[:, 0].tolist()} on the right (or in the "
+                         f"middle): pruning a padded batch needs left padding (tokenizer.padding_side = 'left')")
