@@ -99,8 +99,8 @@ IMAGE_TOKEN = 299
 
 def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED,
                 hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = IMAGE_TOKEN + 1,
-                vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8):
-    """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a Llama text model (GQA),
+                vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8, text_model: str = "llama"):
+    """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a `text_model` (TEXT_MODELS, GQA),
     random weights; the image tokens sit between `prompt[0]` and `prompt[1]` text tokens. The image token
     id is the last of the vocabulary."""
     import os
@@ -114,9 +114,9 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
     vision = T.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                 num_hidden_layers=vision_layers, num_attention_heads=2, image_size=patch * side,
                                 patch_size=patch)
-    text = T.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=text_layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096)
+    text = text_config(text_model, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=text_layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=4096)
     config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                            vision_feature_select_strategy="default", vision_feature_layer=-1)
     model = T.LlavaForConditionalGeneration(config).eval()
@@ -129,18 +129,33 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}
 
 
+# Decoder-only text models the language-model and KV passes are tested on: Llama, Qwen2 (q/k/v biases) and
+# Mistral (a sliding window, longer than the tests' prompts).
+TEXT_MODELS = ("llama", "qwen2", "mistral")
+
+
+def text_config(family: str, **sizes):
+    """A transformers config of a decoder-only text model of `family` with the given sizes."""
+    import transformers as T
+
+    configs = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}
+    if family not in configs:
+        raise ValueError(f"text model {family!r} is unknown: choose one of {sorted(configs)}")
+    return configs[family](**sizes)
+
+
 def build_llama(*, layers: int = 2, prompt: int = 40, batch: int = 2, seed: int = SEED, hidden: int = 64,
-                heads: int = 4, kv_heads: int = 2, vocab: int = 300):
-    """(LlamaForCausalLM.eval(), inputs) with GQA and random weights; inputs hold input_ids and an
-    all-ones attention_mask."""
+                heads: int = 4, kv_heads: int = 2, vocab: int = 300, family: str = "llama"):
+    """(XForCausalLM.eval(), inputs) of a text model `family` (TEXT_MODELS) with GQA and random weights;
+    inputs hold input_ids and an all-ones attention_mask."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     import transformers as T
 
     torch.manual_seed(seed)
-    config = T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
-    model = T.LlamaForCausalLM(config).eval()
+    config = text_config(family, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
     input_ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

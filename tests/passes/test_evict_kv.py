@@ -129,8 +129,9 @@ def test_the_kept_keys_are_the_references(llama):
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100),
-                                    H2O(heavy=50, recent=50), AdaptiveKV(tau=1.0)],
-                         ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length", "tau_1"])
+                                    H2O(heavy=50, recent=50), AdaptiveKV(tau=1.0), VisionBudget(vision=1.0, text=1.0)],
+                         ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length", "tau_1",
+                              "vision_and_text_all"])
 def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
     model, inputs = llama
     with warnings.catch_warnings():
@@ -192,3 +193,24 @@ def test_a_new_prompt_length_recompiles_dynamic_and_still_evicts():
         steps = out.sequences.shape[1] - inputs["input_ids"].shape[1]
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8 + steps - 1] * 2
         assert [int(alive[0, 0].sum()) for alive in log.alive.values()] == [8 + steps - 1] * 2
+
+
+@pytest.mark.parametrize("policy, length", [(SnapKV(budget=16, window=4), 16 + 19), (H2O(heavy=8, recent=6), 14)],
+                         ids=["snapkv", "h2o"])
+def test_a_qwen2_text_model_equals_the_evicting_reference(policy, length):
+    """Qwen2's q/k/v projections carry biases; the cache sites and scores are found the same way."""
+    model, inputs = build_llama(layers=2, prompt=40, family="qwen2")
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, _ = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [length, length]
+
+
+def test_a_sliding_window_cache_is_refused_with_the_reason():
+    """Mistral's sliding-window layers store a window of the concatenated keys: refused, generate unchanged."""
+    model, inputs = build_llama(layers=2, prompt=40, family="mistral")
+    with pytest.warns(tokensparse.TokensparseWarning, match="keeps a sliding window of the keys"):
+        out = _generate(model, inputs, Config(kv=SnapKV(budget=16, window=4), inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GENERATE)
+    assert torch.equal(out.sequences, plain.sequences)

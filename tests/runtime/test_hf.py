@@ -88,3 +88,23 @@ def test_right_padding_is_refused_with_the_fix():
     fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=0.25), inductor=False))
     with pytest.raises(ValueError, match=r"pads samples \[0\] on the right .* needs left padding"):
         fast.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("text_model", ["qwen2", "mistral"])
+@pytest.mark.parametrize("policy", [tokensparse.FastV(layer=2, keep=0.25), tokensparse.PyramidDrop(layers=(1, 3), ratio=0.5)],
+                         ids=lambda p: p.name)
+def test_llava_with_other_text_models_equals_the_masking_oracle(text_model, policy):
+    """LLaVA with a Qwen2 (q/k/v biases) or Mistral (sliding window longer than the prompt) text model."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(5, 5), text_model=text_model)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                    output_logits=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        out = fast.generate(**inputs, **settings)
+    want = masked_generate(model, inputs, policy, **settings)
+    assert torch.equal(out.sequences, want.sequences)
+    for got, expected in zip(out.logits, want.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths[-1] == lengths[0] - 12           # both keep 4 of the 16 image tokens in the last layer

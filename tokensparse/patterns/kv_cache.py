@@ -48,6 +48,11 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
     sites = []
     for attention in attentions:
         keys, values = _cache_update(attention.k), _cache_update(attention.v)
+        if keys is not None and keys not in outputs and any(_is_window_of(user, keys) for user in keys.users
+                                                            if user in outputs):
+            raise MatchFailure(f"{attention.module_path}: its cache keeps a sliding window of the keys (a sliding-"
+                               f"window layer, such as Mistral's sliding_window); evicting from a sliding-window "
+                               f"cache is not supported")
         if keys is None or values is None or keys not in outputs or values not in outputs:
             continue                            # a vision tower's attention, or no cache in this call
         if attention.mask is not None:
@@ -80,3 +85,8 @@ def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
             return None
         node = node.args[0]
     return None
+
+
+def _is_window_of(node: fx.Node, keys: fx.Node) -> bool:
+    """Whether `node` slices the last positions of `keys` along the cache axis (a sliding-window layer)."""
+    return is_op(node, "getitem", "slice") and node.args[0] is keys
