@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.policies import (H2O, AdaptiveKV, DivPrune, FastV, PyramidDrop, SnapKV, StreamingLLM, ToMe, TopK,
-                                  VisionBudget, VisualExit)
+from tokensparse.policies import (H2O, AdaptiveKV, DivPrune, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
+                                  TopK, VisionBudget, VisualExit)
 from tokensparse.report import Report, explain
 from tokensparse.rewrite import TokensparseWarning
 
@@ -37,5 +37,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
-__all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "PyramidDrop", "Report", "ScoredCache", "SnapKV",
+__all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache", "SnapKV",
            "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisualExit", "compile", "explain"]

@@ -9,7 +9,7 @@ import torch
 
 import tokensparse
 from tests.models import build_llama, build_llava
-from tokensparse import H2O, AdaptiveKV, Config, FastV, SnapKV, StreamingLLM, VisionBudget
+from tokensparse import H2O, AdaptiveKV, Config, FastV, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -38,7 +38,9 @@ def _assert_same(out, reference):
     (StreamingLLM(sinks=2, window=10), 12),
     (H2O(heavy=8, recent=6), 14),
     (VisionBudget(vision=4, text=10, window=4), 14 + 19),          # a text model: every position is text
-], ids=["snapkv", "snapkv_ratio_max", "streamingllm", "h2o", "vision_budget_text_only"])
+    (KeyNorm(budget=12, window=2), 12 + 19),
+    (KeyNorm(budget=0.25), 10 + 19),
+], ids=["snapkv", "snapkv_ratio_max", "streamingllm", "h2o", "vision_budget_text_only", "key_norm", "key_norm_ratio"])
 def test_generate_equals_the_evicting_reference(llama, policy, lengths):
     model, inputs = llama
     out = _generate(model, inputs, Config(kv=policy, inductor=False))
@@ -129,9 +131,10 @@ def test_the_kept_keys_are_the_references(llama):
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=1.0), SnapKV(budget=64), StreamingLLM(sinks=4, window=100),
-                                    H2O(heavy=50, recent=50), AdaptiveKV(tau=1.0), VisionBudget(vision=1.0, text=1.0)],
+                                    H2O(heavy=50, recent=50), AdaptiveKV(tau=1.0), VisionBudget(vision=1.0, text=1.0),
+                                    KeyNorm(budget=1.0)],
                          ids=["ratio_1", "budget_above_prompt", "window_above_length", "h2o_above_length", "tau_1",
-                              "vision_and_text_all"])
+                              "vision_and_text_all", "key_norm_all"])
 def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
     model, inputs = llama
     with warnings.catch_warnings():
@@ -156,7 +159,8 @@ def test_padding_is_refused_with_the_reason(llama):
 
 
 @pytest.mark.parametrize("policy, length", [(SnapKV(budget=8, window=2), 8 + 19), (H2O(heavy=6, recent=4), 10),
-                                            (AdaptiveKV(tau=0.5, window=2), None)], ids=["snapkv", "h2o", "adaptive"])
+                                            (AdaptiveKV(tau=0.5, window=2), None), (KeyNorm(budget=8), 8 + 19)],
+                         ids=["snapkv", "h2o", "adaptive", "key_norm"])
 def test_fastv_and_a_kv_policy_together_on_llava(policy, length):
     """After FastV the pruned layers' cache lengths are data-dependent: SnapKV and H2O keep min(L, budget)
     there, AdaptiveKV its own data-dependent count."""

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse import H2O, AdaptiveKV, SnapKV, StreamingLLM, VisionBudget
+from tokensparse import H2O, AdaptiveKV, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies import kv_policy
 from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep, snapkv_scores
 from tokensparse.policies.streamingllm import streaming_keep
@@ -184,6 +185,21 @@ def test_vision_budget_needs_equal_image_counts():
         vision_budget_keep(q, keys, 0.35, mask, None, 4, 1.0, window=2)
 
 
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), length=st.integers(1, 24), budget=st.integers(1, 24),
+       window=st.integers(0, 6), seed=st.integers(0, 1000))
+def test_key_norm_keep_holds_the_lowest_norms_and_the_window(batch, kv_heads, length, budget, window, seed):
+    keys = torch.randn(batch, kv_heads, length, 8, generator=torch.Generator().manual_seed(seed))
+    count = KeyNorm(budget=budget, window=window).kept_count(length)
+    kept = key_norm_keep(keys, count, window)
+    tail = min(window, count)
+    for b in range(batch):
+        for h in range(kv_heads):
+            norms = [float(keys[b, h, j].double().norm()) for j in range(length)]
+            before = sorted(range(length - tail), key=lambda j: (norms[j], j))[: count - tail]
+            assert kept[b, h].tolist() == sorted(before) + list(range(length - tail, length))
+
+
 def test_streaming_keep_holds_sinks_and_the_recent_window():
     kept = streaming_keep(torch.zeros(2, 3, 10, 4), sinks=2, window=3)
     assert kept.shape == (2, 3, 5) and kept[1, 2].tolist() == [0, 1, 7, 8, 9]
@@ -219,6 +235,8 @@ def test_budgets():
     (lambda: VisionBudget(alpha=-0.1), "alpha=-0.1 must be a number >= 0"),
     (lambda: VisionBudget(temperature=0), "temperature=0 must be a number > 0"),
     (lambda: VisionBudget(kernel=2), "kernel=2 must be odd"),
+    (lambda: KeyNorm(budget=0), "budget=0 is out of range"),
+    (lambda: KeyNorm(window=-1), "window=-1 is out of range"),
 ])
 def test_bad_options_name_the_problem(make, message):
     with pytest.raises(ValueError, match=message):

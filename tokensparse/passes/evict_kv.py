@@ -1,5 +1,6 @@
 """Evict KV-cache positions where the graph stores its cache (SnapKV, Li et al., 2024; StreamingLLM, Xiao
-et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024; GUI-KV, Huang et al., 2025):
+et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024; GUI-KV, Huang et al., 2025; key
+norm, Devoto et al., EMNLP 2024):
 the attention of this forward reads the full cache, the cache kept for the next steps holds only the kept
 positions (and, for H2O, their accumulated scores)."""
 
@@ -16,7 +17,8 @@ from tokensparse.passes.sizes import same_size
 from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
 from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
-from tokensparse.policies import H2O, AdaptiveKV, KVPolicy, SnapKV, StreamingLLM, VisionBudget
+from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
+from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
                                      VISION_BUDGET_KEEP)
@@ -92,10 +94,10 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
             return _at_most(graph, point, site, budget)
         return budget if guard_or_false(length > budget) else None
-    if isinstance(policy, SnapKV) and queries > 1:
+    if isinstance(policy, (SnapKV, KeyNorm)) and queries > 1:
         if not isinstance(policy.budget, int):
-            raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so SnapKV needs a budget "
-                               f"given as a count, not the fraction {policy.budget}")
+            raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
+                               f"budget given as a count, not the fraction {policy.budget}")
         return _at_most(graph, point, site, max(policy.budget, policy.window))
     return None
 
@@ -119,6 +121,8 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
                                                        policy.window, policy.kernel, policy.pooling))
     if isinstance(policy, StreamingLLM):
         return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window))
+    if isinstance(policy, KeyNorm):
+        return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window))
     if isinstance(policy, H2O):
         return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent))
     if isinstance(policy, AdaptiveKV):

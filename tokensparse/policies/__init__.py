@@ -5,6 +5,7 @@ from tokensparse.policies.base import Policy
 from tokensparse.policies.divprune import DivPrune
 from tokensparse.policies.fastv import FastV
 from tokensparse.policies.h2o import H2O
+from tokensparse.policies.key_norm import KeyNorm
 from tokensparse.policies.kv_policy import KVPolicy
 from tokensparse.policies.language import LanguagePolicy
 from tokensparse.policies.pyramiddrop import PyramidDrop
@@ -16,7 +17,7 @@ from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.policies.visual_exit import VisualExit
 
 POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM,
-                                      H2O, AdaptiveKV, VisionBudget)}
+                                      H2O, AdaptiveKV, VisionBudget, KeyNorm)}
 
-__all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "LanguagePolicy", "Policy", "PyramidDrop",
-           "SnapKV", "StreamingLLM", "ToMe", "TopK", "VisionBudget", "VisualExit"]
+__all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "KeyNorm", "LanguagePolicy", "Policy",
+           "PyramidDrop", "SnapKV", "StreamingLLM", "ToMe", "TopK", "VisionBudget", "VisualExit"]
