@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -46,9 +47,9 @@ def main(workdir: Path) -> None:
             cache = model(input_ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
         results[case["name"]] = [kept_positions(full.layers[i].keys, cache.layers[i].keys)
                                  for i in range(len(cache.layers))]
-    torch.save({"kept": results, "versions": {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__")
-                                              else "?", "transformers": transformers.__version__,
-                                              "torch": torch.__version__}}, workdir / "kvpress.pt")
+    versions = {"kvpress": metadata.version("kvpress"), "transformers": transformers.__version__,
+                "torch": str(torch.__version__)}
+    torch.save({"kept": results, "versions": versions}, workdir / "kvpress.pt")
 
 
 if __name__ == "__main__":
