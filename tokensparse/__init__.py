@@ -37,5 +37,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
-__all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache", "SnapKV",
-           "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisualExit", "compile", "explain"]
+__all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
+           "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisualExit", "compile",
+           "explain"]

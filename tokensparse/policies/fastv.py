@@ -56,9 +56,12 @@ def fastv_scores(q: torch.Tensor, k: torch.Tensor, scale: float, image_mask: tor
     sequence = q.shape[2]
     if query == "last":
         logits = q[:, :, -1:] @ k.transpose(-1, -2) * scale                           # [B, H, 1, S]
-        if attn_mask is not None:
-            logits = _masked(logits, attn_mask[..., -1:, :])
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        if attn_mask is None:
+            return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        last_row = attn_mask[..., -1:, :]
+        probabilities = _masked(logits, last_row).softmax(dim=-1)
+        # A last row that sees nothing (right padding) gives no scores rather than NaN.
+        return probabilities.masked_fill(~attended(last_row).any(dim=-1, keepdim=True), 0.0).mean(dim=1)[:, 0]
     logits = q @ k.transpose(-1, -2) * scale                                          # all rows, then keep text rows
     if attn_mask is None:
         causal = torch.ones(sequence, sequence, dtype=torch.bool, device=q.device).tril()
