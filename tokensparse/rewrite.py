@@ -50,8 +50,9 @@ def internal_error(error: Exception) -> str:
     compiles unchanged, so the user's program still runs. TOKENSPARSE_STRICT=1 (the tests) raises it."""
     if os.environ.get("TOKENSPARSE_STRICT") == "1":
         raise error
-    return (f"internal error while rewriting ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"this is a tokensparse bug, please report it with the model and options")
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return (f"internal error while rewriting ({type(error).__name__}: {first_line}); this is a tokensparse bug, "
+            f"please report it with the model and options")
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -11,6 +11,22 @@ from tests.models import build_llava
 from tokensparse import TokensparseWarning
 from tokensparse.reference.llava import masked_generate
 
+# Greedy generate() with the logits of every step, for comparing against the masking oracle.
+LOGGED = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+
+
+def _generate_without_warnings(fast, **kwargs):
+    """fast.generate(**kwargs), failing on any TokensparseWarning (a rewrite that did not happen)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        return fast.generate(**kwargs)
+
+
+def _assert_equals_oracle(out, want):
+    assert torch.equal(out.sequences, want.sequences)
+    for got, expected in zip(out.logits, want.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
 
 def test_generate_equals_the_masking_oracle_and_leaves_the_model_alone():
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5))
@@ -37,9 +53,7 @@ def test_every_prompt_length_is_pruned_including_the_dynamic_graph():
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     for prompt in ((3, 5), (4, 7), (6, 9)):
         _, inputs = build_llava(text_layers=4, image_tokens=16, prompt=prompt)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("error", TokensparseWarning)
-            out = fast.generate(**inputs, **settings, return_dict_in_generate=True)
+        out = _generate_without_warnings(fast, **inputs, **settings, return_dict_in_generate=True)
         assert torch.equal(out.sequences, masked_generate(model, inputs, policy, **settings))
         full = sum(prompt) + 16 + 7
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [full, full, full - 12, full - 12]
@@ -65,17 +79,12 @@ def test_a_left_padded_batch_is_pruned_per_sample(policy):
     layer's own cache. Equal to the masking oracle, and the padded sample equals itself run alone."""
     model, inputs = _left_padded_llava()
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
-    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                    output_logits=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        out = fast.generate(**inputs, **settings)
-        alone = fast.generate(input_ids=inputs["input_ids"][:1, 3:], pixel_values=inputs["pixel_values"][:1],
-                              **settings)
-    want = masked_generate(model, inputs, policy, **settings)
-    assert torch.equal(out.sequences, want.sequences)
-    for got, expected, single in zip(out.logits, want.logits, alone.logits):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    settings = dict(max_new_tokens=10, **LOGGED)
+    out = _generate_without_warnings(fast, **inputs, **settings)
+    alone = _generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
+                                       pixel_values=inputs["pixel_values"][:1], **settings)
+    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    for got, single in zip(out.logits, alone.logits):
         torch.testing.assert_close(got[0], single[0], rtol=1e-4, atol=1e-5)
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths[-1] < lengths[0] or isinstance(policy, tokensparse.DivPrune)
@@ -97,14 +106,8 @@ def test_llava_with_other_text_models_equals_the_masking_oracle(text_model, poli
     """LLaVA with a Qwen2 (q/k/v biases) or Mistral (sliding window longer than the prompt) text model."""
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(5, 5), text_model=text_model)
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
-    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                    output_logits=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        out = fast.generate(**inputs, **settings)
-    want = masked_generate(model, inputs, policy, **settings)
-    assert torch.equal(out.sequences, want.sequences)
-    for got, expected in zip(out.logits, want.logits):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    settings = dict(max_new_tokens=20, **LOGGED)
+    out = _generate_without_warnings(fast, **inputs, **settings)
+    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths[-1] == lengths[0] - 12           # both keep 4 of the 16 image tokens in the last layer

@@ -19,6 +19,7 @@ from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies.key_norm import key_norm_keep
+from tokensparse.policies.kv_policy import PrefillBudget
 from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
                                      VISION_BUDGET_KEEP)
@@ -94,7 +95,7 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
             return _at_most(graph, point, site, budget)
         return budget if guard_or_false(length > budget) else None
-    if isinstance(policy, (SnapKV, KeyNorm)) and queries > 1:
+    if isinstance(policy, PrefillBudget) and queries > 1:
         if not isinstance(policy.budget, int):
             raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
                                f"budget given as a count, not the fraction {policy.budget}")

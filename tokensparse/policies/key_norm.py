@@ -10,12 +10,11 @@ from typing import Union
 import torch
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
-from tokensparse.policies.snapkv import budget_count, check_budget
+from tokensparse.policies.kv_policy import PrefillBudget, best_and_recent, check_budget
 
 
 @dataclass(frozen=True)
-class KeyNorm(KVPolicy):
+class KeyNorm(PrefillBudget):
     """Key norm (Devoto et al., EMNLP 2024): after prefill keep `budget` positions per layer and KV head (an
     int, or a float fraction of the prompt): the `window` most recent ones and the lowest key L2 norms."""
 
@@ -28,17 +27,8 @@ class KeyNorm(KVPolicy):
         check_budget("budget", self.budget, 1)
         check_int_at_least("window", self.window, 0)
 
-    def kept_count(self, cache_length: int) -> int:
-        return min(cache_length, max(budget_count(self.budget, cache_length), self.window))
-
-    def evicts(self, query_length: int, cache_length: int) -> bool:
-        return query_length > 1 and self.kept_count(cache_length) < cache_length
-
     def keep(self, query, keys, scale, count, scores=None):
         return key_norm_keep(keys, count, self.window)
-
-    def is_identity(self, depth: int) -> bool:
-        return isinstance(self.budget, float) and self.budget == 1.0
 
 
 def key_norm_keep(keys: torch.Tensor, count, window: int) -> torch.Tensor:

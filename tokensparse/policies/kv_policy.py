@@ -4,10 +4,12 @@ stay for the next decode steps (stage "kv"). Positions keep their original RoPE 
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Union
 
 import torch
 
-from tokensparse.policies.base import Policy
+from tokensparse.policies.base import Policy, check_int_at_least
 
 QUERY_CHUNK = 256       # queries per q K^T block in the column sums: bounds memory to [B, H, 256, L]
 
@@ -35,6 +37,37 @@ class KVPolicy(Policy):
 
     def is_identity(self, depth: int) -> bool:
         return False
+
+
+class PrefillBudget(KVPolicy):
+    """A policy that evicts once, in the prefill (the forward with more than one query), down to `budget`
+    positions per layer and KV head (a count, or a fraction of the prompt), never fewer than its `window`.
+    Subclasses are dataclasses with the fields `budget` (int or float) and `window` (int)."""
+
+    def kept_count(self, cache_length: int) -> int:
+        return min(cache_length, max(budget_count(self.budget, cache_length), self.window))
+
+    def evicts(self, query_length: int, cache_length: int) -> bool:
+        return query_length > 1 and self.kept_count(cache_length) < cache_length
+
+    def is_identity(self, depth: int) -> bool:
+        return isinstance(self.budget, float) and self.budget == 1.0
+
+
+def check_budget(option: str, value, low: int) -> None:
+    """A budget is a count of positions (an int >= low) or a fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{option}={value!r} must be a count of positions (int >= {low}) or a fraction in (0, 1]")
+    if isinstance(value, numbers.Integral):
+        check_int_at_least(option, value, low)
+    elif not 0 < value <= 1:
+        raise ValueError(f"{option}={value!r} is out of range: a fraction must be in (0, 1] (or give a count)")
+
+
+def budget_count(budget: Union[int, float], available: int) -> int:
+    """Positions kept out of `available`: a count (at most all), or round(fraction * available)."""
+    wanted = budget if isinstance(budget, numbers.Integral) else round(budget * available)
+    return min(available, wanted)
 
 
 def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent: int) -> torch.Tensor:

@@ -4,7 +4,6 @@ over the query heads of each KV group), plus the window itself."""
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Union
 
@@ -12,25 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, best_and_recent
+from tokensparse.policies.kv_policy import PrefillBudget, attention_column_sums, best_and_recent, check_budget
 
 POOLINGS = ("avg", "max")
-
-
-def check_budget(option: str, value, low: int) -> None:
-    """A budget is a count of positions (an int >= low) or a fraction in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{option}={value!r} must be a count of positions (int >= {low}) or a fraction in (0, 1]")
-    if isinstance(value, numbers.Integral):
-        check_int_at_least(option, value, low)
-    elif not 0 < value <= 1:
-        raise ValueError(f"{option}={value!r} is out of range: a fraction must be in (0, 1] (or give a count)")
-
-
-def budget_count(budget: Union[int, float], available: int) -> int:
-    """Positions kept out of `available`: a count (at most all), or round(fraction * available)."""
-    wanted = budget if isinstance(budget, numbers.Integral) else round(budget * available)
-    return min(available, wanted)
 
 
 def check_window_scoring(window: int, kernel: int, pooling: str) -> None:
@@ -44,7 +27,7 @@ def check_window_scoring(window: int, kernel: int, pooling: str) -> None:
 
 
 @dataclass(frozen=True)
-class SnapKV(KVPolicy):
+class SnapKV(PrefillBudget):
     """SnapKV (Li et al., 2024): after prefill keep `budget` positions per layer and KV head (an int, or a
     float fraction of the prompt), chosen by the pooled attention of the last `window` queries; the window
     is always kept."""
@@ -60,18 +43,8 @@ class SnapKV(KVPolicy):
         check_budget("budget", self.budget, 1)
         check_window_scoring(self.window, self.kernel, self.pooling)
 
-    def kept_count(self, cache_length: int) -> int:
-        return min(cache_length, max(budget_count(self.budget, cache_length), self.window))
-
-    def evicts(self, query_length: int, cache_length: int) -> bool:
-        # Once, after prefill: the forward that reads the whole prompt (more than one query).
-        return query_length > 1 and self.kept_count(cache_length) < cache_length
-
     def keep(self, query, keys, scale, count, scores=None):
         return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling)
-
-    def is_identity(self, depth: int) -> bool:
-        return isinstance(self.budget, float) and self.budget == 1.0
 
 
 def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, scale: float, kernel: int = 5,

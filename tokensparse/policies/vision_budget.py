@@ -11,8 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from tokensparse.policies.kv_policy import KVPolicy
-from tokensparse.policies.snapkv import budget_count, check_budget, check_window_scoring, snapkv_scores
+from tokensparse.policies.kv_policy import KVPolicy, budget_count, check_budget
+from tokensparse.policies.snapkv import check_window_scoring, snapkv_scores
 
 
 @dataclass(frozen=True)
