@@ -3,15 +3,15 @@ equal a per-sample loop written from the paper's description."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from tokensparse.policies.divprune import cosine_distances, divprune_select
 from tokensparse.policies.visionzip import visionzip_step
 
 
-def _divprune_loop(features, k):
-    distances = cosine_distances(features.float())
-    tokens = features.shape[0]
+def _divprune_loop(distances, k):
+    """The textbook greedy on one sample's cosine distance matrix [N, N]."""
+    tokens = distances.shape[0]
     off_diagonal = distances + torch.diag(torch.full((tokens,), float("inf")))
     chosen = [int(off_diagonal.min(dim=1).values.argmax())]
     while len(chosen) < k:
@@ -28,12 +28,16 @@ def _divprune_loop(features, k):
 
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), tokens=st.integers(1, 30), share=st.floats(0.01, 1.0), seed=st.integers(0, 999))
+@example(batch=2, tokens=4, share=0.5, seed=544)
 def test_divprune_matches_the_textbook_loop(batch, tokens, share, seed):
     features = torch.randn(batch, tokens, 6, generator=torch.Generator().manual_seed(seed))
     k = max(1, int(share * tokens))
     got = divprune_select(features, k)
+    # The same distances for both: a batched and a single-sample matmul may round differently, and two
+    # mutual nearest neighbours tie exactly in exact arithmetic (seed 544 flipped the first pick that way).
+    distances = cosine_distances(features.float())
     for b in range(batch):
-        assert got[b].tolist() == _divprune_loop(features[b], k)
+        assert got[b].tolist() == _divprune_loop(distances[b], k)
 
 
 def test_divprune_rejects_bad_k():
