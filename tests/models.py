@@ -99,10 +99,11 @@ IMAGE_TOKEN = 299
 
 def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED,
                 hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = IMAGE_TOKEN + 1,
-                vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8, text_model: str = "llama"):
+                vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8, text_model: str = "llama",
+                feature_layer: int = -1, feature_strategy: str = "default"):
     """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a `text_model` (TEXT_MODELS, GQA),
-    random weights; the image tokens sit between `prompt[0]` and `prompt[1]` text tokens. The image token
-    id is the last of the vocabulary."""
+    random weights; the image tokens (`image_tokens` patches, plus CLS with feature_strategy="full") sit
+    between `prompt[0]` and `prompt[1]` text tokens. The image token id is the last of the vocabulary."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
@@ -118,12 +119,12 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                        max_position_embeddings=4096)
     config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                           vision_feature_select_strategy="default", vision_feature_layer=-1)
+                           vision_feature_select_strategy=feature_strategy, vision_feature_layer=feature_layer)
     model = T.LlavaForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
     before, after = prompt
     input_ids = torch.cat([torch.randint(0, image_token - 9, (batch, before), generator=generator),
-                           torch.full((batch, image_tokens), image_token),
+                           torch.full((batch, side * side + (feature_strategy == "full")), image_token),
                            torch.randint(0, image_token - 9, (batch, after), generator=generator)], dim=1)
     pixel_values = torch.randn(batch, 3, patch * side, patch * side, generator=generator)
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}

@@ -15,7 +15,11 @@ def test_options_build_typed_policies():
 
 @pytest.mark.parametrize("options, message", [
     ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['adaptive', 'divprune', 'exit', 'fastv', 'h2o', "
-                            r"'key_norm', 'pyramiddrop', 'snapkv', 'streamingllm', 'tome', 'topk', 'vision_budget'\]"),
+                            r"'key_norm', 'pyramiddrop', 'snapkv', 'streamingllm', 'tome', 'topk', 'vision_budget', "
+                            r"'visionzip'\]"),
+    ({"policy": "visionzip", "dominant": -1}, "dominant=-1 is out of range"),
+    ({"policy": "visionzip", "dominant": 0, "contextual": 0}, "keeps no image token"),
+    ({"policy": "visionzip", "contextual": 2.5}, "contextual=2.5 must be an integer"),
     ({"policy": "fastv", "keep": 0.0}, "keep=0.0 is out of range"),
     ({"policy": "fastv", "layer": 0}, "layer=0 is out of range"),
     ({"policy": "fastv", "query": "first"}, "query='first' is unknown"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokensparse.config import Config, config_from_options
 from tokensparse.policies import (H2O, AdaptiveKV, DivPrune, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
-                                  TopK, VisionBudget, VisualExit)
+                                  TopK, VisionBudget, VisionZip, VisualExit)
 from tokensparse.report import Report, explain
 from tokensparse.rewrite import TokensparseWarning
 
@@ -38,5 +38,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
-           "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisualExit", "compile",
-           "explain"]
+           "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
+           "compile", "explain"]

@@ -121,3 +121,49 @@ def test_padding_is_refused_with_the_reason(llava):
     padded["attention_mask"][0, :2] = 0
     assert_refused_unchanged(model, padded, 2, "padding attention mask: pruning padded prompts in a graph that "
                                                 "returns the KV cache needs tokensparse.compile")
+
+
+# VisionZip acts at the vision tower's feature layer; the tower has 3 layers so that -2 is not the last one.
+def _zip_llava(feature_layer=-2, strategy="default", **kwargs):
+    return _llava(**{"vision_layers": 3, "text_layers": 4, "feature_layer": feature_layer,
+                     "feature_strategy": strategy, **kwargs})
+
+
+@pytest.mark.parametrize("feature_layer, strategy, batch", [(-2, "default", 2), (-1, "full", 3), (-2, "full", 1)])
+def test_visionzip_equals_the_masking_oracle(feature_layer, strategy, batch):
+    """5 dominant (CLS among them when the features hold it) + 2 contextual of 16 patches: 8 text + 7 image."""
+    model, inputs = _zip_llava(feature_layer, strategy, batch=batch, seed=batch)
+    policy = tokensparse.VisionZip(dominant=5, contextual=2)
+    want = masked_forward(model, inputs, policy)
+    out = run_pruned(model, inputs, policy)
+    assert_equals_oracle(out, want)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [15] * 4
+    if strategy == "full":        # the CLS feature (the first image position) is always kept
+        assert bool((want["kept"] == 3).any(dim=1).all())
+
+
+def test_visionzip_keeping_every_patch_is_the_unmodified_model():
+    model, inputs = _zip_llava()
+    with torch.no_grad():
+        want = model(**inputs).logits
+    assert torch.equal(run_pruned(model, inputs, tokensparse.VisionZip(dominant=16, contextual=0)).logits, want)
+
+
+def test_visionzip_counts_that_do_not_fit_the_encoder_are_refused():
+    model, inputs = _zip_llava()
+    with pytest.raises(Exception, match=r"dominant=15, contextual=2 do not fit the encoder's 16 patch tokens"):
+        run_pruned(model, inputs, tokensparse.VisionZip(dominant=15, contextual=2))
+
+
+def test_visionzip_on_features_from_two_encoder_layers_refuses_with_the_reason():
+    model, inputs = _zip_llava()
+    model.config.vision_feature_layer = [-2, -1]
+    model.model.config.vision_feature_layer = [-2, -1]
+    model.model.multi_modal_projector.linear_1 = torch.nn.Linear(64, 64)
+    compiled = torch.compile(model, backend="tokensparse", options={"policy": "visionzip", "dominant": 4,
+                                                                      "inductor": False})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with pytest.warns(TokensparseWarning, match="the image features come from 2 vision-encoder tensors"):
+            got = compiled(**inputs).logits
+        want = model(**inputs).logits
+    torch.testing.assert_close(got, want)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from tokensparse.policies.divprune import cosine_distances, divprune_select
-from tokensparse.policies.visionzip import visionzip_step
+from tokensparse.policies.visionzip import visionzip_select
 
 
 def _divprune_loop(distances, k):
@@ -46,33 +46,45 @@ def test_divprune_rejects_bad_k():
 
 
 def _visionzip_loop(hidden, scores, keys, dominant, contextual, protected):
-    rest, metric = hidden[protected:], torch.nn.functional.normalize(keys[protected:], dim=-1)
-    kept = sorted(scores.topk(dominant - protected).indices.tolist())
+    """One sample, from METHODS.md: (the hidden rows with contextual tokens at their targets, kept rows)."""
+    rest, metric = hidden[protected:].clone(), torch.nn.functional.normalize(keys[protected:], dim=-1)
+    kept = sorted(scores.topk(dominant).indices.tolist())
     remaining = [i for i in range(rest.shape[0]) if i not in kept]
-    stride = len(remaining) // contextual
-    targets = [remaining[t * stride] for t in range(contextual)]
-    others = [i for i in remaining if i not in targets]
-    joined = {t: [] for t in targets}
-    for i in others:
-        similarity = torch.stack([metric[i] @ metric[t] for t in targets])
-        joined[targets[int(similarity.argmax())]].append(i)
-    context = [rest[t] + (rest[joined[t]].mean(0) if joined[t] else 0) for t in targets]
-    return torch.cat([hidden[:protected], rest[kept], torch.stack(context)])
+    targets = []
+    if contextual:
+        stride = len(remaining) // contextual
+        targets = [remaining[t * stride] for t in range(contextual)]
+        others = [i for i in remaining if i not in targets]
+        joined = {t: [] for t in targets}
+        for i in others:
+            similarity = torch.stack([metric[i] @ metric[t] for t in targets])
+            joined[targets[int(similarity.argmax())]].append(i)
+        for t in targets:
+            rest[t] = rest[t] + (rest[joined[t]].mean(0) if joined[t] else 0)
+    rows = list(range(protected)) + sorted(protected + i for i in kept + targets)
+    return torch.cat([hidden[:protected], rest]), rows
 
 
 @settings(max_examples=20, deadline=None)
-@given(batch=st.integers(1, 3), protected=st.integers(0, 1), patches=st.integers(6, 40), seed=st.integers(0, 999))
-def test_visionzip_matches_a_per_sample_loop(batch, protected, patches, seed):
+@given(batch=st.integers(1, 3), protected=st.integers(0, 1), patches=st.integers(6, 40), contextual=st.integers(0, 6),
+       seed=st.integers(0, 999))
+def test_visionzip_matches_a_per_sample_loop(batch, protected, patches, contextual, seed):
     generator = torch.Generator().manual_seed(seed)
     tokens = protected + patches
     hidden, keys = torch.randn(batch, tokens, 5, generator=generator), torch.randn(batch, tokens, 4, generator=generator)
     scores = torch.rand(batch, patches, generator=generator)
-    dominant, contextual = protected + patches // 3, max(1, patches // 5)
-    got = visionzip_step(hidden, scores, keys, dominant, contextual, protected)
-    assert got.shape == (batch, dominant + contextual, 5)
+    dominant, contextual = patches // 3, min(contextual, patches - patches // 3)
+    zipped, rows = visionzip_select(hidden, scores, keys, dominant, contextual, protected)
+    assert rows.shape == (batch, protected + dominant + contextual)
     for b in range(batch):
-        want = _visionzip_loop(hidden[b], scores[b], keys[b], dominant, contextual, protected)
-        torch.testing.assert_close(got[b], want)
+        want_hidden, want_rows = _visionzip_loop(hidden[b], scores[b], keys[b], dominant, contextual, protected)
+        assert rows[b].tolist() == want_rows
+        torch.testing.assert_close(zipped[b], want_hidden)
+
+
+def test_visionzip_rejects_counts_that_do_not_fit():
+    with pytest.raises(ValueError, match="dominant=5, contextual=4 do not fit 8 patch tokens"):
+        visionzip_select(torch.randn(1, 9, 3), torch.rand(1, 8), torch.randn(1, 9, 2), 5, 4, 1)
 
 
 @settings(max_examples=15, deadline=None)

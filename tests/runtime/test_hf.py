@@ -61,7 +61,19 @@ def test_every_prompt_length_is_pruned_including_the_dynamic_graph():
 
 PADDED_POLICIES = [tokensparse.FastV(layer=2, keep=0.25), tokensparse.FastV(layer=2, keep=0.5, query="text"),
                    tokensparse.PyramidDrop(layers=(1, 3), ratio=0.5), tokensparse.DivPrune(keep=0.3),
-                   tokensparse.VisualExit(layer=2)]
+                   tokensparse.VisualExit(layer=2), tokensparse.VisionZip(dominant=4, contextual=2)]
+
+
+def test_visionzip_generate_equals_the_masking_oracle():
+    """VisionZip at the tower's second-to-last layer: 20 greedy tokens and every step's logits equal the
+    oracle (which writes the contextual tokens into the projector's input and masks the dropped positions)."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2)
+    policy = tokensparse.VisionZip(dominant=6, contextual=2)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=20, **LOGGED)
+    out = _generate_without_warnings(fast, **inputs, **settings)
+    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [3 + 8 + 5 + 19] * 4
 
 
 def _left_padded_llava():
@@ -87,7 +99,7 @@ def test_a_left_padded_batch_is_pruned_per_sample(policy):
     for got, single in zip(out.logits, alone.logits):
         torch.testing.assert_close(got[0], single[0], rtol=1e-4, atol=1e-5)
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
-    assert lengths[-1] < lengths[0] or isinstance(policy, tokensparse.DivPrune)
+    assert lengths[-1] < lengths[0] or isinstance(policy, (tokensparse.DivPrune, tokensparse.VisionZip))
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 

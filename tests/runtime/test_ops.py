@@ -68,6 +68,32 @@ def test_keep_diverse_vision_tokens_opcheck_and_reference():
     assert torch.equal(KEEP_DIVERSE(features, image_mask, 0.5), divprune_keep(features, image_mask, 0.5))
 
 
+@pytest.mark.parametrize("protected, contextual", [(1, 2), (0, 3), (1, 0)])
+def test_visionzip_and_keep_image_rows_opcheck_and_reference(protected, contextual):
+    from tokensparse.policies.topk import attention_received
+    from tokensparse.policies.visionzip import image_positions_of_rows, visionzip_select
+    from tokensparse.runtime.ops import KEEP_IMAGE_ROWS, VISIONZIP
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, protected + 12, 6, generator=gen)
+    q, k = torch.randn(2, 2, protected + 12, 4, generator=gen), torch.randn(2, 2, protected + 12, 4, generator=gen)
+    args = (hidden, q, k, 0.5, 4, contextual, protected)
+    torch.library.opcheck(VISIONZIP, args)
+    zipped, rows = VISIONZIP(*args)
+    want = visionzip_select(hidden, attention_received(q, k, 0.5, protected), k.mean(dim=1), 4, contextual, protected)
+    assert torch.equal(zipped, want[0]) and torch.equal(rows, want[1])
+    assert rows.shape == (2, protected + 4 + contextual)
+
+    image_mask = torch.zeros(2, 3 + 12 + 2, dtype=torch.bool)
+    image_mask[:, 3:15] = True
+    torch.library.opcheck(KEEP_IMAGE_ROWS, (image_mask, rows, protected, 12))
+    kept = KEEP_IMAGE_ROWS(image_mask, rows, protected, 12)
+    assert torch.equal(kept, image_positions_of_rows(image_mask, rows, protected))
+    assert kept.shape == (2, 5 + 4 + contextual)
+    with pytest.raises(ValueError, match="each sample holds 12 image tokens but its image has 13 features"):
+        KEEP_IMAGE_ROWS(image_mask, rows, 0, 13)
+
+
 @pytest.mark.parametrize("count", [5, 9, 12])
 def test_snapkv_keep_and_kv_evict_opcheck(count):
     from tokensparse.policies.snapkv import snapkv_keep

@@ -8,12 +8,14 @@ from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
 from tokensparse.passes.verify import verify_cache_pass, verify_pass
+from tokensparse.passes.zip_vision_features import zip_vision_features_pass
 
 PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
     merge_tokens_pass,            # ToMe: merge after each block's attention residual
     prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
-    prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit: prune a VLM's vision tokens before layers
+    zip_vision_features_pass,     # VisionZip: dominant and contextual tokens at the vision encoder's feature layer
+    prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit, VisionZip: prune a VLM's vision tokens
     proportional_attention_pass,  # ToMe: + log(size) on attention logits
     rederive_sizes_pass,          # token-count literals downstream of the cuts
     verify_pass,                  # FakeTensor propagation over the result

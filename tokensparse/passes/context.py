@@ -33,6 +33,7 @@ class PassContext:
     language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
     cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
     decode_masks_follow_cache: bool = False   # Config.decode_masks_follow_cache (padded prompts can be pruned)
+    feature_rows: Optional[tuple] = None  # VisionZip: (kept encoder rows node, rows cut before the projector, features)
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))

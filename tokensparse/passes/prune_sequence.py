@@ -1,5 +1,6 @@
 """Prune vision tokens of a VLM's sequence before chosen decoder layers (FastV, Chen et al., ECCV 2024;
-PyramidDrop, Xing et al., CVPR 2025; DivPrune, Alvar et al., CVPR 2025; visual-token exit, DyVTE)."""
+PyramidDrop, Xing et al., CVPR 2025; DivPrune, Alvar et al., CVPR 2025; visual-token exit, DyVTE; VisionZip,
+Yang et al., 2024)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
 from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
-from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION
+from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, span_mask, vision_mask_2d
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
@@ -38,13 +39,14 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         stream = _stream_into(layer, riders)
         if mask is None:
             mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
-        kept = _select(graph, point, stage, lm, layer, mask, stream)
+        kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.feature_rows)
         for rider, axes in riders:
             gathered = insert_call(graph, point, gather_tokens, (rider, kept, axes))
             replace_uses_except(rider, gathered, keep={user for user in rider.users if user not in inside})
         mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
         ctx.acted_blocks.append(stage.layer)
-        ctx.record("prune_sequence", f"{layer.path}: keep {stage.keep:g} of the vision tokens ({stage.score}); "
+        kept_what = "the encoder's kept rows" if stage.score == "encoder_attention" else f"{stage.keep:g}"
+        ctx.record("prune_sequence", f"{layer.path}: keep {kept_what} of the vision tokens ({stage.score}); "
                                      f"gathered {', '.join(node.name for node, _ in riders)}")
     return gm
 
@@ -120,8 +122,11 @@ def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> f
     return insert_call(graph, point, vision_mask_2d, (lm.image_mask,))
 
 
-def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLayer, mask, stream) -> fx.Node:
+def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLayer, mask, stream,
+            feature_rows) -> fx.Node:
     """The kept positions [B, S'] of this stage."""
+    if stage.score == "encoder_attention":    # VisionZip: the image positions its kept encoder rows fill
+        return insert_call(graph, point, KEEP_IMAGE_ROWS, (mask, *feature_rows))
     if stage.score == "diversity":
         return insert_call(graph, point, KEEP_DIVERSE, (stream, mask, stage.keep))
     if stage.score == "none":

@@ -14,10 +14,11 @@ from tokensparse.policies.streamingllm import StreamingLLM
 from tokensparse.policies.tome import ToMe
 from tokensparse.policies.topk import TopK
 from tokensparse.policies.vision_budget import VisionBudget
+from tokensparse.policies.visionzip import VisionZip
 from tokensparse.policies.visual_exit import VisualExit
 
 POLICIES = {cls.name: cls for cls in (ToMe, TopK, FastV, PyramidDrop, DivPrune, VisualExit, SnapKV, StreamingLLM,
-                                      H2O, AdaptiveKV, VisionBudget, KeyNorm)}
+                                      H2O, AdaptiveKV, VisionBudget, KeyNorm, VisionZip)}
 
 __all__ = ["POLICIES", "AdaptiveKV", "DivPrune", "FastV", "H2O", "KVPolicy", "KeyNorm", "LanguagePolicy", "Policy",
-           "PyramidDrop", "SnapKV", "StreamingLLM", "ToMe", "TopK", "VisionBudget", "VisualExit"]
+           "PyramidDrop", "SnapKV", "StreamingLLM", "ToMe", "TopK", "VisionBudget", "VisionZip", "VisualExit"]

@@ -15,6 +15,7 @@ SCORES = (
     "next_projection",      # PyramidDrop: the last token through the next layer's norm, q/k projections, RoPE
     "diversity",            # DivPrune: greedy max-min cosine distance of the tokens' features
     "none",                 # visual-token exit: every vision token goes
+    "encoder_attention",    # VisionZip: the rows kept at the vision encoder's feature layer
 )
 
 

@@ -15,6 +15,7 @@ from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.divprune import divprune_select
 from tokensparse.policies.fastv import attended, kept_image_count, text_row_mean
 from tokensparse.policies.language import Stage
+from tokensparse.policies.visionzip import VisionZip, image_positions_of_rows, visionzip_select
 
 
 def language_layers(model):
@@ -28,9 +29,7 @@ def language_layers(model):
 def masked_forward(model, inputs: dict, policy: LanguagePolicy) -> dict:
     """{"logits": [B, S, V], "kept": [B, S'] positions surviving the last stage, "stages": the positions
     surviving each stage} of `policy` applied by masking."""
-    layers = language_layers(model)
-    columns = _surviving_by_stage(model, inputs, policy, layers)
-    with torch.no_grad(), _masking(layers, columns):
+    with torch.no_grad(), _applied(model, inputs, policy) as columns:
         logits = model(**inputs).logits
     stages = [alive.nonzero()[:, 1].view(alive.shape[0], -1) for alive in columns.values()]
     return {"logits": logits, "kept": stages[-1], "stages": stages}
@@ -38,10 +37,22 @@ def masked_forward(model, inputs: dict, policy: LanguagePolicy) -> dict:
 
 def masked_generate(model, inputs: dict, policy: LanguagePolicy, **generate_kwargs) -> torch.Tensor:
     """model.generate() with the policy's kept sets enforced by masks in prefill and every decode step."""
-    layers = language_layers(model)
-    columns = _surviving_by_stage(model, inputs, policy, layers)
-    with torch.no_grad(), _masking(layers, columns):
+    with torch.no_grad(), _applied(model, inputs, policy):
         return model.generate(**inputs, **generate_kwargs)
+
+
+@contextlib.contextmanager
+def _applied(model, inputs, policy: LanguagePolicy):
+    """The policy's surviving columns by stage, enforced by masks (and, for VisionZip, its contextual
+    tokens written into the projector's input) while the context is open."""
+    layers = language_layers(model)
+    projector_input = None
+    if isinstance(policy, VisionZip):
+        columns, projector_input = _visionzip(model, inputs, policy)
+    else:
+        columns = _surviving_by_stage(model, inputs, policy, layers)
+    with _masking(layers, columns), _replacing_projector_input(model, projector_input):
+        yield columns
 
 
 def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers) -> dict[int, torch.Tensor]:
@@ -54,6 +65,56 @@ def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers) -> dict[i
         survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
         columns[stage.layer] = survivors
     return columns
+
+
+def _visionzip(model, inputs, policy) -> tuple[dict, torch.Tensor]:
+    """VisionZip from the vision tower's eager attention probabilities and keys at the feature layer:
+    ({0: the surviving positions}, the projector's input with the contextual tokens at their targets)."""
+    config = model.config
+    tower = getattr(model, "model", model).vision_tower
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    feature = config.vision_feature_layer % (len(encoder_layers) + 1)     # hidden_states index
+    if not isinstance(config.vision_feature_layer, int) or feature == 0:
+        raise ValueError("the VisionZip oracle needs one feature layer after the embeddings")
+    attention = encoder_layers[feature - 1].self_attn
+    captured = {}
+    handle = attention.k_proj.register_forward_hook(lambda module, args, out: captured.__setitem__("k", out))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+        handle.remove()
+    hidden, probabilities = out.hidden_states[feature], out.attentions[feature - 1].float()
+    batch, tokens, _ = hidden.shape
+    prefix = tokens - (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    offset = 1 if config.vision_feature_select_strategy == "default" else 0
+    if prefix:
+        scores = probabilities[:, :, 0, prefix:].mean(dim=1)
+    else:
+        scores = probabilities.mean(dim=2).mean(dim=1)
+    keys = captured["k"].view(batch, tokens, attention.num_heads, -1).mean(dim=2)
+    dominant = policy.patch_budget(prefix, offset < prefix, tokens - prefix)
+    zipped, rows = visionzip_select(hidden, scores, keys, dominant, policy.contextual, prefix)
+    image_mask = _image_mask(model, inputs, policy)
+    kept = torch.zeros_like(image_mask).scatter(1, image_positions_of_rows(image_mask, rows, offset), True)
+    return {0: kept}, zipped[:, offset:]
+
+
+@contextlib.contextmanager
+def _replacing_projector_input(model, replacement):
+    """A forward pre-hook that hands the projector `replacement` instead of its input (None: no hook)."""
+    if replacement is None:
+        yield
+        return
+    projector = getattr(model, "model", model).multi_modal_projector
+    handle = projector.register_forward_pre_hook(lambda module, args: (replacement,) + tuple(args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def fastv_masked_forward(model, inputs: dict, layer: int, keep: float, query: str = "last") -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 
 import torch
 
@@ -56,10 +57,20 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
 
+    _encode_images_in_forward(forward)
     fast.forward = forward
     if config.kv is not None and config.kv.scored:
         _generate_with_scored_cache(fast, type(model).generate)
     return fast
+
+
+def _encode_images_in_forward(forward) -> None:
+    """Hide `mm_encoder_outputs` from the compiled forward's signature. generate() then hands the prefill the
+    pixels instead of running the vision tower eagerly before it: the tower is compiled with the prefill, and
+    a policy that acts inside it (VisionZip) finds it there."""
+    signature = inspect.signature(forward)
+    forward.__signature__ = signature.replace(parameters=[
+        parameter for name, parameter in signature.parameters.items() if name != "mm_encoder_outputs"])
 
 
 def _generate_with_scored_cache(fast, generate) -> None:

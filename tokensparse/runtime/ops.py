@@ -19,8 +19,9 @@ from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
-from tokensparse.policies.topk import topk_step
+from tokensparse.policies.topk import attention_received, topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
+from tokensparse.policies.visionzip import image_positions_of_rows, visionzip_select
 
 
 _symbolic_token_counts = [True]
@@ -94,6 +95,40 @@ def keep_diverse_vision_tokens(features: Tensor, image_mask: Tensor, keep: float
 
 @keep_diverse_vision_tokens.register_fake
 def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
+    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::visionzip", mutates_args=())
+def visionzip(hidden: Tensor, q: Tensor, k: Tensor, scale: float, dominant: int, contextual: int,
+              protected: int) -> tuple[Tensor, Tensor]:
+    """VisionZip at an encoder layer's output hidden [B, N, C] from that layer's q, k [B, H, N, d]: (hidden'
+    [B, N, C] with the contextual tokens at their targets' rows, kept rows [B, p + dominant + contextual])."""
+    scores = attention_received(q, k, scale, protected)
+    zipped, rows = visionzip_select(hidden, scores, k.mean(dim=1), dominant, contextual, protected)
+    return (zipped.clone() if zipped is hidden else zipped), rows          # outputs must not alias inputs
+
+
+@visionzip.register_fake
+def _visionzip_fake(hidden, q, k, scale, dominant, contextual, protected):
+    return torch.empty_like(hidden), hidden.new_empty(hidden.shape[0], protected + dominant + contextual,
+                                                      dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::keep_image_rows", mutates_args=())
+def keep_image_rows(image_mask: Tensor, rows: Tensor, offset: int, features: int) -> Tensor:
+    """Positions [B, S'] kept: every text token and the image positions filled by the kept encoder rows
+    `rows` (VisionZip). Each sample holds `features` image tokens, one per encoder row from `offset` on."""
+    from tokensparse.policies.fastv import image_count
+
+    count = image_count(image_mask)
+    if count != features:
+        raise ValueError(f"each sample holds {count} image tokens but its image has {features} features: "
+                         f"VisionZip maps one image per sample")
+    return image_positions_of_rows(image_mask, rows, offset)
+
+
+@keep_image_rows.register_fake
+def _keep_image_rows_fake(image_mask, rows, offset, features):
     return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
 
 
@@ -198,6 +233,8 @@ TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
+VISIONZIP = torch.ops.tokensparse.visionzip.default
+KEEP_IMAGE_ROWS = torch.ops.tokensparse.keep_image_rows.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
