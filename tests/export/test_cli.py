@@ -124,13 +124,15 @@ def llava_config_dir(tmp_path_factory):
     return str(directory)
 
 
-def test_llava_fastv_export_with_checks(llava_config_dir, tmp_path, capsys):
+@pytest.mark.parametrize("policy", [["fastv", "--layer", "2", "--keep", "0.25"],
+                                    ["visionzip", "--dominant", "5", "--contextual", "2"]], ids=lambda p: p[0])
+def test_llava_export_with_checks(policy, llava_config_dir, tmp_path, capsys):
     out = tmp_path / "llava.onnx"
-    status = main(["--model", llava_config_dir, "--random-init", "--policy", "fastv", "--layer", "2", "--keep", "0.25",
+    status = main(["--model", llava_config_dir, "--random-init", "--policy", *policy,
                    "--static", "--onnx", str(out), "--check", "--check-trt"])
     err = capsys.readouterr().err
     assert status == 0, err
-    assert "with fastv built in; inputs ['input_ids', 'pixel_values'], outputs ['logits', 'image_hidden_states']" in err
+    assert f"with {policy[0]} built in; inputs ['input_ids', 'pixel_values'], outputs ['logits', 'image_hidden_states']" in err
     assert "ONNX Runtime vs the masking oracle" in err and "ok" in err
     assert "compatible" in err
 
@@ -140,6 +142,8 @@ def test_llava_fastv_export_with_checks(llava_config_dir, tmp_path, capsys):
                             "--static)"),
     (["--policy", "fastv", "--layer", "9", "--static"], "layer 9 is out of range: fastv needs 1 <= layer < 4"),
     (["--policy", "pyramiddrop", "--ratio", "0", "--static"], "ratio=0.0 is out of range"),
+    (["--policy", "visionzip", "--dominant", "15", "--contextual", "2", "--static"],
+     "dominant=15, contextual=2 do not fit the encoder's 16 patch tokens"),
 ])
 def test_llava_bad_options_exit_2(argv, message, llava_config_dir, tmp_path, capsys):
     out = tmp_path / "x.onnx"

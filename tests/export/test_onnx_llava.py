@@ -10,7 +10,7 @@ import torch
 from tests.models import build_llava
 from tokensparse import Config
 from tokensparse.export import to_onnx
-from tokensparse.policies import DivPrune, FastV, PyramidDrop, VisualExit
+from tokensparse.policies import DivPrune, FastV, PyramidDrop, VisionZip, VisualExit
 from tokensparse.reference.llava import masked_forward
 
 
@@ -51,6 +51,14 @@ def test_fastv_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
                                     VisualExit(layer=3)], ids=["fastv_text", "pyramiddrop", "exit"])
 def test_other_language_policies_export(tmp_path, policy):
     _export_and_compare(tmp_path, policy, 2)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_visionzip_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
+    """The vision tower's feature layer (-2 of 3) and the language model's cut, in one ONNX graph."""
+    result = _export_and_compare(tmp_path, VisionZip(dominant=5, contextual=2), batch, vision_layers=3,
+                                 feature_layer=-2)
+    assert {node.domain for node in onnx.load(result.path).graph.node} <= {"", "ai.onnx"}
 
 
 def test_divprune_exports_unpruned_with_the_reason(tmp_path):

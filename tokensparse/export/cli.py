@@ -33,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a state_dict file for a timm model")
     source.add_argument("--onnx-in", help="rewrite this existing ONNX model instead of exporting one")
     policy = parser.add_argument_group("policy")
-    policy.add_argument("--policy", default="tome", choices=["tome", "topk", "fastv", "pyramiddrop", "exit", "none"],
-                        help="tome/topk: vision transformers; fastv/pyramiddrop/exit: a LLaVA model's language model")
+    policy.add_argument("--policy", default="tome",
+                        choices=["tome", "topk", "fastv", "pyramiddrop", "exit", "visionzip", "none"],
+                        help="tome/topk: vision transformers; fastv/pyramiddrop/exit/visionzip: a LLaVA model")
     policy.add_argument("--r", type=int, default=13, help="tome: tokens merged per block")
     policy.add_argument("--schedule", default="constant", choices=["constant", "decreasing"])
     policy.add_argument("--no-proportional-attention", action="store_true")
@@ -47,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     policy.add_argument("--query", default="last", choices=["last", "text"], help="fastv: whose attention ranks")
     policy.add_argument("--ratio", type=float, default=0.5, help="pyramiddrop: fraction kept at each stage")
     policy.add_argument("--fuse", action="store_true", help="topk: append the dropped tokens' weighted mean")
+    policy.add_argument("--dominant", type=int, default=54, help="visionzip: dominant image tokens kept")
+    policy.add_argument("--contextual", type=int, default=10, help="visionzip: contextual (merged) image tokens")
     output = parser.add_argument_group("output")
     output.add_argument("--onnx", help="where to write the exported ONNX model")
     output.add_argument("--out", help="with --onnx-in: where to write the rewritten model")
@@ -78,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def policy_from_args(args):
     from tokensparse import ToMe, TopK
-    from tokensparse.policies import FastV, PyramidDrop, VisualExit
+    from tokensparse.policies import FastV, PyramidDrop, VisionZip, VisualExit
 
     def given(**options):
         return {name: value for name, value in options.items() if value is not None}
@@ -94,6 +97,8 @@ def policy_from_args(args):
         return FastV(**given(layer=args.layer, keep=args.keep), query=args.query)
     if args.policy == "pyramiddrop":
         return PyramidDrop(**given(layers=layers), ratio=args.ratio)
+    if args.policy == "visionzip":
+        return VisionZip(dominant=args.dominant, contextual=args.contextual)
     return VisualExit(**given(layer=args.layer))
 
 

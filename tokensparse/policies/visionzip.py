@@ -72,24 +72,35 @@ def visionzip_select(hidden: torch.Tensor, scores: torch.Tensor, keys: torch.Ten
 
 def _contextual_tokens(hidden, keys, kept, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Among the tokens not kept, `count` targets at a uniform stride; every other remaining token joins
-    its most cosine-similar target. Returns (targets [B, count], target + mean of the tokens that joined)."""
+    its most cosine-similar target. Returns (targets [B, count], target + mean of the tokens that joined).
+    Static shapes only (a stable sort lists the remaining tokens), so that torch.export and ONNX trace it."""
     batch, patches, channels = hidden.shape
-    remaining_mask = torch.ones(batch, patches, dtype=torch.bool, device=hidden.device)
-    remaining_mask.scatter_(1, kept, False)
-    remaining = remaining_mask.nonzero()[:, 1].view(batch, -1)                                   # [B, R]
-    stride = remaining.shape[1] // count
-    is_target = torch.zeros(remaining.shape[1], dtype=torch.bool, device=hidden.device)
-    is_target[torch.arange(count, device=hidden.device) * stride] = True
-    targets, others = remaining[:, is_target], remaining[:, ~is_target]
+    left = patches - kept.shape[1]
+    remaining_mask = torch.ones(batch, patches, dtype=torch.int8, device=hidden.device).scatter(1, kept, 0)
+    remaining = remaining_mask.sort(dim=1, descending=True, stable=True).indices[:, :left]     # [B, R] ascending
+    stride = left // count
+    is_target = [slot % stride == 0 and slot // stride < count for slot in range(left)]
+    targets = remaining[:, [slot for slot in range(left) if is_target[slot]]]
+    others = remaining[:, [slot for slot in range(left) if not is_target[slot]]]
     metric = torch.nn.functional.normalize(keys, dim=-1)
     gather = lambda source, index: source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))  # noqa: E731
     similarity = gather(metric, others) @ gather(metric, targets).transpose(1, 2)              # [B, O, T]
     assignment = similarity.argmax(dim=-1)                                                       # [B, O]
     sums = torch.zeros(batch, count, channels, dtype=hidden.dtype, device=hidden.device)
-    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, channels), gather(hidden, others))
+    sums = sums.scatter_add(1, assignment.unsqueeze(-1).expand(-1, -1, channels), gather(hidden, others))
     counts = torch.zeros(batch, count, 1, dtype=hidden.dtype, device=hidden.device)
-    counts.scatter_add_(1, assignment.unsqueeze(-1), torch.ones_like(assignment, dtype=hidden.dtype).unsqueeze(-1))
+    counts = counts.scatter_add(1, assignment.unsqueeze(-1), torch.ones_like(assignment, dtype=hidden.dtype).unsqueeze(-1))
     return targets, gather(hidden, targets) + sums / counts.clamp_min(1)
+
+
+def visionzip_from_attention(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, dominant: int,
+                             contextual: int, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """visionzip_select with the scores and keys of the layer's q, k [B, H, N, d]: the attention each patch
+    receives (from CLS, or from every token without a prefix) and the keys averaged over heads."""
+    from tokensparse.policies.topk import attention_received
+
+    scores = attention_received(q, k, scale, protected)
+    return visionzip_select(hidden, scores, k.mean(dim=1), dominant, contextual, protected)
 
 
 def image_positions_of_rows(image_mask: torch.Tensor, rows: torch.Tensor, offset: int) -> torch.Tensor:
@@ -100,5 +111,17 @@ def image_positions_of_rows(image_mask: torch.Tensor, rows: torch.Tensor, offset
 
     batch = image_mask.shape[0]
     where = image_mask.nonzero()[:, 1].view(batch, -1)                                   # [B, n] image positions
-    features = rows[rows >= offset].view(batch, -1) - offset
+    features = rows[:, offset:] - offset          # rows ascend and the first are the prefix, always kept
     return positions_kept(image_mask, where.gather(1, features))
+
+
+def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int) -> torch.Tensor:
+    """image_positions_of_rows, after checking (eagerly) that every sample holds `features` image tokens."""
+    from tokensparse.policies.fastv import _traced, image_count
+
+    if not _traced(image_mask):
+        count = image_count(image_mask)
+        if count != features:
+            raise ValueError(f"each sample holds {count} image tokens but its image has {features} features: "
+                             f"VisionZip maps one image per sample")
+    return image_positions_of_rows(image_mask, rows, offset)

@@ -19,9 +19,9 @@ from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.tome import tome_step
-from tokensparse.policies.topk import attention_received, topk_step
+from tokensparse.policies.topk import topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
-from tokensparse.policies.visionzip import image_positions_of_rows, visionzip_select
+from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 
 
 _symbolic_token_counts = [True]
@@ -103,8 +103,7 @@ def visionzip(hidden: Tensor, q: Tensor, k: Tensor, scale: float, dominant: int,
               protected: int) -> tuple[Tensor, Tensor]:
     """VisionZip at an encoder layer's output hidden [B, N, C] from that layer's q, k [B, H, N, d]: (hidden'
     [B, N, C] with the contextual tokens at their targets' rows, kept rows [B, p + dominant + contextual])."""
-    scores = attention_received(q, k, scale, protected)
-    zipped, rows = visionzip_select(hidden, scores, k.mean(dim=1), dominant, contextual, protected)
+    zipped, rows = visionzip_from_attention(hidden, q, k, scale, dominant, contextual, protected)
     return (zipped.clone() if zipped is hidden else zipped), rows          # outputs must not alias inputs
 
 
@@ -118,13 +117,7 @@ def _visionzip_fake(hidden, q, k, scale, dominant, contextual, protected):
 def keep_image_rows(image_mask: Tensor, rows: Tensor, offset: int, features: int) -> Tensor:
     """Positions [B, S'] kept: every text token and the image positions filled by the kept encoder rows
     `rows` (VisionZip). Each sample holds `features` image tokens, one per encoder row from `offset` on."""
-    from tokensparse.policies.fastv import image_count
-
-    count = image_count(image_mask)
-    if count != features:
-        raise ValueError(f"each sample holds {count} image tokens but its image has {features} features: "
-                         f"VisionZip maps one image per sample")
-    return image_positions_of_rows(image_mask, rows, offset)
+    return image_rows_keep(image_mask, rows, offset, features)
 
 
 @keep_image_rows.register_fake
