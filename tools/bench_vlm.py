@@ -45,6 +45,7 @@ def variants(layers: int):
         "fastv K=2 keep=0.25": tokensparse.FastV(layer=2, keep=0.25),
         f"pyramiddrop layers {quarter},{2 * quarter},{3 * quarter} ratio 0.5":
             tokensparse.PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter), ratio=0.5),
+        "visionzip 54+10": tokensparse.VisionZip(dominant=54, contextual=10),
     }
 
 
@@ -57,7 +58,8 @@ def llava_shaped(args):
     from tests.models import build_llava
 
     return build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch, hidden=1024,
-                       heads=16, kv_heads=8, intermediate=2816, vocab=32000, vision_hidden=256, patch=14)
+                       heads=16, kv_heads=8, intermediate=2816, vocab=32000, vision_hidden=256, patch=14,
+                       vision_layers=3, feature_layer=-2)      # LLaVA-1.5 reads the second-to-last layer
 
 
 def print_table(console, title: str, timings: dict, base_name: str, ideal: dict, prefix: str) -> dict:

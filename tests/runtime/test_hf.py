@@ -42,6 +42,8 @@ def test_generate_equals_the_masking_oracle_and_leaves_the_model_alone():
     # Layers 2 and 3 hold 3 + 4 + 5 prompt tokens and the generated ones (the last has no KV yet).
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [43, 43, 31, 31]
     assert model.forward == forward and fast.forward != forward
+    # generate() must not compile the compiled forward again (it would on a GPU with a StaticCache)
+    assert fast.generation_config.disable_compile and not model.generation_config.disable_compile
 
 
 def test_every_prompt_length_is_pruned_including_the_dynamic_graph():

@@ -44,6 +44,11 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
 
     install_output_hooks(model)
     fast = own_copy(model)
+    if getattr(model, "generation_config", None) is not None:
+        # forward is compiled already: generate() must not wrap it in a second torch.compile (it does so by
+        # default on GPUs with a StaticCache), which would trace through it without the tokensparse backend
+        fast.generation_config = copy.deepcopy(model.generation_config)
+        fast.generation_config.disable_compile = True
     if config.llm is not None and _follow_pruned_caches(fast):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
     backend = functools.partial(tokensparse_backend, options=config)
