@@ -14,7 +14,8 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
     config = config_from_options(options)
     result = rewrite_graph(gm, example_inputs, config)
     if config.kv is not None:
-        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv)
+        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv,
+                                   static_cache_checked=config.static_cache_checked)
         if evicted.changed:
             result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
                                    result.notes)

@@ -55,6 +55,17 @@ def internal_error(error: Exception) -> str:
             f"please report it with the model and options")
 
 
+def mutates(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep `node` although nothing reads it: FX's own impure nodes, and
+    in-place methods and ops (a StaticCache's index_copy_ writes and cumulative_length.add_)."""
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy with its own graph (node meta copied shallowly) sharing the original's parameters."""
     graph = fx.Graph()
@@ -100,21 +111,25 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
         return _unchanged(gm, internal_error(error), warn, match)
-    work.graph.eliminate_dead_code()
+    work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, match, ctx, match.notes)
 
 
-def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True) -> RewriteResult:
+def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,
+                     static_cache_checked: bool = False) -> RewriteResult:
     """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward
-    whose cache is still within the budget comes back unchanged without a warning."""
+    whose cache is still within the budget comes back unchanged without a warning. `static_cache_checked`:
+    the caller refuses padded batches with a StaticCache (tokensparse.compile does), so its decode masks
+    can be rebuilt over the buffer's slots."""
     work = copy_graph_module(gm)
     try:
         sites = find_cache_sites(work)
     except MatchFailure as failure:
         return _unchanged(gm, failure.reason, warn)
     fake_mode = detect_fake_mode(example_inputs)
-    ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites)
+    ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
+                      decode_masks_follow_cache=static_cache_checked)
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in KV_PASSES:
@@ -127,7 +142,7 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
         return _unchanged(gm, internal_error(error), warn)
-    work.graph.eliminate_dead_code()
+    work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, None, ctx)
 

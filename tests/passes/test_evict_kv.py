@@ -218,3 +218,82 @@ def test_a_sliding_window_cache_is_refused_with_the_reason():
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE)
     assert torch.equal(out.sequences, plain.sequences)
+
+
+def _static_generate(model, inputs, config, max_cache_len=64, **settings):
+    """fast.generate() into a fresh StaticCache; returns (output, the cache, graphs the backend compiled)."""
+    from transformers import StaticCache
+
+    import tokensparse.backend
+
+    compiled = []
+    backend = tokensparse.backend.tokensparse_backend
+
+    def counting(gm, example_inputs, **kwargs):
+        compiled.append(gm)
+        return backend(gm, example_inputs, **kwargs)
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokensparse.backend, "tokensparse_backend", counting)
+        fast = tokensparse.compile(model, config)
+        with torch.no_grad():
+            out = fast.generate(**inputs, **{**GENERATE, **settings}, past_key_values=cache)
+    return out, cache, compiled
+
+
+@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=16, window=4), 16), (KeyNorm(budget=12, window=2), 12),
+                                          (AdaptiveKV(tau=0.3, window=4), None)], ids=["snapkv", "key_norm", "adaptive"])
+def test_a_static_cache_equals_the_evicting_reference_without_recompiling(llama, policy, kept):
+    """The prefill writes the kept positions into the buffers' first slots and sets the length to their count;
+    decode steps write after them and attend over the filled slots. One prefill and one decode graph."""
+    model, inputs = llama
+    out, cache, compiled = _static_generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    lengths = [int(layer.cumulative_length) for layer in cache.layers]
+    want = [int(alive[0, 0].sum()) for alive in log.alive.values()] if kept is None else [kept + 19] * 2
+    assert lengths == want
+    for layer, length in zip(cache.layers, lengths):
+        assert not layer.keys[:, :, length:].any()                 # nothing was written past the filled slots
+    assert len(compiled) == 2
+
+
+def test_a_static_cache_keeps_every_policy_that_evicts_each_step_unchanged_with_the_reason(llama):
+    from transformers import StaticCache
+
+    model, inputs = llama
+    with pytest.warns(tokensparse.TokensparseWarning, match="streamingllm evicts at every decode step, which a "
+                                                            "StaticCache does not support yet"):
+        out, cache, _ = _static_generate(model, inputs, Config(kv=StreamingLLM(sinks=2, window=10), inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+    _assert_same(out, plain)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
+
+
+def test_a_static_cache_refuses_padding_and_language_model_policies(llama):
+    model, inputs = llama
+    padded = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    padded["attention_mask"][0, :3] = 0
+    with pytest.raises(ValueError, match="with a StaticCache and a padded batch is not supported yet"):
+        _static_generate(model, padded, Config(kv=SnapKV(budget=16), inductor=False))
+    llava, images = build_llava(text_layers=2)
+    with pytest.raises(ValueError, match="llm=fastv with a StaticCache is not supported yet"):
+        _static_generate(llava, images, Config(llm=FastV(layer=1, keep=0.5), inductor=False))
+
+
+def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):
+    """torch.compile(model.forward) alone cannot check for padding, so it does not evict from a StaticCache."""
+    from transformers import StaticCache
+
+    model, inputs = llama
+    compiled = torch.compile(type(model).forward.__get__(model), backend="tokensparse",
+                             options={"policy": "snapkv", "budget": 16, "inductor": False})
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad(), pytest.warns(tokensparse.TokensparseWarning, match="evicting from a StaticCache needs "
+                                                                            "tokensparse.compile"):
+        got = compiled(**inputs, past_key_values=cache).logits
+        want = model(**inputs).logits
+    torch.testing.assert_close(got, want)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [40, 40]

@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
+from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, set_arg
 from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
@@ -24,6 +24,7 @@ from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
                                      VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import vision_mask_2d
+from tokensparse.runtime.static_cache import filled_length, refill_buffer, slot_causal_mask
 
 DATA_DEPENDENT = "a data-dependent number"
 
@@ -35,6 +36,8 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     output = gm.graph.find_nodes(op="output")[0]
     queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
+    if ctx.cache_sites[0].static is not None:
+        return _evict_static(gm, ctx, output, queries)
     for site in ctx.cache_sites:
         scores = _accumulated_scores(gm.graph, output, ctx.policy, site)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
@@ -54,6 +57,43 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             output.replace_input_with(site.scores, insert_call(gm.graph, output, torch.gather, (scores, 2, kept)))
         ctx.acted_blocks.append(site.path)
         ctx.record("evict_kv", f"{site.path}: the cache keeps {count} of {site.cache_length} positions per KV head")
+    return gm
+
+
+def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries) -> fx.GraphModule:
+    """A StaticCache: the prefill returns buffers whose first slots hold the kept positions and a length set to
+    their count, so decode steps write after them; every decode step's attention sees the filled slots up
+    to its own (generate()'s mask follows positions, which no longer equal slots)."""
+    policy = ctx.policy
+    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget)):
+        raise MatchFailure(f"{policy.name} evicts at every decode step, which a StaticCache does not support yet "
+                           f"(use a DynamicCache)")
+    if not ctx.decode_masks_follow_cache:
+        raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), which checks that "
+                           "the batch is not padded (the decode masks are rebuilt over the buffer's slots)")
+    for site in ctx.cache_sites:
+        buffers = site.static
+        if not buffers.created:
+            mask = insert_call(gm.graph, site.attention.node, slot_causal_mask, (buffers.slots, buffers.keys))
+            set_arg(site.attention.node, 3, "attn_mask", mask)
+            ctx.acted_blocks.append(site.path)
+            ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots")
+            continue
+        count = _kept_count(gm.graph, output, policy, site, queries)
+        if count is None:
+            continue
+        kept = _kept(gm.graph, output, policy, site, count, None)
+        evicted = insert_call(gm.graph, output, KV_EVICT, (site.keys, site.values, kept))
+        keys = insert_call(gm.graph, output, operator.getitem, (evicted, 0))
+        values = insert_call(gm.graph, output, operator.getitem, (evicted, 1))
+        output.replace_input_with(buffers.keys, insert_call(gm.graph, output, refill_buffer, (keys, buffers.keys)))
+        output.replace_input_with(buffers.values, insert_call(gm.graph, output, refill_buffer,
+                                                              (values, buffers.values)))
+        output.replace_input_with(buffers.length, insert_call(gm.graph, output, filled_length,
+                                                              (keys, buffers.length)))
+        ctx.acted_blocks.append(site.path)
+        ctx.record("evict_kv", f"{site.path}: the StaticCache keeps {count} of {site.cache_length} positions per "
+                               f"KV head in its first slots")
     return gm
 
 
@@ -95,7 +135,7 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
             return _at_most(graph, point, site, budget)
         return budget if guard_or_false(length > budget) else None
-    if isinstance(policy, PrefillBudget) and queries > 1:
+    if isinstance(policy, PrefillBudget) and queries > 1 and not policy.is_identity(0):
         if not isinstance(policy.budget, int):
             raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
                                f"budget given as a count, not the fraction {policy.budget}")

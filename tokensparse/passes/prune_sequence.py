@@ -29,6 +29,9 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     lm: LanguageModelMatch = ctx.language
     graph = gm.graph
+    if any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes):
+        raise MatchFailure("the decoder layers write a StaticCache, whose decode masks follow positions that the "
+                           "pruned layers no longer hold; use a DynamicCache (the default) for language-model pruning")
     mask = None
     for stage in ctx.policy.stages():
         layer = lm.layers[stage.layer]

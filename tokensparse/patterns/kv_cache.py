@@ -17,14 +17,29 @@ _VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contig
 
 
 @dataclass
+class StaticBuffers:
+    """Where a StaticCache layer is written: keys.index_copy_(2, slots, new_keys) into fixed buffers, at slots
+    arange(S) + cumulative_length. `created` when the graph allocates the buffers (a prefill into an empty
+    cache, whose buffers and length the graph returns); else they are inputs (a decode step)."""
+
+    keys: fx.Node           # the [B, H_kv, max_len, d] buffers
+    values: fx.Node
+    slots: fx.Node          # [S] the slots this forward writes
+    length: fx.Node         # the layer's cumulative_length as the graph reads it
+    created: bool
+
+
+@dataclass
 class CacheSite:
-    """One attention's cache: keys/values [B, H_kv, L, d] as stored (the cat nodes), its queries, and the
-    stored scores [B, H_kv, L] when the cache carries them (ScoredCache)."""
+    """One attention's cache: keys/values [B, H_kv, L, d] as stored (the cat nodes; for a StaticCache prefill,
+    the new keys and values), its queries, and the stored scores [B, H_kv, L] when the cache carries them
+    (ScoredCache)."""
 
     attention: AttentionSite
     keys: fx.Node
     values: fx.Node
     scores: Optional[fx.Node] = None
+    static: Optional[StaticBuffers] = None
 
     @property
     def path(self) -> str:
@@ -60,9 +75,47 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
                                f"decode masks for the full-length cache, so evicting with padding is not supported yet")
         sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1])))
     if not sites:
+        sites = _static_sites(attentions, outputs)
+    if not sites:
         raise MatchFailure("no KV cache: no attention reads keys and values that the graph stores back "
-                           "(use_cache=False, or a cache other than DynamicCache)")
+                           "(use_cache=False, or a cache other than DynamicCache and StaticCache)")
     return sites
+
+
+def _static_sites(attentions, outputs) -> list[CacheSite]:
+    """Attentions that read a StaticCache layer's buffers; a prefill's site holds the new keys and values
+    (the buffers start empty), a decode step's the buffers."""
+    sites = []
+    for attention in attentions:
+        keys, values = _static_write(attention.k), _static_write(attention.v)
+        if keys is None or values is None:
+            continue
+        slots = keys.args[2]
+        if not (is_op(slots, "add") and len(slots.args) == 2 and isinstance(slots.args[1], fx.Node)):
+            raise MatchFailure(f"{attention.module_path}: its StaticCache slots are not arange(S) + cumulative_length")
+        created = is_op(keys.args[0], "zeros") and keys.args[0] in outputs and values.args[0] in outputs
+        if not created and keys.args[0].op != "placeholder":
+            raise MatchFailure(f"{attention.module_path}: its StaticCache buffers are neither made by this graph nor "
+                               f"its inputs")
+        buffers = StaticBuffers(keys.args[0], values.args[0], slots, slots.args[1], created)
+        if created:
+            sites.append(CacheSite(attention, keys.args[3], values.args[3], static=buffers))
+        else:
+            sites.append(CacheSite(attention, keys.args[0], values.args[0], static=buffers))
+    return sites
+
+
+def _static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
+    """The buffer.index_copy_(2, slots, new) that writes what `node` (an attention's k or v) reads, through views."""
+    for _ in range(hops):
+        writes = [user for user in node.users if is_op(user, "index_copy_") and user.args[0] is node
+                  and user.args[1] in (2, -2)]
+        if writes:
+            return writes[0]
+        if not is_op(node, *_VIEWS):
+            return None
+        node = node.args[0]
+    return None
 
 
 def _scores_by_new_keys(outputs) -> dict:

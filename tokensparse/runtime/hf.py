@@ -51,6 +51,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         fast.generation_config.disable_compile = True
     if config.llm is not None and _follow_pruned_caches(fast):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
+    if config.kv is not None:
+        config = dataclasses.replace(config, static_cache_checked=True)
     backend = functools.partial(tokensparse_backend, options=config)
     compiled = torch.compile(type(model).forward.__get__(fast), backend=backend, **torch_compile_kwargs)
 
@@ -58,6 +60,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     def forward(*args, **kwargs):
         if config.llm is not None and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
+        if is_static_cache(kwargs.get("past_key_values")):
+            check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])
         # The image merge counts image tokens with .item(); without this it splits the graph there.
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
@@ -134,6 +138,42 @@ def _cut_mask_to_cache(index: int, module, args, kwargs):
     if mask.shape[-1] <= keys:
         return None
     return args, {**kwargs, "attention_mask": mask[..., :keys]}
+
+
+def is_static_cache(cache) -> bool:
+    """A transformers StaticCache (fixed buffers written at a per-layer cumulative_length)."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return False
+    return any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))
+
+
+def check_static_cache(config, attention_mask, cache) -> None:
+    """What works with a StaticCache: KV policies on unpadded batches. Language-model policies would leave
+    the pruned layers' buffers shorter than generate()'s position-based decode masks."""
+    if config.llm is not None:
+        raise ValueError(f"llm={config.llm.name} with a StaticCache is not supported yet: use a DynamicCache (the "
+                         f"default) for language-model pruning")
+    if config.kv is not None and _pads(attention_mask, cache):
+        raise ValueError(f"kv={config.kv.name} with a StaticCache and a padded batch is not supported yet: use a "
+                         f"DynamicCache, or batch prompts of one length")
+
+
+def _pads(attention_mask, cache) -> bool:
+    """Whether a prefill's mask hides some of the prompt: a 2-D mask with zeros, or generate()'s 4-D mask for
+    an empty StaticCache that is not plainly causal over the buffer's slots."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return False
+    if attention_mask.dim() == 2:
+        return not bool(attention_mask.bool().all())
+    first = cache.layers[0]
+    if attention_mask.dim() != 4 or (getattr(first, "is_initialized", False) and int(first.cumulative_length)):
+        return False                     # a decode step: its prefill was checked
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    queries, slots = allowed.shape[-2:]
+    causal = torch.arange(slots, device=allowed.device)[None, :] <= torch.arange(queries, device=allowed.device)[:, None]
+    return not bool((allowed == causal).all())
 
 
 def check_left_padding(attention_mask) -> None:
