@@ -9,7 +9,7 @@ import operator
 import torch.fx as fx
 
 from tokensparse.passes.context import PassContext, replace_uses_except
-from tokensparse.patterns.graph import MatchFailure, insert_call, shape_of
+from tokensparse.patterns.graph import MatchFailure, insert_call
 from tokensparse.patterns.vision_features import find_vision_features
 from tokensparse.policies import VisionZip
 from tokensparse.runtime.ops import VISIONZIP
@@ -21,7 +21,7 @@ def zip_vision_features_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMo
     if not isinstance(ctx.policy, VisionZip):
         return gm
     features = find_vision_features(gm, ctx.language)
-    tokens = shape_of(features.output)[1]
+    tokens = features.tokens
     prefix_in_features = features.offset < features.prefix
     if features.offset not in (0, features.prefix):
         raise MatchFailure(f"the features drop {features.offset} leading rows of {features.layer_path}'s output, "

@@ -56,11 +56,11 @@ def find_vision_features(gm: fx.GraphModule, lm: LanguageModelMatch) -> VisionFe
                            f"encoder layer's output was expected")
     output = found.pop()
     path = _layer_of(output, encoder_sites)
-    shape, features = shape_of(output), shape_of(lm.span.mask)
+    shape, prompts = shape_of(output), shape_of(lm.span.mask)[0]
     if shape is None or len(shape) != 3:
         raise MatchFailure(f"{output.name}, the output of {path}, is not [B, N, C]")
-    if shape[0] != features[0]:
-        raise MatchFailure(f"{shape[0]} images for {features[0]} prompts: one image per sample is supported")
+    if shape[0] != prompts:
+        raise MatchFailure(f"{shape[0]} images for {prompts} prompts: one image per sample is supported")
     users = [user for user in output.users if user in seen or user is lm.span.features]
     if len(users) != 1:
         raise MatchFailure(f"{output.name} reaches the projector through {len(users)} paths; one was expected")
