@@ -297,3 +297,17 @@ def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_r
         want = model(**inputs).logits
     torch.testing.assert_close(got, want)
     assert [int(layer.cumulative_length) for layer in cache.layers] == [40, 40]
+
+
+def test_a_static_cache_with_nothing_to_evict_equals_the_unmodified_model(llama):
+    """budget=1.0 keeps every position; the decode graphs' slot masks then equal generate()'s own."""
+    from transformers import StaticCache
+
+    model, inputs = llama
+    out, cache, _ = _static_generate(model, inputs, Config(kv=SnapKV(budget=1.0), inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+    assert torch.equal(out.sequences, plain.sequences)
+    for got, want in zip(out.logits, plain.logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]

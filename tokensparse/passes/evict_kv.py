@@ -48,9 +48,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
             continue
         kept = _kept(gm.graph, output, ctx.policy, site, count, scores)
-        evicted = insert_call(gm.graph, output, KV_EVICT, (site.keys, site.values, kept))
-        keys = insert_call(gm.graph, output, operator.getitem, (evicted, 0))
-        values = insert_call(gm.graph, output, operator.getitem, (evicted, 1))
+        keys, values = _evicted(gm.graph, output, site, kept)
         output.replace_input_with(site.keys, keys)
         output.replace_input_with(site.values, values)
         if scores is not None:
@@ -82,10 +80,7 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
         count = _kept_count(gm.graph, output, policy, site, queries)
         if count is None:
             continue
-        kept = _kept(gm.graph, output, policy, site, count, None)
-        evicted = insert_call(gm.graph, output, KV_EVICT, (site.keys, site.values, kept))
-        keys = insert_call(gm.graph, output, operator.getitem, (evicted, 0))
-        values = insert_call(gm.graph, output, operator.getitem, (evicted, 1))
+        keys, values = _evicted(gm.graph, output, site, _kept(gm.graph, output, policy, site, count, None))
         output.replace_input_with(buffers.keys, insert_call(gm.graph, output, refill_buffer, (keys, buffers.keys)))
         output.replace_input_with(buffers.values, insert_call(gm.graph, output, refill_buffer,
                                                               (values, buffers.values)))
@@ -95,6 +90,13 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
         ctx.record("evict_kv", f"{site.path}: the StaticCache keeps {count} of {site.cache_length} positions per "
                                f"KV head in its first slots")
     return gm
+
+
+def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The site's keys and values gathered at the kept positions [B, H_kv, k] (tokensparse::kv_evict)."""
+    evicted = insert_call(graph, point, KV_EVICT, (site.keys, site.values, kept))
+    return (insert_call(graph, point, operator.getitem, (evicted, 0)),
+            insert_call(graph, point, operator.getitem, (evicted, 1)))
 
 
 def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite):

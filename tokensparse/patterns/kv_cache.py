@@ -98,10 +98,8 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
             raise MatchFailure(f"{attention.module_path}: its StaticCache buffers are neither made by this graph nor "
                                f"its inputs")
         buffers = StaticBuffers(keys.args[0], values.args[0], slots, slots.args[1], created)
-        if created:
-            sites.append(CacheSite(attention, keys.args[3], values.args[3], static=buffers))
-        else:
-            sites.append(CacheSite(attention, keys.args[0], values.args[0], static=buffers))
+        read = 3 if created else 0          # an empty cache's contents are the new keys; else the buffers
+        sites.append(CacheSite(attention, keys.args[read], values.args[read], static=buffers))
     return sites
 
 
