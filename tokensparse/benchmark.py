@@ -21,16 +21,27 @@ class Timing:
         return statistics.median(self.samples_ms)
 
 
-def first_call_seconds(fn: Callable, *inputs) -> float:
-    """Wall time of the first call (for torch.compile'd functions: the compile)."""
+def synchronizer(device) -> Callable[[], None]:
+    """What waits for a device's queued work before a clock is read: cuda's synchronize, else nothing."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def first_call_seconds(fn: Callable, *inputs, synchronize: Callable[[], None] = lambda: None) -> float:
+    """Wall time of the first call (for torch.compile'd functions: the compile), its device work included."""
+    synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
         fn(*inputs)
+    synchronize()
     return time.perf_counter() - start
 
 
-def time_side_by_side(variants: dict, inputs: tuple, runs: int, warmup: int = 2, progress=None) -> dict:
-    """Time each variant `runs` times, interleaved round by round so that drift hits all alike."""
+def time_side_by_side(variants: dict, inputs: tuple, runs: int, warmup: int = 2, progress=None,
+                      synchronize: Callable[[], None] = lambda: None) -> dict:
+    """Time each variant `runs` times, interleaved round by round so that drift hits all alike; on a GPU,
+    `synchronize` (synchronizer(device)) makes each sample the call's device time, not its launch time."""
     timings = {name: Timing(name, compile_s) for name, (fn, compile_s) in variants.items()}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -38,8 +49,10 @@ def time_side_by_side(variants: dict, inputs: tuple, runs: int, warmup: int = 2,
                 fn(*inputs)
         for _ in range(runs):
             for name, (fn, _) in variants.items():
+                synchronize()
                 start = time.perf_counter()
                 fn(*inputs)
+                synchronize()
                 timings[name].samples_ms.append((time.perf_counter() - start) * 1e3)
             if progress is not None:
                 progress()

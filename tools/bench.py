@@ -1,6 +1,8 @@
-"""Benchmark: eager vs Inductor vs tokensparse on timm ViT-B/16 (random init), CPU, side by side.
+"""Benchmark: eager vs Inductor vs tokensparse on timm ViT-B/16 (random init), side by side, on the CPU or
+a GPU.
 
     .venv/bin/python tools/bench.py --policy tome --r 13 --batch 8 --runs 20
+    python tools/bench.py --device cuda --dtype bfloat16 --batch 64 --runs 50     # a GPU
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9], help="TopK: blocks to prune at")
     parser.add_argument("--keep", type=float, default=0.7, help="TopK: fraction of patch tokens kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--triton-kernels", action="store_true",
+                        help="on cuda: tokensparse's Triton kernels implement its ops (TOKENSPARSE_TRITON_KERNELS=1)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--png", default=None, help="write explain()'s merge picture here")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the unmodified eager model")
@@ -43,10 +49,10 @@ def build_model(name: str):
     return timm.create_model(name, pretrained=False).eval()
 
 
-def warm_up_inductor() -> None:
+def warm_up_inductor(device: str = "cpu") -> None:
     """Compile one small unrelated function, so that start-up (compiler checks, headers) is paid."""
     with torch.inference_mode():
-        torch.compile(lambda a: (a * 2).relu().sum(1) + a.mean())(torch.randn(64, 32))
+        torch.compile(lambda a: (a * 2).relu().sum(1) + a.mean())(torch.randn(64, 32, device=device))
 
 
 def policy_from_args(args):
@@ -62,15 +68,19 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
-    from tokensparse.benchmark import first_call_seconds, time_side_by_side
+    from tokensparse.benchmark import first_call_seconds, synchronizer, time_side_by_side
     from tokensparse.reference import reference_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.triton_kernels:
+        import tokensparse.runtime.triton_ops  # noqa: F401  (registers the CUDA implementations)
     console = Console()
-    model = build_model(args.model)
+    dtype = getattr(torch, args.dtype)
+    synchronize = synchronizer(args.device)
+    model = build_model(args.model).to(args.device, dtype)
     image = model.default_cfg.get("input_size", (3, 224, 224))
-    pixels = torch.randn(args.batch, *image, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(args.batch, *image, generator=torch.Generator().manual_seed(0)).to(args.device, dtype)
     policy = policy_from_args(args)
     options = {key: value for key, value in policy.options().items() if value is not None}
 
@@ -81,22 +91,22 @@ def run(args) -> dict:
         console.print(f"merge picture: {args.png}")
 
     console.print("warming Inductor up (its one-time start-up cost is charged to neither variant) ...")
-    warm_up_inductor()
+    warm_up_inductor(args.device)
     console.print("compiling plain Inductor ...")
     torch._dynamo.reset()
     inductor = torch.compile(model)
-    inductor_s = first_call_seconds(inductor, pixels)
+    inductor_s = first_call_seconds(inductor, pixels, synchronize=synchronize)
     torch._dynamo.reset()
     console.print(f"compiling tokensparse {options} ...")
     pruned = torch.compile(model, backend="tokensparse", options=options)
-    pruned_s = first_call_seconds(pruned, pixels)
+    pruned_s = first_call_seconds(pruned, pixels, synchronize=synchronize)
     variants = {"inductor": (inductor, inductor_s), f"tokensparse {policy.name}": (pruned, pruned_s),
                 f"eager {policy.name} (reference)": (lambda x: reference_forward(model, x, policy), 0.0)}
     if args.whole_graph:
         torch._dynamo.reset()
         console.print("compiling tokensparse as one graph (regional=False) ...")
         whole = torch.compile(model, backend="tokensparse", options={**options, "regional": False})
-        variants[f"tokensparse {policy.name} whole graph"] = (whole, first_call_seconds(whole, pixels))
+        variants[f"tokensparse {policy.name} whole graph"] = (whole, first_call_seconds(whole, pixels, synchronize=synchronize))
     if not args.skip_eager:
         variants = {"eager": (model, 0.0), **variants}
 
@@ -107,12 +117,14 @@ def run(args) -> dict:
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("timing", total=args.runs)
-        timings = time_side_by_side(variants, (pixels,), args.runs, progress=lambda: progress.advance(task))
+        timings = time_side_by_side(variants, (pixels,), args.runs, progress=lambda: progress.advance(task),
+                                    synchronize=synchronize)
 
     base = timings["inductor"].median_ms
     ideal = report.flops_ideal_ratio
-    table = Table(title=f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, "
-                        f"median of {args.runs} runs")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads")
+    table = Table(title=f"{args.model} batch {args.batch}, {args.dtype}, {where}, median of {args.runs} runs")
     for column in ("variant", "median ms", "speedup vs inductor", "of FLOPs-ideal", "compile s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
@@ -125,6 +137,7 @@ def run(args) -> dict:
                       f"{timing.compile_s:.1f}" if timing.compile_s else "")
     console.print(table)
     result = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "runs": args.runs,
+              "device": where, "dtype": args.dtype, "triton_kernels": args.triton_kernels,
               "options": options, "flops_before": report.flops_before, "flops_after": report.flops_after,
               "flops_ideal_speedup": ideal, "compile_ratio": pruned_s / inductor_s,
               "max_abs_error_vs_reference": max_error, "variants": rows}

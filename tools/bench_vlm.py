@@ -1,6 +1,8 @@
-"""Benchmark: prefill of a LLaVA-shaped model (random init) with language-model pruning, CPU, side by side.
+"""Benchmark: prefill of a LLaVA-shaped model (random init) with language-model pruning, side by side, on
+the CPU or a GPU.
 
     .venv/bin/python tools/bench_vlm.py --runs 20
+    python tools/bench_vlm.py --device cuda --dtype bfloat16 --batch 8 --runs 50     # a GPU
 
 The model: a small CLIP tower (576 image tokens) and a Llama text model (hidden 1024, 8 layers, GQA 16/8
 heads, MLP 2816) on a prompt of 32 + 576 + 32 tokens. Prefill is forward(..., logits_to_keep=1), as
@@ -33,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant")
     parser.add_argument("--onnx", action="store_true", help="time ONNX Runtime on to_onnx exports instead of "
                                                                 "Inductor (prefill only)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
 
@@ -57,9 +61,12 @@ def kv_bytes(cache) -> int:
 def llava_shaped(args):
     from tests.models import build_llava
 
-    return build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch, hidden=1024,
-                       heads=16, kv_heads=8, intermediate=2816, vocab=32000, vision_hidden=256, patch=14,
-                       vision_layers=3, feature_layer=-2)      # LLaVA-1.5 reads the second-to-last layer
+    model, inputs = build_llava(text_layers=args.layers, image_tokens=576, prompt=(32, 32), batch=args.batch,
+                                hidden=1024, heads=16, kv_heads=8, intermediate=2816, vocab=32000, vision_hidden=256,
+                                patch=14, vision_layers=3, feature_layer=-2)  # LLaVA-1.5: the second-to-last layer
+    device, dtype = getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32"))
+    inputs = {"input_ids": inputs["input_ids"].to(device), "pixel_values": inputs["pixel_values"].to(device, dtype)}
+    return model.to(device, dtype), inputs
 
 
 def print_table(console, title: str, timings: dict, base_name: str, ideal: dict, prefix: str) -> dict:
@@ -121,11 +128,12 @@ def run(args) -> dict:
     from rich.table import Table
 
     import tokensparse
-    from tokensparse.benchmark import first_call_seconds, time_side_by_side
+    from tokensparse.benchmark import first_call_seconds, synchronizer, time_side_by_side
 
     if args.onnx:
         return run_onnx(args)
     console = Console()
+    synchronize = synchronizer(args.device)
     model, inputs = llava_shaped(args)
     prefill = {**inputs, "logits_to_keep": 1}
     policies = variants(args.layers)
@@ -133,18 +141,21 @@ def run(args) -> dict:
     console.print("compiling unpruned (Inductor) ...")
     plain = torch.compile(model.forward)
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill)))
+        compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill),
+                                                                                             synchronize=synchronize))
     for name, policy in policies.items():
         report = tokensparse.explain(model, prefill, config=tokensparse.Config(llm=policy))
         ideal[name] = report.flops_ideal_ratio
         console.print(f"compiling tokensparse {name} (FLOPs-ideal {ideal[name]:.2f}x) ...")
         fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
-        compiled[f"tokensparse {name}"] = ((lambda f=fast: f(**prefill)), first_call_seconds(lambda f=fast: f(**prefill)))
+        compiled[f"tokensparse {name}"] = ((lambda f=fast: f(**prefill)), first_call_seconds(lambda f=fast: f(**prefill),
+                                                                                               synchronize=synchronize))
     base_flops = report.flops_before
     timings = time_side_by_side({name: (lambda *_, fn=fn: fn(), s) for name, (fn, s) in compiled.items()},
-                                (), args.runs)
-
-    rows = print_table(console, f"LLaVA-shaped prefill, batch {args.batch}, {torch.get_num_threads()} threads, "
+                                (), args.runs, synchronize=synchronize)
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads")
+    rows = print_table(console, f"LLaVA-shaped prefill, batch {args.batch}, {args.dtype}, {where}, "
                                 f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)",
                        timings, "inductor (unpruned)", ideal, "tokensparse ")
 
@@ -160,8 +171,10 @@ def run(args) -> dict:
         with torch.inference_mode():
             fast.generate(**inputs, max_new_tokens=3, **settings)               # compile prefill and decode
             first = fast.generate(**inputs, max_new_tokens=1, **settings)
+            synchronize()
             start = time.perf_counter()
             out = fast.generate(**inputs, max_new_tokens=args.new_tokens, **settings)
+            synchronize()
             total = time.perf_counter() - start
         prefill_s = rows[name]["median_ms"] / 1e3
         rate = (args.new_tokens - 1) * args.batch / max(total - prefill_s, 1e-9)
@@ -171,6 +184,7 @@ def run(args) -> dict:
                        f"{kv_bytes(out.past_key_values) / 2**20:.1f} MiB")
     console.print(decode)
     result = {"batch": args.batch, "layers": args.layers, "runs": args.runs, "threads": torch.get_num_threads(),
+              "device": where, "dtype": args.dtype,
               "flops_before": base_flops, "variants": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """In-place KV-cache compaction: move the kept positions of each (batch, head) to the front of the
 cache, in order, without a second buffer. One program per (batch, head) walks the kept positions in
-ascending order, so a row is read before any program could overwrite it (kept[j] >= j)."""
+ascending order, so a row is read before any program could overwrite it (kept[j] >= j); inside a tile, a
+barrier between the loads and the stores keeps one warp from writing a row another warp has yet to read."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def _compact(cache_ptr, kept_ptr, length, k, dim, BLOCK_R: tl.constexpr, BLOCK_D
             d = start + tl.arange(0, BLOCK_D)
             keep = valid[:, None] & (d < dim)[None, :]
             value = tl.load(base + row[:, None] * dim + d[None, :], mask=keep)
+            # kept = [1, 2]: element 0 reads row 1, which element 1 writes; on a GPU they may sit in
+            # different warps, so every load of the tile finishes before any store.
+            tl.debug_barrier()
             tl.store(base + j[:, None] * dim + d[None, :], value, mask=keep)
 
 

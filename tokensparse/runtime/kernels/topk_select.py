@@ -1,6 +1,8 @@
 """Top-k token selection with gather, for any k (TensorRT's TopK stops at K=3840; video and
-high-resolution inputs hold more tokens): per row, one sort of (score, index) keys in Triton, the first k
-indices sorted back into token order, then a row gather. Ties go to the lower index, as in ONNX TopK."""
+high-resolution inputs hold more tokens). Per row, a radix select finds the k-th largest score (32 counting
+passes over the row, one bit of the threshold each), then one pass in token order writes the indices above
+it and the first ties at it, so the kept indices come out in token order with no sort. Ties go to the lower
+index, as in ONNX TopK. Every pass walks the row in tiles, so any token count compiles to one small kernel."""
 
 from __future__ import annotations
 
@@ -18,24 +20,45 @@ def topk_gather_reference(x, scores, k: int):
 
 
 @triton.jit
+def _ordered_keys(scores_ptr, row, tokens, offsets):
+    """Scores as int64 keys in [0, 2^32) with the float order (-0 == +0); -1 past the row's end."""
+    valid = offsets < tokens
+    score = tl.load(scores_ptr + row * tokens + offsets, mask=valid, other=0.0).to(tl.float32) + 0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32).to(tl.int64)
+    return tl.where(valid, ordered, -1)
+
+
+@triton.jit
 def _select_rows(scores_ptr, kept_ptr, tokens, k, BLOCK_N: tl.constexpr):
     """kept[b, :k] = indices of the k largest scores of row b, in ascending index order."""
     b = tl.program_id(0)
-    offsets = tl.arange(0, BLOCK_N)
-    valid = offsets < tokens
-    score = tl.load(scores_ptr + b * tokens + offsets, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0 -> +0
-    bits = score.to(tl.int32, bitcast=True)
-    # Order-preserving map of float bits onto unsigned 32-bit order, then key = (ordered << 31) | (2^31 - 1
-    # - index), a non-negative int64: a descending sort puts larger scores first and, among equal ones,
-    # the lower index first.
-    ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32).to(tl.int64)
-    ordered = tl.where(valid, ordered, 0)
-    key = (ordered << 31) | (2147483647 - offsets).to(tl.int64)
-    key = tl.sort(key, 0, descending=True)
-    index = 2147483647 - (key & 2147483647).to(tl.int32)
-    chosen = tl.where(offsets < k, index, 2147483647)
-    chosen = tl.sort(chosen, 0)
-    tl.store(kept_ptr + b * k + offsets, chosen.to(tl.int64), mask=offsets < k)
+    lanes = tl.arange(0, BLOCK_N)
+    # The k-th largest key: the largest t with at least k keys >= t, built from the top bit down.
+    threshold = tl.full([], 0, tl.int64)
+    for step in range(32):
+        candidate = threshold | (tl.full([], 1, tl.int64) << (31 - step))
+        count = tl.full([], 0, tl.int32)
+        for start in range(0, tokens, BLOCK_N):
+            key = _ordered_keys(scores_ptr, b, tokens, start + lanes)
+            count += tl.sum((key >= candidate).to(tl.int32), 0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    above = tl.full([], 0, tl.int32)
+    for start in range(0, tokens, BLOCK_N):
+        above += tl.sum((_ordered_keys(scores_ptr, b, tokens, start + lanes) > threshold).to(tl.int32), 0)
+    ties_wanted = k - above
+    written = tl.full([], 0, tl.int32)
+    ties_seen = tl.full([], 0, tl.int32)
+    for start in range(0, tokens, BLOCK_N):
+        offsets = start + lanes
+        key = _ordered_keys(scores_ptr, b, tokens, offsets)
+        tie = (key == threshold).to(tl.int32)
+        tie_rank = ties_seen + tl.cumsum(tie, 0) - tie
+        chosen = ((key > threshold) | ((tie == 1) & (tie_rank < ties_wanted))).to(tl.int32)
+        slot = written + tl.cumsum(chosen, 0) - chosen
+        tl.store(kept_ptr + b * k + slot, offsets.to(tl.int64), mask=chosen == 1)
+        written += tl.sum(chosen, 0)
+        ties_seen += tl.sum(tie, 0)
 
 
 @triton.jit
@@ -52,14 +75,15 @@ def _gather_rows(x_ptr, kept_ptr, out_ptr, tokens, k, channels, BLOCK_R: tl.cons
         tl.store(out_ptr + (b * k + j)[:, None] * channels + c[None, :], value, mask=keep)
 
 
-def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, launch=None):
+def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, block_n: int = 1024, launch=None):
     """Same result as topk_gather_reference, for any k <= tokens."""
     batch, tokens, channels = x.shape
     if not 1 <= k <= tokens:
         raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
     x, scores = x.contiguous(), scores.contiguous()
     kept = torch.empty(batch, k, dtype=torch.int64, device=x.device)
-    _launch(launch, _select_rows)[(batch,)](scores, kept, tokens, k, BLOCK_N=triton.next_power_of_2(tokens))
+    _launch(launch, _select_rows)[(batch,)](scores, kept, tokens, k,
+                                                  BLOCK_N=min(block_n, triton.next_power_of_2(tokens)))
     out = torch.empty(batch, k, channels, dtype=x.dtype, device=x.device)
     _launch(launch, _gather_rows)[(batch, triton.cdiv(k, block_r))](
         x, kept, out, tokens, k, channels, BLOCK_R=block_r, BLOCK_C=min(block_c, triton.next_power_of_2(channels))
