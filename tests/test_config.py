@@ -32,6 +32,8 @@ def test_options_build_typed_policies():
     ({"policy": "tome", "keep": 0.5}, "option 'keep' is unknown for policy 'tome'"),
     ({"policy": "tome", "r": -1}, "r=-1 is out of range"),
     ({"policy": "topk", "keep": 2}, "keep=2 is out of range"),
+    ({"policy": "tome", "cudagraphs": 1}, "cudagraphs=1 must be True or False"),
+    ({"policy": "tome", "cudagraphs": True, "inductor": False}, "cudagraphs=True needs inductor=True"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

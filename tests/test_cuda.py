@@ -74,6 +74,20 @@ def test_vision_transformer_compiled_for_the_gpu_equals_the_reference(name, opti
     assert got[key].shape != plain[key].shape or not torch.allclose(got[key], plain[key])    # it did prune
 
 
+@pytest.mark.parametrize("options, policy", [({"policy": "tome", "r": 4}, ToMe(r=4)),
+                                             ({"policy": "topk", "layers": (1, 2), "keep": 0.5},
+                                              TopK(layers=(1, 2), keep=0.5))], ids=["tome", "topk"])
+def test_cuda_graphs_replay_the_reference_on_fresh_inputs(options, policy):
+    """cudagraphs=True: recorded once, replayed on new pixels (copied into the graph's static input)."""
+    model, _ = build("timm_vit", depth=3, width=64, heads=2, patch=4, batch=3)
+    model = model.cuda()
+    compiled = torch.compile(model, backend="tokensparse", options={**options, "cudagraphs": True})
+    for seed in range(4):
+        pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+        got = _no_warnings(lambda: compiled(pixels)).clone()     # a replay's output is overwritten by the next
+        torch.testing.assert_close(got, reference_forward(model, pixels, policy)["logits"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("inductor", [False, pytest.param(True, marks=NEEDS_TORCH_2_14)], ids=["eager", "inductor"])
 @pytest.mark.parametrize("policy, lengths", [(FastV(layer=2, keep=0.25), [43, 43, 31, 31]),
                                              (VisionZip(dominant=6, contextual=2), [35] * 4)], ids=["fastv", "visionzip"])

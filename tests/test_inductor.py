@@ -32,6 +32,29 @@ def test_inductor_matches_reference(family, policy):
         torch.testing.assert_close(value, want[key], atol=1e-4, rtol=1e-4)
 
 
+def test_cudagraphs_compiles_static_token_counts_in_one_graph():
+    """cudagraphs=True (CUDA graphs on a GPU; here on the CPU the same static-count whole graph without
+    them): one Inductor graph whose token counts are concrete, equal to the reference on fresh inputs too."""
+    from torch._inductor import compile_fx as inductor
+
+    model, pixels = build("timm_vit", depth=3, width=32, heads=2, batch=2)
+    policy = tokensparse.ToMe(r=3)
+    compiled = torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 3, "cudagraphs": True})
+    graphs = []
+    original = inductor.compile_fx
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), torch.no_grad():
+        patch.setattr(inductor, "compile_fx", lambda gm, inputs, **kw: graphs.append(gm) or original(gm, inputs, **kw))
+        warnings.simplefilter("error", TokensparseWarning)
+        for seed in (0, 1):
+            fresh = pixels if seed == 0 else torch.randn(pixels.shape, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(compiled(fresh), reference_forward(model, fresh, policy)["logits"],
+                                       atol=1e-4, rtol=1e-4)
+    assert len({id(gm) for gm in graphs}) == 1        # compile_fx calls itself once to apply config_patches
+    outputs = [value for node in graphs[0].graph.nodes if node.op == "call_function"
+               and "tokensparse" in str(node.target) for value in torch.utils._pytree.tree_leaves(node.meta["val"])]
+    assert len(outputs) == 2 * 3 and all(isinstance(size, int) for value in outputs for size in value.shape)
+
+
 def test_batch_changes_recompile_once_with_a_dynamic_batch():
     """Serving with varying batches: dynamo recompiles once with a symbolic batch, regions included."""
     model, _ = build("timm_vit", depth=3, width=32, heads=2, batch=2)

@@ -12,13 +12,9 @@ from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_graph
 def tokensparse_backend(gm, example_inputs, options=None, **unused):
     """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13})."""
     config = config_from_options(options)
-    result = rewrite_graph(gm, example_inputs, config)
-    if config.kv is not None:
-        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv,
-                                   static_cache_checked=config.static_cache_checked)
-        if evicted.changed:
-            result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
-                                   result.notes)
+    if config.cudagraphs:
+        return _with_cuda_graphs(gm, example_inputs, config)
+    result = _rewritten(gm, example_inputs, config)
     if not config.inductor:
         return result.gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -32,6 +28,34 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
             _warn_regions_failed(f"{type(error).__name__}: {error}")
     with allow_symbolic_token_counts(result.context.fake_mode):
         return compile_fx(result.gm, example_inputs)
+
+
+def _rewritten(gm, example_inputs, config) -> RewriteResult:
+    """The token policy's rewrite, then the KV policy's."""
+    result = rewrite_graph(gm, example_inputs, config)
+    if config.kv is not None:
+        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv,
+                                   static_cache_checked=config.static_cache_checked)
+        if evicted.changed:
+            result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
+                                   result.notes)
+    return result
+
+
+def _with_cuda_graphs(gm, example_inputs, config):
+    """Static token counts (each op's fake output has its true size), the whole graph, and Inductor with
+    CUDA graphs: one replay per call instead of a launch per kernel. Graphs that are not on a GPU, or that
+    Inductor cannot capture, run without (Inductor says why in its log)."""
+    import dataclasses
+
+    from torch._inductor.compile_fx import compile_fx
+
+    from tokensparse.runtime.ops import static_token_counts
+
+    config = dataclasses.replace(config, cudagraphs=False, regional=False)
+    with static_token_counts():
+        result = _rewritten(gm, example_inputs, config)
+        return compile_fx(result.gm, example_inputs, config_patches={"triton.cudagraphs": True})
 
 
 def compile_by_regions(result: RewriteResult):

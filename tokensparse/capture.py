@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+# torch >= 2.14: the capture's graphs stay apart from the model's other compiled code (its own recompile
+# count). Older torch (a GPU machine's own build, say) captures without it.
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def capture_graphs(model, *args, **kwargs) -> list:
@@ -16,7 +22,7 @@ def capture_graphs(model, *args, **kwargs) -> list:
     from tokensparse.runtime.hf import install_output_hooks
 
     install_output_hooks(model)
-    compiled = torch.compile(model, backend=record, isolate_recompiles=True)
+    compiled = torch.compile(model, backend=record, **_ISOLATED)
     # capture_scalar_outputs: a VLM's image merge counts image tokens with .item().
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         compiled(*args, **kwargs)

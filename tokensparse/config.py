@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 from tokensparse.policies import POLICIES, KVPolicy, LanguagePolicy, Policy
 
 # Options the backend itself takes, beside the policy's own.
-BACKEND_OPTIONS = ("policy", "inductor", "regional")
+BACKEND_OPTIONS = ("policy", "inductor", "regional", "cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,9 @@ class Config:
     kv: Optional[KVPolicy] = None
     inductor: bool = True
     regional: bool = True      # compile each distinct block once and reuse it (tokensparse.regions)
+    # GPU serving: static token counts, one whole graph, replayed as a CUDA graph (Inductor's
+    # triton.cudagraphs) without the per-kernel launch cost that a pruned ViT's small ops add.
+    cudagraphs: bool = False
     # Set by tokensparse.compile(), whose decoder layers cut each decode step's padding mask to their own
     # (pruned) cache length: then prompts with left padding can be pruned in graphs that return the cache.
     decode_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
@@ -44,9 +47,11 @@ class Config:
         if self.vision is not None and self.llm is not None:
             raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
                              "number of image features the language model expects; choose one")
-        for name in ("inductor", "regional", "decode_masks_follow_cache", "static_cache_checked"):
+        for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "static_cache_checked"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.cudagraphs and not self.inductor:
+            raise ValueError("cudagraphs=True needs inductor=True: the CUDA graphs are Inductor's")
 
     @property
     def policy(self) -> Optional[Policy]:

@@ -32,6 +32,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="also time both compiled with CUDA graphs (mode='reduce-overhead'; cudagraphs=True)")
+    parser.add_argument("--profile", default=None,
+                        help="write torch.profiler's table of the tokensparse variant's ops (10 calls) to this file")
     parser.add_argument("--triton-kernels", action="store_true",
                         help="on cuda: tokensparse's Triton kernels implement its ops (TOKENSPARSE_TRITON_KERNELS=1)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -107,6 +111,14 @@ def run(args) -> dict:
         console.print("compiling tokensparse as one graph (regional=False) ...")
         whole = torch.compile(model, backend="tokensparse", options={**options, "regional": False})
         variants[f"tokensparse {policy.name} whole graph"] = (whole, first_call_seconds(whole, pixels, synchronize=synchronize))
+    if args.cudagraphs:
+        torch._dynamo.reset()
+        console.print("compiling Inductor and tokensparse with CUDA graphs ...")
+        graphed = torch.compile(model, mode="reduce-overhead")
+        variants["inductor cudagraphs"] = (graphed, first_call_seconds(graphed, pixels, synchronize=synchronize))
+        graphed_pruned = torch.compile(model, backend="tokensparse", options={**options, "cudagraphs": True})
+        variants[f"tokensparse {policy.name} cudagraphs"] = (
+            graphed_pruned, first_call_seconds(graphed_pruned, pixels, synchronize=synchronize))
     if not args.skip_eager:
         variants = {"eager": (model, 0.0), **variants}
 
@@ -121,15 +133,17 @@ def run(args) -> dict:
                                     synchronize=synchronize)
 
     base = timings["inductor"].median_ms
+    if args.cudagraphs:
+        graphed_base = timings["inductor cudagraphs"].median_ms
     ideal = report.flops_ideal_ratio
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} threads")
     table = Table(title=f"{args.model} batch {args.batch}, {args.dtype}, {where}, median of {args.runs} runs")
-    for column in ("variant", "median ms", "speedup vs inductor", "of FLOPs-ideal", "compile s"):
+    for column in ("variant", "median ms", "speedup vs inductor (alike)", "of FLOPs-ideal", "compile s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
     for name, timing in timings.items():
-        speedup = base / timing.median_ms
+        speedup = (graphed_base if name.endswith("cudagraphs") else base) / timing.median_ms
         share = speedup / ideal if name.startswith("tokensparse") else None
         rows[name] = {"median_ms": timing.median_ms, "speedup_vs_inductor": speedup, "of_ideal": share,
                       "compile_s": timing.compile_s}
@@ -146,7 +160,27 @@ def run(args) -> dict:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
+    if args.profile:
+        write_profile(args.profile, pruned, pixels, synchronize)
+        console.print(f"profile of tokensparse {policy.name}: {args.profile}")
     return result
+
+
+def write_profile(path: str, fn, pixels, synchronize) -> None:
+    """torch.profiler over 10 calls of fn: ops by self device time (CPU time on a CPU), then by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pixels.is_cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        for _ in range(10):
+            fn(pixels)
+        synchronize()
+    averages = prof.key_averages()
+    device_key = "self_cuda_time_total" if pixels.is_cuda else "self_cpu_time_total"
+    with open(path, "w") as handle:
+        handle.write(averages.table(sort_by=device_key, row_limit=30, max_name_column_width=90))
+        handle.write("\n")
+        handle.write(averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def _masking(layers, columns: dict):
 
 def _surviving_columns(alive: torch.Tensor, total: int) -> torch.Tensor:
     """[B, 1, 1, total]: the surviving prompt positions and every generated one."""
-    keys = torch.ones(alive.shape[0], total, dtype=torch.bool)
+    keys = torch.ones(alive.shape[0], total, dtype=torch.bool, device=alive.device)
     keys[:, :min(alive.shape[1], total)] = alive[:, :total]
     return keys[:, None, None, :]
 
@@ -263,10 +263,10 @@ def _mask(alive: torch.Tensor, queries: int, past: int, dtype) -> torch.Tensor:
     """Additive [B, 1, queries, past + queries]: causal, keys limited to the surviving prompt positions."""
     batch, prompt = alive.shape
     total = past + queries
-    keys = torch.ones(batch, total, dtype=torch.bool)
+    keys = torch.ones(batch, total, dtype=torch.bool, device=alive.device)
     keys[:, :min(prompt, total)] = alive[:, :total]
-    rows = torch.arange(past, total)[:, None]
-    columns = torch.arange(total)[None, :]
+    rows = torch.arange(past, total, device=alive.device)[:, None]
+    columns = torch.arange(total, device=alive.device)[None, :]
     allowed = (columns <= rows)[None, None] & keys[:, None, None, :]
     allowed |= (columns == rows)[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, -math.inf)
+    return torch.zeros(allowed.shape, dtype=dtype, device=alive.device).masked_fill(~allowed, -math.inf)

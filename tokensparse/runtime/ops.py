@@ -243,7 +243,8 @@ def is_tokensparse_target(target) -> bool:
     return getattr(target, "__module__", "").startswith("tokensparse")
 
 
-# CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py), opt-in until they have
-# run on a GPU: TOKENSPARSE_TRITON_KERNELS=1. Otherwise the plain PyTorch implementations serve CUDA too.
+# CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py), opt-in:
+# TOKENSPARSE_TRITON_KERNELS=1. They pass their tests on an H100, but there the ToMe merge kernel is slower
+# than PyTorch's own ops (README), so by default the plain PyTorch implementations serve CUDA too.
 if os.environ.get("TOKENSPARSE_TRITON_KERNELS") == "1" and torch.cuda.is_available():
     import tokensparse.runtime.triton_ops  # noqa: F401
