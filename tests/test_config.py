@@ -34,6 +34,8 @@ def test_options_build_typed_policies():
     ({"policy": "topk", "keep": 2}, "keep=2 is out of range"),
     ({"policy": "tome", "cudagraphs": 1}, "cudagraphs=1 must be True or False"),
     ({"policy": "tome", "cudagraphs": True, "inductor": False}, "cudagraphs=True needs inductor=True"),
+    ({"policy": "fastv", "cudagraphs": True}, r"cudagraphs=True is for vision-encoder policies \(vision=\) only"),
+    ({"policy": "snapkv", "budget": 16, "cudagraphs": True}, "cudagraphs=True is for vision-encoder policies"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

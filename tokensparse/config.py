@@ -52,6 +52,10 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.cudagraphs and not self.inductor:
             raise ValueError("cudagraphs=True needs inductor=True: the CUDA graphs are Inductor's")
+        if self.cudagraphs and (self.llm is not None or self.kv is not None):
+            raise ValueError("cudagraphs=True is for vision-encoder policies (vision=) only so far: a language "
+                             "model's token counts follow the prompt and its cache, which CUDA graphs would "
+                             "re-record at every new length; it has not been built or measured for generate()")
 
     @property
     def policy(self) -> Optional[Policy]:
