@@ -28,6 +28,13 @@ def synchronizer(device) -> Callable[[], None]:
     return lambda: None
 
 
+def device_description(device) -> str:
+    """What the timings ran on, for tables and JSON: the GPU's name, or the CPU threads torch uses."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} threads"
+
+
 def first_call_seconds(fn: Callable, *inputs, synchronize: Callable[[], None] = lambda: None) -> float:
     """Wall time of the first call (for torch.compile'd functions: the compile), its device work included."""
     synchronize()

@@ -72,7 +72,7 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
-    from tokensparse.benchmark import first_call_seconds, synchronizer, time_side_by_side
+    from tokensparse.benchmark import device_description, first_call_seconds, synchronizer, time_side_by_side
     from tokensparse.reference import reference_forward
 
     if args.threads:
@@ -136,8 +136,7 @@ def run(args) -> dict:
     if args.cudagraphs:
         graphed_base = timings["inductor cudagraphs"].median_ms
     ideal = report.flops_ideal_ratio
-    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-             else f"{torch.get_num_threads()} threads")
+    where = device_description(args.device)
     table = Table(title=f"{args.model} batch {args.batch}, {args.dtype}, {where}, median of {args.runs} runs")
     for column in ("variant", "median ms", "speedup vs inductor (alike)", "of FLOPs-ideal", "compile s"):
         table.add_column(column, justify="left" if column == "variant" else "right")

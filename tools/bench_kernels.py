@@ -56,8 +56,11 @@ def run(args) -> dict:
     from rich.table import Table
     from triton.testing import do_bench
 
+    from tokensparse.benchmark import device_description
+
     dtype = getattr(torch, args.dtype)
-    table = Table(title=f"Triton kernels vs PyTorch, {torch.cuda.get_device_name()}, {args.dtype}, do_bench medians")
+    device = device_description("cuda")
+    table = Table(title=f"Triton kernels vs PyTorch, {device}, {args.dtype}, do_bench medians")
     for column in ("case", "triton ms", "pytorch ms", "pytorch / triton"):
         table.add_column(column, justify="left" if column == "case" else "right")
     rows = {}
@@ -67,7 +70,7 @@ def run(args) -> dict:
         rows[name] = {"triton_ms": kernel_ms, "pytorch_ms": reference_ms}
         table.add_row(name, f"{kernel_ms:.3f}", f"{reference_ms:.3f}", f"{reference_ms / kernel_ms:.2f}x")
     Console().print(table)
-    result = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "cases": rows}
+    result = {"device": device, "dtype": args.dtype, "cases": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -131,7 +131,7 @@ def run(args) -> dict:
     from rich.table import Table
 
     import tokensparse
-    from tokensparse.benchmark import first_call_seconds, synchronizer, time_side_by_side
+    from tokensparse.benchmark import device_description, first_call_seconds, synchronizer, time_side_by_side
 
     if args.onnx:
         return run_onnx(args)
@@ -156,8 +156,7 @@ def run(args) -> dict:
     base_flops = report.flops_before
     timings = time_side_by_side({name: (lambda *_, fn=fn: fn(), s) for name, (fn, s) in compiled.items()},
                                 (), args.runs, synchronize=synchronize)
-    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-             else f"{torch.get_num_threads()} threads")
+    where = device_description(args.device)
     rows = print_table(console, f"LLaVA-shaped prefill, batch {args.batch}, {args.dtype}, {where}, "
                                 f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)",
                        timings, "inductor (unpruned)", ideal, "tokensparse ")
