@@ -130,6 +130,62 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}
 
 
+def build_qwen2_vl(*, video: tuple = (4, 8, 8), image: tuple | None = None, repeated: tuple = (), batch: int = 2,
+                   text_layers: int = 4, prompt=(5, 6), seed: int = SEED, hidden: int = 64, vocab: int = 300,
+                   family: str = "qwen2_vl"):
+    """(Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration .eval(), inputs), random weights,
+    with a video of `video` = (temporal patches, height patches, width patches), and optionally an image of
+    `image` = (height, width) patches before it, between `prompt` text tokens. Each temporal patch in
+    `repeated` shows the same pixels as the one before it (a static scene there). Inputs are what the
+    processor returns: input_ids, attention_mask, mm_token_type_ids and the pixels with their grids."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image_token, video_token, start, end = vocab - 1, vocab - 2, vocab - 3, vocab - 4
+    vision = dict(depth=2, hidden_size=hidden, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
+    vision.update(embed_dim=32) if family == "qwen2_vl" else vision.update(intermediate_size=64, out_hidden_size=hidden,
+                                                                           fullatt_block_indexes=[1], window_size=16)
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    configs = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
+               "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration)}
+    config_class, model_class = configs[family]
+    config = config_class(vision_config=vision, text_config=text, image_token_id=image_token,
+                          video_token_id=video_token, vision_start_token_id=start, vision_end_token_id=end)
+    model = model_class(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    patch_values = 3 * 2 * 4 * 4
+
+    def text_tokens(count):
+        return torch.randint(0, vocab - 10, (batch, count), generator=generator)
+
+    def span(token, count):
+        return [torch.full((batch, 1), start), torch.full((batch, count), token), torch.full((batch, 1), end)]
+
+    pieces, inputs = [text_tokens(prompt[0])], {}
+    if image is not None:
+        height, width = image
+        pieces += span(image_token, height * width // 4)
+        inputs["pixel_values"] = torch.randn(batch * height * width, patch_values, generator=generator)
+        inputs["image_grid_thw"] = torch.tensor([[1, height, width]] * batch)
+    frames, height, width = video
+    pieces += span(video_token, frames * height * width // 4) + [text_tokens(prompt[1])]
+    pixels = torch.randn(batch, frames, height * width, patch_values, generator=generator)
+    for frame in repeated:
+        pixels[:, frame] = pixels[:, frame - 1]
+    inputs["pixel_values_videos"] = pixels.reshape(-1, patch_values)
+    inputs["video_grid_thw"] = torch.tensor([[frames, height, width]] * batch)
+    input_ids = torch.cat(pieces, dim=1)
+    types = torch.where(input_ids == image_token, 1, torch.where(input_ids == video_token, 2, 0))
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": types,
+                   **inputs}
+
+
 # Decoder-only text models the language-model and KV passes are tested on: Llama, Qwen2 (q/k/v biases) and
 # Mistral (a sliding window, longer than the tests' prompts).
 TEXT_MODELS = ("llama", "qwen2", "mistral")

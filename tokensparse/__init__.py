@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.policies import (H2O, AdaptiveKV, DivPrune, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
+from tokensparse.policies import (DTD, H2O, AdaptiveKV, DivPrune, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
                                   TopK, VisionBudget, VisionZip, VisualExit)
 from tokensparse.report import Report, explain
 from tokensparse.rewrite import TokensparseWarning
@@ -37,6 +37,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
-__all__ = ["H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
+__all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
            "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
            "compile", "explain"]

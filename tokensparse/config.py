@@ -14,7 +14,7 @@ BACKEND_OPTIONS = ("policy", "inductor", "regional", "cudagraphs")
 @dataclasses.dataclass(frozen=True)
 class Config:
     """What tokensparse does to a model: a vision-encoder policy (ToMe, TopK), a language-model policy
-    (FastV, PyramidDrop, DivPrune, VisualExit) that prunes vision tokens of a VLM's sequence, and a
+    (FastV, PyramidDrop, DivPrune, VisualExit, VisionZip, DTD) that prunes vision tokens of a VLM's sequence, and a
     KV-cache policy (SnapKV, StreamingLLM, H2O) that shrinks a decoder's cache for decoding."""
 
     vision: Optional[Policy] = None

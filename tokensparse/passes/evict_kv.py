@@ -192,7 +192,7 @@ def _image_mask(graph: fx.Graph, point: fx.Node, site: CacheSite):
         raise MatchFailure(f"{site.path}: its cache holds {site.cache_length} positions but the image mask covers "
                            f"{span.sequence}; vision budgets after a language-model policy cut the sequence (or with "
                            f"a cached prefix) are not supported yet")
-    return insert_call(graph, point, vision_mask_2d, (span.mask,))
+    return insert_call(graph, point, vision_mask_2d, span.masks)
 
 
 def _attention_input(site: CacheSite) -> fx.Node:

@@ -1,6 +1,6 @@
 """Prune vision tokens of a VLM's sequence before chosen decoder layers (FastV, Chen et al., ECCV 2024;
 PyramidDrop, Xing et al., CVPR 2025; DivPrune, Alvar et al., CVPR 2025; visual-token exit, DyVTE; VisionZip,
-Yang et al., 2024)."""
+Yang et al., 2024; DTD, TimeChat-Online, Yao et al., 2025)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
 from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
-from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
+from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, span_mask, vision_mask_2d
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
@@ -122,7 +122,7 @@ def _stream_into(layer: DecoderLayer, riders: list) -> fx.Node:
 def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> fx.Node:
     if vision_span is not None:
         return insert_call(graph, point, span_mask, (stream, *vision_span))
-    return insert_call(graph, point, vision_mask_2d, (lm.image_mask,))
+    return insert_call(graph, point, vision_mask_2d, lm.span.masks)
 
 
 def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLayer, mask, stream,
@@ -132,6 +132,8 @@ def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLa
         return insert_call(graph, point, KEEP_IMAGE_ROWS, (mask, *feature_rows))
     if stage.score == "diversity":
         return insert_call(graph, point, KEEP_DIVERSE, (stream, mask, stage.keep))
+    if stage.score == "temporal":
+        return insert_call(graph, point, KEEP_CHANGED_VIDEO, (stream, mask, _mrope_positions(graph, lm), stage.keep))
     if stage.score == "none":
         return insert_call(graph, point, KEEP_VISION, (mask, mask, stage.keep))
     if stage.score == "previous_attention":
@@ -145,6 +147,21 @@ def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLa
     scores = insert_call(graph, point, fastv_scores,
                          (q, k, site.scale, mask, query, arg(site.node, 3, "attn_mask")))
     return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep))
+
+
+def _mrope_positions(graph: fx.Graph, lm: LanguageModelMatch) -> fx.Node:
+    """The 3-D M-RoPE position ids [3, B, S] (temporal, height, width; Qwen2-VL) that the rotary embedding
+    reads, made before the decoder layers."""
+    inside = set().union(*(layer.nodes for layer in lm.layers))
+    for node in graph.nodes:
+        if node in inside:
+            break
+        shape, value = shape_of(node), meta_value(node)
+        if (shape is not None and len(shape) == 3 and same_size(shape[0], 3) and same_size(shape[2], lm.sequence)
+                and getattr(value, "dtype", None) in (torch.int64, torch.int32)):
+            return node
+    raise MatchFailure("dtd finds each patch's previous frame from 3-D M-RoPE position ids ([3, B, S], as Qwen2-VL "
+                       "passes them); this graph has none")
 
 
 def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> tuple[fx.Node, fx.Node]:

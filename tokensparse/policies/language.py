@@ -16,6 +16,7 @@ SCORES = (
     "diversity",            # DivPrune: greedy max-min cosine distance of the tokens' features
     "none",                 # visual-token exit: every vision token goes
     "encoder_attention",    # VisionZip: the rows kept at the vision encoder's feature layer
+    "temporal",             # DTD: similarity to the same patch in the previous video frame (keep holds tau)
 )
 
 

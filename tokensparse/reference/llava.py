@@ -129,7 +129,17 @@ def _image_mask(model, inputs, policy) -> torch.Tensor:
         mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         mask[:, policy.vision_span[0]:policy.vision_span[1]] = True
         return mask
-    return inputs["input_ids"] == model.config.image_token_index
+    return vision_token_mask(model.config, inputs["input_ids"])
+
+
+def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] True at the placeholders the model fills with image or video features (LLaVA's
+    `image_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
+    ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_id")]
+    ids = [token for token in ids if token is not None]
+    if not ids:
+        raise TypeError(f"{type(config).__name__} names no image or video token id")
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
 def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns) -> torch.Tensor:
@@ -137,6 +147,8 @@ def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns)
     images = image_mask & survivors
     if stage.score == "none":
         return survivors & ~image_mask
+    if stage.score == "temporal":
+        return _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns)
     if stage.score == "previous_attention":
         scores = _attention_received(model, inputs, layers, stage, images, columns)
     elif stage.score == "next_projection":
@@ -197,6 +209,32 @@ def _diverse(model, inputs, layers, stage, images, survivors, columns) -> torch.
     chosen = divprune_select(hidden.gather(1, where[..., None].expand(-1, -1, channels)),
                              kept_image_count(where.shape[1], stage.keep))
     return (survivors & ~images).scatter(1, where.gather(1, chosen), True)
+
+
+def _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns) -> torch.Tensor:
+    """DTD from the features entering layer 0, each video's frames laid out by its `video_grid_thw` row (the
+    same patch of the previous frame is the token one frame earlier): a token is dropped when its cosine
+    similarity to that one exceeds tau. Samples that keep fewer than the most-keeping one also keep their
+    least similar dropped tokens."""
+    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns)["hidden"].float()
+    video = inputs["input_ids"] == model.config.video_token_id
+    merge = model.config.vision_config.spatial_merge_size
+    grids = iter(inputs["video_grid_thw"].tolist())
+    similarity = torch.full(video.shape, -math.inf)
+    for sample in range(video.shape[0]):
+        where = video[sample].nonzero()[:, 0].tolist()
+        while where:
+            frames, height, width = next(grids)
+            per_frame = height * width // merge ** 2
+            tokens, where = where[:frames * per_frame], where[frames * per_frame:]
+            for later, earlier in zip(tokens[per_frame:], tokens):
+                similarity[sample, later] = torch.cosine_similarity(hidden[sample, later], hidden[sample, earlier], dim=0)
+    count = int((video & (similarity <= stage.keep)).sum(dim=1).max())
+    kept = survivors & ~image_mask
+    for sample in range(video.shape[0]):
+        ranked = similarity[sample].masked_fill(~image_mask[sample], math.inf).sort(stable=True).indices
+        kept[sample, ranked[:count + int((image_mask[sample] & ~video[sample]).sum())]] = True
+    return kept
 
 
 def _layer_inputs(model, inputs, layers, index, columns) -> dict:

@@ -66,7 +66,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
 
-    _encode_images_in_forward(forward)
+    if not _tower_splits_graph(model):
+        _encode_images_in_forward(forward)
     fast.forward = forward
     if config.kv is not None and config.kv.scored:
         _generate_with_scored_cache(fast, type(model).generate)
@@ -80,6 +81,13 @@ def _encode_images_in_forward(forward) -> None:
     signature = inspect.signature(forward)
     forward.__signature__ = signature.replace(parameters=[
         parameter for name, parameter in signature.parameters.items() if name != "mm_encoder_outputs"])
+
+
+def _tower_splits_graph(model) -> bool:
+    """Whether the model's vision tower takes a grid of variable resolution (`image_grid_thw`: Qwen2-VL,
+    Qwen2.5-VL). Such towers read the grid with .tolist() and split into many graphs; generate() runs them
+    eagerly before the prefill, whose graph then holds the feature merge and the whole language model."""
+    return "image_grid_thw" in inspect.signature(model.forward).parameters
 
 
 def _generate_with_scored_cache(fast, generate) -> None:

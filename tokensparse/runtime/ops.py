@@ -14,6 +14,7 @@ from torch.utils import flop_counter
 
 from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.divprune import divprune_keep
+from tokensparse.policies.dtd import dtd_keep
 from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
@@ -96,6 +97,18 @@ def keep_diverse_vision_tokens(features: Tensor, image_mask: Tensor, keep: float
 @keep_diverse_vision_tokens.register_fake
 def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
     return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::keep_changed_video_tokens", mutates_args=())
+def keep_changed_video_tokens(features: Tensor, vision_mask: Tensor, positions: Tensor, tau: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and the vision tokens whose features [B, S, D] are not within
+    cosine similarity `tau` of the same patch in the previous frame, found from the M-RoPE ids [3, B, S] (DTD)."""
+    return dtd_keep(features, vision_mask, positions, tau)
+
+
+@keep_changed_video_tokens.register_fake
+def _keep_changed_video_tokens_fake(features, vision_mask, positions, tau):
+    return vision_mask.new_empty(vision_mask.shape[0], _kept_positions(), dtype=torch.int64)
 
 
 @torch.library.custom_op("tokensparse::visionzip", mutates_args=())
@@ -226,6 +239,7 @@ TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
+KEEP_CHANGED_VIDEO = torch.ops.tokensparse.keep_changed_video_tokens.default
 VISIONZIP = torch.ops.tokensparse.visionzip.default
 KEEP_IMAGE_ROWS = torch.ops.tokensparse.keep_image_rows.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default

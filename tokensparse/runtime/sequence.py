@@ -6,11 +6,15 @@ from __future__ import annotations
 import torch
 
 
-def vision_mask_2d(mask: torch.Tensor) -> torch.Tensor:
-    """The merge's image mask ([B, S], or [B, S, D] / [B, S, 1] broadcast over features) as [B, S] bool."""
-    while mask.dim() > 2:
-        mask = mask[..., 0]
-    return mask.bool()
+def vision_mask_2d(*masks: torch.Tensor) -> torch.Tensor:
+    """The merges' image (and video) masks ([B, S], or [B, S, D] / [B, S, 1] broadcast over features) as one
+    [B, S] bool: where any of them holds a vision token."""
+    union = None
+    for mask in masks:
+        while mask.dim() > 2:
+            mask = mask[..., 0]
+        union = mask.bool() if union is None else union | mask.bool()
+    return union
 
 
 def span_mask(like: torch.Tensor, start: int, end: int) -> torch.Tensor:
