@@ -25,3 +25,41 @@ def test_a_vision_encoder_has_no_vision_span():
     [(gm, _)] = capture_graphs(model, pixels)
     with pytest.raises(MatchFailure, match="no vision span"):
         find_vision_span(gm)
+
+
+class _TwoMerges(torch.nn.Module):
+    """Images, then video, merged into the embeddings (chained, as Qwen2-VL does), or both into the text
+    embeddings (not a chain: which one does the language model read?)."""
+
+    def __init__(self, chained: bool):
+        super().__init__()
+        self.chained = chained
+
+    def forward(self, embeddings, image_mask, images, video_mask, video):
+        merged = embeddings.masked_scatter(image_mask, images)
+        both = (merged if self.chained else embeddings).masked_scatter(video_mask, video)
+        return merged + both
+
+
+def _two_merge_graph(chained: bool):
+    embeddings = torch.randn(2, 6, 4)
+    image_mask = torch.zeros(2, 6, 1, dtype=torch.bool)
+    image_mask[:, 1] = True
+    video_mask = torch.zeros(2, 6, 1, dtype=torch.bool)
+    video_mask[:, 3:5] = True
+    inputs = (embeddings, image_mask.expand(-1, -1, 4), torch.randn(2, 4), video_mask.expand(-1, -1, 4),
+              torch.randn(4, 4))
+    [(gm, _)] = capture_graphs(_TwoMerges(chained), *inputs)
+    return gm
+
+
+def test_chained_image_and_video_merges_are_one_span_with_both_masks():
+    gm = _two_merge_graph(chained=True)
+    span = find_vision_span(gm)
+    merges = [node for node in gm.graph.nodes if node.target == "masked_scatter"]
+    assert span.merge is merges[1] and span.masks == (merges[0].args[1], merges[1].args[1])
+
+
+def test_merges_that_are_not_a_chain_are_refused_with_the_reason():
+    with pytest.raises(MatchFailure, match="2 masked_scatter merges .* not one chain"):
+        find_vision_span(_two_merge_graph(chained=False))
