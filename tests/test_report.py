@@ -77,3 +77,15 @@ def test_vlm_report_counts_tokens_per_decoder_layer():
     assert report.blocks[0].flops_after == report.blocks[0].flops_before
     assert report.flops_policy > 0 and report.flops_ideal_ratio > report.flops_ratio > 1.0
     assert "vision span: " in str(report) and "model.language_model.layers" in str(report)
+
+
+def test_qwen2_vl_report_follows_generate_prefill():
+    """Qwen2-VL's forward alone splits the merge from the layers (its M-RoPE positions need .tolist()):
+    explain() reads the prefill graph that generate() runs."""
+    from tests.models import build_qwen2_vl
+
+    model, inputs = build_qwen2_vl(image=(4, 4), repeated=(1, 3))
+    report = tokensparse.explain(model, inputs, policy="dtd", tau=0.9)
+    assert report.changed and len(report.blocks) == 4
+    assert [row.tokens_after for row in report.blocks] == [83 - 32] * 4       # 2 of 4 temporal patches repeat
+    assert report.flops_ideal_ratio > 1.5

@@ -27,3 +27,23 @@ def capture_graphs(model, *args, **kwargs) -> list:
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         compiled(*args, **kwargs)
     return graphs
+
+
+def capture_prefill_graphs(model, inputs: dict) -> list:
+    """The graphs of the prefill that `model.generate(**inputs)` runs, as [(GraphModule, example_inputs)]:
+    for models whose generate() prepares what forward reads (Qwen2-VL: the vision tower's features and the
+    3-D M-RoPE positions, which forward alone computes with graph breaks between the merge and the layers)."""
+    from tokensparse.runtime.hf import install_output_hooks, own_copy
+
+    graphs = []
+
+    def record(gm, example_inputs, **unused):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    install_output_hooks(model)
+    prefill = own_copy(model)
+    prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, **_ISOLATED)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        prefill.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    return graphs

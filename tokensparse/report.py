@@ -6,12 +6,13 @@ import io
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tokensparse.capture import capture_graphs
+from tokensparse.capture import capture_graphs, capture_prefill_graphs
 from tokensparse.config import Config, config_from_options
 from tokensparse.flops import flops_by_block, flops_by_block_running
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns.language_model import LanguageModelMatch
 from tokensparse.rewrite import RewriteResult, rewrite_graph
+from tokensparse.runtime.hf import is_generative, tower_splits_graph
 
 
 @dataclass
@@ -109,7 +110,9 @@ def explain(model, *inputs, config: Optional[Config] = None, **options) -> Repor
     """Report what `options` (or `config`) would do to `model` on `inputs`, without compiling. A single dict
     of inputs is passed as keyword arguments (a VLM's input_ids and pixel_values)."""
     config = config_from_options(config if config is not None else options)
-    if len(inputs) == 1 and isinstance(inputs[0], dict):
+    if len(inputs) == 1 and isinstance(inputs[0], dict) and is_generative(model) and tower_splits_graph(model):
+        graphs = capture_prefill_graphs(model, inputs[0])
+    elif len(inputs) == 1 and isinstance(inputs[0], dict):
         graphs = capture_graphs(model, **inputs[0])
     else:
         graphs = capture_graphs(model, *inputs)

@@ -66,7 +66,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
 
-    if not _tower_splits_graph(model):
+    if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
     fast.forward = forward
     if config.kv is not None and config.kv.scored:
@@ -83,7 +83,7 @@ def _encode_images_in_forward(forward) -> None:
         parameter for name, parameter in signature.parameters.items() if name != "mm_encoder_outputs"])
 
 
-def _tower_splits_graph(model) -> bool:
+def tower_splits_graph(model) -> bool:
     """Whether the model's vision tower takes a grid of variable resolution (`image_grid_thw`: Qwen2-VL,
     Qwen2.5-VL). Such towers read the grid with .tolist() and split into many graphs; generate() runs them
     eagerly before the prefill, whose graph then holds the feature merge and the whole language model."""
