@@ -131,8 +131,8 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
 
 
 def build_qwen2_vl(*, video: tuple = (4, 8, 8), image: tuple | None = None, repeated: tuple = (), batch: int = 2,
-                   text_layers: int = 4, prompt=(5, 6), seed: int = SEED, hidden: int = 64, vocab: int = 300,
-                   family: str = "qwen2_vl"):
+                   text_layers: int = 4, prompt=(5, 6), seed: int = SEED, hidden: int = 64, heads: int = 4,
+                   kv_heads: int = 2, intermediate: int = 128, vocab: int = 300, family: str = "qwen2_vl"):
     """(Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration .eval(), inputs), random weights,
     with a video of `video` = (temporal patches, height patches, width patches), and optionally an image of
     `image` = (height, width) patches before it, between `prompt` text tokens. Each temporal patch in
@@ -149,9 +149,11 @@ def build_qwen2_vl(*, video: tuple = (4, 8, 8), image: tuple | None = None, repe
                   in_channels=3)
     vision.update(embed_dim=32) if family == "qwen2_vl" else vision.update(intermediate_size=64, out_hidden_size=hidden,
                                                                            fullatt_block_indexes=[1], window_size=16)
-    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    head = hidden // heads                # M-RoPE splits head / 2 frequencies into temporal, height, width
+    text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=text_layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [head // 8, 3 * head // 16, 3 * head // 16],
+                                 "rope_theta": 10000.0})
     configs = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
                "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration)}
     config_class, model_class = configs[family]
