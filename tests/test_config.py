@@ -14,7 +14,7 @@ def test_options_build_typed_policies():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['adaptive', 'divprune', 'exit', 'fastv', 'h2o', "
+    ({"policy": "fastest"}, r"policy='fastest' is unknown: choose one of \['adaptive', 'divprune', 'dtd', 'exit', 'fastv', 'h2o', "
                             r"'key_norm', 'pyramiddrop', 'snapkv', 'streamingllm', 'tome', 'topk', 'vision_budget', "
                             r"'visionzip'\]"),
     ({"policy": "visionzip", "dominant": -1}, "dominant=-1 is out of range"),
