@@ -130,6 +130,38 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}
 
 
+def build_llava_onevision(*, batch: int = 2, text_layers: int = 4, prompt=(4, 5), seed: int = SEED, vocab: int = 300):
+    """(LlavaOnevisionForConditionalGeneration.eval(), inputs), random weights: a SigLIP tower on 32 x 32 tiles,
+    a Qwen2 text model, and one 32 x 64 image per sample (anyres: the base tile and two crops, packed with
+    newline tokens), its image-token count taken from the model's own packing."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import transformers as T
+
+    from tokensparse.runtime.hf import install_output_hooks
+
+    torch.manual_seed(seed)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    text = T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096)
+    config = T.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=vocab - 1,
+                                    video_token_index=vocab - 2, image_grid_pinpoints=[[32, 32], [32, 64]])
+    model = T.LlavaOnevisionForConditionalGeneration(config).eval()
+    install_output_hooks(model)
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, 3, 32, 32, generator=generator)
+    image_sizes = torch.tensor([[32, 64]] * batch)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+    input_ids = torch.cat([torch.randint(0, vocab - 10, (batch, prompt[0]), generator=generator),
+                           torch.full((batch, features[0].shape[0]), vocab - 1),
+                           torch.randint(0, vocab - 10, (batch, prompt[1]), generator=generator)], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+                   "image_sizes": image_sizes}
+
+
 def build_qwen2_vl(*, video: tuple = (4, 8, 8), image: tuple | None = None, repeated: tuple = (), batch: int = 2,
                    text_layers: int = 4, prompt=(5, 6), seed: int = SEED, hidden: int = 64, heads: int = 4,
                    kv_heads: int = 2, intermediate: int = 128, vocab: int = 300, family: str = "qwen2_vl"):

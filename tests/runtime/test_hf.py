@@ -125,3 +125,22 @@ def test_llava_with_other_text_models_equals_the_masking_oracle(text_model, poli
     _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths[-1] == lengths[0] - 12           # both keep 4 of the 16 image tokens in the last layer
+
+
+@pytest.mark.parametrize("policy", [tokensparse.FastV(layer=2, keep=0.5), tokensparse.DivPrune(keep=0.3)],
+                         ids=lambda p: p.name)
+def test_llava_onevision_anyres_image_equals_the_masking_oracle(policy):
+    """LLaVA-OneVision picks an anyres tiling per image size in Python, which splits its tower into graphs:
+    generate() runs the tower before the prefill, whose graph holds the merge and the language model."""
+    from tests.models import build_llava_onevision
+
+    model, inputs = build_llava_onevision()
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=8, **LOGGED)
+    out = _generate_without_warnings(fast, **inputs, **settings)
+    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    images = int((inputs["input_ids"][0] == model.config.image_token_index).sum())      # 52, with newline tokens
+    full = inputs["input_ids"].shape[1] + 7
+    kept = [full - images + round(policy.keep * images)] * 2
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == (
+        [full] * 2 + kept if isinstance(policy, tokensparse.FastV) else kept * 2)

@@ -84,10 +84,13 @@ def _encode_images_in_forward(forward) -> None:
 
 
 def tower_splits_graph(model) -> bool:
-    """Whether the model's vision tower takes a grid of variable resolution (`image_grid_thw`: Qwen2-VL,
-    Qwen2.5-VL). Such towers read the grid with .tolist() and split into many graphs; generate() runs them
-    eagerly before the prefill, whose graph then holds the feature merge and the whole language model."""
-    return "image_grid_thw" in inspect.signature(model.forward).parameters
+    """Whether the model's vision path reads image sizes in Python and splits into many graphs: a grid of
+    variable resolution (`image_grid_thw`: Qwen2-VL, Qwen2.5-VL, read with .tolist()) or anyres tiling
+    (`image_grid_pinpoints`: LLaVA-NeXT, LLaVA-OneVision, which pick a tiling per image size). generate()
+    runs such towers eagerly before the prefill, whose graph then holds the feature merge and the whole
+    language model."""
+    return ("image_grid_thw" in inspect.signature(model.forward).parameters
+            or getattr(model.config, "image_grid_pinpoints", None) is not None)
 
 
 def _generate_with_scored_cache(fast, generate) -> None:
