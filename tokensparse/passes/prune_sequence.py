@@ -48,9 +48,11 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             replace_uses_except(rider, gathered, keep={user for user in rider.users if user not in inside})
         mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
         ctx.acted_blocks.append(stage.layer)
-        kept_what = "the encoder's kept rows" if stage.score == "encoder_attention" else f"{stage.keep:g}"
-        ctx.record("prune_sequence", f"{layer.path}: keep {kept_what} of the vision tokens ({stage.score}); "
-                                     f"gathered {', '.join(node.name for node, _ in riders)}")
+        kept_what = {"encoder_attention": "the encoder's kept rows",
+                     "temporal": f"those not within cosine {stage.keep:g} of their previous frame"}
+        ctx.record("prune_sequence", f"{layer.path}: keep {kept_what.get(stage.score, f'{stage.keep:g}')} of the "
+                                     f"vision tokens ({stage.score}); gathered "
+                                     f"{', '.join(node.name for node, _ in riders)}")
     return gm
 
 
