@@ -13,14 +13,9 @@ _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.sign
 
 def capture_graphs(model, *args, **kwargs) -> list:
     """Run `model(*args, **kwargs)` under dynamo once and return [(GraphModule, example_inputs)]."""
-    graphs = []
-
-    def record(gm, example_inputs, **unused):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
     from tokensparse.runtime.hf import install_output_hooks
 
+    graphs, record = _recorder()
     install_output_hooks(model)
     compiled = torch.compile(model, backend=record, **_ISOLATED)
     # capture_scalar_outputs: a VLM's image merge counts image tokens with .item().
@@ -35,15 +30,21 @@ def capture_prefill_graphs(model, inputs: dict) -> list:
     3-D M-RoPE positions, which forward alone computes with graph breaks between the merge and the layers)."""
     from tokensparse.runtime.hf import install_output_hooks, own_copy
 
-    graphs = []
-
-    def record(gm, example_inputs, **unused):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
+    graphs, record = _recorder()
     install_output_hooks(model)
     prefill = own_copy(model)
     prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, **_ISOLATED)
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         prefill.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     return graphs
+
+
+def _recorder():
+    """([], a dynamo backend that appends (GraphModule, example_inputs) to that list and runs the graph as is)."""
+    graphs = []
+
+    def record(gm, example_inputs, **unused):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    return graphs, record

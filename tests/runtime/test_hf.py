@@ -1,31 +1,13 @@
 """tokensparse.compile for Hugging Face generate(): pruned prefill, decoding from the pruned KV cache,
 greedy tokens equal to the eager masking oracle's generate(), and the model passed in left unchanged."""
 
-import warnings
-
 import pytest
 import torch
 
 import tokensparse
+from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
 from tests.models import build_llava
-from tokensparse import TokensparseWarning
 from tokensparse.reference.llava import masked_generate
-
-# Greedy generate() with the logits of every step, for comparing against the masking oracle.
-LOGGED = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-
-
-def _generate_without_warnings(fast, **kwargs):
-    """fast.generate(**kwargs), failing on any TokensparseWarning (a rewrite that did not happen)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        return fast.generate(**kwargs)
-
-
-def _assert_equals_oracle(out, want):
-    assert torch.equal(out.sequences, want.sequences)
-    for got, expected in zip(out.logits, want.logits):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_generate_equals_the_masking_oracle_and_leaves_the_model_alone():
@@ -34,9 +16,7 @@ def test_generate_equals_the_masking_oracle_and_leaves_the_model_alone():
     policy = tokensparse.FastV(layer=2, keep=0.25)
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
     settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        out = fast.generate(**inputs, **settings, return_dict_in_generate=True)
+    out = generate_without_warnings(fast, **inputs, **settings, return_dict_in_generate=True)
     want = masked_generate(model, inputs, policy, **settings)
     assert torch.equal(out.sequences, want)
     # Layers 2 and 3 hold 3 + 4 + 5 prompt tokens and the generated ones (the last has no KV yet).
@@ -55,7 +35,7 @@ def test_every_prompt_length_is_pruned_including_the_dynamic_graph():
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     for prompt in ((3, 5), (4, 7), (6, 9)):
         _, inputs = build_llava(text_layers=4, image_tokens=16, prompt=prompt)
-        out = _generate_without_warnings(fast, **inputs, **settings, return_dict_in_generate=True)
+        out = generate_without_warnings(fast, **inputs, **settings, return_dict_in_generate=True)
         assert torch.equal(out.sequences, masked_generate(model, inputs, policy, **settings))
         full = sum(prompt) + 16 + 7
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [full, full, full - 12, full - 12]
@@ -73,8 +53,8 @@ def test_visionzip_generate_equals_the_masking_oracle():
     policy = tokensparse.VisionZip(dominant=6, contextual=2)
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
     settings = dict(max_new_tokens=20, **LOGGED)
-    out = _generate_without_warnings(fast, **inputs, **settings)
-    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    out = generate_without_warnings(fast, **inputs, **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [3 + 8 + 5 + 19] * 4
 
 
@@ -94,10 +74,10 @@ def test_a_left_padded_batch_is_pruned_per_sample(policy):
     model, inputs = _left_padded_llava()
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
     settings = dict(max_new_tokens=10, **LOGGED)
-    out = _generate_without_warnings(fast, **inputs, **settings)
-    alone = _generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
-                                       pixel_values=inputs["pixel_values"][:1], **settings)
-    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    out = generate_without_warnings(fast, **inputs, **settings)
+    alone = generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
+                                      pixel_values=inputs["pixel_values"][:1], **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     for got, single in zip(out.logits, alone.logits):
         torch.testing.assert_close(got[0], single[0], rtol=1e-4, atol=1e-5)
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
@@ -121,8 +101,8 @@ def test_llava_with_other_text_models_equals_the_masking_oracle(text_model, poli
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(5, 5), text_model=text_model)
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
     settings = dict(max_new_tokens=20, **LOGGED)
-    out = _generate_without_warnings(fast, **inputs, **settings)
-    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    out = generate_without_warnings(fast, **inputs, **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths[-1] == lengths[0] - 12           # both keep 4 of the 16 image tokens in the last layer
 
@@ -137,8 +117,8 @@ def test_llava_onevision_anyres_image_equals_the_masking_oracle(policy):
     model, inputs = build_llava_onevision()
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
     settings = dict(max_new_tokens=8, **LOGGED)
-    out = _generate_without_warnings(fast, **inputs, **settings)
-    _assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    out = generate_without_warnings(fast, **inputs, **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
     images = int((inputs["input_ids"][0] == model.config.image_token_index).sum())      # 52, with newline tokens
     full = inputs["input_ids"].shape[1] + 7
     kept = [full - images + round(policy.keep * images)] * 2

@@ -2,33 +2,27 @@
 generate() equal to the eager masking oracle's for every language-model policy and DTD, padded batches, and
 one run through Inductor."""
 
-import warnings
-
 import pytest
 import torch
 
 import tokensparse
+from tests import generation
 from tests.models import build_qwen2_vl
 from tokensparse import TokensparseWarning
 from tokensparse.reference.llava import masked_forward, masked_generate, vision_token_mask
 
-LOGGED = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+LOGGED = dict(max_new_tokens=8, **generation.LOGGED)
 # Temporal patches 1 and 3 of the 4 repeat the one before: DTD drops their 2 x 16 tokens.
 REPEATED = (1, 3)
 
 
 def _generate(model, inputs, policy, inductor=False):
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=inductor))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        return fast.generate(**inputs, **LOGGED)
+    return generation.generate_without_warnings(fast, **inputs, **LOGGED)
 
 
 def _assert_equals_oracle(model, inputs, policy, out):
-    want = masked_generate(model, inputs, policy, **LOGGED)
-    assert torch.equal(out.sequences, want.sequences)
-    for got, expected in zip(out.logits, want.logits):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    generation.assert_equals_oracle(out, masked_generate(model, inputs, policy, **LOGGED))
 
 
 def _cache_lengths(out) -> list[int]:

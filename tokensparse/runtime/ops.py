@@ -84,7 +84,7 @@ def keep_vision_tokens(scores: Tensor, image_mask: Tensor, keep: float) -> Tenso
 
 @keep_vision_tokens.register_fake
 def _keep_vision_tokens_fake(scores, image_mask, keep):
-    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+    return _kept_sequence_positions(image_mask)
 
 
 @torch.library.custom_op("tokensparse::keep_diverse_vision_tokens", mutates_args=())
@@ -96,7 +96,7 @@ def keep_diverse_vision_tokens(features: Tensor, image_mask: Tensor, keep: float
 
 @keep_diverse_vision_tokens.register_fake
 def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
-    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+    return _kept_sequence_positions(image_mask)
 
 
 @torch.library.custom_op("tokensparse::keep_changed_video_tokens", mutates_args=())
@@ -108,7 +108,7 @@ def keep_changed_video_tokens(features: Tensor, vision_mask: Tensor, positions: 
 
 @keep_changed_video_tokens.register_fake
 def _keep_changed_video_tokens_fake(features, vision_mask, positions, tau):
-    return vision_mask.new_empty(vision_mask.shape[0], _kept_positions(), dtype=torch.int64)
+    return _kept_sequence_positions(vision_mask)
 
 
 @torch.library.custom_op("tokensparse::visionzip", mutates_args=())
@@ -135,7 +135,7 @@ def keep_image_rows(image_mask: Tensor, rows: Tensor, offset: int, features: int
 
 @keep_image_rows.register_fake
 def _keep_image_rows_fake(image_mask, rows, offset, features):
-    return image_mask.new_empty(image_mask.shape[0], _kept_positions(), dtype=torch.int64)
+    return _kept_sequence_positions(image_mask)
 
 
 @torch.library.custom_op("tokensparse::snapkv_keep", mutates_args=())
@@ -215,6 +215,11 @@ def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor
 def _kv_evict_fake(keys, values, kept):
     batch, heads, count = kept.shape
     return keys.new_empty(batch, heads, count, keys.shape[-1]), values.new_empty(batch, heads, count, values.shape[-1])
+
+
+def _kept_sequence_positions(mask: Tensor) -> Tensor:
+    """The fake [B, S'] int64 positions kept from a [B, S] mask's sequence, S' depending on the data."""
+    return mask.new_empty(mask.shape[0], _kept_positions(), dtype=torch.int64)
 
 
 def _kept_positions():
