@@ -83,3 +83,14 @@ def test_dtd_without_mrope_positions_warns_and_leaves_the_graph_unchanged():
         out = fast.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0,
                             return_dict_in_generate=True)
     assert len(set(_cache_lengths(out))) == 1
+
+
+def test_dtd_with_tau_one_equals_the_unmodified_model():
+    """Nothing is more similar than identical: tau=1 drops nothing, and generate() is the model's own."""
+    model, inputs = build_qwen2_vl(image=(4, 4), repeated=REPEATED)
+    out = _generate(model, inputs, tokensparse.DTD(tau=1.0))
+    with torch.no_grad():
+        want = model.generate(**inputs, **LOGGED)
+    assert torch.equal(out.sequences, want.sequences)
+    assert all(torch.equal(got, expected) for got, expected in zip(out.logits, want.logits))
+    assert _cache_lengths(out) == [inputs["input_ids"].shape[1] + 7] * 4
