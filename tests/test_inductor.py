@@ -85,3 +85,22 @@ def test_fastv_generate_under_inductor_equals_the_masking_oracle():
     want = masked_forward(model, inputs, policy)
     torch.testing.assert_close(prefill[:, -1], want["logits"][:, -1], atol=1e-5, rtol=1e-4)
     assert torch.equal(out, masked_generate(model, inputs, policy, **settings))
+
+
+def test_h2o_on_a_padded_batch_under_inductor_equals_the_evicting_reference():
+    """Llama, a left-padded batch, H2O evicting at every decode step: the prefill and decode graphs compiled
+    by Inductor (the accumulated scores, the padding read from each step's cut mask)."""
+    from tests.generation import generate_without_warnings
+    from tests.models import build_llama
+    from tokensparse.reference.kv import evicted_generate
+
+    model, inputs = build_llama(layers=2, prompt=40, batch=2)
+    inputs["attention_mask"][0, :7] = 0
+    policy = tokensparse.H2O(heavy=8, recent=6)
+    settings = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    out = generate_without_warnings(tokensparse.compile(model, tokensparse.Config(kv=policy)), **inputs, **settings)
+    reference, _ = evicted_generate(model, inputs, policy, **settings)
+    assert torch.equal(out.sequences, reference.sequences)
+    for got, want in zip(out.logits, reference.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [14, 14]

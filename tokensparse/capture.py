@@ -8,7 +8,7 @@ import torch
 
 # torch >= 2.14: the capture's graphs stay apart from the model's other compiled code (its own recompile
 # count). Older torch (a GPU machine's own build, say) captures without it.
-_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+ISOLATED_RECOMPILES = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def capture_graphs(model, *args, **kwargs) -> list:
@@ -17,7 +17,7 @@ def capture_graphs(model, *args, **kwargs) -> list:
 
     graphs, record = _recorder()
     install_output_hooks(model)
-    compiled = torch.compile(model, backend=record, **_ISOLATED)
+    compiled = torch.compile(model, backend=record, **ISOLATED_RECOMPILES)
     # capture_scalar_outputs: a VLM's image merge counts image tokens with .item().
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         compiled(*args, **kwargs)
@@ -33,7 +33,7 @@ def capture_prefill_graphs(model, inputs: dict) -> list:
     graphs, record = _recorder()
     install_output_hooks(model)
     prefill = own_copy(model)
-    prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, **_ISOLATED)
+    prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, **ISOLATED_RECOMPILES)
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         prefill.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     return graphs

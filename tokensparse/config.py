@@ -28,9 +28,11 @@ class Config:
     # Set by tokensparse.compile(), whose decoder layers cut each decode step's padding mask to their own
     # (pruned) cache length: then prompts with left padding can be pruned in graphs that return the cache.
     decode_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
-    # Set by tokensparse.compile(), whose forward refuses padded batches with a StaticCache: then the KV
-    # policies may evict from a StaticCache, whose decode masks they rebuild over the buffer's slots.
-    static_cache_checked: bool = dataclasses.field(default=False, repr=False)
+    # Set by tokensparse.compile(), whose forward refuses padded batches with a StaticCache and hands each decode
+    # step of a padded batch a padding mask over every position seen, which each decoder layer cuts to the last
+    # columns, as long as its evicted cache: then the KV policies may evict from a StaticCache (whose decode
+    # masks they rebuild over the buffer's slots) and from padded batches.
+    kv_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
 
     def __post_init__(self):
         if self.vision is not None and (not isinstance(self.vision, Policy)
@@ -47,7 +49,7 @@ class Config:
         if self.vision is not None and self.llm is not None:
             raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
                              "number of image features the language model expects; choose one")
-        for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "static_cache_checked"):
+        for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "kv_masks_follow_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.cudagraphs and not self.inductor:

@@ -117,11 +117,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
 
 
 def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,
-                     static_cache_checked: bool = False) -> RewriteResult:
+                     kv_masks_follow_cache: bool = False) -> RewriteResult:
     """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward
-    whose cache is still within the budget comes back unchanged without a warning. `static_cache_checked`:
-    the caller refuses padded batches with a StaticCache (tokensparse.compile does), so its decode masks
-    can be rebuilt over the buffer's slots."""
+    whose cache is still within the budget comes back unchanged without a warning. `kv_masks_follow_cache`:
+    the caller manages the decode masks as Config.kv_masks_follow_cache says (tokensparse.compile does), so a
+    StaticCache's can be rebuilt over the buffer's slots and a padded batch's cut to each evicted cache."""
     work = copy_graph_module(gm)
     try:
         sites = find_cache_sites(work)
@@ -129,7 +129,7 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
         return _unchanged(gm, failure.reason, warn)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
-                      decode_masks_follow_cache=static_cache_checked)
+                      decode_masks_follow_cache=kv_masks_follow_cache)
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in KV_PASSES:

@@ -1,6 +1,7 @@
 """KV-cache eviction in generate(): the compiled (eager-run) graphs evict what the masking reference
 evicts: same greedy tokens, logits within float tolerance, the kept keys are the reference's, and the
-cache holds the budget. Nothing to evict leaves every graph unchanged; padding is refused with the reason."""
+cache holds the budget. Nothing to evict leaves every graph unchanged. Left-padded batches evict too: padding
+is kept last, and each decode step's mask is cut to every evicted cache."""
 
 import warnings
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import tokensparse
+from tests.generation import generate_without_warnings
 from tests.models import build_llama, build_llava
 from tokensparse import H2O, AdaptiveKV, Config, FastV, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.reference.kv import evicted_generate
@@ -147,15 +149,89 @@ def test_nothing_to_evict_equals_the_unmodified_model(llama, policy):
         assert torch.equal(got, want)
 
 
-def test_padding_is_refused_with_the_reason(llama):
+def _padded(inputs, pads=7):
+    """The batch with its first sample's prompt left-padded: its first `pads` positions are padding."""
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).clone()
+    mask[0, :pads] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("policy, length", [
+    (SnapKV(budget=16, window=4), 16 + 19),
+    (SnapKV(budget=36, window=4), 36 + 19),         # more than the padded sample's 33 real positions
+    (StreamingLLM(sinks=2, window=10), 12),
+    (H2O(heavy=8, recent=6), 14),
+    (KeyNorm(budget=12, window=2), 12 + 19),
+    (AdaptiveKV(tau=0.3, window=4), None),
+    (VisionBudget(vision=4, text=10, window=4), 14 + 19),
+], ids=["snapkv", "snapkv_keeps_padding", "streamingllm", "h2o", "key_norm", "adaptive", "vision_budget"])
+def test_a_padded_batch_equals_the_evicting_reference(llama, policy, length):
+    """Padding draws no attention, is kept last, and each decode step's mask is cut to every evicted cache."""
     model, inputs = llama
-    padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
-    padded["attention_mask"][0, :3] = 0
-    with pytest.warns(UserWarning, match="a padded batch"):
-        out = _generate(model, padded, Config(kv=SnapKV(budget=16, window=4), inductor=False))
+    padded = _padded(inputs)
+    out = generate_without_warnings(tokensparse.compile(model, Config(kv=policy, inductor=False)), **padded,
+                                    **GENERATE)
+    reference, log = evicted_generate(model, padded, policy, **GENERATE)
+    _assert_same(out, reference)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(2)]
+    if length is not None:
+        assert lengths == [length, length]
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=16, window=4), StreamingLLM(sinks=2, window=10),
+                                    H2O(heavy=8, recent=6)], ids=["snapkv", "streamingllm", "h2o"])
+def test_a_padded_sample_decodes_as_it_does_alone(llama, policy):
+    """Independent of the reference: the padded sample's tokens and logits are those of its prompt alone."""
+    model, inputs = llama
+    fast = tokensparse.compile(model, Config(kv=policy, inductor=False))
+    batch = generate_without_warnings(fast, **_padded(inputs), **GENERATE)
+    alone = generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 7:],
+                                      attention_mask=inputs["attention_mask"][:1, 7:], **GENERATE)
+    assert torch.equal(batch.sequences[0, 40:], alone.sequences[0, 33:])
+    for got, want in zip(batch.logits, alone.logits):
+        torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pads", [0, 5])
+def test_eager_attention_masks_every_layer_as_long_as_its_own_cache(pads):
+    """Eager attention always gets a decode mask; AdaptiveKV's layers keep different counts, and each gets the
+    last columns of the mask over every position seen (transformers would size it by layer 0's cache)."""
+    model, inputs = build_llama(layers=4, prompt=40, batch=2)
+    model.set_attn_implementation("eager")
+    inputs = _padded(inputs, pads) if pads else inputs
+    policy = AdaptiveKV(tau=0.3, window=4)
+    out = generate_without_warnings(tokensparse.compile(model, Config(kv=policy, inductor=False)), **inputs,
+                                    **GENERATE)
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths == [int(log.alive[index][0, 0].sum()) for index in range(4)]
+    if not pads:
+        assert len(set(lengths)) > 1
+
+
+def test_padding_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):
+    """torch.compile(model.forward) alone leaves generate() to build decode masks for the full cache."""
+    from transformers import DynamicCache
+
+    model, inputs = llama
+    padded = _padded(inputs)
+    forward = torch.compile(model.forward, backend="tokensparse",
+                            options={"policy": "snapkv", "budget": 16, "window": 4, "inductor": False})
+    with torch.no_grad(), pytest.warns(UserWarning, match="a padded batch.*tokensparse.compile"):
+        got = forward(**padded, past_key_values=DynamicCache(config=model.config))
     with torch.no_grad():
-        plain = model.generate(**padded, **GENERATE)
-    assert torch.equal(out.sequences, plain.sequences)
+        want = model(**padded, past_key_values=DynamicCache(config=model.config))
+    torch.testing.assert_close(got.logits, want.logits)
+    assert got.past_key_values.layers[0].keys.shape[2] == 40
+
+
+def test_a_padded_batch_with_a_language_model_policy_and_a_kv_policy_is_refused():
+    model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2)
+    fast = tokensparse.compile(model, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False))
+    with torch.no_grad(), pytest.raises(ValueError, match="together on a padded batch are not supported yet"):
+        fast.generate(**_padded(inputs, pads=2), **GENERATE)
 
 
 @pytest.mark.parametrize("policy, length", [(SnapKV(budget=8, window=2), 8 + 19), (H2O(heavy=6, recent=4), 10),

@@ -157,3 +157,27 @@ def test_vision_budget_keep_opcheck(saliency):
     kept = VISION_BUDGET_KEEP(*args)
     assert torch.equal(kept, vision_budget_keep(q, keys, 0.35, mask, hidden, 0.5, 2, 2, 3, "max", args[12], 1.0))
     assert kept.shape == (2, 2, 3 + 2 + 2)
+
+
+def test_the_kv_selection_ops_take_a_padded_batchs_padding():
+    """opcheck with padding [B, L], and padding drawn no attention and kept last by each op."""
+    from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, SNAPKV_KEEP,
+                                         VISION_BUDGET_KEEP)
+
+    gen = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[0, :5] = True
+    image_mask = torch.zeros(2, 12, dtype=torch.bool)
+    image_mask[:, 6:9] = True
+    sums = ATTENTION_COLUMN_SUMS(q, keys, 0.35, padding)
+    calls = [(ATTENTION_COLUMN_SUMS, (q, keys, 0.35, padding)), (SNAPKV_KEEP, (q, keys, 0.35, 6, 2, 3, "avg", padding)),
+             (H2O_KEEP, (sums, 6, 2, padding)), (ADAPTIVE_KEEP, (q, keys, 0.35, 0.5, 2, padding)),
+             (VISION_BUDGET_KEEP, (q, keys, 0.35, image_mask, None, 2.0, True, 2.0, True, 2, 3, "avg", 0.0, 1.0,
+                                   padding))]
+    for op, args in calls:
+        torch.library.opcheck(op, args)
+    assert not sums[0, :, :5].any() and bool((sums[1] > 0).all())
+    for op, args in calls[1:]:
+        kept = op(*args)
+        assert bool((kept[0] >= 5).all())               # sample 0 has 7 real positions, more than any count here

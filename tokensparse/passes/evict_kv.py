@@ -19,7 +19,7 @@ from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies.key_norm import key_norm_keep
-from tokensparse.policies.kv_policy import PrefillBudget
+from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
                                      VISION_BUDGET_KEEP)
@@ -39,7 +39,8 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.cache_sites[0].static is not None:
         return _evict_static(gm, ctx, output, queries)
     for site in ctx.cache_sites:
-        scores = _accumulated_scores(gm.graph, output, ctx.policy, site)
+        padding = _padding(gm.graph, output, site, ctx)
+        scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
         if count is None:
             if scores is not None:
@@ -47,7 +48,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.acted_blocks.append(site.path)
                 ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
             continue
-        kept = _kept(gm.graph, output, ctx.policy, site, count, scores)
+        kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding)
         keys, values = _evicted(gm.graph, output, site, kept)
         output.replace_input_with(site.keys, keys)
         output.replace_input_with(site.values, values)
@@ -92,6 +93,25 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     return gm
 
 
+def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext):
+    """[B, L] bool: the cached positions that are a padded batch's padding, read from the attention's mask;
+    None for an attention without a mask. Evicting with padding needs tokensparse.compile(), whose decode
+    steps hand each layer the padding mask of its own evicted cache."""
+    if site.attention.mask is None:
+        return None
+    if not ctx.decode_masks_follow_cache:
+        raise MatchFailure(f"{site.path}: its attention has a mask (a padded batch), and generate() would build the "
+                           f"decode masks for the full-length cache: evict from padded batches through "
+                           f"tokensparse.compile(model, config), which gives each layer the mask of its evicted cache")
+    return insert_call(graph, point, cache_padding, (site.attention.mask, site.keys))
+
+
+def cache_padding(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: which positions of the cache keys [B, H_kv, L, d] the attention's mask hides from its last
+    query (a padded batch's padding)."""
+    return padded_positions(attention_mask, keys.shape[2])
+
+
 def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) -> tuple[fx.Node, fx.Node]:
     """The site's keys and values gathered at the kept positions [B, H_kv, k] (tokensparse::kv_evict)."""
     evicted = insert_call(graph, point, KV_EVICT, (site.keys, site.values, kept))
@@ -99,7 +119,7 @@ def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) ->
             insert_call(graph, point, operator.getitem, (evicted, 1)))
 
 
-def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite):
+def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, padding):
     """For a scored policy, the stored scores plus this forward's attention column sums; else None."""
     if not policy.scored:
         return None
@@ -108,7 +128,7 @@ def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site:
                            f"carries no scores: pass past_key_values=tokensparse.ScoredCache() to the model "
                            f"(tokensparse.compile() does this for generate())")
     _zeros_sized_like_the_new_keys(graph, site.scores.args[0][-1])
-    sums = insert_call(graph, point, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site)))
+    sums = insert_call(graph, point, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site), padding))
     return insert_call(graph, point, torch.add, (site.scores, sums))
 
 
@@ -158,26 +178,27 @@ def _scale(site: CacheSite) -> float:
     return scale
 
 
-def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count, scores) -> fx.Node:
+def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count, scores,
+          padding=None) -> fx.Node:
     if isinstance(policy, SnapKV):
         return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, _scale(site), count,
-                                                       policy.window, policy.kernel, policy.pooling))
+                                                       policy.window, policy.kernel, policy.pooling, padding))
     if isinstance(policy, StreamingLLM):
-        return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window))
+        return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window, padding))
     if isinstance(policy, KeyNorm):
-        return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window))
+        return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window, padding))
     if isinstance(policy, H2O):
-        return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent))
+        return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent, padding))
     if isinstance(policy, AdaptiveKV):
         return insert_call(graph, point, ADAPTIVE_KEEP, (site.attention.q, site.keys, _scale(site), policy.tau,
-                                                         policy.window))
+                                                         policy.window, padding))
     if isinstance(policy, VisionBudget):
         hidden = _attention_input(site) if policy.alpha else None
         budgets = (float(policy.vision), isinstance(policy.vision, int), float(policy.text),
                    isinstance(policy.text, int))
         return insert_call(graph, point, VISION_BUDGET_KEEP, (
             site.attention.q, site.keys, _scale(site), _image_mask(graph, point, site), hidden, *budgets,
-            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature)))
+            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature), padding))
     raise MatchFailure(f"policy {policy.name!r} has no cache selection")
 
 

@@ -70,9 +70,6 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
                                f"cache is not supported")
         if keys is None or values is None or keys not in outputs or values not in outputs:
             continue                            # a vision tower's attention, or no cache in this call
-        if attention.mask is not None:
-            raise MatchFailure(f"{attention.module_path}: its attention has a mask (a padded batch); generate() builds "
-                               f"decode masks for the full-length cache, so evicting with padding is not supported yet")
         sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1])))
     if not sites:
         sites = _static_sites(attentions, outputs)

@@ -5,6 +5,7 @@ window itself; the kept count depends on the data."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,8 +35,8 @@ class AdaptiveKV(KVPolicy):
         # Once, after prefill (more than one query), and only when something could go.
         return query_length > 1 and self.tau < 1 and cache_length > self.window
 
-    def keep(self, query, keys, scale, count=None, scores=None):
-        return adaptive_keep(query, keys, scale, self.tau, self.window)
+    def keep(self, query, keys, scale, count=None, scores=None, padding=None):
+        return adaptive_keep(query, keys, scale, self.tau, self.window, padding)
 
     def is_identity(self, depth: int) -> bool:
         return self.tau == 1.0
@@ -52,10 +53,12 @@ def adaptive_count(mass: torch.Tensor, window: int, tau: float) -> int:
     return window + int(needed.clamp(max=length - window).max())
 
 
-def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int) -> torch.Tensor:
+def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int,
+                  padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions [B, H_kv, p], ascending, p from adaptive_count: the last min(window, L) positions and
-    each head's most-attended positions before them (ties to the lower position). q [B, H, S, d]."""
+    each head's most-attended positions before them (ties to the lower position), padding (padding [B, L],
+    which holds no mass) last. q [B, H, S, d]."""
     length = keys.shape[2]
     window = min(window, length, q.shape[2])
-    mass = attention_column_sums(q[:, :, -window:], keys, scale)
-    return best_and_recent(mass, length, adaptive_count(mass, window, tau), window)
+    mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
+    return best_and_recent(mass, length, adaptive_count(mass, window, tau), window, padding)

@@ -5,6 +5,7 @@ and keep the `heavy` top-scoring positions plus the `recent` most recent ones; e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,11 +35,11 @@ class H2O(KVPolicy):
     def evicts(self, query_length: int, cache_length: int) -> bool:
         return cache_length > self.heavy + self.recent
 
-    def keep(self, query, keys, scale, count, scores=None):
-        return h2o_keep(scores, count, self.recent)
+    def keep(self, query, keys, scale, count, scores=None, padding=None):
+        return h2o_keep(scores, count, self.recent, padding)
 
 
-def h2o_keep(scores: torch.Tensor, count: int, recent: int) -> torch.Tensor:
+def h2o_keep(scores: torch.Tensor, count: int, recent: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """H2O's kept positions [B, H_kv, count], ascending, from accumulated scores [B, H_kv, L]: the last
-    `recent` positions and the `count - recent` heavy hitters before them."""
-    return best_and_recent(scores, scores.shape[-1], count, recent)
+    `recent` positions and the `count - recent` heavy hitters before them, padding (padding [B, L]) last."""
+    return best_and_recent(scores, scores.shape[-1], count, recent, padding)

@@ -5,7 +5,7 @@ L2 norm (they draw the most attention), plus an optional recent window; no atten
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -27,11 +27,12 @@ class KeyNorm(PrefillBudget):
         check_budget("budget", self.budget, 1)
         check_int_at_least("window", self.window, 0)
 
-    def keep(self, query, keys, scale, count, scores=None):
-        return key_norm_keep(keys, count, self.window)
+    def keep(self, query, keys, scale, count, scores=None, padding=None):
+        return key_norm_keep(keys, count, self.window, padding)
 
 
-def key_norm_keep(keys: torch.Tensor, count, window: int) -> torch.Tensor:
+def key_norm_keep(keys: torch.Tensor, count, window: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending, of keys [B, H_kv, L, d]: the last min(window, count)
-    positions and the lowest-norm keys before them (ties to the lower position)."""
-    return best_and_recent(-keys.float().norm(dim=-1), keys.shape[2], count, window)
+    positions and the lowest-norm keys before them (ties to the lower position), padding (padding [B, L])
+    last."""
+    return best_and_recent(-keys.float().norm(dim=-1), keys.shape[2], count, window, padding)

@@ -30,9 +30,11 @@ class KVPolicy(Policy):
         raise NotImplementedError
 
     def keep(self, query: torch.Tensor, keys: torch.Tensor, scale: float, count: int,
-             scores: torch.Tensor | None = None) -> torch.Tensor:
+             scores: torch.Tensor | None = None, padding: torch.Tensor | None = None) -> torch.Tensor:
         """The plain-PyTorch selection: kept positions [B, H_kv, count], ascending, of keys [B, H_kv, L, d],
-        from the forward's queries [B, H, S, d] (and, for a scored policy, the accumulated scores [B, H_kv, L])."""
+        from the forward's queries [B, H, S, d] (and, for a scored policy, the accumulated scores [B, H_kv, L]).
+        `padding` [B, L] marks the positions of a padded batch's padding: they draw no attention, and are
+        kept last, only where a sample has fewer real positions than the count."""
         raise NotImplementedError
 
     def is_identity(self, depth: int) -> bool:
@@ -70,21 +72,35 @@ def budget_count(budget: Union[int, float], available: int) -> int:
     return min(available, wanted)
 
 
-def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent: int) -> torch.Tensor:
+def padded_positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length] bool: the cached positions that an attention's last query may not see, from its mask
+    [B, 1 or H, Q, >= length] (bool, True where allowed, or additive float): a padded batch's padding."""
+    last = attention_mask[:, 0, -1, -length:]
+    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return ~allowed
+
+
+def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent: int,
+                    padding: torch.Tensor | None = None) -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending, out of `length`: the last min(recent, count) positions and
     the best-scored of the positions before them, by scores_before [B, H_kv, >= length - recent] (ties to
-    the lower position)."""
+    the lower position). Padding positions (padding [B, length]) rank below every other position."""
     batch, kv_heads = scores_before.shape[:2]
     recent = min(recent, count, length)
     tail = torch.arange(length - recent, length, device=scores_before.device).expand(batch, kv_heads, recent)
-    best = scores_before[..., : length - recent].sort(dim=-1, descending=True, stable=True).indices
+    scores_before = scores_before[..., : length - recent]
+    if padding is not None:
+        scores_before = scores_before.masked_fill(padding[:, None, : length - recent], -math.inf)
+    best = scores_before.sort(dim=-1, descending=True, stable=True).indices
     return torch.cat([best[..., : count - recent].sort(dim=-1).values, tail], dim=-1)
 
 
-def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float,
+                          padding: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H_kv, L] float32: the attention probabilities that the forward's queries q [B, H, S, d] (causal,
     at positions L-S..L-1) give keys [B, H_kv, L, d], summed over the queries and averaged over each KV
-    group's query heads. A decode step (S = 1) costs one q K^T row."""
+    group's query heads. A decode step (S = 1) costs one q K^T row. Padding positions (padding [B, L]) are
+    neither attended to nor counted as queries."""
     batch, heads, queries, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     grouped_keys = keys.float().unsqueeze(2).transpose(-1, -2)                          # [B, H_kv, 1, d, L]
@@ -96,5 +112,10 @@ def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> 
         logits = block.reshape(batch, kv_heads, heads // kv_heads, rows, dim) @ grouped_keys * scale
         positions = torch.arange(length - queries + start, length - queries + start + rows, device=keys.device)
         logits = logits.masked_fill(columns > positions[:, None], -math.inf)
-        sums += logits.softmax(dim=-1).sum(dim=-2)
+        if padding is None:
+            sums += logits.softmax(dim=-1).sum(dim=-2)
+            continue
+        probabilities = logits.masked_fill(padding[:, None, None, None, :], -math.inf).softmax(dim=-1)
+        real_queries = ~padding[:, positions]                                              # [B, rows]
+        sums += probabilities.nan_to_num(0.0).mul(real_queries[:, None, None, :, None]).sum(dim=-2)
     return sums.mean(dim=2)

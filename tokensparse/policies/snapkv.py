@@ -5,7 +5,7 @@ over the query heads of each KV group), plus the window itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +43,19 @@ class SnapKV(PrefillBudget):
         check_budget("budget", self.budget, 1)
         check_window_scoring(self.window, self.kernel, self.pooling)
 
-    def keep(self, query, keys, scale, count, scores=None):
-        return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling)
+    def keep(self, query, keys, scale, count, scores=None, padding=None):
+        return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling, padding)
 
 
 def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, scale: float, kernel: int = 5,
-                  pooling: str = "avg") -> torch.Tensor:
+                  pooling: str = "avg", padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, H_kv, L - w] scores of the positions before the window: the attention the last w queries
     q_window [B, H, w, d] (causal, at positions L-w..L-1) give keys [B, H_kv, L, d], summed over the window,
-    averaged over each KV group's query heads, then pooled along the sequence (odd `kernel`)."""
+    averaged over each KV group's query heads, then pooled along the sequence (odd `kernel`). Padding
+    positions (padding [B, L]) draw no attention and ask none."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = q_window.shape[2]
-    scores = attention_column_sums(q_window, keys, scale)[..., : length - window]      # [B, H_kv, L - w]
+    scores = attention_column_sums(q_window, keys, scale, padding)[..., : length - window]      # [B, H_kv, L - w]
     flat = scores.reshape(batch * kv_heads, 1, length - window)
     if pooling == "max":
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
@@ -64,11 +65,13 @@ def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, scale: float, kern
 
 
 def snapkv_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, count: int, window: int, kernel: int = 5,
-                pooling: str = "avg") -> torch.Tensor:
+                pooling: str = "avg", padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending: the last min(window, L) positions and the best-scored
-    positions before them (ties to the lower position). q [B, H, S, d] are the forward's queries."""
+    positions before them (ties to the lower position), padding (padding [B, L]) last. q [B, H, S, d] are
+    the forward's queries."""
     length = keys.shape[2]
     window = min(window, length, q.shape[2])
     if count <= window:
         return torch.arange(length - count, length, device=keys.device).expand(*keys.shape[:2], count).contiguous()
-    return best_and_recent(snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling), length, count, window)
+    scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)
+    return best_and_recent(scores, length, count, window, padding)

@@ -4,11 +4,12 @@ recent `window` positions of every layer's cache; evict the middle, at every ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy
+from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,17 @@ class StreamingLLM(KVPolicy):
     def evicts(self, query_length: int, cache_length: int) -> bool:
         return cache_length > self.sinks + self.window
 
-    def keep(self, query, keys, scale, count, scores=None):
-        return streaming_keep(keys, self.sinks, self.window)
+    def keep(self, query, keys, scale, count, scores=None, padding=None):
+        return streaming_keep(keys, self.sinks, self.window, padding)
 
 
-def streaming_keep(keys: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """Kept positions [B, H_kv, sinks + window], ascending, of keys [B, H_kv, L] (L > sinks + window)."""
+def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kept positions [B, H_kv, sinks + window], ascending, of keys [B, H_kv, L] (L > sinks + window). In a
+    padded batch (padding [B, L]) the sinks are each sample's first real positions."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    if padding is not None:
+        earliest_first = -torch.arange(length, device=keys.device, dtype=torch.float32).expand(batch, kv_heads, length)
+        return best_and_recent(earliest_first, length, sinks + window, window, padding)
     positions = torch.cat([torch.arange(sinks, device=keys.device),
                            torch.arange(length - window, length, device=keys.device)])
     return positions.expand(batch, kv_heads, sinks + window).contiguous()

@@ -48,9 +48,9 @@ class VisionBudget(KVPolicy):
     def evicts(self, query_length: int, cache_length: int) -> bool:
         return query_length > 1 and not self.is_identity(0) and cache_length > self.window
 
-    def keep(self, query, keys, scale, count=None, scores=None, image_mask=None, hidden=None):
+    def keep(self, query, keys, scale, count=None, scores=None, padding=None, image_mask=None, hidden=None):
         return vision_budget_keep(query, keys, scale, image_mask, hidden, self.vision, self.text, self.window,
-                                  self.kernel, self.pooling, self.alpha, self.temperature)
+                                  self.kernel, self.pooling, self.alpha, self.temperature, padding)
 
     def is_identity(self, depth: int) -> bool:
         return all(isinstance(b, float) and b == 1.0 for b in (self.vision, self.text))
@@ -66,10 +66,11 @@ def vision_saliency(hidden: torch.Tensor, image_mask: torch.Tensor, temperature:
 def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_mask: Optional[torch.Tensor],
                        hidden: Optional[torch.Tensor], vision: Union[int, float], text: Union[int, float],
                        window: int, kernel: int = 5, pooling: str = "avg", alpha: float = 0.0,
-                       temperature: float = 1.0) -> torch.Tensor:
+                       temperature: float = 1.0, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions [B, H_kv, K], ascending: per kind (vision, text) before the window, that kind's budget of
     best-scored positions (ties to the lower position), then the window. image_mask [B, L] bool (None: all
-    text); every sample must hold the same number of vision positions before the window."""
+    text); every sample must hold the same number of vision positions before the window. Padding (padding
+    [B, L]) counts as text and ranks below it."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = min(window, length, q.shape[2])
     if image_mask is None:
@@ -79,9 +80,11 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
     if bool((counts != counts[0]).any()):
         raise ValueError(f"vision KV budgets need the same number of vision positions in every sample; this batch "
                          f"holds {counts.tolist()}")
-    scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling)               # [B, H_kv, L - w]
+    scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)      # [B, H_kv, L - w]
     if alpha and hidden is not None:
         scores = scores + alpha * vision_saliency(hidden, image_mask, temperature)[:, None, : length - window]
+    if padding is not None:     # below every real position, above the other kind's (-inf) in each ranking
+        scores = scores.masked_fill(padding[:, None, : length - window], torch.finfo(scores.dtype).min)
     vision_count = budget_count(vision, int(counts[0]))
     text_count = budget_count(text, length - window - int(counts[0]))
     chosen = []

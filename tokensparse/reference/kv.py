@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies import KVPolicy, VisionBudget
+from tokensparse.policies.kv_policy import padded_positions
 
 ORACLE = "tokensparse_kv_oracle"
 
@@ -21,9 +22,11 @@ class EvictionLog:
     """Per layer, the positions alive [B, H_kv, T] after the latest step (absolute cache positions), and the
     attention each position has received so far [B, H_kv, T] (averaged over each KV group's heads)."""
 
-    def __init__(self, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None):
+    def __init__(self, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None,
+                 padding: Optional[torch.Tensor] = None):
         self.policy = policy
         self.image_mask = image_mask                    # [B, S] bool over the prompt, for vision budgets
+        self.padding = padding                          # [B, S] bool over the prompt: a padded batch's padding
         self.alive: dict[int, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}
         self.hidden: dict[int, torch.Tensor] = {}       # the hidden states each attention read last
@@ -45,14 +48,13 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     batch, heads, queries, dim = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
     group = heads // kv_heads
+    padding = _padding(log, batch, total, key.device)
     before = log.alive.get(layer)
     alive = torch.ones(batch, kv_heads, total, dtype=torch.bool, device=key.device)
     if before is not None:
         alive[..., : before.shape[-1]] = before
     elif attention_mask is not None:        # a language-model policy's mask: what the last query cannot see is gone
-        last = attention_mask[:, 0, -1, -total:]
-        visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-        alive &= visible[:, None, :]
+        alive &= (~padded_positions(attention_mask, total) | padding)[:, None, :]
     scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
     keys = key.repeat_interleave(group, dim=1)
     logits = (query.float() @ keys.float().transpose(-1, -2)) * scale                 # [B, H, q, T]
@@ -64,17 +66,26 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     logits = logits.masked_fill(~alive.repeat_interleave(group, dim=1)[:, :, None, :], -math.inf)
     probabilities = logits.softmax(dim=-1)
     output = (probabilities @ value.repeat_interleave(group, dim=1).float()).to(query.dtype)
-    scores = probabilities.sum(dim=2).view(batch, kv_heads, group, total).mean(dim=2)
+    asking = ~padding[:, total - queries:]                      # padding queries add no attention to the scores
+    scores = (probabilities * asking[:, None, :, None]).sum(dim=2).view(batch, kv_heads, group, total).mean(dim=2)
     previous = log.scores.get(layer)
     if previous is not None:
         scores[..., : previous.shape[-1]] += previous
     log.scores[layer] = scores
-    log.alive[layer] = _evict(log, layer, query, key, scale, alive, scores)
+    log.alive[layer] = _evict(log, layer, query, key, scale, alive, scores, padding)
     return output.transpose(1, 2).contiguous(), probabilities
 
 
+def _padding(log: EvictionLog, batch: int, total: int, device) -> torch.Tensor:
+    """[B, total] bool: which cache positions are the prompt's padding (none in an unpadded batch)."""
+    padding = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    if log.padding is not None:
+        padding[:, : log.padding.shape[1]] = log.padding
+    return padding
+
+
 def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.Tensor,
-           scores: torch.Tensor) -> torch.Tensor:
+           scores: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     """The positions alive after this step: the policy applied to the alive positions, in order."""
     policy = log.policy
     present = alive[0, 0].sum().item()
@@ -85,6 +96,8 @@ def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.
     where = alive.nonzero()[:, -1].view(*alive.shape[:2], present)                  # [B, H_kv, n] absolute
     stored = key.gather(2, where.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
     context = {}
+    if log.padding is not None:                         # the positions alive are in order: padding first, alike
+        context["padding"] = padding.gather(1, where[:, 0])
     if isinstance(policy, VisionBudget):                # the prompt's positions, alive in every head alike
         context["image_mask"] = None if log.image_mask is None else log.image_mask.gather(1, where[:, 0])
         hidden = log.hidden[layer]
@@ -94,9 +107,10 @@ def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.
 
 
 @contextlib.contextmanager
-def evicting(model, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None):
+def evicting(model, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None,
+             padding: Optional[torch.Tensor] = None):
     """Run `model` with the evicting reference attention; yields the EvictionLog. `image_mask` [B, S] marks
-    the prompt's image tokens (vision budgets)."""
+    the prompt's image tokens (vision budgets), `padding` [B, S] its padding (a padded batch)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
 
@@ -104,7 +118,7 @@ def evicting(model, policy: KVPolicy, image_mask: Optional[torch.Tensor] = None)
     AttentionMaskInterface.register(ORACLE, eager_mask)
     configs = [model.config] + [getattr(model.config, name) for name in ("text_config",) if hasattr(model.config, name)]
     previous = [config._attn_implementation for config in configs]
-    log = EvictionLog(policy, image_mask)
+    log = EvictionLog(policy, image_mask, padding)
     _active.append(log)
     hooks = [module.register_forward_pre_hook(_recorder(log, module.layer_idx), with_kwargs=True)
              for module in model.modules() if _is_cached_attention(module)]
@@ -134,5 +148,7 @@ def evicted_generate(model, inputs: dict, policy: KVPolicy, **generate_kwargs):
     """(generate()'s output, the EvictionLog): greedy decoding with `policy`'s evictions applied by masking."""
     image_token = getattr(model.config, "image_token_index", getattr(model.config, "image_token_id", None))
     image_mask = inputs["input_ids"] == image_token if image_token is not None and "pixel_values" in inputs else None
-    with torch.no_grad(), evicting(model, policy, image_mask) as log:
+    mask = inputs.get("attention_mask")
+    padding = None if mask is None or bool(mask.bool().all()) else ~mask.bool()
+    with torch.no_grad(), evicting(model, policy, image_mask, padding) as log:
         return model.generate(**inputs, **generate_kwargs), log

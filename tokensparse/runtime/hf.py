@@ -41,6 +41,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     """A shallow copy of `model` (same weights) whose forward is compiled with the tokensparse backend and
     `config`; the model passed in is not changed."""
     from tokensparse.backend import tokensparse_backend
+    from tokensparse.capture import ISOLATED_RECOMPILES
 
     install_output_hooks(model)
     fast = own_copy(model)
@@ -49,12 +50,16 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         # default on GPUs with a StaticCache), which would trace through it without the tokensparse backend
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
-    if config.llm is not None and _follow_pruned_caches(fast):
+    if config.llm is not None and _cut_decode_masks(fast, _first_columns):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
-    if config.kv is not None:
-        config = dataclasses.replace(config, static_cache_checked=True)
+    elif config.kv is not None and _cut_decode_masks(fast, _last_columns):
+        config = dataclasses.replace(config, kv_masks_follow_cache=True)
+    evicted_masks = config.kv_masks_follow_cache
     backend = functools.partial(tokensparse_backend, options=config)
-    compiled = torch.compile(type(model).forward.__get__(fast), backend=backend, **torch_compile_kwargs)
+    # Each compiled copy counts its own recompiles: another copy of the same model class (another config, the
+    # unmodified model) must not use up dynamo's limit of 8 per code object and leave this one running eagerly.
+    compiled = torch.compile(type(model).forward.__get__(fast), backend=backend,
+                             **{**ISOLATED_RECOMPILES, **torch_compile_kwargs})
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
@@ -62,6 +67,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             check_left_padding(kwargs.get("attention_mask"))
         if is_static_cache(kwargs.get("past_key_values")):
             check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])
+        elif config.kv is not None and _is_2d(kwargs.get("attention_mask")):
+            kwargs["attention_mask"] = evicted_cache_mask(fast, config, evicted_masks, kwargs)
         # The image merge counts image tokens with .item(); without this it splits the graph there.
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args, **kwargs)
@@ -116,13 +123,20 @@ def own_copy(module: torch.nn.Module) -> torch.nn.Module:
     return duplicate
 
 
-def _follow_pruned_caches(fast) -> bool:
+def _cut_decode_masks(fast, cut) -> bool:
     """Give `fast` its own copies of the modules down to its decoder layers, each layer with a forward
-    pre-hook that cuts a decode step's 4-D padding mask to that layer's cache length. generate() builds the
-    mask once, as long as layer 0's cache; a pruned layer holds fewer positions. Its cache is the kept prompt
-    positions in order, then the generated ones. Left padding puts every padding position first, and no
-    policy drops a padding position (they are text). So the first columns of the mask are that layer's
-    mask. Returns False for a model whose decoder layers are not found (padded prompts then stay refused)."""
+    pre-hook that cuts a decode step's 4-D padding mask to that layer's cache length (`cut`: which columns).
+    Returns False for a model whose decoder layers are not found (padded prompts then stay refused).
+
+    Language-model pruning (_first_columns): generate() builds the mask once, as long as layer 0's cache; a
+    pruned layer holds fewer positions. Its cache is the kept prompt positions in order, then the generated
+    ones. Left padding puts every padding position first, and no policy drops a padding position (they are
+    text). So the first columns of the mask are that layer's mask.
+
+    KV eviction (_last_columns): the forward hands decode steps a mask over every position seen
+    (evicted_cache_mask). The policies rank padding below every real position and keep positions in order,
+    so an evicted cache holds padding only when it holds every real position seen, and then as many padding
+    positions as it has slots left, first. So the last columns of the mask are that layer's mask."""
     try:
         layers = fast.get_decoder().layers
     except (AttributeError, NotImplementedError):
@@ -136,19 +150,64 @@ def _follow_pruned_caches(fast) -> bool:
         parent = parent._modules[name]
     for index, name in enumerate(list(parent._modules)):
         layer = parent._modules[name] = own_copy(parent._modules[name])
-        layer.register_forward_pre_hook(functools.partial(_cut_mask_to_cache, index), with_kwargs=True)
+        layer.register_forward_pre_hook(functools.partial(_cut_mask_to_cache, index, cut), with_kwargs=True)
     return True
 
 
-def _cut_mask_to_cache(index: int, module, args, kwargs):
+def _cut_mask_to_cache(index: int, cut, module, args, kwargs):
     mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None:
-        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
+        return None                     # a StaticCache's mask spans its buffers' slots (passes/evict_kv.py)
     hidden = args[0] if args else kwargs["hidden_states"]
     keys = cache.get_seq_length(index) + hidden.shape[1]
     if mask.shape[-1] <= keys:
         return None
-    return args, {**kwargs, "attention_mask": mask[..., :keys]}
+    return args, {**kwargs, "attention_mask": cut(mask, keys)}
+
+
+def _first_columns(mask: torch.Tensor, keys) -> torch.Tensor:
+    return mask[..., :keys]
+
+
+def _last_columns(mask: torch.Tensor, keys) -> torch.Tensor:
+    return mask[..., mask.shape[-1] - keys:]
+
+
+def _is_2d(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
+
+
+def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
+    """The attention mask for a forward with a KV policy: the 2-D mask for the prefill (transformers builds
+    its 4-D mask over the whole prompt), and for a decode step the 4-D mask over every position seen, which
+    each decoder layer cuts to its evicted cache (transformers would size it by layer 0's cache and read its
+    first columns: wrong for a padded batch, and too narrow for a layer that keeps more than layer 0).
+    Refuses the padded batches it cannot mask correctly."""
+    mask, cache = kwargs["attention_mask"], kwargs.get("past_key_values")
+    if not bool(mask.bool().all()):
+        if config.llm is not None:
+            raise ValueError(f"llm={config.llm.name} and kv={config.kv.name} together on a padded batch are not "
+                             f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): "
+                             f"batch prompts of one length, or use one of the two policies")
+        if not layers_cut_masks:
+            raise ValueError(f"kv={config.kv.name} on a padded batch needs the model's decoder layers "
+                             f"(get_decoder().layers), which this model does not expose: batch prompts of one length")
+        check_left_padding(mask)
+    if not layers_cut_masks or cache is None or cache.get_seq_length() == 0:
+        return mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    decoder_config = fast.get_decoder().config
+    implementation = decoder_config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"kv={config.kv.name} needs attn_implementation 'sdpa' or 'eager' to mask decode steps, "
+                         f"not {implementation!r}")
+    embedded = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    queries, seen = embedded.shape[1], mask.shape[-1]
+    return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+        batch_size=mask.shape[0], q_length=queries, kv_length=seen, q_offset=seen - queries, kv_offset=0,
+        mask_function=causal_mask_function, attention_mask=mask.bool(), allow_is_causal_skip=False,
+        dtype=fast.dtype, config=decoder_config, device=mask.device)
 
 
 def is_static_cache(cache) -> bool:

@@ -140,65 +140,71 @@ def _keep_image_rows_fake(image_mask, rows, offset, features):
 
 @torch.library.custom_op("tokensparse::snapkv_keep", mutates_args=())
 def snapkv_keep_op(q: Tensor, keys: Tensor, scale: float, count: int, window: int, kernel: int,
-                   pooling: str) -> Tensor:
+                   pooling: str, padding: Optional[Tensor] = None) -> Tensor:
     """SnapKV's kept cache positions [B, H_kv, count] from the forward's queries q [B, H, S, d] and the
-    cache's keys [B, H_kv, L, d]."""
-    return snapkv_keep(q, keys, scale, count, window, kernel, pooling)
+    cache's keys [B, H_kv, L, d] (padding [B, L]: a padded batch's padding, kept last)."""
+    return snapkv_keep(q, keys, scale, count, window, kernel, pooling, padding)
 
 
 @snapkv_keep_op.register_fake
-def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling):
+def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling, padding=None):
     return keys.new_empty(keys.shape[0], keys.shape[1], count, dtype=torch.int64)
 
 
 @torch.library.custom_op("tokensparse::attention_column_sums", mutates_args=())
-def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float) -> Tensor:
+def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float, padding: Optional[Tensor] = None) -> Tensor:
     """[B, H_kv, L] float32: the attention the forward's queries q [B, H, S, d] (causal, the last S positions)
-    give each cached key [B, H_kv, L, d], summed over the queries and averaged over each KV group."""
-    return attention_column_sums(q, keys, scale)
+    give each cached key [B, H_kv, L, d], summed over the queries and averaged over each KV group (padding
+    [B, L]: positions that neither draw nor ask attention)."""
+    return attention_column_sums(q, keys, scale, padding)
 
 
 @attention_column_sums_op.register_fake
-def _attention_column_sums_fake(q, keys, scale):
+def _attention_column_sums_fake(q, keys, scale, padding=None):
     return keys.new_empty(keys.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tokensparse::h2o_keep", mutates_args=())
-def h2o_keep_op(scores: Tensor, count: int, recent: int) -> Tensor:
-    """H2O's kept cache positions [B, H_kv, count] from accumulated scores [B, H_kv, L]."""
-    return h2o_keep(scores, count, recent)
+def h2o_keep_op(scores: Tensor, count: int, recent: int, padding: Optional[Tensor] = None) -> Tensor:
+    """H2O's kept cache positions [B, H_kv, count] from accumulated scores [B, H_kv, L] (padding [B, L]
+    kept last)."""
+    return h2o_keep(scores, count, recent, padding)
 
 
 @h2o_keep_op.register_fake
-def _h2o_keep_fake(scores, count, recent):
+def _h2o_keep_fake(scores, count, recent, padding=None):
     return scores.new_empty(scores.shape[0], scores.shape[1], count, dtype=torch.int64)
 
 
 @torch.library.custom_op("tokensparse::adaptive_keep", mutates_args=())
-def adaptive_keep_op(q: Tensor, keys: Tensor, scale: float, tau: float, window: int) -> Tensor:
+def adaptive_keep_op(q: Tensor, keys: Tensor, scale: float, tau: float, window: int,
+                     padding: Optional[Tensor] = None) -> Tensor:
     """ZipVL's kept cache positions [B, H_kv, p]: p, data-dependent, is the fewest that hold `tau` of the last
-    `window` queries' attention mass in every KV head."""
-    return adaptive_keep(q, keys, scale, tau, window)
+    `window` queries' attention mass in every KV head (padding [B, L] holds none and is kept last)."""
+    return adaptive_keep(q, keys, scale, tau, window, padding)
 
 
 @adaptive_keep_op.register_fake
-def _adaptive_keep_fake(q, keys, scale, tau, window):
+def _adaptive_keep_fake(q, keys, scale, tau, window, padding=None):
     return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
 
 
 @torch.library.custom_op("tokensparse::vision_budget_keep", mutates_args=())
 def vision_budget_keep_op(q: Tensor, keys: Tensor, scale: float, image_mask: Optional[Tensor], hidden: Optional[Tensor],
                           vision: float, vision_is_count: bool, text: float, text_is_count: bool, window: int,
-                          kernel: int, pooling: str, alpha: float, temperature: float) -> Tensor:
+                          kernel: int, pooling: str, alpha: float, temperature: float,
+                          padding: Optional[Tensor] = None) -> Tensor:
     """Kept cache positions [B, H_kv, K] under separate vision and text budgets (a count, or a fraction of
-    that kind's positions); K depends on how many positions are vision tokens."""
+    that kind's positions); K depends on how many positions are vision tokens (padding [B, L] is text, kept
+    last)."""
     return vision_budget_keep(q, keys, scale, image_mask, hidden, int(vision) if vision_is_count else vision,
-                              int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature)
+                              int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature,
+                              padding)
 
 
 @vision_budget_keep_op.register_fake
 def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
-                             window, kernel, pooling, alpha, temperature):
+                             window, kernel, pooling, alpha, temperature, padding=None):
     return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
 
 
