@@ -10,6 +10,7 @@ import torch
 from tests.models import build_llava
 from tokensparse import Config
 from tokensparse.export import to_onnx
+from tokensparse.export.trt_check import check_tensorrt
 from tokensparse.policies import DivPrune, FastV, PyramidDrop, VisionZip, VisualExit
 from tokensparse.reference.llava import masked_forward
 
@@ -61,14 +62,14 @@ def test_visionzip_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
     assert {node.domain for node in onnx.load(result.path).graph.node} <= {"", "ai.onnx"}
 
 
-def test_divprune_exports_unpruned_with_the_reason(tmp_path):
-    model, inputs = build_llava(batch=1)
-    with pytest.warns(UserWarning, match="divprune's greedy selection"):
-        result = to_onnx(model, inputs, Config(llm=DivPrune(keep=0.3)), str(tmp_path / "d.onnx"), dynamic=False)
-    assert not result.changed
-    with torch.no_grad():
-        want = model(**inputs, use_cache=False).logits
-    torch.testing.assert_close(_ort_logits(result.path, inputs), want, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("batch, keep", [(1, 0.3), (2, 0.1)])
+def test_divprune_onnx_runtime_matches_the_masking_oracle(tmp_path, batch, keep):
+    """The greedy max-min selection is an ONNX Loop whose trip count comes from the image mask."""
+    result = _export_and_compare(tmp_path, DivPrune(keep=keep), batch)
+    ops = {node.op_type for node in onnx.load(result.path).graph.node}
+    assert "Loop" in ops
+    report = check_tensorrt(result.path)
+    assert report.ok, report
 
 
 def test_a_model_that_fixes_its_batch_gets_a_clear_error(tmp_path):

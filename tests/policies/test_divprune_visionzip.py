@@ -104,3 +104,19 @@ def test_divprune_keep_keeps_text_and_the_diverse_images_in_order(batch, before,
     for row in range(batch):
         want = list(range(before)) + chosen[row].tolist() + list(range(before + images, before + images + after))
         assert kept[row].tolist() == want
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(3, 24), images=st.integers(1, 12), keep=st.floats(0.05, 1.0),
+       seed=st.integers(0, 999))
+def test_the_exported_divprune_selection_equals_the_eager_one(batch, length, images, keep, seed):
+    """divprune_keep_in_sequence (a while_loop over the whole sequence, for ONNX) keeps what divprune_keep does,
+    with the image tokens anywhere in each sample."""
+    from tokensparse.policies.divprune import divprune_keep, divprune_keep_in_sequence
+
+    generator = torch.Generator().manual_seed(seed)
+    images = min(images, length)
+    features = torch.randn(batch, length, 6, generator=generator)
+    order = torch.rand(batch, length, generator=generator).argsort(dim=1)
+    image_mask = torch.zeros(batch, length, dtype=torch.bool).scatter(1, order[:, :images], True)
+    assert torch.equal(divprune_keep_in_sequence(features, image_mask, keep), divprune_keep(features, image_mask, keep))

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.fx as fx
 
+from tokensparse.policies.divprune import divprune_keep_in_sequence
 from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
@@ -22,12 +23,12 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 # Each tokensparse op's plain-PyTorch implementation, traced into aten ops when the graph is re-exported.
 POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_keep,
-               VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep}
+               VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep,
+               KEEP_DIVERSE: divprune_keep_in_sequence}
 
 
 # Ops whose policy code has no ONNX form yet, with the reason.
-NOT_LOWERED = {KEEP_DIVERSE: "divprune's greedy selection takes one data-dependent step per kept token "
-                             "(an ONNX Loop), which is not built yet"}
+NOT_LOWERED: dict = {}
 
 
 def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset()) -> fx.GraphModule:

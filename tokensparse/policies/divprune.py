@@ -71,3 +71,36 @@ def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float)
     images = features.gather(1, where.unsqueeze(-1).expand(-1, -1, channels))
     chosen = divprune_select(images, kept_image_count(count, keep))
     return positions_kept(image_mask, where.gather(1, chosen))
+
+
+def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """divprune_keep without data-dependent Python, for torch.export and ONNX: the same greedy selection over
+    the whole sequence [B, S] with text positions never chosen, its k - 1 steps a while_loop (an ONNX Loop)
+    whose trip count comes from the image mask. Every sample must hold the same number of image tokens."""
+    from torch._higher_order_ops import while_loop
+
+    from tokensparse.policies.fastv import _ascending_positions, kept_image_counts
+
+    batch, sequence, _ = features.shape
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    distances = 1 - unit @ unit.transpose(-1, -2)                                      # [B, S, S]
+    text = ~image_mask
+    others = torch.eye(sequence, dtype=torch.bool, device=features.device) | text[:, None, :]
+    nearest = distances.masked_fill(others, torch.inf).min(dim=-1).values.masked_fill(text, -torch.inf)
+    positions = torch.arange(sequence, device=features.device)
+    first = nearest.argmax(dim=-1, keepdim=True)                                       # [B, 1]
+    chosen = positions == first                                                        # [B, S]
+    to_set = distances.gather(1, first.unsqueeze(-1).expand(-1, -1, sequence)).squeeze(1)
+    steps = (kept_image_counts(image_mask.sum(dim=1), keep).max() - 1).clamp_min(0)
+
+    def more(step, chosen, to_set):
+        return step < steps
+
+    def pick(step, chosen, to_set):
+        candidate = to_set.masked_fill(chosen | text, -torch.inf).argmax(dim=-1, keepdim=True)
+        row = distances.gather(1, candidate.unsqueeze(-1).expand(-1, -1, sequence)).squeeze(1)
+        return step + 1, chosen | (positions == candidate), torch.minimum(to_set, row)
+
+    start = torch.zeros((), dtype=torch.int64, device=features.device)
+    _, chosen, _ = while_loop(more, pick, (start, chosen, to_set))
+    return _ascending_positions(text | chosen)
