@@ -53,6 +53,7 @@ def variants(layers: int):
         f"pyramiddrop layers {quarter},{2 * quarter},{3 * quarter} ratio 0.5":
             tokensparse.PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter), ratio=0.5),
         "visionzip 54+10": tokensparse.VisionZip(dominant=54, contextual=10),
+        "divprune keep=0.098": tokensparse.DivPrune(keep=0.098),
     }
 
 
