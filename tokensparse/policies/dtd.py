@@ -72,12 +72,9 @@ def dtd_keep(features: torch.Tensor, vision_mask: torch.Tensor, positions: torch
     """Positions [B, S'] ascending: every text position and the vision tokens not within `tau` of their previous
     frame. Samples keep the same number (a dense batch): the one that keeps most sets it, the others also keep
     their least similar dropped tokens. With one sample, or equal counts, that is exactly DTD."""
-    from tokensparse.policies.fastv import _ascending_positions
+    from tokensparse.policies.fastv import first_ranked_positions
 
     similarity = temporal_similarity(features, vision_mask, positions)
     count = (vision_mask & (similarity <= tau)).sum(dim=1).max()
-    batch, sequence = vision_mask.shape
     order = similarity.masked_fill(~vision_mask, math.inf).sort(dim=1, stable=True).indices
-    ranks = torch.arange(sequence, device=order.device).expand(batch, -1)
-    rank = torch.empty_like(order).scatter(1, order, ranks)
-    return _ascending_positions(~vision_mask | (rank < count))
+    return first_ranked_positions(order, vision_mask, count)

@@ -124,11 +124,16 @@ def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> t
     image tokens. Data-dependent only through nonzero, so that torch.export and ONNX trace it."""
     if not _traced(image_mask):
         image_count(image_mask)                                  # unequal counts: a clear error, eagerly
-    batch, sequence = image_mask.shape
     order = scores.float().masked_fill(~image_mask, -math.inf).sort(dim=-1, descending=True, stable=True).indices
+    return first_ranked_positions(order, image_mask, kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep))
+
+
+def first_ranked_positions(order: torch.Tensor, image_mask: torch.Tensor, counts) -> torch.Tensor:
+    """[B, S'] ascending: every text position and the first `counts` (a number, or [B, 1]) image positions of
+    each row's ranking `order` [B, S] (a permutation of the positions, image positions first)."""
+    batch, sequence = image_mask.shape
     ranks = torch.arange(sequence, device=order.device).expand(batch, -1)
     rank = torch.empty_like(order).scatter(1, order, ranks)                 # each position's place in the order
-    counts = kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep)
     return _ascending_positions(~image_mask | (rank < counts))
 
 
