@@ -16,7 +16,7 @@ from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
-from tokensparse.runtime.sequence import gather_tokens, span_mask, vision_mask_2d
+from tokensparse.runtime.sequence import gather_tokens, last_tokens, span_mask, vision_mask_2d
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
 
@@ -24,7 +24,8 @@ _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_cop
 def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Before each stage's decoder layer, choose the kept positions (every text token and some vision
     tokens) and gather every token-indexed tensor that the later layers read: the residual stream, RoPE
-    cos/sin, attention masks. Kept tokens keep their original positions."""
+    cos/sin, attention masks. Kept tokens keep their original positions, or with positions="compact" take
+    consecutive ones (the RoPE tables' last rows)."""
     if not isinstance(ctx.policy, LanguagePolicy):
         return gm
     lm: LanguageModelMatch = ctx.language
@@ -32,6 +33,11 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes):
         raise MatchFailure("the decoder layers write a StaticCache, whose decode masks follow positions that the "
                            "pruned layers no longer hold; use a DynamicCache (the default) for language-model pruning")
+    compact = ctx.policy.positions == "compact"
+    if compact and _find_mrope_positions(graph, lm) is not None:
+        raise MatchFailure("positions='compact' renumbers 1-D RoPE positions; this language model reads 3-D M-RoPE "
+                           "position ids (temporal, height, width), whose compact form is not defined: use "
+                           "positions='original'")
     mask = None
     for stage in ctx.policy.stages():
         layer = lm.layers[stage.layer]
@@ -43,16 +49,19 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if mask is None:
             mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
         kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.feature_rows)
+        rotary = _rotary_tables(riders) if compact else set()
         for rider, axes in riders:
-            gathered = insert_call(graph, point, gather_tokens, (rider, kept, axes))
-            replace_uses_except(rider, gathered, keep={user for user in rider.users if user not in inside})
+            follow = last_tokens if rider in rotary else gather_tokens
+            moved = insert_call(graph, point, follow, (rider, kept, axes))
+            replace_uses_except(rider, moved, keep={user for user in rider.users if user not in inside})
         mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
         ctx.acted_blocks.append(stage.layer)
         kept_what = {"encoder_attention": "the encoder's kept rows",
                      "temporal": f"those not within cosine {stage.keep:g} of their previous frame"}
+        renumbered = f"; compact positions from {', '.join(node.name for node in rotary)}" if compact else ""
         ctx.record("prune_sequence", f"{layer.path}: keep {kept_what.get(stage.score, f'{stage.keep:g}')} of the "
                                      f"vision tokens ({stage.score}); gathered "
-                                     f"{', '.join(node.name for node, _ in riders)}")
+                                     f"{', '.join(node.name for node, _ in riders if node not in rotary)}{renumbered}")
     return gm
 
 
@@ -87,6 +96,54 @@ def _riders(graph: fx.Graph, inside: set, sequence, refuse_padding: bool) -> lis
     if not riders:
         raise MatchFailure("no token-indexed tensor enters the pruned layers")
     return riders
+
+
+def _rotary_tables(riders: list) -> set:
+    """The riders that are RoPE cos/sin tables: a cos or sin op reached through scaling, casts, views and
+    earlier cuts only (never through a layer's computation). Under positions="compact" they take the
+    prompt's last positions instead of following the kept tokens."""
+    tables = {rider for rider, _ in riders if _made_from_cos_or_sin(rider)}
+    if not tables:
+        raise MatchFailure("positions='compact' renumbers RoPE positions, but no RoPE cos/sin table enters the "
+                           "pruned layers (positions added to the embeddings, or rotated inside each layer): use "
+                           "positions='original'")
+    return tables
+
+
+_TABLE_STEPS = _VIEWS + ("mul", "float", "type", "last_tokens", "gather_tokens")
+
+
+def _made_from_cos_or_sin(node: fx.Node) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if is_op(current, "cos", "sin"):
+            return True
+        if is_op(current, *_TABLE_STEPS):
+            todo.extend(current.all_input_nodes)
+        elif is_op(current, "getitem"):
+            todo.extend(_submodule_result(current))
+    return False
+
+
+def _submodule_result(getitem: fx.Node) -> list:
+    """What a getitem of a higher-order op returns, inside the op's subgraph (torch.export computes RoPE tables
+    in a wrap_with_set_grad_enabled or wrap_with_autocast region); [] for any other getitem."""
+    call, index = getitem.args[0], getitem.args[1]
+    if not isinstance(call, fx.Node) or call.op != "call_function" or not isinstance(index, int):
+        return []
+    owner = getitem.graph.owning_module
+    for candidate in call.args:
+        if isinstance(candidate, fx.Node) and candidate.op == "get_attr" and owner is not None:
+            subgraph = getattr(owner, candidate.target, None)
+            if isinstance(subgraph, fx.GraphModule):
+                results = next(n for n in reversed(subgraph.graph.nodes) if n.op == "output").args[0]
+                if isinstance(results, (tuple, list)) and isinstance(results[index], fx.Node):
+                    return [results[index]]
+    return []
 
 
 def _is_attention_mask(node: fx.Node, hops: int = 6) -> bool:
@@ -151,9 +208,9 @@ def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLa
     return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep))
 
 
-def _mrope_positions(graph: fx.Graph, lm: LanguageModelMatch) -> fx.Node:
+def _find_mrope_positions(graph: fx.Graph, lm: LanguageModelMatch):
     """The 3-D M-RoPE position ids [3, B, S] (temporal, height, width; Qwen2-VL) that the rotary embedding
-    reads, made before the decoder layers."""
+    reads, made before the decoder layers, or None."""
     inside = set().union(*(layer.nodes for layer in lm.layers))
     for node in graph.nodes:
         if node in inside:
@@ -162,6 +219,14 @@ def _mrope_positions(graph: fx.Graph, lm: LanguageModelMatch) -> fx.Node:
         if (shape is not None and len(shape) == 3 and same_size(shape[0], 3) and same_size(shape[2], lm.sequence)
                 and getattr(value, "dtype", None) in (torch.int64, torch.int32)):
             return node
+    return None
+
+
+def _mrope_positions(graph: fx.Graph, lm: LanguageModelMatch) -> fx.Node:
+    """The 3-D M-RoPE position ids [3, B, S] that DTD reads to find each patch's previous frame."""
+    positions = _find_mrope_positions(graph, lm)
+    if positions is not None:
+        return positions
     raise MatchFailure("dtd finds each patch's previous frame from 3-D M-RoPE position ids ([3, B, S], as Qwen2-VL "
                        "passes them); this graph has none")
 

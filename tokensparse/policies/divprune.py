@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies.base import check_fraction
-from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
+from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,12 @@ class DivPrune(LanguagePolicy):
 
     keep: float = 0.098
     vision_span: Optional[tuple] = None
+    positions: str = "original"
 
     name = "divprune"
 
     def __post_init__(self):
+        check_positions(self.positions)
         check_fraction("keep", self.keep)
         object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies.base import check_fraction, check_int_at_least
-from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
+from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
 
 QUERIES = ("last", "text")
 
@@ -26,10 +26,12 @@ class FastV(LanguagePolicy):
     keep: float = 0.5
     query: str = "last"
     vision_span: Optional[tuple] = None
+    positions: str = "original"
 
     name = "fastv"
 
     def __post_init__(self):
+        check_positions(self.positions)
         check_int_at_least("layer", self.layer, 1)
         check_fraction("keep", self.keep)
         if self.query not in QUERIES:

@@ -19,6 +19,12 @@ SCORES = (
     "temporal",             # DTD: similarity to the same patch in the previous video frame (keep holds tau)
 )
 
+# Which RoPE positions the kept tokens take from a cut on.
+POSITIONS = (
+    "original",             # their own (FastV, DivPrune): the dropped tokens leave gaps
+    "compact",              # renumbered consecutively (PyramidDrop): as if the dropped tokens were never there
+)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -35,6 +41,7 @@ class LanguagePolicy(Policy):
 
     stage = "llm"
     vision_span: Optional[tuple] = None
+    positions: str = "original"
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
@@ -63,3 +70,8 @@ def check_vision_span(span) -> Optional[tuple]:
         raise ValueError(f"vision_span={span!r} must be (start, end) positions with 0 <= start < end")
     return tuple(int(v) for v in span)
 
+
+
+def check_positions(positions) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is unknown: choose one of {list(POSITIONS)}")

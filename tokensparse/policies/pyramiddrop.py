@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from tokensparse.policies.base import check_fraction, checked_layers
-from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
+from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
 
 
 @dataclass(frozen=True)
@@ -18,10 +18,12 @@ class PyramidDrop(LanguagePolicy):
     layers: Sequence[int] = (8, 16, 24)
     ratio: float = 0.5
     vision_span: Optional[tuple] = None
+    positions: str = "original"
 
     name = "pyramiddrop"
 
     def __post_init__(self):
+        check_positions(self.positions)
         object.__setattr__(self, "layers", checked_layers("layers", self.layers, 1))
         check_fraction("ratio", self.ratio)
         object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))

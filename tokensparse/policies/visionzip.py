@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.language import LanguagePolicy, Stage
+from tokensparse.policies.language import LanguagePolicy, Stage, check_positions
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,12 @@ class VisionZip(LanguagePolicy):
 
     dominant: int = 54
     contextual: int = 10
+    positions: str = "original"
 
     name = "visionzip"
 
     def __post_init__(self):
+        check_positions(self.positions)
         check_int_at_least("dominant", self.dominant, 0)
         check_int_at_least("contextual", self.contextual, 0)
         if self.dominant + self.contextual == 0:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.language import LanguagePolicy, Stage, check_vision_span
+from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,12 @@ class VisualExit(LanguagePolicy):
 
     layer: int = 16
     vision_span: Optional[tuple] = None
+    positions: str = "original"
 
     name = "exit"
 
     def __post_init__(self):
+        check_positions(self.positions)
         check_int_at_least("layer", self.layer, 1)
         object.__setattr__(self, "vision_span", check_vision_span(self.vision_span))
 

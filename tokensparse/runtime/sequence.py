@@ -35,3 +35,15 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor, axes: tuple) -> torch.Ten
         index = kept.view(shape).expand(*[count if d == axis else x.shape[d] for d in range(x.dim())])
         x = x.gather(axis, index)
     return x
+
+
+def last_tokens(x: torch.Tensor, kept: torch.Tensor, axes: tuple) -> torch.Tensor:
+    """x with each token axis in `axes` cut to its last S' rows, S' = kept.shape[1]. For RoPE tables under
+    positions="compact": the kept tokens take the last S' positions of the prompt, consecutive and ending
+    where the prompt ends, so decode steps continue at generate()'s own positions. Attention depends only on
+    the distance between RoPE positions, so this equals renumbering the kept tokens from 0 and shifting each
+    decode step back by the number of tokens dropped before that layer."""
+    count = kept.shape[1]
+    for axis in axes:
+        x = x.narrow(axis, x.shape[axis] - count, count)
+    return x
