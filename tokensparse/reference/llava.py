@@ -1,8 +1,10 @@
 """Eager masking oracle for the language-model policies on LLaVA-style models: the reference a compiled
 policy must equal. Each stage's kept set is chosen from eager attention weights or the layer's own modules;
 from that stage's layer on, the dropped tokens' key columns are masked out, so the kept tokens compute
-exactly what they would with the dropped tokens removed, at their original positions. The same masks
-apply to decode steps, so generate() here is the reference for the pruned KV cache."""
+exactly what they would with the dropped tokens removed, at their original positions (or, with
+positions="compact", at their ranks among the surviving positions: each layer's RoPE tables are rebuilt from
+those ranks). The same masks and positions apply to decode steps, so generate() here is the reference for
+the pruned KV cache."""
 
 from __future__ import annotations
 
@@ -46,23 +48,31 @@ def _applied(model, inputs, policy: LanguagePolicy):
     """The policy's surviving columns by stage, enforced by masks (and, for VisionZip, its contextual
     tokens written into the projector's input) while the context is open."""
     layers = language_layers(model)
+    rotary = _compact_rotary(model, policy)
     projector_input = None
     if isinstance(policy, VisionZip):
         columns, projector_input = _visionzip(model, inputs, policy)
     else:
-        columns = _surviving_by_stage(model, inputs, policy, layers)
-    with _masking(layers, columns), _replacing_projector_input(model, projector_input):
+        columns = _surviving_by_stage(model, inputs, policy, layers, rotary)
+    with _masking(layers, columns, rotary), _replacing_projector_input(model, projector_input):
         yield columns
 
 
-def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers) -> dict[int, torch.Tensor]:
+def _compact_rotary(model, policy: LanguagePolicy):
+    """The language model's rotary embedding when `policy` renumbers positions (positions="compact"), else None."""
+    if policy.positions != "compact":
+        return None
+    return getattr(model, "model", model).language_model.rotary_emb
+
+
+def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers, rotary=None) -> dict[int, torch.Tensor]:
     """{stage layer: [B, S] bool, the positions surviving from that layer on}, stage by stage in order."""
     policy.check_depth(len(layers))
     image_mask = _image_mask(model, inputs, policy)
     survivors = torch.ones_like(image_mask)
     columns: dict[int, torch.Tensor] = {}
     for stage in policy.stages():
-        survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns)
+        survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns, rotary)
         columns[stage.layer] = survivors
     return columns
 
@@ -142,30 +152,30 @@ def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
-def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns) -> torch.Tensor:
+def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns, rotary=None) -> torch.Tensor:
     """The positions surviving `stage` ([B, S] bool), chosen among the surviving image tokens."""
     images = image_mask & survivors
     if stage.score == "none":
         return survivors & ~image_mask
     if stage.score == "temporal":
-        return _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns)
+        return _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns, rotary)
     if stage.score == "previous_attention":
-        scores = _attention_received(model, inputs, layers, stage, images, columns)
+        scores = _attention_received(model, inputs, layers, stage, images, columns, rotary)
     elif stage.score == "next_projection":
-        scores = _next_layer_scores(model, inputs, layers, stage.layer, survivors, columns)
+        scores = _next_layer_scores(model, inputs, layers, stage.layer, survivors, columns, rotary)
     else:
-        return _diverse(model, inputs, layers, stage, images, survivors, columns)
+        return _diverse(model, inputs, layers, stage, images, survivors, columns, rotary)
     count = kept_image_count(int(images[0].sum()), stage.keep)
     ranked = scores.float().masked_fill(~images, -math.inf).sort(dim=-1, descending=True, stable=True).indices
     return (survivors & ~image_mask).scatter(1, ranked[:, :count], True)
 
 
-def _attention_received(model, inputs, layers, stage, images, columns) -> torch.Tensor:
+def _attention_received(model, inputs, layers, stage, images, columns, rotary=None) -> torch.Tensor:
     """FastV: layer K-1's eager attention weights, from the last row (mean over heads) or all text rows."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        with torch.no_grad(), _masking(layers, columns):
+        with torch.no_grad(), _masking(layers, columns, rotary):
             probabilities = model(**inputs, output_attentions=True).attentions[stage.layer - 1].float()
     finally:
         model.set_attn_implementation(previous)
@@ -175,11 +185,11 @@ def _attention_received(model, inputs, layers, stage, images, columns) -> torch.
     return text_row_mean(probabilities, ~(survivors & ~images))    # rows: the surviving text tokens
 
 
-def _next_layer_scores(model, inputs, layers, index, survivors, columns) -> torch.Tensor:
+def _next_layer_scores(model, inputs, layers, index, survivors, columns, rotary=None) -> torch.Tensor:
     """PyramidDrop: the last token's query through layer `index`'s input norm, q/k projections and RoPE."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    captured = _layer_inputs(model, inputs, layers, index, columns)
+    captured = _layer_inputs(model, inputs, layers, index, columns, rotary)
     layer = layers[index]
     attention = layer.self_attn
     hidden = layer.input_layernorm(captured["hidden"])
@@ -201,9 +211,9 @@ def _not_padding(inputs, like: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(like, dtype=torch.bool) if mask is None else mask.bool()
 
 
-def _diverse(model, inputs, layers, stage, images, survivors, columns) -> torch.Tensor:
+def _diverse(model, inputs, layers, stage, images, survivors, columns, rotary=None) -> torch.Tensor:
     """DivPrune on the features entering layer `stage.layer` at the surviving image positions."""
-    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns)["hidden"]
+    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns, rotary)["hidden"]
     batch, _, channels = hidden.shape
     where = images.nonzero()[:, 1].view(batch, -1)
     chosen = divprune_select(hidden.gather(1, where[..., None].expand(-1, -1, channels)),
@@ -211,12 +221,12 @@ def _diverse(model, inputs, layers, stage, images, survivors, columns) -> torch.
     return (survivors & ~images).scatter(1, where.gather(1, chosen), True)
 
 
-def _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns) -> torch.Tensor:
+def _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, columns, rotary=None) -> torch.Tensor:
     """DTD from the features entering layer 0, each video's frames laid out by its `video_grid_thw` row (the
     same patch of the previous frame is the token one frame earlier): a token is dropped when its cosine
     similarity to that one exceeds tau. Samples that keep fewer than the most-keeping one also keep their
     least similar dropped tokens."""
-    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns)["hidden"].float()
+    hidden = _layer_inputs(model, inputs, layers, stage.layer, columns, rotary)["hidden"].float()
     video = inputs["input_ids"] == model.config.video_token_id
     merge = model.config.vision_config.spatial_merge_size
     grids = iter(inputs["video_grid_thw"].tolist())
@@ -237,19 +247,21 @@ def _changed_video_tokens(model, inputs, layers, stage, image_mask, survivors, c
     return kept
 
 
-def _layer_inputs(model, inputs, layers, index, columns) -> dict:
+def _layer_inputs(model, inputs, layers, index, columns, rotary=None) -> dict:
+    """What enters layer `index` (hidden states, RoPE tables) with the earlier stages applied."""
     captured = {}
 
     def capture(module, args, kwargs):
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
         captured["position_embeddings"] = kwargs["position_embeddings"]
 
-    handle = layers[index].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad(), _masking(layers, columns):
+    with torch.no_grad(), _masking(layers, columns, rotary):
+        # registered after the masking hooks: it sees the positions they renumber
+        handle = layers[index].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
             model(**inputs)
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
     return captured
 
 
@@ -259,9 +271,10 @@ def _surviving(columns: dict, layer: int, shape) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _masking(layers, columns: dict):
+def _masking(layers, columns: dict, rotary=None):
     """Forward pre-hooks: from each stage's layer on, attention sees only the surviving prompt positions
-    (and every generated position), causally; a dropped row still sees itself."""
+    (and every generated position), causally; a dropped row still sees itself. With `rotary` (positions=
+    "compact"), each position's RoPE position there is its rank among the surviving and generated ones."""
     handles = []
 
     def hook_for(index):
@@ -277,6 +290,9 @@ def _masking(layers, columns: dict):
                 allowed = attended(own) & _surviving_columns(alive, past + hidden.shape[1])
                 kwargs["attention_mask"] = allowed if own.dtype == torch.bool else \
                     torch.zeros_like(own).masked_fill(~allowed, torch.finfo(own.dtype).min)
+            if rotary is not None:
+                ranks = _surviving_columns(alive, past + hidden.shape[1])[:, 0, 0].long().cumsum(dim=-1) - 1
+                kwargs["position_embeddings"] = rotary(hidden, ranks[:, past:])
             return args, kwargs
         return use_mask
 
