@@ -49,7 +49,8 @@ def test_fastv_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
 
 
 @pytest.mark.parametrize("policy", [FastV(layer=3, keep=0.5, query="text"), PyramidDrop(layers=(1, 3), ratio=0.5),
-                                    VisualExit(layer=3)], ids=["fastv_text", "pyramiddrop", "exit"])
+                                    PyramidDrop(layers=(1, 3), ratio=0.5, positions="compact"), VisualExit(layer=3)],
+                         ids=["fastv_text", "pyramiddrop", "pyramiddrop_compact", "exit"])
 def test_other_language_policies_export(tmp_path, policy):
     _export_and_compare(tmp_path, policy, 2)
 
