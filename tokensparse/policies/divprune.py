@@ -16,7 +16,7 @@ from tokensparse.policies.language import LanguagePolicy, Stage, check_positions
 @dataclass(frozen=True)
 class DivPrune(LanguagePolicy):
     """DivPrune (Alvar et al., CVPR 2025): keep `keep` of the vision tokens, the most diverse by greedy
-    max-min cosine distance, before the language model; kept tokens keep their positions."""
+    max-min cosine distance, before the language model."""
 
     keep: float = 0.098
     vision_span: Optional[tuple] = None
