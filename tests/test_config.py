@@ -63,8 +63,8 @@ def test_kv_policies_go_to_the_kv_slot():
     assert Config(llm=FastV(), kv=SnapKV()).kv == SnapKV()
     with pytest.raises(ValueError, match="kv=FastV.* must be a KV-cache policy"):
         Config(kv=FastV())
-    with pytest.raises(ValueError, match="vision= and kv= together are not supported"):
-        Config(vision=ToMe(r=2), kv=SnapKV())
+    both = Config(vision=ToMe(r=2), llm=FastV(), kv=SnapKV())     # a VLM: the tower, then the language model
+    assert both.policy == ToMe(r=2) and both.llm == FastV() and both.kv == SnapKV()
     with pytest.raises(ValueError, match="vision=SnapKV.* must be a vision-encoder policy"):
         Config(vision=SnapKV())
 
@@ -76,5 +76,3 @@ def test_config_rejects_non_policy():
         Config(vision=FastV())
     with pytest.raises(ValueError, match="llm=ToMe.* must be a language-model policy"):
         Config(llm=ToMe(r=2))
-    with pytest.raises(ValueError, match="vision= and llm= together are not supported yet"):
-        Config(vision=ToMe(r=2), llm=FastV())

@@ -43,12 +43,6 @@ class Config:
                              f"tokensparse.FastV(layer=2, keep=0.25)")
         if self.kv is not None and not isinstance(self.kv, KVPolicy):
             raise ValueError(f"kv={self.kv!r} must be a KV-cache policy such as tokensparse.SnapKV(budget=512)")
-        if self.vision is not None and self.kv is not None:
-            raise ValueError("vision= and kv= together are not supported: a vision-encoder policy acts on a model "
-                             "without a KV cache; use llm= and kv= for a VLM's language model")
-        if self.vision is not None and self.llm is not None:
-            raise ValueError("vision= and llm= together are not supported yet: a vision-encoder policy changes the "
-                             "number of image features the language model expects; choose one")
         for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "kv_masks_follow_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
@@ -61,7 +55,8 @@ class Config:
 
     @property
     def policy(self) -> Optional[Policy]:
-        """The token policy this config applies (vision= or llm=); kv= is applied after it."""
+        """The token policy this config applies first (vision=, else llm=); in a VLM's graph llm= follows vision=,
+        and kv= is applied after both."""
         return self.vision if self.vision is not None else self.llm
 
 

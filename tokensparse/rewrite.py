@@ -4,6 +4,7 @@ says why) whenever a pattern does not match or the rewrite cannot be verified.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from tokensparse.passes import KV_PASSES, PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
-from tokensparse.patterns.graph import output_shapes
+from tokensparse.patterns.graph import op_name, output_shapes
 from tokensparse.patterns.kv_cache import find_cache_sites
 from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
+from tokensparse.patterns.vision_features import find_vision_features
 from tokensparse.policies import KVPolicy, LanguagePolicy
 
 
@@ -83,24 +85,43 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         return RewriteResult(gm, False, "no policy configured")
     work = copy_graph_module(gm)
     language = isinstance(policy, LanguagePolicy)
+    tower = None
+    if not language and not has_image_input(gm) and _holds_kv_cache(work):
+        # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
+        return RewriteResult(gm, False, "no image in this language-model graph")
     try:
         if language:
             match = match_language_model(work, policy.vision_span)
         else:
+            tower = _vision_language_model(work, config)
             match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))
+            if tower is not None:
+                match = _tower_blocks(match, tower[1])
     except MatchFailure as failure:
         if language and policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
             return RewriteResult(gm, False, f"no image in this graph ({failure.reason})")
         return _unchanged(gm, failure.reason, warn)
     if hasattr(policy, "check_depth"):
-        policy.check_depth(match.depth)
+        try:
+            policy.check_depth(match.depth)
+        except ValueError as error:
+            if tower is None:
+                raise
+            raise ValueError(f"{error}: the vision tower's blocks up to {tower[1].layer_path}, whose output the "
+                             f"language model receives") from None
+    if tower is not None and config.llm is not None:
+        config.llm.check_depth(tower[0].depth)
     if policy.is_identity(match.depth):
+        if tower is not None and config.llm is not None:
+            return rewrite_graph(gm, example_inputs, dataclasses.replace(config, vision=None), warn)
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
                       fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None,
                       decode_masks_follow_cache=config.decode_masks_follow_cache)
+    if tower is not None:
+        ctx.language, ctx.tower_features, ctx.llm = tower[0], tower[1], config.llm
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in PASSES:
@@ -114,6 +135,33 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, match, ctx, match.notes)
+
+
+def _vision_language_model(gm: fx.GraphModule, config: Config):
+    """(the language model, the vision features it receives) when a vision-encoder policy meets a VLM's graph
+    (an image merge, or a language-model policy beside it); None for a plain vision encoder."""
+    if config.llm is None and not any(op_name(node) == "masked_scatter" for node in gm.graph.nodes):
+        return None
+    lm = match_language_model(gm, config.llm.vision_span if config.llm is not None else None)
+    return lm, find_vision_features(gm, lm)
+
+
+def _holds_kv_cache(gm: fx.GraphModule) -> bool:
+    try:
+        find_cache_sites(gm)
+    except MatchFailure:
+        return False
+    return True
+
+
+def _tower_blocks(match: ModelMatch, features) -> ModelMatch:
+    """The vision-encoder match cut to the tower's blocks up to the layer the features come from."""
+    paths = [block.path for block in match.blocks]
+    if features.layer_path not in paths:
+        raise MatchFailure(f"the image features come from {features.layer_path}, which is not one of the vision "
+                           f"encoder blocks found ({match.list_path})")
+    blocks = match.blocks[:paths.index(features.layer_path) + 1]
+    return dataclasses.replace(match, blocks=blocks)
 
 
 def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,

@@ -7,6 +7,7 @@ from tokensparse.passes.proportional_attention import proportional_attention_pas
 from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
+from tokensparse.passes.tower_feature_rows import tower_feature_rows_pass
 from tokensparse.passes.verify import verify_cache_pass, verify_pass
 from tokensparse.passes.zip_vision_features import zip_vision_features_pass
 
@@ -14,6 +15,7 @@ PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
     merge_tokens_pass,            # ToMe: merge after each block's attention residual
     prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
+    tower_feature_rows_pass,      # ToMe, TopK in a VLM's tower: the patch rows its surviving tokens fill
     zip_vision_features_pass,     # VisionZip: dominant and contextual tokens at the vision encoder's feature layer
     prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit, VisionZip: prune a VLM's vision tokens
     proportional_attention_pass,  # ToMe: + log(size) on attention logits

@@ -34,6 +34,10 @@ class PassContext:
     cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
     decode_masks_follow_cache: bool = False   # Config.decode_masks_follow_cache (padded prompts can be pruned)
     feature_rows: Optional[tuple] = None  # VisionZip: (kept encoder rows node, rows cut before the projector, features)
+    # A vision-encoder policy (ToMe, TopK) in a VLM's tower: the features it hands the projector
+    # (patterns.vision_features.VisionFeatures), and the language-model policy applied after it (or None).
+    tower_features: Optional[object] = None
+    llm: Optional[Policy] = None
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))

@@ -25,7 +25,7 @@ def merge_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not isinstance(ctx.policy, ToMe):
         return gm
     graph, p = gm.graph, ctx.prefix_tokens
-    schedule = ctx.policy.r_per_block(ctx.depth)
+    schedule = ctx.policy.r_per_block(len(ctx.blocks))
     tokens, size = ctx.blocks[0].tokens, None
     for block, requested in zip(ctx.blocks, schedule):
         ctx.tokens_in[block.index] = tokens

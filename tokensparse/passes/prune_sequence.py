@@ -26,20 +26,22 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     tokens) and gather every token-indexed tensor that the later layers read: the residual stream, RoPE
     cos/sin, attention masks. Kept tokens keep their original positions, or with positions="compact" take
     consecutive ones (the RoPE tables' last rows)."""
-    if not isinstance(ctx.policy, LanguagePolicy):
+    policy = ctx.llm if ctx.tower_features is not None else ctx.policy
+    stages = _tower_stage(ctx) + (policy.stages() if isinstance(policy, LanguagePolicy) else [])
+    if not stages:
         return gm
     lm: LanguageModelMatch = ctx.language
     graph = gm.graph
     if any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes):
         raise MatchFailure("the decoder layers write a StaticCache, whose decode masks follow positions that the "
                            "pruned layers no longer hold; use a DynamicCache (the default) for language-model pruning")
-    compact = ctx.policy.positions == "compact"
+    compact = getattr(policy, "positions", "original") == "compact"
     if compact and _find_mrope_positions(graph, lm) is not None:
         raise MatchFailure("positions='compact' renumbers 1-D RoPE positions; this language model reads 3-D M-RoPE "
                            "position ids (temporal, height, width), whose compact form is not defined: use "
                            "positions='original'")
     mask = None
-    for stage in ctx.policy.stages():
+    for stage in stages:
         layer = lm.layers[stage.layer]
         inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
         order = {node: position for position, node in enumerate(graph.nodes)}
@@ -47,7 +49,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         riders = _riders(graph, inside, lm.sequence, lm.returns_cache and not ctx.decode_masks_follow_cache)
         stream = _stream_into(layer, riders)
         if mask is None:
-            mask = _vision_mask(graph, point, lm, ctx.policy.vision_span, stream)
+            mask = _vision_mask(graph, point, lm, getattr(policy, "vision_span", None), stream)
         kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.feature_rows)
         rotary = _rotary_tables(riders) if compact else set()
         for rider, axes in riders:
@@ -63,6 +65,11 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                      f"vision tokens ({stage.score}); gathered "
                                      f"{', '.join(node.name for node, _ in riders if node not in rotary)}{renumbered}")
     return gm
+
+
+def _tower_stage(ctx: PassContext) -> list[Stage]:
+    """Before layer 0, the image positions that the tokens left by a vision-encoder policy in the tower fill."""
+    return [Stage(0, 1.0, "encoder_attention")] if ctx.tower_features is not None else []
 
 
 def _riders(graph: fx.Graph, inside: set, sequence, refuse_padding: bool) -> list[tuple[fx.Node, tuple]]:

@@ -14,10 +14,12 @@ import math
 import torch
 
 from tokensparse.policies import LanguagePolicy
+from tokensparse.policies.base import recorder
 from tokensparse.policies.divprune import divprune_select
 from tokensparse.policies.fastv import attended, kept_image_count, text_row_mean
 from tokensparse.policies.language import Stage
 from tokensparse.policies.visionzip import VisionZip, image_positions_of_rows, visionzip_select
+from tokensparse.reference._common import run_blocks, self_attn_mlp, self_attn_out, self_attn_qkv
 
 
 def language_layers(model):
@@ -28,34 +30,38 @@ def language_layers(model):
     return language.layers
 
 
-def masked_forward(model, inputs: dict, policy: LanguagePolicy) -> dict:
+def masked_forward(model, inputs: dict, policy: LanguagePolicy | None, vision=None) -> dict:
     """{"logits": [B, S, V], "kept": [B, S'] positions surviving the last stage, "stages": the positions
-    surviving each stage} of `policy` applied by masking."""
-    with torch.no_grad(), _applied(model, inputs, policy) as columns:
+    surviving each stage} of `policy` applied by masking (after the vision-encoder policy `vision` in the tower)."""
+    with torch.no_grad(), _applied(model, inputs, policy, vision) as columns:
         logits = model(**inputs).logits
     stages = [alive.nonzero()[:, 1].view(alive.shape[0], -1) for alive in columns.values()]
     return {"logits": logits, "kept": stages[-1], "stages": stages}
 
 
-def masked_generate(model, inputs: dict, policy: LanguagePolicy, **generate_kwargs) -> torch.Tensor:
+def masked_generate(model, inputs: dict, policy: LanguagePolicy | None, vision=None,
+                    **generate_kwargs) -> torch.Tensor:
     """model.generate() with the policy's kept sets enforced by masks in prefill and every decode step."""
-    with torch.no_grad(), _applied(model, inputs, policy):
+    with torch.no_grad(), _applied(model, inputs, policy, vision):
         return model.generate(**inputs, **generate_kwargs)
 
 
 @contextlib.contextmanager
-def _applied(model, inputs, policy: LanguagePolicy):
-    """The policy's surviving columns by stage, enforced by masks (and, for VisionZip, its contextual
-    tokens written into the projector's input) while the context is open."""
+def _applied(model, inputs, policy: LanguagePolicy | None, vision=None):
+    """The policy's surviving columns by stage, enforced by masks (and, for VisionZip or a vision-encoder
+    policy in the tower, the tokens it leaves written into the projector's input) while the context is open."""
     layers = language_layers(model)
-    rotary = _compact_rotary(model, policy)
-    projector_input = None
-    if isinstance(policy, VisionZip):
+    rotary = _compact_rotary(model, policy) if policy is not None else None
+    projector_input, columns = None, {}
+    if vision is not None:
+        columns, projector_input = _vision_encoder_policy(model, inputs, vision)
+    elif isinstance(policy, VisionZip):
         columns, projector_input = _visionzip(model, inputs, policy)
-    else:
-        columns = _surviving_by_stage(model, inputs, policy, layers, rotary)
-    with _masking(layers, columns, rotary), _replacing_projector_input(model, projector_input):
-        yield columns
+    with _replacing_projector_input(model, projector_input):
+        if policy is not None and not isinstance(policy, VisionZip):
+            columns = _surviving_by_stage(model, inputs, policy, layers, rotary, columns)
+        with _masking(layers, columns, rotary):
+            yield columns
 
 
 def _compact_rotary(model, policy: LanguagePolicy):
@@ -65,12 +71,14 @@ def _compact_rotary(model, policy: LanguagePolicy):
     return getattr(model, "model", model).language_model.rotary_emb
 
 
-def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers, rotary=None) -> dict[int, torch.Tensor]:
-    """{stage layer: [B, S] bool, the positions surviving from that layer on}, stage by stage in order."""
+def _surviving_by_stage(model, inputs, policy: LanguagePolicy, layers, rotary=None,
+                        before: dict | None = None) -> dict[int, torch.Tensor]:
+    """{stage layer: [B, S] bool, the positions surviving from that layer on}, stage by stage in order, after
+    the surviving columns `before` (a vision-encoder policy's, from layer 0)."""
     policy.check_depth(len(layers))
     image_mask = _image_mask(model, inputs, policy)
-    survivors = torch.ones_like(image_mask)
-    columns: dict[int, torch.Tensor] = {}
+    columns: dict[int, torch.Tensor] = dict(before or {})
+    survivors = columns[0] if 0 in columns else torch.ones_like(image_mask)
     for stage in policy.stages():
         survivors = _choose(model, inputs, layers, stage, image_mask, survivors, columns, rotary)
         columns[stage.layer] = survivors
@@ -111,6 +119,50 @@ def _visionzip(model, inputs, policy) -> tuple[dict, torch.Tensor]:
     image_mask = _image_mask(model, inputs, policy)
     kept = torch.zeros_like(image_mask).scatter(1, image_positions_of_rows(image_mask, rows, offset), True)
     return {0: kept}, zipped[:, offset:]
+
+
+def _vision_encoder_policy(model, inputs, policy) -> tuple[dict, torch.Tensor]:
+    """A vision-encoder policy (ToMe, TopK) in the tower, by the eager reference block loop up to the feature
+    layer; each token it leaves fills the image position of its first source patch, found by replaying the
+    recorded selections on sets of patch rows: ({0: the surviving positions}, the projector's input with
+    those tokens at their rows and zeros elsewhere)."""
+    config = model.config
+    tower = getattr(model, "model", model).vision_tower
+    vision_model = getattr(tower, "vision_model", tower)
+    encoder_layers = vision_model.encoder.layers
+    feature = config.vision_feature_layer % (len(encoder_layers) + 1)     # hidden_states index
+    if not isinstance(config.vision_feature_layer, int) or feature == 0:
+        raise ValueError("the vision-encoder oracle needs one feature layer after the embeddings")
+    with torch.no_grad(), recorder.recording() as steps:
+        x = vision_model.pre_layrnorm(vision_model.embeddings(inputs["pixel_values"]))
+        hidden = run_blocks(x, list(encoder_layers[:feature]), policy, 1, self_attn_qkv, self_attn_out,
+                            self_attn_mlp)
+    batch, tokens, channels = x.shape
+    rows = torch.tensor([[min(source) for source in _replayed_sources(steps, sample, tokens)]
+                         for sample in range(batch)])
+    full = hidden.new_zeros(batch, tokens, channels).scatter(1, rows[..., None].expand(-1, -1, channels), hidden)
+    offset = 1 if config.vision_feature_select_strategy == "default" else 0
+    image_mask = vision_token_mask(config, inputs["input_ids"])
+    positions = image_positions_of_rows(image_mask, rows.sort(dim=1).values, offset)
+    return {0: torch.zeros_like(image_mask).scatter(1, positions, True)}, full[:, offset:]
+
+
+def _replayed_sources(steps: list, sample: int, tokens: int) -> list[set]:
+    """The patch rows each token of `sample` stands for after the recorded ToMe and TopK selections."""
+    sources = [{row} for row in range(tokens)]
+    for kind, protected, *selection in steps:
+        prefix, rest = sources[:protected], sources[protected:]
+        if kind == "tome":
+            src, dst, unmerged = (index[sample, :, 0].tolist() for index in selection)
+            a, b = rest[::2], [set(token) for token in rest[1::2]]
+            for i, j in zip(src, dst):
+                b[j] |= a[i]
+            sources = prefix + [a[i] for i in unmerged] + b
+        else:
+            kept, fuse = selection[0][sample].tolist(), selection[1]
+            dropped = set().union(*(rest[i] for i in range(len(rest)) if i not in kept))
+            sources = prefix + [rest[i] for i in kept] + ([dropped] if fuse else [])
+    return sources
 
 
 @contextlib.contextmanager

@@ -50,7 +50,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         # default on GPUs with a StaticCache), which would trace through it without the tokensparse backend
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
-    if config.llm is not None and _cut_decode_masks(fast, _first_columns):
+    prunes_sequence = config.llm is not None or config.vision is not None
+    if prunes_sequence and _cut_decode_masks(fast, _first_columns):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
     elif config.kv is not None and _cut_decode_masks(fast, _last_columns):
         config = dataclasses.replace(config, kv_masks_follow_cache=True)
@@ -63,7 +64,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
-        if config.llm is not None and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
+        if prunes_sequence and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
         if is_static_cache(kwargs.get("past_key_values")):
             check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])

@@ -19,6 +19,7 @@ from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
+from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
@@ -138,6 +139,19 @@ def _keep_image_rows_fake(image_mask, rows, offset, features):
     return _kept_sequence_positions(image_mask)
 
 
+@torch.library.custom_op("tokensparse::features_at_source_rows", mutates_args=())
+def features_at_source_rows_op(hidden: Tensor, sources: Tensor) -> tuple[Tensor, Tensor]:
+    """A vision-encoder policy's output tokens hidden [B, N', C] written at their first source rows (sources
+    [B, N', N]) of a [B, N, C] zero tensor, and those rows ascending [B, N']."""
+    return features_at_source_rows(hidden, sources)
+
+
+@features_at_source_rows_op.register_fake
+def _features_at_source_rows_fake(hidden, sources):
+    batch, tokens, channels = hidden.shape
+    return hidden.new_empty(batch, sources.shape[2], channels), hidden.new_empty(batch, tokens, dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::snapkv_keep", mutates_args=())
 def snapkv_keep_op(q: Tensor, keys: Tensor, scale: float, count: int, window: int, kernel: int,
                    pooling: str, padding: Optional[Tensor] = None) -> Tensor:
@@ -253,6 +267,7 @@ KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
 KEEP_CHANGED_VIDEO = torch.ops.tokensparse.keep_changed_video_tokens.default
 VISIONZIP = torch.ops.tokensparse.visionzip.default
 KEEP_IMAGE_ROWS = torch.ops.tokensparse.keep_image_rows.default
+FEATURES_AT_SOURCE_ROWS = torch.ops.tokensparse.features_at_source_rows.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
