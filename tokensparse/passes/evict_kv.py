@@ -10,7 +10,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false, guard_or_true
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
@@ -145,7 +145,7 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
     after FastV; DATA_DEPENDENT when the selection decides), or None when it keeps them all."""
     length = site.cache_length
     if isinstance(policy, (AdaptiveKV, VisionBudget)):
-        evicts = policy.evicts(queries, length) if isinstance(length, int) else queries > 1 and \
+        evicts = policy.evicts(queries, length) if isinstance(length, int) else _is_prefill(queries) and \
             not policy.is_identity(0)
         return DATA_DEPENDENT if evicts else None
     if isinstance(length, int):
@@ -157,12 +157,18 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
             return _at_most(graph, point, site, budget)
         return budget if guard_or_false(length > budget) else None
-    if isinstance(policy, PrefillBudget) and queries > 1 and not policy.is_identity(0):
+    if isinstance(policy, PrefillBudget) and _is_prefill(queries) and not policy.is_identity(0):
         if not isinstance(policy.budget, int):
             raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
                                f"budget given as a count, not the fraction {policy.budget}")
         return _at_most(graph, point, site, max(policy.budget, policy.window))
     return None
+
+
+def _is_prefill(queries) -> bool:
+    """More than one new token; a data-dependent count is a prefill whose tokens a policy pruned (a vision-encoder
+    policy's cut before layer 0), never a decode step."""
+    return guard_or_true(queries > 1)
 
 
 def _at_most(graph: fx.Graph, point: fx.Node, site: CacheSite, budget: int) -> fx.Node:
