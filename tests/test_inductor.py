@@ -104,3 +104,23 @@ def test_h2o_on_a_padded_batch_under_inductor_equals_the_evicting_reference():
     for got, want in zip(out.logits, reference.logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [14, 14]
+
+
+def test_tome_in_the_tower_then_fastv_under_inductor_equals_the_oracle():
+    """ToMe in LLaVA's CLIP tower up to its feature layer, then FastV: the prefill graph (tower, source rows,
+    both cuts) and the decode graphs compiled by Inductor equal the eager oracle."""
+    from tests.models import build_llava
+    from tokensparse.reference.llava import masked_generate
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2)
+    vision, llm = tokensparse.ToMe(r=3), tokensparse.FastV(layer=2, keep=0.5)
+    fast = tokensparse.compile(model, tokensparse.Config(vision=vision, llm=llm))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        out = fast.generate(**inputs, **settings)
+    want = masked_generate(model, inputs, llm, vision=vision, **settings)
+    assert torch.equal(out.sequences, want.sequences)
+    for got, expected in zip(out.logits, want.logits):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [25, 25, 20, 20]

@@ -96,7 +96,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
             tower = _vision_language_model(work, config)
             match = match_vision_encoder(work, getattr(policy, "prefix_tokens", None))
             if tower is not None:
-                match = _tower_blocks(match, tower[1])
+                match = _tower_blocks(match, *tower)
     except MatchFailure as failure:
         if language and policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
@@ -154,14 +154,16 @@ def _holds_kv_cache(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _tower_blocks(match: ModelMatch, features) -> ModelMatch:
-    """The vision-encoder match cut to the tower's blocks up to the layer the features come from."""
+def _tower_blocks(match: ModelMatch, lm: LanguageModelMatch, features) -> ModelMatch:
+    """The vision-encoder match cut to the tower's blocks up to the layer the features come from (the decoder
+    layers are the language-model pass's, not a block list left out)."""
     paths = [block.path for block in match.blocks]
     if features.layer_path not in paths:
         raise MatchFailure(f"the image features come from {features.layer_path}, which is not one of the vision "
                            f"encoder blocks found ({match.list_path})")
     blocks = match.blocks[:paths.index(features.layer_path) + 1]
-    return dataclasses.replace(match, blocks=blocks)
+    notes = [note for note in match.notes if not note.startswith(f"block list {lm.list_path} ")]
+    return dataclasses.replace(match, blocks=blocks, notes=notes)
 
 
 def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,

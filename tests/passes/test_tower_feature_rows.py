@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import tokensparse
 from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
-from tests.models import build_llava
+from tests.models import build_llava, build_llava_onevision
 from tokensparse import Config, FastV, PyramidDrop, SnapKV, ToMe, TopK
 from tokensparse.policies.base import recorder
 from tokensparse.policies.token_sources import features_at_source_rows, token_sources
@@ -120,3 +120,26 @@ def test_a_block_past_the_feature_layer_is_refused_with_the_reason():
     with torch.no_grad(), pytest.raises(Exception, match=r"block 2 is past.*the vision tower's blocks up to "
                                                          r"model.vision_tower.encoder.layers.1"):
         fast.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_a_tower_outside_the_compiled_graph_warns_and_runs_unchanged():
+    """LLaVA-OneVision's anyres tower runs before the prefill, outside the compiled forward: nothing to act on."""
+    model, inputs = build_llava_onevision()
+    fast = tokensparse.compile(model, Config(vision=ToMe(r=2), inductor=False))
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), pytest.warns(tokensparse.TokensparseWarning, match="the tower ran outside it"):
+        out = fast.generate(**inputs, **settings)
+    assert torch.equal(out, model.generate(**inputs, **settings))
+
+
+def test_explain_shows_the_tower_and_the_decoder_layers():
+    """explain(): the decoder layers' token counts after both cuts, what the tower did, and a FLOPs-ideal
+    speedup above FastV's alone (the tower's own blocks and every decoder layer see fewer tokens)."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2)
+    both = tokensparse.explain(model, inputs, config=Config(vision=ToMe(r=3), llm=FastV(layer=2, keep=0.5)))
+    alone = tokensparse.explain(model, inputs, config=Config(llm=FastV(layer=2, keep=0.5)))
+    assert [(row.tokens_before, row.tokens_after) for row in both.blocks] == [(24, 18), (24, 18), (24, 13), (24, 13)]
+    assert [row.acted for row in both.blocks] == [True, False, True, False]
+    assert any(line.startswith("vision tower: model.vision_tower.encoder.layers.1: merge 3 of 14") for line in both.found)
+    assert not any("model.language_model.layers" in note for note in both.notes)
+    assert both.flops_ideal_ratio > alone.flops_ideal_ratio > 1

@@ -27,6 +27,7 @@ class PassContext:
     tokens_in: dict = field(default_factory=dict)        # block index -> tokens entering it after rewrite
     size_nodes: dict = field(default_factory=dict)       # block index -> ToMe size node its attention sees
     acted_blocks: list = field(default_factory=list)    # block indices where a policy step was inserted
+    acted_layers: list = field(default_factory=list)    # decoder layers of a VLM that a cut comes before
     changes: list = field(default_factory=list)
     original_output_shapes: Optional[list] = None
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run

@@ -58,6 +58,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             replace_uses_except(rider, moved, keep={user for user in rider.users if user not in inside})
         mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
         ctx.acted_blocks.append(stage.layer)
+        ctx.acted_layers.append(stage.layer)
         kept_what = {"encoder_attention": "the encoder's kept rows",
                      "temporal": f"those not within cosine {stage.keep:g} of their previous frame"}
         renumbered = f"; compact positions from {', '.join(node.name for node in rotary)}" if compact else ""

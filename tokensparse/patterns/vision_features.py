@@ -50,6 +50,9 @@ def find_vision_features(gm: fx.GraphModule, lm: LanguageModelMatch) -> VisionFe
                 found.add(node)
             else:
                 todo.append(node)
+    if not found:
+        raise MatchFailure("no vision-encoder layer in this graph produces the image features: the tower ran "
+                           "outside it (generate() runs Qwen2-VL's and LLaVA-OneVision's before the prefill)")
     if len(found) != 1:
         names = ", ".join(sorted(node.name for node in found)) or "none"
         raise MatchFailure(f"the image features come from {len(found)} vision-encoder tensors ({names}); one "

@@ -50,7 +50,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         # default on GPUs with a StaticCache), which would trace through it without the tokensparse backend
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
-    prunes_sequence = config.llm is not None or config.vision is not None
+    prunes_sequence = _sequence_policy(config) is not None
     if prunes_sequence and _cut_decode_masks(fast, _first_columns):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
     elif config.kv is not None and _cut_decode_masks(fast, _last_columns):
@@ -186,8 +186,9 @@ def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
     Refuses the padded batches it cannot mask correctly."""
     mask, cache = kwargs["attention_mask"], kwargs.get("past_key_values")
     if not bool(mask.bool().all()):
-        if config.llm is not None:
-            raise ValueError(f"llm={config.llm.name} and kv={config.kv.name} together on a padded batch are not "
+        if _sequence_policy(config) is not None:
+            option = f"{'llm' if config.llm is not None else 'vision'}={_sequence_policy(config).name}"
+            raise ValueError(f"{option} and kv={config.kv.name} together on a padded batch are not "
                              f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): "
                              f"batch prompts of one length, or use one of the two policies")
         if not layers_cut_masks:
@@ -211,6 +212,11 @@ def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
         dtype=fast.dtype, config=decoder_config, device=mask.device)
 
 
+def _sequence_policy(config):
+    """The policy that shortens the language model's sequence: llm=, else vision= (in a VLM's tower), or None."""
+    return config.llm if config.llm is not None else config.vision
+
+
 def is_static_cache(cache) -> bool:
     """A transformers StaticCache (fixed buffers written at a per-layer cumulative_length)."""
     try:
@@ -223,9 +229,10 @@ def is_static_cache(cache) -> bool:
 def check_static_cache(config, attention_mask, cache) -> None:
     """What works with a StaticCache: KV policies on unpadded batches. Language-model policies would leave
     the pruned layers' buffers shorter than generate()'s position-based decode masks."""
-    if config.llm is not None:
-        raise ValueError(f"llm={config.llm.name} with a StaticCache is not supported yet: use a DynamicCache (the "
-                         f"default) for language-model pruning")
+    if _sequence_policy(config) is not None:
+        option = "llm" if config.llm is not None else "vision"
+        raise ValueError(f"{option}={_sequence_policy(config).name} with a StaticCache is not supported yet: use a "
+                         f"DynamicCache (the default) for pruning a VLM's vision tokens")
     if config.kv is not None and _pads(attention_mask, cache):
         raise ValueError(f"kv={config.kv.name} with a StaticCache and a padded batch is not supported yet: use a "
                          f"DynamicCache, or batch prompts of one length")
