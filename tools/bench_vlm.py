@@ -41,20 +41,28 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--only", nargs="*", default=None, help="variants whose names contain one of these")
     return parser.parse_args(argv)
 
 
-def variants(layers: int):
+def variants(layers: int, only=None) -> dict:
+    """Name -> Config; `only`: keep the names containing one of these strings."""
     import tokensparse
+    from tokensparse import Config
 
     quarter = layers // 4
-    return {
-        "fastv K=2 keep=0.25": tokensparse.FastV(layer=2, keep=0.25),
+    configs = {
+        "fastv K=2 keep=0.25": Config(llm=tokensparse.FastV(layer=2, keep=0.25)),
         f"pyramiddrop layers {quarter},{2 * quarter},{3 * quarter} ratio 0.5":
-            tokensparse.PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter), ratio=0.5),
-        "visionzip 54+10": tokensparse.VisionZip(dominant=54, contextual=10),
-        "divprune keep=0.098": tokensparse.DivPrune(keep=0.098),
+            Config(llm=tokensparse.PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter), ratio=0.5)),
+        "visionzip 54+10": Config(llm=tokensparse.VisionZip(dominant=54, contextual=10)),
+        "divprune keep=0.098": Config(llm=tokensparse.DivPrune(keep=0.098)),
+        # ToMe in the tower's two blocks up to its feature layer: 576 -> 288 image tokens
+        "tome r=144 (tower)": Config(vision=tokensparse.ToMe(r=144)),
+        "tome r=144 (tower) + fastv K=2 keep=0.25": Config(vision=tokensparse.ToMe(r=144),
+                                                            llm=tokensparse.FastV(layer=2, keep=0.25)),
     }
+    return {name: config for name, config in configs.items() if not only or any(part in name for part in only)}
 
 
 def kv_bytes(cache) -> int:
@@ -107,7 +115,7 @@ def run_onnx(args) -> dict:
     model, inputs = llava_shaped(args)
     prefill = {**inputs, "logits_to_keep": 1}
     directory = tempfile.mkdtemp(prefix="tokensparse-vlm-onnx-")
-    configs = {"unpruned": None, **{name: tokensparse.Config(llm=policy) for name, policy in variants(args.layers).items()}}
+    configs = {"unpruned": None, **variants(args.layers, args.only)}
     sessions, ideal = {}, {}
     for name, config in configs.items():
         console.print(f"exporting {name} ...")
@@ -140,18 +148,18 @@ def run(args) -> dict:
     synchronize = synchronizer(args.device)
     model, inputs = llava_shaped(args)
     prefill = {**inputs, "logits_to_keep": 1}
-    policies = variants(args.layers)
+    policies = variants(args.layers, args.only)
     compiled, ideal = {}, {}
     console.print("compiling unpruned (Inductor) ...")
     plain = torch.compile(model.forward)
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill),
                                                                                              synchronize=synchronize))
-    for name, policy in policies.items():
-        report = tokensparse.explain(model, prefill, config=tokensparse.Config(llm=policy))
+    for name, config in policies.items():
+        report = tokensparse.explain(model, prefill, config=config)
         ideal[name] = report.flops_ideal_ratio
         console.print(f"compiling tokensparse {name} (FLOPs-ideal {ideal[name]:.2f}x) ...")
-        fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+        fast = tokensparse.compile(model, config)
         compiled[f"tokensparse {name}"] = ((lambda f=fast: f(**prefill)), first_call_seconds(lambda f=fast: f(**prefill),
                                                                                                synchronize=synchronize))
     base_flops = report.flops_before
@@ -165,11 +173,12 @@ def run(args) -> dict:
     decode = Table(title=f"greedy generate(), {args.new_tokens} new tokens")
     for column in ("variant", "decode tokens/s", "KV bytes after prefill", "KV bytes at the end"):
         decode.add_column(column, justify="left" if column == "variant" else "right")
-    configs = {"inductor (unpruned)": tokensparse.FastV(keep=1.0)}       # keep=1.0: the graph compiles unchanged
-    configs.update({f"tokensparse {name}": policy for name, policy in policies.items()})
-    for name, policy in configs.items():
+    # keep=1.0: the graph compiles unchanged
+    configs = {"inductor (unpruned)": tokensparse.Config(llm=tokensparse.FastV(keep=1.0))}
+    configs.update({f"tokensparse {name}": config for name, config in policies.items()})
+    for name, config in configs.items():
         torch._dynamo.reset()      # each copy's graphs count against dynamo's recompile limit of the shared forward
-        fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+        fast = tokensparse.compile(model, config)
         settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         with torch.inference_mode():
             fast.generate(**inputs, max_new_tokens=3, **settings)               # compile prefill and decode

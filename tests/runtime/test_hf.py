@@ -124,3 +124,26 @@ def test_llava_onevision_anyres_image_equals_the_masking_oracle(policy):
     kept = [full - images + round(policy.keep * images)] * 2
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == (
         [full] * 2 + kept if isinstance(policy, tokensparse.FastV) else kept * 2)
+
+
+@pytest.mark.parametrize("policy, lengths", [(tokensparse.FastV(layer=2, keep=0.5), [33, 33, 24, 24]),
+                                             (tokensparse.DivPrune(keep=0.3), [21] * 4)], ids=lambda p: str(p)[:5])
+def test_llava_onevision_video_equals_the_masking_oracle(policy, lengths):
+    """A 4-frame video per sample (pooled frames and a newline token: 17 video tokens): the prefill graph merges
+    the video features that generate() encodes first, and the policy prunes them like image tokens."""
+    from tests.models import build_llava_onevision
+
+    model, _ = build_llava_onevision()
+    generator = torch.Generator().manual_seed(3)
+    videos = torch.randn(2, 4, 3, 32, 32, generator=generator)
+    vocab = model.config.text_config.vocab_size
+    input_ids = torch.cat([torch.randint(0, vocab - 10, (2, 4), generator=generator),
+                           torch.full((2, 17), model.config.video_token_index),
+                           torch.randint(0, vocab - 10, (2, 5), generator=generator)], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": videos}
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=8, **LOGGED)
+    out = generate_without_warnings(fast, **inputs, **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, policy, **settings))
+    # 26 prompt tokens + 7 generated; FastV keeps 8 of 17 video tokens from layer 2, DivPrune 5 from layer 0
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == lengths

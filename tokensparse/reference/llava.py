@@ -196,8 +196,9 @@ def _image_mask(model, inputs, policy) -> torch.Tensor:
 
 def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] True at the placeholders the model fills with image or video features (LLaVA's
-    `image_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
-    ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_id")]
+    `image_token_index`, LLaVA-OneVision's `video_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
+    ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_index",
+                                                    "video_token_id")]
     ids = [token for token in ids if token is not None]
     if not ids:
         raise TypeError(f"{type(config).__name__} names no image or video token id")
