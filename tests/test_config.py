@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokensparse import Config, DivPrune, FastV, PyramidDrop, ToMe, TopK, VisualExit
+from tokensparse import Config, DivPrune, FastV, PyramidDrop, ToMe, TopK, VisionZip, VisualExit
 from tokensparse.config import config_from_options
 
 
@@ -64,6 +64,8 @@ def test_kv_policies_go_to_the_kv_slot():
     with pytest.raises(ValueError, match="kv=FastV.* must be a KV-cache policy"):
         Config(kv=FastV())
     both = Config(vision=ToMe(r=2), llm=FastV(), kv=SnapKV())     # a VLM: the tower, then the language model
+    with pytest.raises(ValueError, match="vision=tome and llm=visionzip together are not supported"):
+        Config(vision=ToMe(r=2), llm=VisionZip())
     assert both.policy == ToMe(r=2) and both.llm == FastV() and both.kv == SnapKV()
     with pytest.raises(ValueError, match="vision=SnapKV.* must be a vision-encoder policy"):
         Config(vision=SnapKV())

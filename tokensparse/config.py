@@ -43,6 +43,9 @@ class Config:
                              f"tokensparse.FastV(layer=2, keep=0.25)")
         if self.kv is not None and not isinstance(self.kv, KVPolicy):
             raise ValueError(f"kv={self.kv!r} must be a KV-cache policy such as tokensparse.SnapKV(budget=512)")
+        if self.vision is not None and self.llm is not None and self.llm.stage_in_tower:
+            raise ValueError(f"vision={self.vision.name} and llm={self.llm.name} together are not supported: both "
+                             f"choose the tokens at the vision tower's output; use one of them")
         for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "kv_masks_follow_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

@@ -98,7 +98,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
             if tower is not None:
                 match = _tower_blocks(match, *tower)
     except MatchFailure as failure:
-        if language and policy.vision_span is None and not has_image_input(gm):
+        language_policy = policy if language else config.llm
+        if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
             return RewriteResult(gm, False, f"no image in this graph ({failure.reason})")
         return _unchanged(gm, failure.reason, warn)

@@ -42,6 +42,7 @@ class LanguagePolicy(Policy):
     stage = "llm"
     vision_span: Optional[tuple] = None
     positions: str = "original"
+    stage_in_tower = False      # chooses the tokens at the vision tower's feature layer (VisionZip)
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError

@@ -23,6 +23,7 @@ class VisionZip(LanguagePolicy):
     positions: str = "original"
 
     name = "visionzip"
+    stage_in_tower = True
 
     def __post_init__(self):
         check_positions(self.positions)
