@@ -11,7 +11,7 @@ from tests.models import build_llava
 from tokensparse import Config
 from tokensparse.export import to_onnx
 from tokensparse.export.trt_check import check_tensorrt
-from tokensparse.policies import DivPrune, FastV, PyramidDrop, VisionZip, VisualExit
+from tokensparse.policies import DivPrune, FastV, PyramidDrop, ToMe, VisionZip, VisualExit
 from tokensparse.reference.llava import masked_forward
 
 
@@ -21,20 +21,20 @@ def _ort_logits(path: str, inputs: dict) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feed)[0])
 
 
-def _oracle_at_kept(model, inputs: dict, policy) -> torch.Tensor:
-    reference = masked_forward(model, inputs, policy)
+def _oracle_at_kept(model, inputs: dict, policy, vision=None) -> torch.Tensor:
+    reference = masked_forward(model, inputs, policy, vision=vision)
     logits, kept = reference["logits"], reference["kept"]
     return logits.gather(1, kept.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
-def _export_and_compare(tmp_path, policy, batch: int, **sizes):
+def _export_and_compare(tmp_path, policy, batch: int, vision=None, **sizes):
     model, traced = build_llava(batch=batch, **sizes)
-    result = to_onnx(model, traced, Config(llm=policy), str(tmp_path / "llava.onnx"), dynamic=False)
+    result = to_onnx(model, traced, Config(vision=vision, llm=policy), str(tmp_path / "llava.onnx"), dynamic=False)
     assert result.changed, result.reason
     assert result.input_names == ["input_ids", "pixel_values"]
     _, other = build_llava(batch=batch, seed=batch + 100, **sizes)         # not the traced example
     got = _ort_logits(result.path, other)
-    want = _oracle_at_kept(model, other, policy)
+    want = _oracle_at_kept(model, other, policy, vision)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     return result
@@ -53,6 +53,14 @@ def test_fastv_onnx_runtime_matches_the_masking_oracle(tmp_path, batch):
                          ids=["fastv_text", "pyramiddrop", "pyramiddrop_compact", "exit"])
 def test_other_language_policies_export(tmp_path, policy):
     _export_and_compare(tmp_path, policy, 2)
+
+
+def test_tome_in_the_tower_then_fastv_exports(tmp_path):
+    """ToMe in the tower up to its feature layer (-2 of 3), the tokens' source rows and both cuts, in one ONNX
+    graph of standard ops."""
+    result = _export_and_compare(tmp_path, FastV(layer=2, keep=0.5), 2, vision=ToMe(r=3), vision_layers=3,
+                                 feature_layer=-2)
+    assert {node.domain for node in onnx.load(result.path).graph.node} <= {"", "ai.onnx"}
 
 
 @pytest.mark.parametrize("batch", [1, 5])
