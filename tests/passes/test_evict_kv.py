@@ -335,13 +335,42 @@ def test_a_static_cache_equals_the_evicting_reference_without_recompiling(llama,
     assert len(compiled) == 2
 
 
-def test_a_static_cache_keeps_every_policy_that_evicts_each_step_unchanged_with_the_reason(llama):
+@pytest.mark.parametrize("policy, capacity, length", [(StreamingLLM(sinks=2, window=10), 41, 12),
+                                                       (StreamingLLM(sinks=4, window=50), 64, 54)],
+                         ids=["prefill_and_decode", "decode_only"])
+def test_streamingllm_keeps_a_static_cache_at_its_budget(llama, policy, capacity, length):
+    """The prefill keeps the sinks and the window in the first slots; after each decode step's attention,
+    tokensparse::keep_sinks_and_window moves them there again in place. A cache of 41 slots then serves 40 + 20
+    tokens. Equal to the evicting reference; one prefill and one decode graph."""
+    model, inputs = llama
+    out, cache, compiled = _static_generate(model, inputs, Config(kv=policy, inductor=False), max_cache_len=capacity)
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [length] * 2
+    assert [int(alive[0, 0].sum()) for alive in log.alive.values()] == [length] * 2
+    assert all(not layer.keys[:, :, length:].any() for layer in cache.layers)
+    assert len(compiled) == 2
+
+
+def test_keep_sinks_and_window_is_opcheck_clean():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 16, 4, generator=generator), torch.randn(2, 2, 16, 4, generator=generator)
+    keys[:, :, 13:], values[:, :, 13:] = 0, 0             # 13 filled slots of 16
+    length = torch.tensor(13)
+    torch.library.opcheck(torch.ops.tokensparse.keep_sinks_and_window, (keys, values, length, 2, 5))
+    before = keys.clone()
+    torch.ops.tokensparse.keep_sinks_and_window(keys, values, length, 2, 5)
+    assert int(length) == 7 and torch.equal(keys[:, :, :7], before[:, :, [0, 1, 8, 9, 10, 11, 12]])
+    assert not keys[:, :, 7:].any()
+
+
+def test_a_static_cache_keeps_h2o_unchanged_with_the_reason(llama):
     from transformers import StaticCache
 
     model, inputs = llama
-    with pytest.warns(tokensparse.TokensparseWarning, match="streamingllm evicts at every decode step, which a "
-                                                            "StaticCache does not support yet"):
-        out, cache, _ = _static_generate(model, inputs, Config(kv=StreamingLLM(sinks=2, window=10), inductor=False))
+    with pytest.warns(tokensparse.TokensparseWarning, match="h2o evicts at every decode step from accumulated "
+                                                            "scores, which a StaticCache does not support yet"):
+        out, cache, _ = _static_generate(model, inputs, Config(kv=H2O(heavy=8, recent=6), inductor=False))
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
     _assert_same(out, plain)

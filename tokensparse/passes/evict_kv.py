@@ -21,8 +21,8 @@ from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, Str
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT, SNAPKV_KEEP,
-                                     VISION_BUDGET_KEEP)
+from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KEEP_SINKS_AND_WINDOW, KV_EVICT,
+                                     SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import vision_mask_2d
 from tokensparse.runtime.static_cache import filled_length, refill_buffer, slot_causal_mask
 
@@ -64,9 +64,9 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     their count, so decode steps write after them; every decode step's attention sees the filled slots up
     to its own (generate()'s mask follows positions, which no longer equal slots)."""
     policy = ctx.policy
-    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget)):
-        raise MatchFailure(f"{policy.name} evicts at every decode step, which a StaticCache does not support yet "
-                           f"(use a DynamicCache)")
+    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget, StreamingLLM)):
+        raise MatchFailure(f"{policy.name} evicts at every decode step from accumulated scores, which a StaticCache "
+                           f"does not support yet (use a DynamicCache)")
     if not ctx.decode_masks_follow_cache:
         raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), which checks that "
                            "the batch is not padded (the decode masks are rebuilt over the buffer's slots)")
@@ -77,6 +77,11 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
             set_arg(site.attention.node, 3, "attn_mask", mask)
             ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots")
+            if isinstance(policy, StreamingLLM):
+                insert_call(gm.graph, site.attention.node.next, KEEP_SINKS_AND_WINDOW,
+                            (buffers.keys, buffers.values, buffers.length, policy.sinks, policy.window))
+                ctx.record("evict_kv", f"{site.path}: then keeps {policy.sinks} sinks and the last {policy.window} "
+                                       f"filled slots")
             continue
         count = _kept_count(gm.graph, output, policy, site, queries)
         if count is None:

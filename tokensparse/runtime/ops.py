@@ -19,6 +19,7 @@ from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
+from tokensparse.runtime.static_cache import keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
@@ -222,6 +223,18 @@ def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_
     return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::keep_sinks_and_window", mutates_args=("keys", "values", "length"))
+def keep_sinks_and_window_op(keys: Tensor, values: Tensor, length: Tensor, sinks: int, window: int) -> None:
+    """StreamingLLM's eviction on a StaticCache layer's buffers [B, H_kv, max_len, d] and its filled length, in
+    place, after a decode step's attention has read them."""
+    keep_sinks_and_window_(keys, values, length, sinks, window)
+
+
+@keep_sinks_and_window_op.register_fake
+def _keep_sinks_and_window_fake(keys, values, length, sinks, window):
+    return None
+
+
 @torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
@@ -270,6 +283,7 @@ KEEP_IMAGE_ROWS = torch.ops.tokensparse.keep_image_rows.default
 FEATURES_AT_SOURCE_ROWS = torch.ops.tokensparse.features_at_source_rows.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
+KEEP_SINKS_AND_WINDOW = torch.ops.tokensparse.keep_sinks_and_window.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
 H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
 ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default

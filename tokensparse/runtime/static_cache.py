@@ -23,3 +23,20 @@ def slot_causal_mask(slots: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     eviction the slots no longer equal the tokens' positions, so generate()'s position-based mask is wrong."""
     columns = torch.arange(buffer.shape[2], device=buffer.device)
     return (columns[None, :] <= slots[:, None])[None, None]
+
+
+def keep_sinks_and_window_(keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, sinks: int,
+                           window: int) -> None:
+    """StreamingLLM on a StaticCache layer, in place: once its `length` filled slots outnumber sinks + window,
+    move the first `sinks` and the last `window` of them to the first slots, clear the rest, and set the length
+    to sinks + window (so the next step writes right after them)."""
+    filled = int(length.max())
+    budget = sinks + window
+    if filled <= budget:
+        return
+    kept = torch.cat([torch.arange(sinks, device=keys.device), torch.arange(filled - window, filled,
+                                                                             device=keys.device)])
+    for buffer in (keys, values):
+        buffer[:, :, :budget] = buffer[:, :, kept]
+        buffer[:, :, budget:filled] = 0
+    length.fill_(budget)
