@@ -30,13 +30,14 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
 
 
 def __getattr__(name: str):
-    if name == "ScoredCache":          # imports transformers: only when asked for
-        from tokensparse.runtime.scored_cache import ScoredCache
+    if name in ("ScoredCache", "ScoredStaticCache"):          # import transformers: only when asked for
+        from tokensparse.runtime import scored_cache
 
-        return ScoredCache
+        return getattr(scored_cache, name)
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
 __all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
+           "ScoredStaticCache",
            "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
            "compile", "explain"]

@@ -297,7 +297,8 @@ def test_a_sliding_window_cache_is_refused_with_the_reason():
 
 
 def _static_generate(model, inputs, config, max_cache_len=64, **settings):
-    """fast.generate() into a fresh StaticCache; returns (output, the cache, graphs the backend compiled)."""
+    """fast.generate() into a fresh StaticCache (a ScoredStaticCache for H2O); returns (output, the cache,
+    graphs the backend compiled)."""
     from transformers import StaticCache
 
     import tokensparse.backend
@@ -309,7 +310,10 @@ def _static_generate(model, inputs, config, max_cache_len=64, **settings):
         compiled.append(gm)
         return backend(gm, example_inputs, **kwargs)
 
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if isinstance(config.kv, H2O) and settings.pop("scored", True):
+        cache = tokensparse.ScoredStaticCache(model.config, max_cache_len=max_cache_len)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tokensparse.backend, "tokensparse_backend", counting)
         fast = tokensparse.compile(model, config)
@@ -336,12 +340,15 @@ def test_a_static_cache_equals_the_evicting_reference_without_recompiling(llama,
 
 
 @pytest.mark.parametrize("policy, capacity, length", [(StreamingLLM(sinks=2, window=10), 41, 12),
-                                                       (StreamingLLM(sinks=4, window=50), 64, 54)],
-                         ids=["prefill_and_decode", "decode_only"])
-def test_streamingllm_keeps_a_static_cache_at_its_budget(llama, policy, capacity, length):
-    """The prefill keeps the sinks and the window in the first slots; after each decode step's attention,
-    tokensparse::keep_sinks_and_window moves them there again in place. A cache of 41 slots then serves 40 + 20
-    tokens. Equal to the evicting reference; one prefill and one decode graph."""
+                                                       (StreamingLLM(sinks=4, window=50), 64, 54),
+                                                       (H2O(heavy=8, recent=6), 41, 14),
+                                                       (H2O(heavy=30, recent=20), 64, 50)],
+                         ids=["streamingllm", "streamingllm_decode_only", "h2o", "h2o_decode_only"])
+def test_policies_that_evict_each_step_keep_a_static_cache_at_their_budget(llama, policy, capacity, length):
+    """The prefill keeps its selection in the first slots (H2O: with the prompt's attention as the slots'
+    scores); after each decode step's attention, tokensparse::keep_sinks_and_window or ::heavy_and_recent
+    (which first adds the step's attention to the scores) moves the kept slots to the front in place. A cache
+    of 41 slots then serves 40 + 20 tokens. Equal to the evicting reference; one prefill and one decode graph."""
     model, inputs = llama
     out, cache, compiled = _static_generate(model, inputs, Config(kv=policy, inductor=False), max_cache_len=capacity)
     reference, log = evicted_generate(model, inputs, policy, **GENERATE)
@@ -364,13 +371,29 @@ def test_keep_sinks_and_window_is_opcheck_clean():
     assert not keys[:, :, 7:].any()
 
 
-def test_a_static_cache_keeps_h2o_unchanged_with_the_reason(llama):
+def test_heavy_and_recent_is_opcheck_clean_and_keeps_the_best_slots():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 16, 4, generator=generator), torch.randn(1, 2, 16, 4, generator=generator)
+    keys[:, :, 13:], values[:, :, 13:] = 0, 0             # 13 filled slots of 16
+    scores = torch.zeros(1, 2, 16)
+    scores[:, :, :10] = torch.arange(10.0)                 # slot 9 heaviest among the slots before the recent ones
+    q = torch.randn(1, 4, 1, 4, generator=generator)
+    args = (keys, values, scores, torch.tensor(13), q, 0.5, 5, 3)
+    torch.library.opcheck(torch.ops.tokensparse.heavy_and_recent, args)
+    before = keys.clone()
+    torch.ops.tokensparse.heavy_and_recent(*args)
+    assert int(args[3]) == 5 and torch.equal(keys[:, :, :5], before[:, :, [8, 9, 10, 11, 12]])
+    assert not keys[:, :, 5:].any() and not scores[:, :, 5:].any()
+
+
+def test_a_static_cache_without_scores_keeps_h2o_unchanged_with_the_fix(llama):
     from transformers import StaticCache
 
     model, inputs = llama
-    with pytest.warns(tokensparse.TokensparseWarning, match="h2o evicts at every decode step from accumulated "
-                                                            "scores, which a StaticCache does not support yet"):
-        out, cache, _ = _static_generate(model, inputs, Config(kv=H2O(heavy=8, recent=6), inductor=False))
+    with pytest.warns(tokensparse.TokensparseWarning, match="this StaticCache carries no scores: pass "
+                                                            r"past_key_values=tokensparse.ScoredStaticCache"):
+        out, cache, _ = _static_generate(model, inputs, Config(kv=H2O(heavy=8, recent=6), inductor=False),
+                                         scored=False)
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
     _assert_same(out, plain)

@@ -21,10 +21,10 @@ from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, Str
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, KEEP_SINKS_AND_WINDOW, KV_EVICT,
-                                     SNAPKV_KEEP, VISION_BUDGET_KEEP)
+from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, HEAVY_AND_RECENT,
+                                     KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import vision_mask_2d
-from tokensparse.runtime.static_cache import filled_length, refill_buffer, slot_causal_mask
+from tokensparse.runtime.static_cache import filled_length, refill_buffer, refill_scores, slot_causal_mask
 
 DATA_DEPENDENT = "a data-dependent number"
 
@@ -64,9 +64,11 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     their count, so decode steps write after them; every decode step's attention sees the filled slots up
     to its own (generate()'s mask follows positions, which no longer equal slots)."""
     policy = ctx.policy
-    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget, StreamingLLM)):
-        raise MatchFailure(f"{policy.name} evicts at every decode step from accumulated scores, which a StaticCache "
-                           f"does not support yet (use a DynamicCache)")
+    if isinstance(policy, H2O) and any(site.static.scores is None for site in ctx.cache_sites):
+        raise MatchFailure(f"{policy.name} accumulates attention per cached slot and this StaticCache carries no "
+                           f"scores: pass past_key_values=tokensparse.ScoredStaticCache(model.config, max_cache_len)")
+    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget, StreamingLLM, H2O)):
+        raise MatchFailure(f"{policy.name} has no StaticCache form yet (use a DynamicCache)")
     if not ctx.decode_masks_follow_cache:
         raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), which checks that "
                            "the batch is not padded (the decode masks are rebuilt over the buffer's slots)")
@@ -82,11 +84,28 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
                             (buffers.keys, buffers.values, buffers.length, policy.sinks, policy.window))
                 ctx.record("evict_kv", f"{site.path}: then keeps {policy.sinks} sinks and the last {policy.window} "
                                        f"filled slots")
+            elif isinstance(policy, H2O):
+                insert_call(gm.graph, site.attention.node.next, HEAVY_AND_RECENT,
+                            (buffers.keys, buffers.values, buffers.scores, buffers.length, site.attention.q,
+                             _scale(site), policy.heavy + policy.recent, policy.recent))
+                ctx.record("evict_kv", f"{site.path}: then accumulates the step's attention and keeps "
+                                       f"{policy.heavy} heavy and {policy.recent} recent slots")
             continue
+        scores = None
+        if isinstance(policy, H2O):     # the prefill's attention, summed per key: the slots' first scores
+            scores = insert_call(gm.graph, output, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site)))
         count = _kept_count(gm.graph, output, policy, site, queries)
         if count is None:
+            if scores is not None:
+                output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_scores,
+                                                                      (scores, buffers.scores)))
+                ctx.acted_blocks.append(site.path)
             continue
-        keys, values = _evicted(gm.graph, output, site, _kept(gm.graph, output, policy, site, count, None))
+        kept = _kept(gm.graph, output, policy, site, count, scores)
+        if scores is not None:
+            output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_scores, (
+                insert_call(gm.graph, output, torch.gather, (scores, 2, kept)), buffers.scores)))
+        keys, values = _evicted(gm.graph, output, site, kept)
         output.replace_input_with(buffers.keys, insert_call(gm.graph, output, refill_buffer, (keys, buffers.keys)))
         output.replace_input_with(buffers.values, insert_call(gm.graph, output, refill_buffer,
                                                               (values, buffers.values)))

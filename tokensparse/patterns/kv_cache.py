@@ -27,6 +27,7 @@ class StaticBuffers:
     slots: fx.Node          # [S] the slots this forward writes
     length: fx.Node         # the layer's cumulative_length as the graph reads it
     created: bool
+    scores: Optional[fx.Node] = None    # a ScoredStaticCache layer's [B, H_kv, max_len] scores buffer
 
 
 @dataclass
@@ -94,10 +95,21 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
         if not created and keys.args[0].op != "placeholder":
             raise MatchFailure(f"{attention.module_path}: its StaticCache buffers are neither made by this graph nor "
                                f"its inputs")
-        buffers = StaticBuffers(keys.args[0], values.args[0], slots, slots.args[1], created)
+        buffers = StaticBuffers(keys.args[0], values.args[0], slots, slots.args[1], created,
+                                _static_scores(attention.node.graph, slots.args[1]))
         read = 3 if created else 0          # an empty cache's contents are the new keys; else the buffers
         sites.append(CacheSite(attention, keys.args[read], values.args[read], static=buffers))
     return sites
+
+
+def _static_scores(graph: fx.Graph, length: fx.Node) -> Optional[fx.Node]:
+    """The scores buffer that a ScoredStaticCache layer clears at the slots arange(S) + `length` (its
+    scores.index_fill_(2, slots, 0)), or None."""
+    for node in graph.nodes:
+        if is_op(node, "index_fill_") and len(node.args) > 2 and is_op(node.args[2], "add") \
+                and node.args[2].args[1] is length:
+            return node.args[0]
+    return None
 
 
 def _static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:

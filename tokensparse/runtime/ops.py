@@ -19,7 +19,7 @@ from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep
-from tokensparse.runtime.static_cache import keep_sinks_and_window_
+from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
@@ -235,6 +235,19 @@ def _keep_sinks_and_window_fake(keys, values, length, sinks, window):
     return None
 
 
+@torch.library.custom_op("tokensparse::heavy_and_recent", mutates_args=("keys", "values", "scores", "length"))
+def heavy_and_recent_op(keys: Tensor, values: Tensor, scores: Tensor, length: Tensor, q: Tensor, scale: float,
+                        budget: int, recent: int) -> None:
+    """H2O's accumulation and eviction on a ScoredStaticCache layer's buffers and length, in place, after a
+    decode step's attention has read them."""
+    heavy_and_recent_(keys, values, scores, length, q, scale, budget, recent)
+
+
+@heavy_and_recent_op.register_fake
+def _heavy_and_recent_fake(keys, values, scores, length, q, scale, budget, recent):
+    return None
+
+
 @torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
@@ -284,6 +297,7 @@ FEATURES_AT_SOURCE_ROWS = torch.ops.tokensparse.features_at_source_rows.default
 SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default
 KV_EVICT = torch.ops.tokensparse.kv_evict.default
 KEEP_SINKS_AND_WINDOW = torch.ops.tokensparse.keep_sinks_and_window.default
+HEAVY_AND_RECENT = torch.ops.tokensparse.heavy_and_recent.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
 H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
 ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default

@@ -5,7 +5,7 @@ each new position; the tokensparse pass adds the forward's attention to it and e
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 
 class ScoredLayer(DynamicLayer):
@@ -60,3 +60,43 @@ class ScoredCache(DynamicCache):
             if others:
                 raise ValueError(f"ScoredCache holds full-attention layers only; this model also has {others} layers")
         super(DynamicCache, self).__init__(layer_class_to_replicate=ScoredLayer)
+
+
+class ScoredStaticLayer(StaticLayer):
+    """A StaticLayer with `scores` [B, H_kv, max_len] (float32) beside its fixed key and value buffers."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.scores = torch.zeros(self.batch_size, self.num_heads, self.max_cache_len, dtype=torch.float32,
+                                  device=self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.scores)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        # new positions start at score 0 (the slots after the filled ones are 0 already; written so that a
+        # compiled graph reads and returns the scores)
+        self.scores.index_fill_(2, slots, 0.0)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.scores.zero_()
+        super().reset()
+
+
+class ScoredStaticCache(StaticCache):
+    """A StaticCache whose layers also carry H2O's accumulated score per slot: pass it to generate() as
+    past_key_values=ScoredStaticCache(model.config, max_cache_len) to run H2O without decode recompiles. Full-
+    attention layers only."""
+
+    def __init__(self, config, max_cache_len: int):
+        text = config.get_text_config(decoder=True)
+        others = sorted({kind for kind in getattr(text, "layer_types", None) or () if kind != "full_attention"})
+        if others:
+            raise ValueError(f"ScoredStaticCache holds full-attention layers only; this model also has {others} "
+                             f"layers")
+        layers = [ScoredStaticLayer(max_cache_len=max_cache_len) for _ in range(text.num_hidden_layers)]
+        super(StaticCache, self).__init__(layers=layers)

@@ -40,3 +40,31 @@ def keep_sinks_and_window_(keys: torch.Tensor, values: torch.Tensor, length: tor
         buffer[:, :, :budget] = buffer[:, :, kept]
         buffer[:, :, budget:filled] = 0
     length.fill_(budget)
+
+
+def refill_scores(kept: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A scores buffer shaped like `buffer` [B, H, max_len] whose first slots hold `kept` [B, H, k], the rest 0."""
+    return torch.cat([kept, kept.new_zeros(kept.shape[0], kept.shape[1], buffer.shape[2] - kept.shape[2])], dim=2)
+
+
+def heavy_and_recent_(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, length: torch.Tensor,
+                      q: torch.Tensor, scale: float, budget: int, recent: int) -> None:
+    """H2O on a ScoredStaticCache layer, in place, after a decode step's attention: add the step's attention
+    (queries q [B, H, S, d] over the filled slots) to the scores; once the filled slots outnumber `budget`, move
+    each KV head's `recent` last and `budget - recent` best-scored slots to the front (in order), clear the
+    rest, and set the length to `budget`."""
+    from tokensparse.policies.h2o import h2o_keep
+    from tokensparse.policies.kv_policy import attention_column_sums
+
+    filled = int(length.max())
+    scores[:, :, :filled] += attention_column_sums(q, keys[:, :, :filled], scale)
+    if filled <= budget:
+        return
+    kept = h2o_keep(scores[:, :, :filled], budget, recent)                       # [B, H_kv, budget]
+    for buffer in (keys, values):
+        index = kept.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
+        buffer[:, :, :budget] = buffer[:, :, :filled].gather(2, index)
+        buffer[:, :, budget:filled] = 0
+    scores[:, :, :budget] = scores[:, :, :filled].gather(2, kept)
+    scores[:, :, budget:filled] = 0
+    length.fill_(budget)
