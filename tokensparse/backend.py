@@ -21,7 +21,7 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
-    if config.regional and config.vision is not None and result.context.language is None:
+    if config.regional and config.vision is not None and result.match is not None and result.context.language is None:
         try:
             return compile_by_regions(result)
         except Exception as error:  # noqa: BLE001 - any failure here has a correct fallback, said once

@@ -13,7 +13,7 @@ from typing import Optional
 import torch.fx as fx
 
 from tokensparse.config import Config
-from tokensparse.passes import KV_PASSES, PASSES
+from tokensparse.passes import KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
@@ -88,7 +88,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     tower = None
     if not language and not has_image_input(gm) and _holds_kv_cache(work):
         # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
-        return RewriteResult(gm, False, "no image in this language-model graph")
+        return _without_image(gm, example_inputs, config, "no image in this language-model graph")
     try:
         if language:
             match = match_language_model(work, policy.vision_span)
@@ -101,7 +101,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         language_policy = policy if language else config.llm
         if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
-            return RewriteResult(gm, False, f"no image in this graph ({failure.reason})")
+            return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})")
         return _unchanged(gm, failure.reason, warn)
     if hasattr(policy, "check_depth"):
         try:
@@ -136,6 +136,29 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, match, ctx, match.notes)
+
+
+def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str) -> RewriteResult:
+    """A VLM graph without an image (a decode step, a text-only prompt): unchanged, except decode steps into a
+    StaticCache under tokensparse.compile(), whose pruned layers' slots no longer follow positions."""
+    if not config.decode_masks_follow_cache:
+        return RewriteResult(gm, False, reason)
+    work = copy_graph_module(gm)
+    fake_mode = detect_fake_mode(example_inputs)
+    ctx = PassContext(config.policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode,
+                      decode_masks_follow_cache=True)
+    ctx.original_output_shapes = output_shapes(work)
+    try:
+        for rewrite_pass in PRUNED_STATIC_DECODE_PASSES:
+            work = rewrite_pass(work, ctx)
+    except MatchFailure:
+        return RewriteResult(gm, False, reason)
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
+        return _unchanged(gm, internal_error(error), True)
+    work.recompile()
+    return RewriteResult(work, True, None, None, ctx)
 
 
 def _vision_language_model(gm: fx.GraphModule, config: Config):

@@ -400,15 +400,15 @@ def test_a_static_cache_without_scores_keeps_h2o_unchanged_with_the_fix(llama):
     assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
 
 
-def test_a_static_cache_refuses_padding_and_language_model_policies(llama):
+def test_a_static_cache_refuses_padding_and_both_kinds_of_policy(llama):
     model, inputs = llama
     padded = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
     padded["attention_mask"][0, :3] = 0
     with pytest.raises(ValueError, match="with a StaticCache and a padded batch is not supported yet"):
         _static_generate(model, padded, Config(kv=SnapKV(budget=16), inductor=False))
     llava, images = build_llava(text_layers=2)
-    with pytest.raises(ValueError, match="llm=fastv with a StaticCache is not supported yet"):
-        _static_generate(llava, images, Config(llm=FastV(layer=1, keep=0.5), inductor=False))
+    with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together with a StaticCache are not supported"):
+        _static_generate(llava, images, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False))
 
 
 def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):

@@ -7,6 +7,7 @@ from tokensparse.passes.proportional_attention import proportional_attention_pas
 from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
+from tokensparse.passes.static_slot_masks import static_slot_masks_pass
 from tokensparse.passes.tower_feature_rows import tower_feature_rows_pass
 from tokensparse.passes.verify import verify_cache_pass, verify_pass
 from tokensparse.passes.zip_vision_features import zip_vision_features_pass
@@ -30,4 +31,11 @@ KV_PASSES = (
     verify_cache_pass,            # outputs changed only along the cache axis
 )
 
-__all__ = ["KV_PASSES", "PASSES"]
+# Decode steps into a StaticCache that a language-model policy pruned: no image, no cut, only the masks.
+PRUNED_STATIC_DECODE_PASSES = (
+    static_slot_masks_pass,       # each attention sees its layer's filled slots, not generate()'s positions
+    rederive_sizes_pass,          # FakeTensor propagation over the result
+    verify_cache_pass,            # outputs unchanged
+)
+
+__all__ = ["KV_PASSES", "PASSES", "PRUNED_STATIC_DECODE_PASSES"]

@@ -4,19 +4,24 @@ Yang et al., 2024; DTD, TimeChat-Online, Yao et al., 2025)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from tokensparse.flops import POLICY_NODE
 from tokensparse.passes.context import PassContext, original_node, replace_uses_except
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, meta_value, shape_of
+from tokensparse.patterns.graph import (MatchFailure, arg, downstream, insert_call, is_op, meta_value, set_arg,
+                                        shape_of)
+from tokensparse.patterns.kv_cache import static_write
 from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
 from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, last_tokens, span_mask, vision_mask_2d
+from tokensparse.runtime.static_cache import first_slots, slot_causal_mask
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
 
@@ -32,9 +37,11 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     lm: LanguageModelMatch = ctx.language
     graph = gm.graph
-    if any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes):
+    static = any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes)
+    if static and not ctx.decode_masks_follow_cache:
         raise MatchFailure("the decoder layers write a StaticCache, whose decode masks follow positions that the "
-                           "pruned layers no longer hold; use a DynamicCache (the default) for language-model pruning")
+                           "pruned layers no longer hold; prune into a StaticCache through tokensparse.compile(model, "
+                           "config), whose decode steps attend over each layer's filled slots")
     compact = getattr(policy, "positions", "original") == "compact"
     if compact and _find_mrope_positions(graph, lm) is not None:
         raise MatchFailure("positions='compact' renumbers 1-D RoPE positions; this language model reads 3-D M-RoPE "
@@ -65,7 +72,39 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.record("prune_sequence", f"{layer.path}: keep {kept_what.get(stage.score, f'{stage.keep:g}')} of the "
                                      f"vision tokens ({stage.score}); gathered "
                                      f"{', '.join(node.name for node, _ in riders if node not in rotary)}{renumbered}")
+    if static:
+        for layer in lm.layers[min(stage.layer for stage in stages):]:
+            _write_first_slots(graph, layer)
+        ctx.record("prune_sequence", "StaticCache: each pruned layer writes its kept tokens to its first slots")
     return gm
+
+
+def _write_first_slots(graph: fx.Graph, layer: DecoderLayer) -> None:
+    """A pruned layer's StaticCache update: its S' kept tokens go to the slots right after the filled ones, its
+    length grows by S', and a masked attention sees the filled slots up to its own (top-left causal, as SDPA's
+    is_causal already does over the buffer)."""
+    order = {node: position for position, node in enumerate(graph.nodes)}
+    writes = sorted((node for node in layer.nodes if is_op(node, "index_copy_")), key=order.__getitem__)
+    slots, new = writes[0].args[2], writes[0].args[3]
+    if not is_op(slots, "add") or any(write.args[2] is not slots for write in writes):
+        raise MatchFailure(f"{layer.path}: its StaticCache slots are not one arange(S) + cumulative_length")
+    length = slots.args[1]
+    grows = [node for node in layer.nodes if node.op == "call_method" and node.target == "add_"
+             and node.args[0] is length]
+    if len(grows) != 1:
+        raise MatchFailure(f"{layer.path}: {len(grows)} updates of its StaticCache length; one was expected")
+    kept_slots = insert_call(graph, writes[0], first_slots, (slots, new))
+    for write in writes:
+        write.args = (write.args[0], write.args[1], kept_slots, *write.args[3:])
+    count = insert_call(graph, grows[0], torch.ops.aten.sym_size.int, (new, 2))
+    grows[0].args = (length, count)
+    for read in _buffer_reads(layer, writes):        # buffer[:, :, :S] -> buffer[:, :, :S']
+        index = list(read.args[1])
+        index[2] = slice(index[2].start, count, index[2].step)
+        read.args = (read.args[0], tuple(index))
+    if arg(layer.site.node, 3, "attn_mask") is not None:
+        set_arg(layer.site.node, 3, "attn_mask", insert_call(graph, layer.site.node, slot_causal_mask,
+                                                             (kept_slots, writes[0].args[0])))
 
 
 def _tower_stage(ctx: PassContext) -> list[Stage]:
@@ -242,7 +281,8 @@ def _mrope_positions(graph: fx.Graph, lm: LanguageModelMatch) -> fx.Node:
 def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> tuple[fx.Node, fx.Node]:
     """Copies, placed before `point`, of the layer's nodes that compute its attention q and k from what
     enters the layer (so they see every token, before the cut)."""
-    needed, todo = set(), [layer.site.q, layer.site.k]
+    keys = _keys_before_cache(layer)
+    needed, todo = set(), [layer.site.q, keys]
     while todo:
         node = todo.pop()
         if node in needed or node not in layer.nodes:
@@ -256,4 +296,26 @@ def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> t
         copy.meta.pop("nn_module_stack", None)
         copy.meta[POLICY_NODE] = True
         copies[node] = copy
-    return copies[layer.site.q], copies[layer.site.k]
+    return copies[layer.site.q], copies[keys]
+
+
+def _buffer_reads(layer: DecoderLayer, writes: list) -> list:
+    """The layer's reads of its StaticCache buffers up to a length, buffer[:, :, :L] (L the prompt length)."""
+    written = {write.args[0] for write in writes} | set(writes)
+    reads = []
+    for node in layer.nodes:
+        if node.target is operator.getitem and node.args[0] in written:
+            index = node.args[1]
+            if not (isinstance(index, tuple) and len(index) == 4 and isinstance(index[2], slice)
+                    and index[2].stop is not None and all(part == slice(None) for part in index[:2] + index[3:])):
+                raise MatchFailure(f"{layer.path}: reads its StaticCache buffer as {index!r}; only [:, :, :L] is "
+                                   f"understood")
+            reads.append(node)
+    return reads
+
+
+def _keys_before_cache(layer: DecoderLayer) -> fx.Node:
+    """The keys the layer's attention reads, or, when it reads them back from a StaticCache's buffer, the new
+    keys it writes there (a copy must not write the buffer again)."""
+    write = static_write(layer.site.k)
+    return layer.site.k if write is None else write.args[3]

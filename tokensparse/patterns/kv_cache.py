@@ -85,7 +85,7 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
     (the buffers start empty), a decode step's the buffers."""
     sites = []
     for attention in attentions:
-        keys, values = _static_write(attention.k), _static_write(attention.v)
+        keys, values = static_write(attention.k), static_write(attention.v)
         if keys is None or values is None:
             continue
         slots = keys.args[2]
@@ -112,7 +112,7 @@ def _static_scores(graph: fx.Graph, length: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
+def static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
     """The buffer.index_copy_(2, slots, new) that writes what `node` (an attention's k or v) reads, through views."""
     for _ in range(hops):
         writes = [user for user in node.users if is_op(user, "index_copy_") and user.args[0] is node

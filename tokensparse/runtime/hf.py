@@ -227,12 +227,17 @@ def is_static_cache(cache) -> bool:
 
 
 def check_static_cache(config, attention_mask, cache) -> None:
-    """What works with a StaticCache: KV policies on unpadded batches. Language-model policies would leave
-    the pruned layers' buffers shorter than generate()'s position-based decode masks."""
-    if _sequence_policy(config) is not None:
-        option = "llm" if config.llm is not None else "vision"
-        raise ValueError(f"{option}={_sequence_policy(config).name} with a StaticCache is not supported yet: use a "
-                         f"DynamicCache (the default) for pruning a VLM's vision tokens")
+    """What works with a StaticCache: KV policies, and language-model policies (llm=, vision= in a VLM's tower),
+    each alone and on unpadded batches."""
+    pruning = _sequence_policy(config)
+    if pruning is not None:
+        option = f"{'llm' if config.llm is not None else 'vision'}={pruning.name}"
+        if config.kv is not None:
+            raise ValueError(f"{option} and kv={config.kv.name} together with a StaticCache are not supported yet: "
+                             f"use a DynamicCache (the default), or one of the two policies")
+        if _pads(attention_mask, cache):
+            raise ValueError(f"{option} with a StaticCache and a padded batch is not supported yet: use a "
+                             f"DynamicCache (the default), or batch prompts of one length")
     if config.kv is not None and _pads(attention_mask, cache):
         raise ValueError(f"kv={config.kv.name} with a StaticCache and a padded batch is not supported yet: use a "
                          f"DynamicCache, or batch prompts of one length")

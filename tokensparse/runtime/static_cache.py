@@ -42,6 +42,12 @@ def keep_sinks_and_window_(keys: torch.Tensor, values: torch.Tensor, length: tor
     length.fill_(budget)
 
 
+def first_slots(slots: torch.Tensor, new_keys: torch.Tensor) -> torch.Tensor:
+    """The first of the slots [S] a StaticCache layer would write, one per new key [B, H, S', d] (S' <= S): a
+    pruned layer writes its kept tokens to consecutive slots."""
+    return slots[: new_keys.shape[2]]
+
+
 def refill_scores(kept: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """A scores buffer shaped like `buffer` [B, H, max_len] whose first slots hold `kept` [B, H, k], the rest 0."""
     return torch.cat([kept, kept.new_zeros(kept.shape[0], kept.shape[1], buffer.shape[2] - kept.shape[2])], dim=2)

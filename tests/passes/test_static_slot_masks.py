@@ -1,0 +1,67 @@
+"""Language-model pruning into a StaticCache: each pruned layer writes its kept tokens to its first slots
+(prune_sequence), and decode steps attend over each layer's filled slots (static_slot_masks). generate()
+equals the masking oracle, which runs with a DynamicCache, and compiles one prefill and one decode graph."""
+
+import pytest
+import torch
+
+import tokensparse
+from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
+from tests.models import build_llava
+from tokensparse import Config, FastV, PyramidDrop, ToMe
+from tokensparse.reference.llava import masked_generate
+
+
+def _static_generate(model, inputs, config, **settings):
+    from transformers import StaticCache
+
+    import tokensparse.backend
+
+    compiled, backend = [], tokensparse.backend.tokensparse_backend
+
+    def counting(gm, example_inputs, **kwargs):
+        compiled.append(gm)
+        return backend(gm, example_inputs, **kwargs)
+
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokensparse.backend, "tokensparse_backend", counting)
+        fast = tokensparse.compile(model, config)
+        out = generate_without_warnings(fast, **inputs, past_key_values=cache, **settings)
+    return out, cache, compiled
+
+
+@pytest.mark.parametrize("vision, llm, lengths", [
+    (None, FastV(layer=2, keep=0.5), [43, 43, 35, 35]),
+    (None, PyramidDrop(layers=(1, 3), ratio=0.5), [43, 35, 35, 31]),
+    (ToMe(r=3), FastV(layer=2, keep=0.5), [37, 37, 32, 32])], ids=["fastv", "pyramiddrop", "tome_fastv"])
+def test_pruning_into_a_static_cache_equals_the_oracle(vision, llm, lengths):
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2)
+    config = Config(vision=vision, llm=llm, inductor=False)
+    out, cache, compiled = _static_generate(model, inputs, config, max_new_tokens=20, **LOGGED)
+    assert_equals_oracle(out, masked_generate(model, inputs, llm, vision=vision, max_new_tokens=20, **LOGGED))
+    assert [int(layer.cumulative_length) for layer in cache.layers] == lengths
+    assert all(not layer.keys[:, :, length:].any() for layer, length in zip(cache.layers, lengths))
+    assert len(compiled) == 2
+
+
+@pytest.mark.filterwarnings("ignore:.*no vision span")     # the vision tower's own graph, compiled apart
+def test_pruning_into_a_static_cache_needs_tokensparse_compile():
+    """torch.compile(model.forward) alone would leave generate()'s position-based decode masks: unchanged."""
+    from transformers import StaticCache
+
+    model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5))
+    compiled = torch.compile(type(model).forward.__get__(model), backend="tokensparse",
+                             options={"policy": "fastv", "layer": 1, "keep": 0.5, "inductor": False})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), \
+            pytest.warns(tokensparse.TokensparseWarning, match="prune into a StaticCache through tokensparse.compile"):
+        got = compiled(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=64)).logits
+    torch.testing.assert_close(got, model(**inputs).logits)
+
+
+def test_a_padded_batch_into_a_static_cache_is_refused():
+    model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(5, 5))
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :3] = 0
+    with pytest.raises(ValueError, match="llm=fastv with a StaticCache and a padded batch is not supported yet"):
+        _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), inductor=False), max_new_tokens=2)
