@@ -88,7 +88,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     tower = None
     if not language and not has_image_input(gm) and _holds_kv_cache(work):
         # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
-        return _without_image(gm, example_inputs, config, "no image in this language-model graph")
+        return _without_image(gm, example_inputs, config, "no image in this language-model graph", warn)
     try:
         if language:
             match = match_language_model(work, policy.vision_span)
@@ -101,7 +101,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         language_policy = policy if language else config.llm
         if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
-            return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})")
+            return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn)
         return _unchanged(gm, failure.reason, warn)
     if hasattr(policy, "check_depth"):
         try:
@@ -138,7 +138,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     return RewriteResult(work, True, None, match, ctx, match.notes)
 
 
-def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str) -> RewriteResult:
+def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str, warn: bool) -> RewriteResult:
     """A VLM graph without an image (a decode step, a text-only prompt): unchanged, except decode steps into a
     StaticCache under tokensparse.compile(), whose pruned layers' slots no longer follow positions."""
     if not config.decode_masks_follow_cache:
@@ -156,7 +156,7 @@ def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: s
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
-        return _unchanged(gm, internal_error(error), True)
+        return _unchanged(gm, internal_error(error), warn)
     work.recompile()
     return RewriteResult(work, True, None, None, ctx)
 
