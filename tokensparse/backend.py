@@ -35,7 +35,7 @@ def _rewritten(gm, example_inputs, config) -> RewriteResult:
     result = rewrite_graph(gm, example_inputs, config)
     if config.kv is not None:
         evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv,
-                                   kv_masks_follow_cache=config.kv_masks_follow_cache)
+                                   kv_masks_follow_cache=config.kv_masks_follow_cache or config.decode_masks_follow_cache)
         if evicted.changed:
             result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
                                    result.notes)

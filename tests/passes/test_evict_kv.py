@@ -235,11 +235,13 @@ def test_a_padded_batch_with_a_language_model_policy_and_a_kv_policy_is_refused(
 
 
 @pytest.mark.parametrize("policy, length", [(SnapKV(budget=8, window=2), 8 + 19), (H2O(heavy=6, recent=4), 10),
-                                            (AdaptiveKV(tau=0.5, window=2), None), (KeyNorm(budget=8), 8 + 19)],
-                         ids=["snapkv", "h2o", "adaptive", "key_norm"])
+                                            (AdaptiveKV(tau=0.5, window=2), None), (KeyNorm(budget=8), 8 + 19),
+                                            (StreamingLLM(sinks=2, window=10), 12)],
+                         ids=["snapkv", "h2o", "adaptive", "key_norm", "streamingllm"])
 def test_fastv_and_a_kv_policy_together_on_llava(policy, length):
-    """After FastV the pruned layers' cache lengths are data-dependent: SnapKV and H2O keep min(L, budget)
-    there, AdaptiveKV its own data-dependent count."""
+    """After FastV the pruned layers' cache lengths are data-dependent: SnapKV, H2O and StreamingLLM keep
+    min(L, budget) there (StreamingLLM used to keep them all at prefill, one step late), AdaptiveKV its own
+    data-dependent count."""
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
     config = Config(llm=FastV(layer=2, keep=0.25), kv=policy, inductor=False)
     out = _generate(model, inputs, config)
@@ -400,15 +402,31 @@ def test_a_static_cache_without_scores_keeps_h2o_unchanged_with_the_fix(llama):
     assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
 
 
-def test_a_static_cache_refuses_padding_and_both_kinds_of_policy(llama):
+def test_a_static_cache_refuses_padding(llama):
     model, inputs = llama
     padded = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
     padded["attention_mask"][0, :3] = 0
     with pytest.raises(ValueError, match="with a StaticCache and a padded batch is not supported yet"):
         _static_generate(model, padded, Config(kv=SnapKV(budget=16), inductor=False))
-    llava, images = build_llava(text_layers=2)
-    with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together with a StaticCache are not supported"):
-        _static_generate(llava, images, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False))
+
+
+@pytest.mark.parametrize("policy, length", [(StreamingLLM(sinks=2, window=10), 12), (H2O(heavy=8, recent=6), 14)],
+                         ids=["streamingllm", "h2o"])
+def test_fastv_and_a_kv_policy_into_a_static_cache(policy, length):
+    """FastV's pruned layers write their kept tokens to their first slots, the KV policy then evicts those
+    (min(L, budget) at prefill) and keeps the buffers at the budget while decoding; equal to the evicting
+    reference inside the masking oracle, one prefill and one decode graph."""
+    from tokensparse.reference.llava import _applied
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    config = Config(llm=FastV(layer=2, keep=0.5), kv=policy, inductor=False)
+    out, cache, compiled = _static_generate(model, inputs, config)
+    with torch.no_grad(), _applied(model, inputs, config.llm):
+        reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [length] * 4
+    assert [int(alive[0, 0].sum()) for alive in log.alive.values()] == [length] * 4
+    assert len(compiled) == 2
 
 
 def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):

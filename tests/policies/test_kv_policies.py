@@ -203,6 +203,9 @@ def test_key_norm_keep_holds_the_lowest_norms_and_the_window(batch, kv_heads, le
 def test_streaming_keep_holds_sinks_and_the_recent_window():
     kept = streaming_keep(torch.zeros(2, 3, 10, 4), sinks=2, window=3)
     assert kept.shape == (2, 3, 5) and kept[1, 2].tolist() == [0, 1, 7, 8, 9]
+    # count = min(L, sinks + window), as after FastV where L is data-dependent: a short cache keeps everything
+    assert streaming_keep(torch.zeros(1, 1, 10, 4), 2, 3, count=5)[0, 0].tolist() == [0, 1, 7, 8, 9]
+    assert streaming_keep(torch.zeros(1, 1, 4, 4), 2, 3, count=4)[0, 0].tolist() == [0, 1, 2, 3]
 
 
 def test_budgets():

@@ -175,6 +175,8 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
     if isinstance(length, int):
         return policy.kept_count(length) if policy.evicts(queries, length) else None
     if isinstance(policy, StreamingLLM):
+        if free_unbacked_symbols(length):       # after FastV: min(L, sinks + window), decided at run time
+            return _at_most(graph, point, site, policy.sinks + policy.window)
         return policy.kept_count(length) if guard_or_false(length > policy.sinks + policy.window) else None
     if isinstance(policy, H2O):
         budget = policy.heavy + policy.recent
@@ -214,7 +216,7 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
         return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, _scale(site), count,
                                                        policy.window, policy.kernel, policy.pooling, padding))
     if isinstance(policy, StreamingLLM):
-        return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window, padding))
+        return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window, padding, count))
     if isinstance(policy, KeyNorm):
         return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window, padding))
     if isinstance(policy, H2O):

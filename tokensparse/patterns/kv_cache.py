@@ -10,6 +10,7 @@ from typing import Optional
 import torch.fx as fx
 
 from tokensparse.patterns.attention import AttentionSite, find_attention_sites
+from tokensparse.runtime.static_cache import first_slots
 from tokensparse.patterns.graph import MatchFailure, arg, is_op, shape_of
 
 _VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contiguous", "clone", "to", "_to_copy",
@@ -89,14 +90,16 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
         if keys is None or values is None:
             continue
         slots = keys.args[2]
-        if not (is_op(slots, "add") and len(slots.args) == 2 and isinstance(slots.args[1], fx.Node)):
+        # a layer that a language-model policy pruned writes the first of those slots (passes/prune_sequence.py)
+        base = slots.args[0] if slots.op == "call_function" and slots.target is first_slots else slots
+        if not (is_op(base, "add") and len(base.args) == 2 and isinstance(base.args[1], fx.Node)):
             raise MatchFailure(f"{attention.module_path}: its StaticCache slots are not arange(S) + cumulative_length")
         created = is_op(keys.args[0], "zeros") and keys.args[0] in outputs and values.args[0] in outputs
         if not created and keys.args[0].op != "placeholder":
             raise MatchFailure(f"{attention.module_path}: its StaticCache buffers are neither made by this graph nor "
                                f"its inputs")
-        buffers = StaticBuffers(keys.args[0], values.args[0], slots, slots.args[1], created,
-                                _static_scores(attention.node.graph, slots.args[1]))
+        buffers = StaticBuffers(keys.args[0], values.args[0], slots, base.args[1], created,
+                                _static_scores(attention.node.graph, base.args[1]))
         read = 3 if created else 0          # an empty cache's contents are the new keys; else the buffers
         sites.append(CacheSite(attention, keys.args[read], values.args[read], static=buffers))
     return sites

@@ -36,13 +36,17 @@ class StreamingLLM(KVPolicy):
         return streaming_keep(keys, self.sinks, self.window, padding)
 
 
-def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Kept positions [B, H_kv, sinks + window], ascending, of keys [B, H_kv, L] (L > sinks + window). In a
+def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optional[torch.Tensor] = None,
+                   count=None) -> torch.Tensor:
+    """Kept positions [B, H_kv, count], ascending, of keys [B, H_kv, L]: the first `sinks` and the last
+    count - sinks. `count` defaults to sinks + window (for L > sinks + window); min(L, sinks + window) keeps
+    every position of a shorter cache, without branching on L (a data-dependent length after FastV). In a
     padded batch (padding [B, L]) the sinks are each sample's first real positions."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     if padding is not None:
         earliest_first = -torch.arange(length, device=keys.device, dtype=torch.float32).expand(batch, kv_heads, length)
         return best_and_recent(earliest_first, length, sinks + window, window, padding)
-    positions = torch.cat([torch.arange(sinks, device=keys.device),
-                           torch.arange(length - window, length, device=keys.device)])
-    return positions.expand(batch, kv_heads, sinks + window).contiguous()
+    count = sinks + window if count is None else count
+    index = torch.arange(count, device=keys.device)
+    positions = torch.where(index < sinks, index, index + (length - count))
+    return positions.expand(batch, kv_heads, count).contiguous()

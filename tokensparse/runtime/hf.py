@@ -232,9 +232,6 @@ def check_static_cache(config, attention_mask, cache) -> None:
     pruning = _sequence_policy(config)
     if pruning is not None:
         option = f"{'llm' if config.llm is not None else 'vision'}={pruning.name}"
-        if config.kv is not None:
-            raise ValueError(f"{option} and kv={config.kv.name} together with a StaticCache are not supported yet: "
-                             f"use a DynamicCache (the default), or one of the two policies")
         if _pads(attention_mask, cache):
             raise ValueError(f"{option} with a StaticCache and a padded batch is not supported yet: use a "
                              f"DynamicCache (the default), or batch prompts of one length")
