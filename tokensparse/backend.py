@@ -21,7 +21,8 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
-    if config.regional and config.vision is not None and result.match is not None and result.context.language is None:
+    vision_encoder = config.vision is not None and result.match is not None and result.context.language is None
+    if config.regional and vision_encoder:
         try:
             return compile_by_regions(result)
         except Exception as error:  # noqa: BLE001 - any failure here has a correct fallback, said once
@@ -34,8 +35,9 @@ def _rewritten(gm, example_inputs, config) -> RewriteResult:
     """The token policy's rewrite, then the KV policy's."""
     result = rewrite_graph(gm, example_inputs, config)
     if config.kv is not None:
-        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv,
-                                   kv_masks_follow_cache=config.kv_masks_follow_cache or config.decode_masks_follow_cache)
+        # tokensparse.compile() manages the decode masks of a pruned cache too (and refuses what it cannot)
+        follows = config.kv_masks_follow_cache or config.decode_masks_follow_cache
+        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv, kv_masks_follow_cache=follows)
         if evicted.changed:
             result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
                                    result.notes)

@@ -10,8 +10,8 @@ from typing import Optional
 import torch.fx as fx
 
 from tokensparse.patterns.attention import AttentionSite, find_attention_sites
-from tokensparse.runtime.static_cache import first_slots
 from tokensparse.patterns.graph import MatchFailure, arg, is_op, shape_of
+from tokensparse.runtime.static_cache import first_slots
 
 _VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contiguous", "clone", "to", "_to_copy",
           "getitem")

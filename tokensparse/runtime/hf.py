@@ -227,8 +227,8 @@ def is_static_cache(cache) -> bool:
 
 
 def check_static_cache(config, attention_mask, cache) -> None:
-    """What works with a StaticCache: KV policies, and language-model policies (llm=, vision= in a VLM's tower),
-    each alone and on unpadded batches."""
+    """What works with a StaticCache: KV policies, language-model policies (llm=, vision= in a VLM's tower) and
+    both together, on unpadded batches."""
     pruning = _sequence_policy(config)
     if pruning is not None:
         option = f"{'llm' if config.llm is not None else 'vision'}={pruning.name}"
