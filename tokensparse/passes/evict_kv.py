@@ -24,7 +24,7 @@ from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, HEAVY_AND_RECENT,
                                      KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import vision_mask_2d
-from tokensparse.runtime.static_cache import filled_length, refill_buffer, refill_scores, slot_causal_mask
+from tokensparse.runtime.static_cache import filled_length, refill_buffer, slot_causal_mask
 
 DATA_DEPENDENT = "a data-dependent number"
 
@@ -97,13 +97,13 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
         count = _kept_count(gm.graph, output, policy, site, queries)
         if count is None:
             if scores is not None:
-                output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_scores,
+                output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_buffer,
                                                                       (scores, buffers.scores)))
                 ctx.acted_blocks.append(site.path)
             continue
         kept = _kept(gm.graph, output, policy, site, count, scores)
         if scores is not None:
-            output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_scores, (
+            output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_buffer, (
                 insert_call(gm.graph, output, torch.gather, (scores, 2, kept)), buffers.scores)))
         keys, values = _evicted(gm.graph, output, site, kept)
         output.replace_input_with(buffers.keys, insert_call(gm.graph, output, refill_buffer, (keys, buffers.keys)))

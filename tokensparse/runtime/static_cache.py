@@ -8,9 +8,10 @@ import torch
 
 
 def refill_buffer(kept: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """A buffer shaped like `buffer` [B, H, max_len, d] whose first slots hold `kept` [B, H, k, d], the rest 0."""
+    """A buffer shaped like `buffer` (keys or values [B, H, max_len, d], scores [B, H, max_len]) whose first slots
+    hold `kept` ([B, H, k, ...]), the rest 0."""
     empty = buffer.shape[2] - kept.shape[2]
-    return torch.cat([kept, kept.new_zeros(kept.shape[0], kept.shape[1], empty, kept.shape[3])], dim=2)
+    return torch.cat([kept, kept.new_zeros(*kept.shape[:2], empty, *kept.shape[3:])], dim=2)
 
 
 def filled_length(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -30,27 +31,17 @@ def keep_sinks_and_window_(keys: torch.Tensor, values: torch.Tensor, length: tor
     """StreamingLLM on a StaticCache layer, in place: once its `length` filled slots outnumber sinks + window,
     move the first `sinks` and the last `window` of them to the first slots, clear the rest, and set the length
     to sinks + window (so the next step writes right after them)."""
+    from tokensparse.policies.streamingllm import streaming_keep
+
     filled = int(length.max())
-    budget = sinks + window
-    if filled <= budget:
-        return
-    kept = torch.cat([torch.arange(sinks, device=keys.device), torch.arange(filled - window, filled,
-                                                                             device=keys.device)])
-    for buffer in (keys, values):
-        buffer[:, :, :budget] = buffer[:, :, kept]
-        buffer[:, :, budget:filled] = 0
-    length.fill_(budget)
+    if filled > sinks + window:
+        _move_to_front((keys, values), streaming_keep(keys[:, :, :filled], sinks, window), filled, length)
 
 
 def first_slots(slots: torch.Tensor, new_keys: torch.Tensor) -> torch.Tensor:
     """The first of the slots [S] a StaticCache layer would write, one per new key [B, H, S', d] (S' <= S): a
     pruned layer writes its kept tokens to consecutive slots."""
     return slots[: new_keys.shape[2]]
-
-
-def refill_scores(kept: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """A scores buffer shaped like `buffer` [B, H, max_len] whose first slots hold `kept` [B, H, k], the rest 0."""
-    return torch.cat([kept, kept.new_zeros(kept.shape[0], kept.shape[1], buffer.shape[2] - kept.shape[2])], dim=2)
 
 
 def heavy_and_recent_(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, length: torch.Tensor,
@@ -66,11 +57,15 @@ def heavy_and_recent_(keys: torch.Tensor, values: torch.Tensor, scores: torch.Te
     scores[:, :, :filled] += attention_column_sums(q, keys[:, :, :filled], scale)
     if filled <= budget:
         return
-    kept = h2o_keep(scores[:, :, :filled], budget, recent)                       # [B, H_kv, budget]
-    for buffer in (keys, values):
-        index = kept.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
-        buffer[:, :, :budget] = buffer[:, :, :filled].gather(2, index)
-        buffer[:, :, budget:filled] = 0
-    scores[:, :, :budget] = scores[:, :, :filled].gather(2, kept)
-    scores[:, :, budget:filled] = 0
-    length.fill_(budget)
+    _move_to_front((keys, values, scores), h2o_keep(scores[:, :, :filled], budget, recent), filled, length)
+
+
+def _move_to_front(buffers: tuple, kept: torch.Tensor, filled: int, length: torch.Tensor) -> None:
+    """In place: each buffer's slots `kept` [B, H_kv, k] (of its `filled` ones) become its first k slots, the
+    other filled slots are cleared, and the layer's length becomes k."""
+    count = kept.shape[2]
+    for buffer in buffers:
+        index = kept if buffer.dim() == 3 else kept.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
+        buffer[:, :, :count] = buffer[:, :, :filled].gather(2, index)
+        buffer[:, :, count:filled] = 0
+    length.fill_(count)
