@@ -14,7 +14,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, set_arg
+from tokensparse.passes.static_slot_masks import attend_over_filled_slots
+from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
 from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
@@ -24,7 +25,7 @@ from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, HEAVY_AND_RECENT,
                                      KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import vision_mask_2d
-from tokensparse.runtime.static_cache import filled_length, refill_buffer, slot_causal_mask
+from tokensparse.runtime.static_cache import filled_length, refill_buffer
 
 DATA_DEPENDENT = "a data-dependent number"
 
@@ -75,8 +76,7 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     for site in ctx.cache_sites:
         buffers = site.static
         if not buffers.created:
-            mask = insert_call(gm.graph, site.attention.node, slot_causal_mask, (buffers.slots, buffers.keys))
-            set_arg(site.attention.node, 3, "attn_mask", mask)
+            attend_over_filled_slots(gm.graph, site.attention.node, buffers.slots, buffers.keys)
             ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots")
             if isinstance(policy, StreamingLLM):

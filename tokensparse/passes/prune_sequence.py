@@ -12,8 +12,8 @@ import torch.fx as fx
 from tokensparse.flops import POLICY_NODE
 from tokensparse.passes.context import PassContext, original_node, replace_uses_except
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import (MatchFailure, arg, downstream, insert_call, is_op, meta_value, set_arg,
-                                        shape_of)
+from tokensparse.passes.static_slot_masks import attend_over_filled_slots
+from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, meta_value, shape_of
 from tokensparse.patterns.kv_cache import static_write
 from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
 from tokensparse.policies import LanguagePolicy
@@ -21,7 +21,7 @@ from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, last_tokens, span_mask, vision_mask_2d
-from tokensparse.runtime.static_cache import first_slots, slot_causal_mask
+from tokensparse.runtime.static_cache import first_slots
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
 
@@ -103,8 +103,7 @@ def _write_first_slots(graph: fx.Graph, layer: DecoderLayer) -> None:
         index[2] = slice(index[2].start, count, index[2].step)
         read.args = (read.args[0], tuple(index))
     if arg(layer.site.node, 3, "attn_mask") is not None:
-        set_arg(layer.site.node, 3, "attn_mask", insert_call(graph, layer.site.node, slot_causal_mask,
-                                                             (kept_slots, writes[0].args[0])))
+        attend_over_filled_slots(graph, layer.site.node, kept_slots, writes[0].args[0])
 
 
 def _tower_stage(ctx: PassContext) -> list[Stage]:

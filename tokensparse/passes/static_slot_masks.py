@@ -18,8 +18,13 @@ def static_slot_masks_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModu
     if not sites:
         raise MatchFailure("no StaticCache decode step in this graph")
     for site in sites:
-        mask = insert_call(gm.graph, site.attention.node, slot_causal_mask, (site.static.slots, site.static.keys))
-        set_arg(site.attention.node, 3, "attn_mask", mask)
+        attend_over_filled_slots(gm.graph, site.attention.node, site.static.slots, site.static.keys)
         ctx.acted_blocks.append(site.path)
         ctx.record("static_slot_masks", f"{site.path}: attends over its StaticCache's filled slots")
     return gm
+
+
+def attend_over_filled_slots(graph: fx.Graph, attention: fx.Node, slots, buffer: fx.Node) -> None:
+    """Give a StaticCache attention the mask slot_causal_mask(slots, buffer): each query, written at its slot,
+    sees the buffer's filled slots up to its own (slots and positions differ once a cache is pruned or evicted)."""
+    set_arg(attention, 3, "attn_mask", insert_call(graph, attention, slot_causal_mask, (slots, buffer)))
