@@ -17,7 +17,7 @@ from tokensparse.passes import KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
-from tokensparse.patterns.graph import op_name, output_shapes
+from tokensparse.patterns.graph import is_op, op_name, output_shapes
 from tokensparse.patterns.kv_cache import find_cache_sites
 from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
 from tokensparse.patterns.vision_features import find_vision_features
@@ -141,8 +141,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
 def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str, warn: bool) -> RewriteResult:
     """A VLM graph without an image (a decode step, a text-only prompt): unchanged, except decode steps into a
     StaticCache under tokensparse.compile(), whose pruned layers' slots no longer follow positions."""
-    if not config.decode_masks_follow_cache:
-        return RewriteResult(gm, False, reason)
+    if not config.decode_masks_follow_cache or not any(is_op(node, "index_copy_") for node in gm.graph.nodes):
+        return RewriteResult(gm, False, reason)             # no StaticCache write: nothing to mask
     work = copy_graph_module(gm)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(config.policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode,

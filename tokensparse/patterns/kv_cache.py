@@ -84,7 +84,7 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
 def _static_sites(attentions, outputs) -> list[CacheSite]:
     """Attentions that read a StaticCache layer's buffers; a prefill's site holds the new keys and values
     (the buffers start empty), a decode step's the buffers."""
-    sites = []
+    sites, scores = [], None
     for attention in attentions:
         keys, values = static_write(attention.k), static_write(attention.v)
         if keys is None or values is None:
@@ -98,21 +98,18 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
         if not created and keys.args[0].op != "placeholder":
             raise MatchFailure(f"{attention.module_path}: its StaticCache buffers are neither made by this graph nor "
                                f"its inputs")
-        buffers = StaticBuffers(keys.args[0], values.args[0], slots, base.args[1], created,
-                                _static_scores(attention.node.graph, base.args[1]))
+        scores = _scores_by_length(attention.node.graph) if scores is None else scores
+        buffers = StaticBuffers(keys.args[0], values.args[0], slots, base.args[1], created, scores.get(base.args[1]))
         read = 3 if created else 0          # an empty cache's contents are the new keys; else the buffers
         sites.append(CacheSite(attention, keys.args[read], values.args[read], static=buffers))
     return sites
 
 
-def _static_scores(graph: fx.Graph, length: fx.Node) -> Optional[fx.Node]:
-    """The scores buffer that a ScoredStaticCache layer clears at the slots arange(S) + `length` (its
-    scores.index_fill_(2, slots, 0)), or None."""
-    for node in graph.nodes:
-        if is_op(node, "index_fill_") and len(node.args) > 2 and is_op(node.args[2], "add") \
-                and node.args[2].args[1] is length:
-            return node.args[0]
-    return None
+def _scores_by_length(graph: fx.Graph) -> dict:
+    """The scores buffers that ScoredStaticCache layers clear at their new slots arange(S) + length (each layer's
+    scores.index_fill_(2, slots, 0)), by that layer's length node."""
+    return {node.args[2].args[1]: node.args[0] for node in graph.nodes
+            if is_op(node, "index_fill_") and len(node.args) > 2 and is_op(node.args[2], "add")}
 
 
 def static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:

@@ -187,8 +187,7 @@ def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
     mask, cache = kwargs["attention_mask"], kwargs.get("past_key_values")
     if not bool(mask.bool().all()):
         if _sequence_policy(config) is not None:
-            option = f"{'llm' if config.llm is not None else 'vision'}={_sequence_policy(config).name}"
-            raise ValueError(f"{option} and kv={config.kv.name} together on a padded batch are not "
+            raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch are not "
                              f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): "
                              f"batch prompts of one length, or use one of the two policies")
         if not layers_cut_masks:
@@ -217,6 +216,11 @@ def _sequence_policy(config):
     return config.llm if config.llm is not None else config.vision
 
 
+def _sequence_option(config) -> str:
+    """How the user named that policy: "llm=fastv", "vision=tome"."""
+    return f"{'llm' if config.llm is not None else 'vision'}={_sequence_policy(config).name}"
+
+
 def is_static_cache(cache) -> bool:
     """A transformers StaticCache (fixed buffers written at a per-layer cumulative_length)."""
     try:
@@ -229,12 +233,9 @@ def is_static_cache(cache) -> bool:
 def check_static_cache(config, attention_mask, cache) -> None:
     """What works with a StaticCache: KV policies, language-model policies (llm=, vision= in a VLM's tower) and
     both together, on unpadded batches."""
-    pruning = _sequence_policy(config)
-    if pruning is not None:
-        option = f"{'llm' if config.llm is not None else 'vision'}={pruning.name}"
-        if _pads(attention_mask, cache):
-            raise ValueError(f"{option} with a StaticCache and a padded batch is not supported yet: use a "
-                             f"DynamicCache (the default), or batch prompts of one length")
+    if _sequence_policy(config) is not None and _pads(attention_mask, cache):
+        raise ValueError(f"{_sequence_option(config)} with a StaticCache and a padded batch is not supported yet: "
+                         f"use a DynamicCache (the default), or batch prompts of one length")
     if config.kv is not None and _pads(attention_mask, cache):
         raise ValueError(f"kv={config.kv.name} with a StaticCache and a padded batch is not supported yet: use a "
                          f"DynamicCache, or batch prompts of one length")
