@@ -109,6 +109,7 @@ def test_divprune_keep_keeps_text_and_the_diverse_images_in_order(batch, before,
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 3), length=st.integers(3, 24), images=st.integers(1, 12), keep=st.floats(0.05, 1.0),
        seed=st.integers(0, 999))
+@example(batch=2, length=11, images=7, keep=0.5, seed=299)     # mutual nearest neighbours: the first pick ties
 def test_the_exported_divprune_selection_equals_the_eager_one(batch, length, images, keep, seed):
     """divprune_keep_in_sequence (a while_loop over the whole sequence, for ONNX) keeps what divprune_keep does,
     with the image tokens anywhere in each sample."""

@@ -34,9 +34,12 @@ class DivPrune(LanguagePolicy):
 
 
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
-    """D_ij = 1 - cos(x_i, x_j) for features [B, N, C] -> [B, N, N]."""
+    """D_ij = 1 - cos(x_i, x_j) for features [B, N, C] -> [B, N, N], exactly symmetric: two mutual nearest
+    neighbours then tie exactly (as in exact arithmetic) and the first pick's argmax takes the lower position,
+    whatever the matmul's shape rounds (the whole sequence for export, the image tokens eagerly)."""
     unit = torch.nn.functional.normalize(features, dim=-1)
-    return 1 - unit @ unit.transpose(-1, -2)
+    distances = 1 - unit @ unit.transpose(-1, -2)
+    return (distances + distances.transpose(-1, -2)) / 2
 
 
 def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,8 +87,7 @@ def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, 
     from tokensparse.policies.fastv import _ascending_positions, kept_image_counts
 
     batch, sequence, _ = features.shape
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    distances = 1 - unit @ unit.transpose(-1, -2)                                      # [B, S, S]
+    distances = cosine_distances(features.float())                                     # [B, S, S]
     text = ~image_mask
     others = torch.eye(sequence, dtype=torch.bool, device=features.device) | text[:, None, :]
     nearest = distances.masked_fill(others, torch.inf).min(dim=-1).values.masked_fill(text, -torch.inf)
