@@ -445,12 +445,15 @@ def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_r
     assert [int(layer.cumulative_length) for layer in cache.layers] == [40, 40]
 
 
-def test_a_static_cache_with_nothing_to_evict_equals_the_unmodified_model(llama):
-    """budget=1.0 keeps every position; the decode graphs' slot masks then equal generate()'s own."""
+@pytest.mark.parametrize("policy", [SnapKV(budget=1.0), StreamingLLM(sinks=4, window=60), H2O(heavy=30, recent=30)],
+                         ids=["snapkv", "streamingllm", "h2o"])
+def test_a_static_cache_with_nothing_to_evict_equals_the_unmodified_model(llama, policy):
+    """Budgets that keep every position; the decode graphs' slot masks then equal generate()'s own, and the
+    in-place steps (StreamingLLM's, H2O's) move nothing."""
     from transformers import StaticCache
 
     model, inputs = llama
-    out, cache, _ = _static_generate(model, inputs, Config(kv=SnapKV(budget=1.0), inductor=False))
+    out, cache, _ = _static_generate(model, inputs, Config(kv=policy, inductor=False))
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
     assert torch.equal(out.sequences, plain.sequences)

@@ -45,6 +45,22 @@ def test_pruning_into_a_static_cache_equals_the_oracle(vision, llm, lengths):
     assert len(compiled) == 2
 
 
+def test_nothing_to_prune_into_a_static_cache_equals_the_unmodified_model():
+    """keep=1.0 and r=0: the prefill compiles unchanged and the decode steps' slot masks equal generate()'s own."""
+    from transformers import StaticCache
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2)
+    settings = dict(max_new_tokens=10, **LOGGED)
+    out, cache, _ = _static_generate(model, inputs, Config(vision=ToMe(r=0), llm=FastV(layer=2, keep=1.0),
+                                                           inductor=False), **settings)
+    with torch.no_grad():
+        plain = model.generate(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=64), **settings)
+    assert torch.equal(out.sequences, plain.sequences)
+    for got, want in zip(out.logits, plain.logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [24 + 9] * 4
+
+
 @pytest.mark.filterwarnings("ignore:.*no vision span")     # the vision tower's own graph, compiled apart
 def test_pruning_into_a_static_cache_needs_tokensparse_compile():
     """torch.compile(model.forward) alone would leave generate()'s position-based decode masks: unchanged."""
