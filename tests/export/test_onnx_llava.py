@@ -81,6 +81,24 @@ def test_divprune_onnx_runtime_matches_the_masking_oracle(tmp_path, batch, keep)
     assert report.ok, report
 
 
+def test_a_left_padded_batch_exports(tmp_path):
+    """Padding queries mask every key: the exported attention gives them zeros, as SDPA does (a NaN there would
+    reach the next layer's keys and every sample's logits)."""
+    model, traced = build_llava(batch=2)
+    policy = FastV(layer=2, keep=0.25)
+    padded = dict(traced, attention_mask=torch.ones_like(traced["input_ids"]))
+    padded["attention_mask"][0, :2] = 0
+    result = to_onnx(model, padded, Config(llm=policy), str(tmp_path / "padded.onnx"), dynamic=False)
+    assert result.changed, result.reason
+    assert result.input_names == ["input_ids", "pixel_values", "attention_mask"]
+    _, other = build_llava(batch=2, seed=102)
+    other["attention_mask"] = torch.ones_like(other["input_ids"])
+    other["attention_mask"][1, :3] = 0
+    got = _ort_logits(result.path, other)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, _oracle_at_kept(model, other, policy), rtol=1e-4, atol=1e-5)
+
+
 def test_a_model_that_fixes_its_batch_gets_a_clear_error(tmp_path):
     model, inputs = build_llava(batch=1)
     with pytest.raises(ValueError, match="cannot be exported with a dynamic batch axis: export with dynamic=False"):

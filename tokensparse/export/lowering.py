@@ -77,7 +77,13 @@ def attention_math(query, key, value, attn_mask=None, dropout_p: float = 0.0, is
             attn_mask = torch.zeros(attn_mask.shape, dtype=logits.dtype, device=logits.device).masked_fill(
                 ~attn_mask, -math.inf)
         logits = logits + attn_mask
-    return logits.softmax(dim=-1) @ value
+    probabilities = logits.softmax(dim=-1)
+    if is_causal or attn_mask is not None:
+        # A row that masks every key (a padding query) is NaN after softmax; SDPA gives it zeros, and so must
+        # the export: its NaN output would reach the next layer's keys at that position, where a mask adds to
+        # NaN scores instead of hiding them. ONNX: the usual Where(IsNaN) guard.
+        probabilities = torch.where(torch.isnan(probabilities), 0.0, probabilities)
+    return probabilities @ value
 
 
 DECOMPOSITIONS = {SDPA: attention_math}
