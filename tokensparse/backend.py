@@ -6,7 +6,7 @@ import warnings
 
 from tokensparse.config import config_from_options
 from tokensparse.passes.fake import allow_symbolic_token_counts
-from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_graph, rewrite_kv_cache
+from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
 
 
 def tokensparse_backend(gm, example_inputs, options=None, **unused):
@@ -14,7 +14,7 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
     config = config_from_options(options)
     if config.cudagraphs:
         return _with_cuda_graphs(gm, example_inputs, config)
-    result = _rewritten(gm, example_inputs, config)
+    result = rewrite_with_kv(gm, example_inputs, config)
     if not config.inductor:
         return result.gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -31,19 +31,6 @@ def tokensparse_backend(gm, example_inputs, options=None, **unused):
         return compile_fx(result.gm, example_inputs)
 
 
-def _rewritten(gm, example_inputs, config) -> RewriteResult:
-    """The token policy's rewrite, then the KV policy's."""
-    result = rewrite_graph(gm, example_inputs, config)
-    if config.kv is not None:
-        # tokensparse.compile() manages the decode masks of a pruned cache too (and refuses what it cannot)
-        follows = config.kv_masks_follow_cache or config.decode_masks_follow_cache
-        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv, kv_masks_follow_cache=follows)
-        if evicted.changed:
-            result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
-                                   result.notes)
-    return result
-
-
 def _with_cuda_graphs(gm, example_inputs, config):
     """Static token counts (each op's fake output has its true size), the whole graph, and Inductor with
     CUDA graphs: one replay per call instead of a launch per kernel. Graphs that are not on a GPU, or that
@@ -56,7 +43,7 @@ def _with_cuda_graphs(gm, example_inputs, config):
 
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
     with static_token_counts():
-        result = _rewritten(gm, example_inputs, config)
+        result = rewrite_with_kv(gm, example_inputs, config)
         return compile_fx(result.gm, example_inputs, config_patches={"triton.cudagraphs": True})
 
 

@@ -190,6 +190,19 @@ def _tower_blocks(match: ModelMatch, lm: LanguageModelMatch, features) -> ModelM
     return dataclasses.replace(match, blocks=blocks, notes=notes)
 
 
+def rewrite_with_kv(gm: fx.GraphModule, example_inputs, config: Config) -> RewriteResult:
+    """The token policy's rewrite (rewrite_graph), then the KV policy's (rewrite_kv_cache)."""
+    result = rewrite_graph(gm, example_inputs, config)
+    if config.kv is not None:
+        # tokensparse.compile() manages the decode masks of a pruned cache too (and refuses what it cannot)
+        follows = config.kv_masks_follow_cache or config.decode_masks_follow_cache
+        evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv, kv_masks_follow_cache=follows)
+        if evicted.changed:
+            result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
+                                   result.notes)
+    return result
+
+
 def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,
                      kv_masks_follow_cache: bool = False) -> RewriteResult:
     """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward

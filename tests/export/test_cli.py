@@ -150,3 +150,22 @@ def test_llava_bad_options_exit_2(argv, message, llava_config_dir, tmp_path, cap
     assert main(["--model", llava_config_dir, "--random-init", "--onnx", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_llava_generation_pair_with_checks(llava_config_dir, tmp_path, capsys):
+    """prefill.onnx and decode.onnx; --check generates 16 tokens in ONNX Runtime against generate() with the
+    masking oracle."""
+    out = tmp_path / "pair"
+    status = main(["--model", llava_config_dir, "--random-init", "--policy", "fastv", "--layer", "2", "--keep", "0.25",
+                   "--static", "--generation", str(out), "--check", "--check-trt"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert f"wrote {out / 'prefill.onnx'} (with fastv built in) and {out / 'decode.onnx'}" in err
+    assert "decoder layers by cache length: [[0, 1], [2, 3]]" in err
+    assert "ONNX Runtime vs generate() with the masking oracle" in err and "ok" in err
+    assert err.count("compatible") == 2
+
+
+def test_generation_pair_of_a_vision_transformer_is_a_clear_error(vit_config_dir, tmp_path, capsys):
+    assert main(["--model", vit_config_dir, "--random-init", "--generation", str(tmp_path / "pair")]) == 2
+    assert "--generation exports a generative model's prefill and decode step" in capsys.readouterr().err

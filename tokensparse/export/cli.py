@@ -13,6 +13,8 @@ EXAMPLES = """examples:
   python tools/export.py --model path/to/hf_config_dir --random-init --policy topk --layers 3 6 9 --keep 0.5 \\
       --onnx out/clip.onnx --check-trt
   python tools/export.py --onnx-in model.onnx --policy tome --r 8 --out pruned.onnx
+  python tools/export.py --model path/to/llava_config_dir --random-init --policy fastv --keep 0.25 --static \
+      --generation out/llava_fastv --check      # prefill.onnx + decode.onnx, the KV cache in and out
   python tools/export.py --model vit_base_patch16_224 --random-init --onnx out/vit.onnx --engine out/vit.plan --fp16 \
       --compare --triton-repo out/models
 
@@ -53,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     output = parser.add_argument_group("output")
     output.add_argument("--onnx", help="where to write the exported ONNX model")
     output.add_argument("--out", help="with --onnx-in: where to write the rewritten model")
+    output.add_argument("--generation", metavar="DIR",
+                        help="a generative model (LLaVA): write DIR/prefill.onnx and DIR/decode.onnx, which take "
+                             "and give the (pruned) KV cache, for generation in ONNX Runtime or a C++ loop")
     output.add_argument("--opset", type=int, default=18)
     output.add_argument("--batch", type=int, default=2, help="batch of the example input")
     output.add_argument("--static", action="store_true", help="fixed batch axis (default: dynamic)")
@@ -72,8 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.onnx_in is None and args.model is None:
         parser.error("give --model (to export) or --onnx-in (to rewrite an existing ONNX model)")
-    if args.onnx_in is None and args.onnx is None:
-        parser.error("--onnx PATH is required with --model")
+    if args.onnx_in is None and args.onnx is None and args.generation is None:
+        parser.error("--onnx PATH is required with --model (or --generation DIR for a generative model)")
+    if args.generation is not None and (args.onnx is not None or args.engine or args.triton_repo or args.plugins):
+        parser.error("--generation writes its own two ONNX files: give it without --onnx, --engine, --triton-repo "
+                     "and --plugins")
     if args.onnx_in is not None and args.out is None and not args.explain:
         parser.error("--out PATH is required with --onnx-in (or --explain alone)")
     return args
@@ -134,6 +142,8 @@ def _run_export(args, console) -> int:
         task = progress.add_task(f"building {args.model}")
         loaded = load_model(args.model, args.random_init, args.checkpoint, args.batch)
         model, image, inputs = loaded.model, loaded.image, loaded.inputs
+        if args.generation is not None:
+            return _run_generation_export(args, model, inputs, policy, config, progress, task, console)
         pixels = inputs if isinstance(inputs, torch.Tensor) else inputs["pixel_values"]
         progress.update(task, description="torch.export, tokensparse passes, ONNX")
         result = to_onnx(model, (inputs,) if isinstance(inputs, torch.Tensor) else inputs, config, args.onnx,
@@ -163,6 +173,44 @@ def _run_export(args, console) -> int:
                                         0 if args.static else args.max_batch)
         console.print(f"wrote the Triton Inference Server repository {args.triton_repo} ({config})")
     return status
+
+
+def _run_generation_export(args, model, inputs, policy, config, progress, task, console) -> int:
+    from tokensparse.export.generation import to_onnx_generation
+    from tokensparse.runtime.hf import is_generative
+
+    if not isinstance(inputs, dict) or not is_generative(model):
+        raise UserError(f"--generation exports a generative model's prefill and decode step; {args.model} is not "
+                        f"one (use --onnx)")
+    progress.update(task, description="torch.export, tokensparse passes, ONNX: prefill and decode step")
+    result = to_onnx_generation(model, inputs, config, args.generation, dynamic=not args.static, opset=args.opset)
+    progress.update(task, description="done")
+    what = f"with {policy.name} built in" if result.prefill.changed else f"unpruned ({result.prefill.reason})"
+    console.print(f"wrote {result.prefill.path} ({what}) and {result.decode.path}; decoder layers by cache "
+                  f"length: {result.length_groups}")
+    status = _check_generation(model, policy if result.prefill.changed else None, result, inputs, console) \
+        if args.check else 0
+    if args.check_trt:
+        status |= _check_trt(result.prefill.path, console) | _check_trt(result.decode.path, console)
+    return status
+
+
+def _check_generation(model, policy, result, inputs: dict, console, new_tokens: int = 16) -> int:
+    """Greedy generation in ONNX Runtime (prefill.onnx, then decode.onnx) against generate() with the policy's
+    masking oracle: the same tokens, and every step's logits within 1e-4 relative."""
+    import torch
+
+    from tokensparse.export.onnx_generate import generate_onnx
+    from tokensparse.reference.llava import masked_generate
+
+    got = generate_onnx(result.directory, {name: value.numpy() for name, value in inputs.items()}, new_tokens)
+    want = masked_generate(model, inputs, policy, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    against = "generate() with the masking oracle" if policy else "generate()"
+    if not torch.equal(got.tokens, want.sequences[:, -new_tokens:]):
+        console.print(f"[red]check failed[/red]: ONNX Runtime's {new_tokens} greedy tokens differ from {against}")
+        return 1
+    return _report_check(torch.stack(got.logits, 1), torch.stack(want.logits, 1), against, console)
 
 
 def _build_engine(args, result, image, console):

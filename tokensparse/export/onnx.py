@@ -4,6 +4,7 @@ with reduction), so that ONNX Runtime, TensorRT and OpenVINO run it without cust
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.hf import is_generative
 from tokensparse.runtime.ops import static_token_counts
-from tokensparse.rewrite import RewriteResult, rewrite_graph, warn_once
+from tokensparse.rewrite import RewriteResult, rewrite_with_kv, warn_once
 
 DEFAULT_OPSET = 18
 
@@ -47,7 +48,7 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     exported = _export(model, args, kwargs, dynamic_shapes)
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
-    result = rewrite_graph(graph, fakes, config)
+    result = rewrite_with_kv(graph, fakes, config)
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
     try:
@@ -79,6 +80,7 @@ def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: 
     if config.kv is not None:
         warn_once(f"kv={config.kv.name} is not exported: the ONNX computes the prefill without a KV cache, which "
                   f"eviction does not change")
+        config = dataclasses.replace(config, kv=None)
     program, result = export_pruned(model, example_inputs, config, dynamic, plugins)
     translations = {**TRANSLATIONS, **PLUGIN_TRANSLATIONS} if plugins else TRANSLATIONS
     args, kwargs = example_call(model, example_inputs)

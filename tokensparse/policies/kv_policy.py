@@ -56,6 +56,14 @@ class PrefillBudget(KVPolicy):
         return isinstance(self.budget, float) and self.budget == 1.0
 
 
+def evict_positions(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): keys and values
+    [B, H_kv, K, d]."""
+    index = kept.unsqueeze(-1)
+    return (keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
+            values.gather(2, index.expand(-1, -1, -1, values.shape[-1])))
+
+
 def check_budget(option: str, value, low: int) -> None:
     """A budget is a count of positions (an int >= low) or a fraction in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

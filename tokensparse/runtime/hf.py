@@ -138,6 +138,13 @@ def _cut_decode_masks(fast, cut) -> bool:
     (evicted_cache_mask). The policies rank padding below every real position and keep positions in order,
     so an evicted cache holds padding only when it holds every real position seen, and then as many padding
     positions as it has slots left, first. So the last columns of the mask are that layer's mask."""
+    return hook_decoder_layers(fast, functools.partial(_cut_mask_to_cache, cut))
+
+
+def hook_decoder_layers(fast, hook) -> bool:
+    """Give `fast` its own copies of the modules down to its decoder layers and register
+    hook(index, module, args, kwargs) as each layer's forward pre-hook (with kwargs). False for a model whose
+    decoder layers are not found."""
     try:
         layers = fast.get_decoder().layers
     except (AttributeError, NotImplementedError):
@@ -151,11 +158,11 @@ def _cut_decode_masks(fast, cut) -> bool:
         parent = parent._modules[name]
     for index, name in enumerate(list(parent._modules)):
         layer = parent._modules[name] = own_copy(parent._modules[name])
-        layer.register_forward_pre_hook(functools.partial(_cut_mask_to_cache, index, cut), with_kwargs=True)
+        layer.register_forward_pre_hook(functools.partial(hook, index), with_kwargs=True)
     return True
 
 
-def _cut_mask_to_cache(index: int, cut, module, args, kwargs):
+def _cut_mask_to_cache(cut, index: int, module, args, kwargs):
     mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
         return None                     # a StaticCache's mask spans its buffers' slots (passes/evict_kv.py)

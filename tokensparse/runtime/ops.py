@@ -17,7 +17,7 @@ from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.dtd import dtd_keep
 from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
-from tokensparse.policies.kv_policy import attention_column_sums
+from tokensparse.policies.kv_policy import attention_column_sums, evict_positions
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
@@ -252,9 +252,7 @@ def _heavy_and_recent_fake(keys, values, scores, length, q, scale, budget, recen
 def kv_evict(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
     """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
     values [B, H_kv, K, d]. DynamicCache stores these in place of the grown cache."""
-    index = kept.unsqueeze(-1)
-    return (keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
-            values.gather(2, index.expand(-1, -1, -1, values.shape[-1])))
+    return evict_positions(keys, values, kept)
 
 
 @kv_evict.register_fake

@@ -1,0 +1,134 @@
+"""to_onnx_generation: a LLaVA model as prefill.onnx (the policy built in, the pruned or evicted KV cache out) and
+decode.onnx (per-layer caches of any lengths in and out). Greedy generation in ONNX Runtime equals generate()
+with the policy's reference (masking oracle, evicting reference) on left-padded inputs other than the traced
+ones: every token and every step's logits."""
+
+import onnx
+import pytest
+import torch
+
+from tests.models import build_llava
+from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM
+from tokensparse.export.generation import to_onnx_generation
+from tokensparse.export.onnx_generate import generate_onnx
+from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.policies import FastV
+from tokensparse.reference.kv import evicted_generate
+from tokensparse.reference.llava import masked_generate
+
+NEW_TOKENS = 12
+FASTV = FastV(layer=2, keep=0.25)
+SNAPKV = SnapKV(budget=10, window=4)
+
+
+def _padded(inputs: dict, sample: int, pads: int) -> dict:
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[sample, :pads] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, traced = build_llava(batch=2)
+    return model, _padded(traced, 0, 2)
+
+
+@pytest.fixture(scope="module")
+def other_inputs():
+    """Not the traced example: other ids and pixels, the other sample padded."""
+    return _padded(build_llava(batch=2, seed=7)[1], 1, 3)
+
+
+@pytest.fixture(scope="module")
+def fastv_pair(llava, tmp_path_factory):
+    model, traced = llava
+    return to_onnx_generation(model, traced, Config(llm=FASTV), str(tmp_path_factory.mktemp("fastv")))
+
+
+@pytest.fixture(scope="module")
+def snapkv_pair(llava, tmp_path_factory):
+    model, traced = llava
+    return to_onnx_generation(model, traced, Config(kv=SNAPKV), str(tmp_path_factory.mktemp("snapkv")))
+
+
+def _greedy(pair, inputs: dict):
+    return generate_onnx(pair.directory, {name: value.numpy() for name, value in inputs.items()}, NEW_TOKENS)
+
+
+def _assert_same_generation(got, want):
+    assert torch.equal(got.tokens, want.sequences[:, -NEW_TOKENS:])
+    torch.testing.assert_close(torch.stack(got.logits, 1), torch.stack(want.logits, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_fastv_generates_what_the_masking_oracle_generates(fastv_pair, llava, other_inputs):
+    model, _ = llava
+    assert fastv_pair.prefill.changed, fastv_pair.prefill.reason
+    want = masked_generate(model, other_inputs, FASTV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    _assert_same_generation(_greedy(fastv_pair, other_inputs), want)
+
+
+def test_fastv_caches_hold_what_each_layer_kept(fastv_pair, other_inputs):
+    """Layers 0-1 hold the whole prompt, layers 2-3 the text and a quarter of the 16 image tokens; the decode
+    graph takes one symbolic length per group of layers."""
+    prompt = other_inputs["input_ids"].shape[1]
+    assert fastv_pair.length_groups == [[0, 1], [2, 3]]
+    assert _greedy(fastv_pair, other_inputs).cache_lengths == [prompt + NEW_TOKENS - 1] * 2 + [
+        prompt - 12 + NEW_TOKENS - 1] * 2
+    decode = onnx.load(fastv_pair.decode.path).graph
+    lengths = {value.name: value.type.tensor_type.shape.dim[2].dim_param for value in decode.input
+               if value.name.startswith("past_key_values.")}
+    assert lengths["past_key_values.0.key"] == lengths["past_key_values.1.value"] != lengths["past_key_values.2.key"]
+    assert lengths["past_key_values.2.key"] == lengths["past_key_values.3.value"]
+    assert fastv_pair.prefill.input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert fastv_pair.decode.output_names[:3] == ["logits", "present.0.key", "present.0.value"]
+    for path in (fastv_pair.prefill.path, fastv_pair.decode.path):
+        assert {node.domain for node in onnx.load(path).graph.node} <= {"", "ai.onnx"}
+        assert check_tensorrt(path).ok
+
+
+def test_snapkv_generates_what_the_evicting_reference_generates(snapkv_pair, llava, other_inputs):
+    model, _ = llava
+    assert snapkv_pair.prefill.changed, snapkv_pair.prefill.reason
+    want, _ = evicted_generate(model, other_inputs, SNAPKV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = _greedy(snapkv_pair, other_inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [SNAPKV.budget + NEW_TOKENS - 1] * 4
+
+
+def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
+    model, _ = llava
+    inputs = build_llava(batch=2, seed=11)[1]
+    want = masked_generate(model, inputs, FASTV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    _assert_same_generation(_greedy(fastv_pair, inputs), want)
+
+
+@pytest.mark.parametrize("config, message", [
+    (Config(kv=StreamingLLM(sinks=2, window=8)), "kv=streamingllm evicts at every decode step"),
+    (Config(kv=H2O(heavy=4, recent=4)), "kv=h2o evicts at every decode step"),
+    (Config(kv=AdaptiveKV(tau=0.9, window=4)), "kv=adaptive keeps a data-dependent count"),
+    (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),
+])
+def test_what_is_not_exported_yet_is_named(config, message, llava, tmp_path):
+    model, traced = llava
+    with pytest.raises(ValueError, match=message):
+        to_onnx_generation(model, traced, config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_without_generate_is_refused(tmp_path):
+    from tests.models import build
+
+    model, _ = build("timm_vit")
+    with pytest.raises(TypeError, match="has no generate"):
+        to_onnx_generation(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None, str(tmp_path / "out"))
+
+
+def test_generate_onnx_names_a_missing_input(fastv_pair, other_inputs):
+    inputs = {name: value.numpy() for name, value in other_inputs.items() if name != "pixel_values"}
+    with pytest.raises(ValueError, match=r"inputs lack \['pixel_values'\]"):
+        generate_onnx(fastv_pair.directory, inputs, 2)
+    with pytest.raises(ValueError, match="max_new_tokens=0 is out of range"):
+        generate_onnx(fastv_pair.directory, inputs, 0)

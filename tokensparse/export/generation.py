@@ -1,0 +1,196 @@
+"""tokensparse.export.to_onnx_generation: a generative Hugging Face model as two ONNX graphs that carry its KV
+cache, so that ONNX Runtime or a C++ serving loop generates from the pruned cache:
+
+  prefill.onnx  input_ids [B, S], attention_mask [B, S], the image inputs (pixel_values, ...)
+                -> logits [B, 1, V] (the last position), present.{i}.key / present.{i}.value [B, H_kv, L_i, d]
+  decode.onnx   input_ids [B, 1], attention_mask [B, T], past_key_values.{i}.key / .value [B, H_kv, L_i, d]
+                -> logits [B, 1, V], present.{i}.key / present.{i}.value [B, H_kv, L_i + 1, d]
+
+The prefill holds the policy (the same passes as tokensparse.compile), so each layer's cache is as long as what
+that layer kept: L_i differs between layers. `attention_mask` always spans the prompt as given plus the tokens
+generated so far (left padding), as generate() keeps it; positions follow generate()'s rule (the running count
+of unmasked positions), and the decode graph gives each layer the mask of its own cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from tokensparse.config import Config, config_from_options
+from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned
+from tokensparse.export.lowering import DECOMPOSITIONS
+from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
+
+PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
+EXPORTED_KV_POLICIES = ("snapkv", "key_norm")        # evict once, in the prefill, to a static count
+
+
+@dataclass
+class OnnxGeneration:
+    """What to_onnx_generation wrote: the two graphs, and which decoder layers share a cache length."""
+
+    directory: str
+    prefill: OnnxExport
+    decode: OnnxExport
+    length_groups: list = field(default_factory=list)   # lists of layer indices whose caches have one length
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """A DynamicCache as [key_0, value_0, key_1, value_1, ...]."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """generate()'s position ids for a left-padded prompt: each position's count of unmasked positions up to it,
+    minus one; 0 for the padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class PrefillWithCache(torch.nn.Module):
+    """The model's prefill, returning (last position's logits, key_0, value_0, ...) of its new KV cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, **images):
+        from transformers import DynamicCache
+
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=prompt_positions(attention_mask), past_key_values=DynamicCache(
+                                config=self.model.config), use_cache=True, logits_to_keep=1, **images)
+        return (output.logits, *cache_tensors(output.past_key_values))
+
+
+class DecodeStep(torch.nn.Module):
+    """One decode step from per-layer caches of any lengths: (logits, key_0, value_0, ...) of the grown cache.
+    Each decoder layer (a hooked copy; the model passed in is not changed) masks its own cache's padding,
+    computed from the 2-D mask: language-model pruning keeps every padding position, first; KV eviction keeps
+    padding only where a layer holds every real position seen, and then as its first positions."""
+
+    def __init__(self, model: torch.nn.Module, evicted: bool):
+        super().__init__()
+        self.model = own_copy(model)
+        self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
+        if not hook_decoder_layers(self.model, functools.partial(self._padding_mask, evicted)):
+            raise ValueError(f"{type(model).__name__} does not expose its decoder layers (get_decoder().layers): "
+                             f"its decode step cannot mask caches of different lengths")
+
+    def _padding_mask(self, evicted: bool, index: int, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        keys = kwargs["past_key_values"].get_seq_length(index) + hidden.shape[1]
+        real, total = self._real["count"], self._real["total"]
+        first_real = keys - real if evicted else total - real
+        allowed = torch.arange(keys, device=hidden.device)[None, :] >= first_real[:, None]
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
+        return args, {**kwargs, "attention_mask": mask[:, None, None, :]}
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
+        self._real.update(count=attention_mask.long().sum(-1), total=attention_mask.shape[-1])
+        try:
+            output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
+                                position_ids=self._real["count"][:, None] - 1)
+        finally:
+            self._real.clear()
+        return (output.logits, *cache_tensors(output.past_key_values))
+
+
+def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, directory: str, dynamic: bool = False,
+                       opset: int = DEFAULT_OPSET) -> OnnxGeneration:
+    """Export `model` (a Hugging Face model with generate()) with `config` as directory/prefill.onnx and
+    directory/decode.onnx (module docstring). `example_inputs` holds input_ids, attention_mask (optional) and
+    the image inputs; `dynamic` makes the prefill's batch axis dynamic (LLaVA fixes it while traced); the
+    decode graph's batch and cache lengths are always dynamic."""
+    from tokensparse.export.translations import TRANSLATIONS
+
+    if not is_generative(model):
+        raise TypeError(f"{type(model).__name__} has no generate(): to_onnx_generation exports a generative "
+                        f"Hugging Face model's prefill and decode step; use to_onnx for other models")
+    if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
+        raise TypeError("example_inputs must be a dict of keyword inputs with input_ids (and the image inputs)")
+    if not isinstance(opset, int) or opset < 18:
+        raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
+    config = Config() if config is None else config_from_options(config)
+    _check_supported(config)
+    inputs = dict(example_inputs)
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
+    follows = {"decode_masks_follow_cache": config.llm is not None or config.vision is not None,
+               "kv_masks_follow_cache": config.kv is not None}
+    prefill_program, result = export_pruned(PrefillWithCache(model).eval(), inputs,
+                                            dataclasses.replace(config, **follows), dynamic)
+    layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // 2
+    cache_names = [f"present.{index}.{part}" for index in range(layers) for part in ("key", "value")]
+    os.makedirs(directory, exist_ok=True)
+    prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
+                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result)
+
+    groups = length_groups(prefill_program)
+    step = DecodeStep(model, evicted=config.kv is not None).eval()
+    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups)
+    decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
+    past_names = [name.replace("present", "past_key_values") for name in cache_names]
+    decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
+                   ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
+    return OnnxGeneration(directory, prefill, decode, groups)
+
+
+def _check_supported(config: Config) -> None:
+    """What the two-graph export does not carry yet, named."""
+    if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
+        reason = ("evicts at every decode step, which the ONNX decode graph does not do yet"
+                  if config.kv.evicts(1, 1 << 20) else "keeps a data-dependent count, which has no ONNX form yet")
+        raise ValueError(f"kv={config.kv.name} {reason}: the generation export takes kv= "
+                         f"{' or '.join(EXPORTED_KV_POLICIES)} (prefill eviction)")
+    if config.kv is not None and (config.llm is not None or config.vision is not None):
+        raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
+                         "layers would need masks that neither policy alone gives): export one of them")
+
+
+def length_groups(prefill_program: torch.export.ExportedProgram) -> list[list[int]]:
+    """Decoder layers grouped by their cache length in the exported prefill (one symbol or number per group):
+    the layers before a cut share the prompt's length, those after it the kept count."""
+    output = next(iter(prefill_program.graph.find_nodes(op="output")))
+    keys = output.args[0][1::2]
+    groups: dict[str, list[int]] = {}
+    for index, node in enumerate(keys):
+        groups.setdefault(str(node.meta["val"].shape[2]), []).append(index)
+    return list(groups.values())
+
+
+def _decode_example(prefill_program, inputs: dict, groups: list[list[int]]):
+    """A decode step's example inputs (the exported prefill's own cache and next token, batch >= 2 so that the
+    batch axis stays symbolic) and their dynamic shapes: batch, mask length, one length per group of layers."""
+    with torch.no_grad():
+        outputs = prefill_program.module()(**inputs)
+    logits, past = outputs[0], list(outputs[1:])
+    token = logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=-1)
+    if token.shape[0] == 1:
+        token, mask, *past = (x.expand(2, *x.shape[1:]).contiguous() for x in (token, mask, *past))
+    batch, total = torch.export.Dim("batch", min=1), torch.export.Dim("mask_length", min=1)
+    lengths = {}
+    for group, layers in enumerate(groups):
+        for layer in layers:
+            lengths[layer] = torch.export.Dim(f"cache_length_{group}", min=1)
+    past_shapes = tuple({0: batch, 2: lengths[index // 2]} for index in range(len(past)))
+    return (token, mask, *past), ({0: batch}, {0: batch, 1: total}, past_shapes)
+
+
+def _save(program, args, kwargs, input_names, output_names, path, opset, translations, result) -> OnnxExport:
+    onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
+                                     verbose=False, custom_translation_table=translations, input_names=input_names,
+                                     output_names=output_names)
+    onnx_program.save(path)
+    graph = onnx_program.model.graph
+    return OnnxExport(path, onnx_program, result is None or result.changed, None if result is None else result.reason,
+                      [value.name for value in graph.inputs], [value.name for value in graph.outputs])
