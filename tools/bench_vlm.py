@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant")
     parser.add_argument("--onnx", action="store_true", help="time ONNX Runtime on to_onnx exports instead of "
                                                                 "Inductor (prefill only)")
+    parser.add_argument("--onnx-generation", action="store_true", help="time ONNX Runtime on to_onnx_generation "
+                        "pairs: the prefill, the KV cache it leaves, and one decode step from that cache")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="write the results here")
@@ -135,6 +137,70 @@ def run_onnx(args) -> dict:
     return result
 
 
+def run_onnx_generation(args) -> dict:
+    """ONNX Runtime (CPU) on to_onnx_generation pairs: prefill medians, the KV-cache bytes the prefill returns, and
+    medians of one decode step from that cache (all variants side by side)."""
+    import onnxruntime
+    from rich.console import Console
+    from rich.table import Table
+
+    import tokensparse
+    from tokensparse.benchmark import time_side_by_side
+    from tokensparse.export.generation import DECODE_FILE, PREFILL_FILE, to_onnx_generation
+
+    console = Console()
+    model, inputs = llava_shaped(args)
+    inputs = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
+              "pixel_values": inputs["pixel_values"]}
+    configs = {"unpruned": tokensparse.Config(), **variants(args.layers, args.only),
+               "snapkv budget 256": tokensparse.Config(kv=tokensparse.SnapKV(budget=256))}
+    root = tempfile.mkdtemp(prefix="tokensparse-vlm-generation-")
+    prefills, decodes, cache_bytes, ideal = {}, {}, {}, {}
+    for index, (name, config) in enumerate(configs.items()):
+        console.print(f"exporting {name} ...")
+        start = time.perf_counter()
+        pair = to_onnx_generation(model, inputs, config, os.path.join(root, str(index)))
+        if config.policy is not None:
+            ideal[name] = tokensparse.explain(model, {**inputs, "logits_to_keep": 1}, config=config).flops_ideal_ratio
+        prefill, decode = (onnxruntime.InferenceSession(os.path.join(pair.directory, file),
+                                                        providers=["CPUExecutionProvider"])
+                           for file in (PREFILL_FILE, DECODE_FILE))
+        feed = {value.name: inputs[value.name].numpy() for value in prefill.get_inputs()}
+        outputs = prefill.run(None, feed)
+        cache_bytes[name] = sum(value.nbytes for value in outputs[1:])
+        step = {"input_ids": outputs[0][:, -1].argmax(-1)[:, None],
+                "attention_mask": torch.ones(args.batch, inputs["input_ids"].shape[1] + 1, dtype=torch.long).numpy(),
+                **{value.name: past for value, past in zip(decode.get_inputs()[2:], outputs[1:])}}
+        compile_s = time.perf_counter() - start
+        prefills[name] = ((lambda *_, s=prefill, f=feed: s.run(None, f)), compile_s)
+        decodes[name] = ((lambda *_, s=decode, f=step: s.run(None, f)), 0.0)
+    prefill_times = time_side_by_side(prefills, (), args.runs)
+    decode_times = time_side_by_side(decodes, (), args.runs * 5)
+    table = Table(title=f"LLaVA-shaped generation pair in ONNX Runtime, batch {args.batch}: prefill median of "
+                        f"{args.runs} runs, decode step median of {args.runs * 5}")
+    for column in ("variant", "prefill ms", "speedup", "FLOPs-ideal", "of ideal", "KV after prefill",
+                   "decode step ms", "decode speedup"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    rows = {}
+    base_prefill, base_decode = prefill_times["unpruned"].median_ms, decode_times["unpruned"].median_ms
+    for name in configs:
+        prefill_ms, decode_ms = prefill_times[name].median_ms, decode_times[name].median_ms
+        speedup = base_prefill / prefill_ms
+        share = speedup / ideal[name] if name in ideal else None
+        rows[name] = {"prefill_ms": prefill_ms, "speedup": speedup, "flops_ideal": ideal.get(name), "of_ideal": share,
+                      "kv_bytes": cache_bytes[name], "decode_step_ms": decode_ms,
+                      "decode_speedup": base_decode / decode_ms, "export_s": prefill_times[name].compile_s}
+        table.add_row(name, f"{prefill_ms:.1f}", f"{speedup:.2f}x", f"{ideal[name]:.2f}x" if share else "",
+                      f"{share:.2f}" if share else "", f"{cache_bytes[name] / 2 ** 20:.1f} MiB", f"{decode_ms:.2f}",
+                      f"{base_decode / decode_ms:.2f}x")
+    console.print(table)
+    result = {"runtime": "onnxruntime generation pair", "batch": args.batch, "layers": args.layers, "runs": args.runs,
+              "variants": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -144,6 +210,8 @@ def run(args) -> dict:
 
     if args.onnx:
         return run_onnx(args)
+    if args.onnx_generation:
+        return run_onnx_generation(args)
     console = Console()
     synchronize = synchronizer(args.device)
     model, inputs = llava_shaped(args)

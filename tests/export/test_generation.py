@@ -1,13 +1,13 @@
 """to_onnx_generation: a LLaVA model as prefill.onnx (the policy built in, the pruned or evicted KV cache out) and
 decode.onnx (per-layer caches of any lengths in and out). Greedy generation in ONNX Runtime equals generate()
 with the policy's reference (masking oracle, evicting reference) on left-padded inputs other than the traced
-ones: every token and every step's logits."""
+ones (other prompt lengths too): every token and every step's logits."""
 
 import onnx
 import pytest
 import torch
 
-from tests.models import build_llava
+from tests.models import build_llama, build_llava
 from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM
 from tokensparse.export.generation import to_onnx_generation
 from tokensparse.export.onnx_generate import generate_onnx
@@ -35,8 +35,9 @@ def llava():
 
 @pytest.fixture(scope="module")
 def other_inputs():
-    """Not the traced example: other ids and pixels, the other sample padded."""
-    return _padded(build_llava(batch=2, seed=7)[1], 1, 3)
+    """Not the traced example: other ids and pixels, a longer prompt (31 tokens, traced 24), the other sample
+    padded."""
+    return _padded(build_llava(batch=2, seed=7, prompt=(6, 9))[1], 1, 3)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def test_fastv_caches_hold_what_each_layer_kept(fastv_pair, other_inputs):
     assert lengths["past_key_values.2.key"] == lengths["past_key_values.3.value"]
     assert fastv_pair.prefill.input_names == ["input_ids", "attention_mask", "pixel_values"]
     assert fastv_pair.decode.output_names[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert fastv_pair.prompt_lengths == (2, 1 << 20)
     for path in (fastv_pair.prefill.path, fastv_pair.decode.path):
         assert {node.domain for node in onnx.load(path).graph.node} <= {"", "ai.onnx"}
         assert check_tensorrt(path).ok
@@ -99,10 +101,34 @@ def test_snapkv_generates_what_the_evicting_reference_generates(snapkv_pair, lla
 
 def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
     model, _ = llava
-    inputs = build_llava(batch=2, seed=11)[1]
+    inputs = build_llava(batch=2, seed=11, prompt=(2, 3))[1]
     want = masked_generate(model, inputs, FASTV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                            do_sample=False, output_logits=True, return_dict_in_generate=True)
     _assert_same_generation(_greedy(fastv_pair, inputs), want)
+
+
+def test_a_text_model_with_a_dynamic_batch(tmp_path):
+    """Llama with SnapKV: traced at batch 2 with 40 tokens, run at batch 3 with 57 (one sample padded). The
+    budget's branch on the prompt length makes the prefill take prompts longer than the budget, and says so."""
+    model, traced = build_llama(batch=2, prompt=40)
+    traced["attention_mask"][0, :3] = 0
+    policy = SnapKV(budget=16, window=4)
+    pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path), dynamic=True)
+    assert pair.prefill.changed, pair.prefill.reason
+    assert pair.prompt_lengths == (17, 1 << 20)
+    inputs = build_llama(batch=3, prompt=57, seed=5)[1]
+    inputs["attention_mask"][2, :5] = 0
+    want, _ = evicted_generate(model, inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = _greedy(pair, inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [16 + NEW_TOKENS - 1] * 2
+    short = build_llama(batch=1, prompt=12)[1]
+    with pytest.raises(ValueError, match="a prompt of 12 tokens is out of range: prefill.onnx was exported for "
+                                         "prompts of 17 to 1048576 tokens"):
+        _greedy(pair, short)
+    with pytest.raises(ValueError, match="the example prompt has 12 tokens, within kv=snapkv's budget of 16"):
+        to_onnx_generation(model, short, Config(kv=policy), str(tmp_path / "short"))
 
 
 @pytest.mark.parametrize("config, message", [

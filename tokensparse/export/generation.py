@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned
+from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
+PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm")        # evict once, in the prefill, to a static count
 
 
@@ -37,6 +38,7 @@ class OnnxGeneration:
     prefill: OnnxExport
     decode: OnnxExport
     length_groups: list = field(default_factory=list)   # lists of layer indices whose caches have one length
+    prompt_lengths: tuple = (2, None)                    # the prefill's shortest and longest prompt (None: any)
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
@@ -127,12 +129,15 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     follows = {"decode_masks_follow_cache": config.llm is not None or config.vision is not None,
                "kv_masks_follow_cache": config.kv is not None}
     prefill_program, result = export_pruned(PrefillWithCache(model).eval(), inputs,
-                                            dataclasses.replace(config, **follows), dynamic)
+                                            dataclasses.replace(config, **follows), dynamic,
+                                            shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
     layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // 2
     cache_names = [f"present.{index}.{part}" for index in range(layers) for part in ("key", "value")]
     os.makedirs(directory, exist_ok=True)
+    prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
     prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
-                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result)
+                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result,
+                    {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
 
     groups = length_groups(prefill_program)
     step = DecodeStep(model, evicted=config.kv is not None).eval()
@@ -141,7 +146,7 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
                    ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
-    return OnnxGeneration(directory, prefill, decode, groups)
+    return OnnxGeneration(directory, prefill, decode, groups, prompts)
 
 
 def _check_supported(config: Config) -> None:
@@ -154,6 +159,20 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and (config.llm is not None or config.vision is not None):
         raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
                          "layers would need masks that neither policy alone gives): export one of them")
+
+
+def _shortest_prompt(config: Config, traced: int) -> int:
+    """The shortest prompt the prefill graph takes: 2, or for a KV budget of a count (its branches on the length
+    are what the graph keeps), the first length it evicts from, if the traced prompt is one."""
+    policy = config.kv
+    if policy is None or not isinstance(getattr(policy, "budget", None), int):
+        return 2
+    evicting = max(policy.budget, policy.window) + 1
+    if traced < evicting:
+        raise ValueError(f"the example prompt has {traced} tokens, within kv={policy.name}'s budget of {policy.budget}: "
+                         f"trace with a prompt longer than the budget (the graph then takes prompts of {evicting} "
+                         f"tokens and more)")
+    return evicting
 
 
 def length_groups(prefill_program: torch.export.ExportedProgram) -> list[list[int]]:
@@ -186,10 +205,12 @@ def _decode_example(prefill_program, inputs: dict, groups: list[list[int]]):
     return (token, mask, *past), ({0: batch}, {0: batch, 1: total}, past_shapes)
 
 
-def _save(program, args, kwargs, input_names, output_names, path, opset, translations, result) -> OnnxExport:
+def _save(program, args, kwargs, input_names, output_names, path, opset, translations, result,
+          metadata=None) -> OnnxExport:
     onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
                                      verbose=False, custom_translation_table=translations, input_names=input_names,
                                      output_names=output_names)
+    onnx_program.model.metadata_props.update(metadata or {})
     onnx_program.save(path)
     graph = onnx_program.model.graph
     return OnnxExport(path, onnx_program, result is None or result.changed, None if result is None else result.reason,

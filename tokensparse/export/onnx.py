@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.utils._pytree as pytree
+from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
@@ -36,15 +37,18 @@ class OnnxExport:
 
 
 def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool = True,
-                  plugins: bool = False) -> tuple[torch.export.ExportedProgram, RewriteResult]:
+                  plugins: bool = False, shortest_prompt: Optional[int] = None
+                  ) -> tuple[torch.export.ExportedProgram, RewriteResult]:
     """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with
     `plugins` keeping each policy step as one tokensparse:: op (static token counts). `example_inputs` is
-    a sequence of positional inputs or a dict of keyword inputs."""
+    a sequence of positional inputs or a dict of keyword inputs. `dynamic`: a dynamic batch axis;
+    `shortest_prompt`: a dynamic prompt length from that many tokens up (axis 1 of the keyword inputs
+    input_ids and attention_mask)."""
     config = Config() if config is None else config_from_options(config)
     args, kwargs = example_call(model, example_inputs)
     if dynamic:
         args, kwargs = _batch_of_two(args), dict(zip(kwargs, _batch_of_two(kwargs.values())))
-    dynamic_shapes = _batch_axes(args, kwargs) if dynamic else None
+    dynamic_shapes = _dynamic_axes(args, kwargs, dynamic, shortest_prompt) if dynamic or shortest_prompt else None
     exported = _export(model, args, kwargs, dynamic_shapes)
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
@@ -130,14 +134,40 @@ def example_call(model: torch.nn.Module, example_inputs) -> tuple[tuple, dict]:
 
 
 def _export(model, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
-    try:
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except torch._dynamo.exc.UserError as error:
-        if dynamic_shapes is None or error.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
-            raise
+    """torch.export. A dynamic prompt length whose range the graph narrows (a KV budget's branch: prompts longer
+    than the budget) is narrowed once as torch.export suggests; the range is in the program (prompt_lengths)."""
+    for _ in range(4):      # each narrowing can expose the next guard (6 <= length, then budget < length)
+        try:
+            return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except torch._dynamo.exc.UserError as error:
+            if dynamic_shapes is None or error.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+                raise
+            violated = re.match(r"Constraints violated \(([^)]*)\)", str(error))
+            if not (violated and violated.group(1) == "sequence" and "sequence = Dim(" in str(error)):
+                _raise_constraint_violation(model, error)
+            dynamic_shapes = refine_dynamic_shapes_from_suggested_fixes(error.msg, dynamic_shapes)
+    return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _raise_constraint_violation(model, error):
+    """A batch axis that the model fixes while traced (LLaVA), said plainly; any other violation as it is."""
+    if "batch" in str(error).split("!")[0]:
         raise ValueError(f"{type(model).__name__} fixes the batch size while it is traced, so it cannot be "
                          f"exported with a dynamic batch axis: export with dynamic=False (tools/export.py "
                          f"--static) and one example batch per batch size") from error
+    raise error
+
+
+def prompt_lengths(program: torch.export.ExportedProgram, name: str = "input_ids") -> tuple[int, int] | None:
+    """(shortest, longest) prompt the program takes when its input `name` has a dynamic axis 1, else None."""
+    node = next((node for node in program.graph.find_nodes(op="placeholder") if node.name == name), None)
+    if node is None or "val" not in node.meta:
+        return None
+    size = node.meta["val"].shape[1]
+    if not isinstance(size, torch.SymInt):
+        return None
+    bounds = program.range_constraints[size.node.expr]
+    return int(bounds.lower), int(bounds.upper) if bounds.upper.is_finite else None
 
 
 def _batch_of_two(inputs) -> tuple:
@@ -146,12 +176,21 @@ def _batch_of_two(inputs) -> tuple:
                  and x.shape[0] == 1 else x for x in inputs)
 
 
-def _batch_axes(args, kwargs):
-    batch = torch.export.Dim("batch", min=1, max=4096)
+TOKEN_INPUTS = ("input_ids", "attention_mask")       # keyword inputs whose axis 1 is the prompt's tokens
 
-    def axes(x):
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+def _dynamic_axes(args, kwargs, batch_axis: bool, shortest_prompt: Optional[int]):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    sequence = torch.export.Dim("sequence", min=max(2, shortest_prompt or 2), max=1 << 20)
+
+    def axes(x, name=None):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        chosen = {0: batch} if batch_axis else {}
+        if shortest_prompt and name in TOKEN_INPUTS and x.dim() >= 2:
+            chosen[1] = sequence
+        return chosen or None
 
     positional = tuple(axes(x) for x in args)
-    return {name: axes(x) for name, x in kwargs.items()} if not args else positional if not kwargs else (
-        positional + tuple(axes(x) for x in kwargs.values()))
+    keyword = {name: axes(x, name) for name, x in kwargs.items()}
+    return keyword if not args else positional if not kwargs else positional + tuple(keyword.values())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokensparse.export.generation import DECODE_FILE, PREFILL_FILE
+from tokensparse.export.generation import DECODE_FILE, PREFILL_FILE, PROMPT_LENGTHS_KEY
 
 
 @dataclass
@@ -35,6 +35,12 @@ def generate_onnx(directory: str, inputs: dict, max_new_tokens: int,
     missing = [name for name in wanted if name not in feed]
     if missing:
         raise ValueError(f"inputs lack {missing}: {PREFILL_FILE} takes {wanted}")
+    shortest, *longest = prefill.get_modelmeta().custom_metadata_map.get(PROMPT_LENGTHS_KEY, "1").split()
+    length = feed["input_ids"].shape[1]
+    if length < int(shortest) or (longest and length > int(longest[0])):
+        raise ValueError(f"a prompt of {length} tokens is out of range: {PREFILL_FILE} was exported for prompts of "
+                         f"{shortest} to {longest[0] if longest else 'any number of'} tokens (a policy's branch on "
+                         f"the length, such as a KV budget, fixed it)")
     outputs = prefill.run(None, {name: feed[name] for name in wanted})
     names = [value.name for value in prefill.get_outputs()]
     mask = feed["attention_mask"]
