@@ -79,6 +79,22 @@ def test_vlm_report_counts_tokens_per_decoder_layer():
     assert "vision span: " in str(report) and "model.language_model.layers" in str(report)
 
 
+def test_vlm_report_with_an_attention_mask_says_what_compile_does():
+    """tokensparse.compile prunes a prompt with an attention mask (its decode steps follow the pruned cache), so
+    explain must too: it used to report the mask as a reason to change nothing."""
+    from tests.models import build_llava
+
+    model, inputs = build_llava(text_layers=6, image_tokens=16, prompt=(3, 5))
+    plain = tokensparse.explain(model, inputs, policy="pyramiddrop", layers=[2, 4], ratio=0.5)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, :2] = 0
+    masked = tokensparse.explain(model, {**inputs, "attention_mask": mask}, policy="pyramiddrop", layers=[2, 4],
+                                 ratio=0.5)
+    assert masked.changed, masked.reason
+    assert [row.tokens_after for row in masked.blocks] == [row.tokens_after for row in plain.blocks]
+    assert masked.flops_ideal_ratio == pytest.approx(plain.flops_ideal_ratio)
+
+
 def test_qwen2_vl_report_follows_generate_prefill():
     """Qwen2-VL's forward alone splits the merge from the layers (its M-RoPE positions need .tolist()):
     explain() reads the prefill graph that generate() runs."""

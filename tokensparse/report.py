@@ -112,6 +112,10 @@ def explain(model, *inputs, config: Optional[Config] = None, **options) -> Repor
     """Report what `options` (or `config`) would do to `model` on `inputs`, without compiling. A single dict
     of inputs is passed as keyword arguments (a VLM's input_ids and pixel_values)."""
     config = config_from_options(config if config is not None else options)
+    if is_generative(model) and config.policy is not None:
+        # What tokensparse.compile does: its decode steps follow the pruned cache, so a prompt with an attention
+        # mask (padded or not) is pruned too.
+        config = dataclasses.replace(config, decode_masks_follow_cache=True)
     if len(inputs) == 1 and isinstance(inputs[0], dict) and is_generative(model) and tower_splits_graph(model):
         graphs = capture_prefill_graphs(model, inputs[0])
     elif len(inputs) == 1 and isinstance(inputs[0], dict):

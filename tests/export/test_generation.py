@@ -12,7 +12,7 @@ from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM
 from tokensparse.export.generation import to_onnx_generation
 from tokensparse.export.onnx_generate import generate_onnx
 from tokensparse.export.trt_check import check_tensorrt
-from tokensparse.policies import FastV
+from tokensparse.policies import FastV, PyramidDrop
 from tokensparse.reference.kv import evicted_generate
 from tokensparse.reference.llava import masked_generate
 
@@ -107,6 +107,20 @@ def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
     _assert_same_generation(_greedy(fastv_pair, inputs), want)
 
 
+@pytest.mark.parametrize("sizes, vision, policy, groups", [
+    ({}, None, PyramidDrop(layers=(1, 3), ratio=0.5, positions="compact"), [[0], [1, 2], [3]]),
+], ids=["pyramiddrop_compact"])
+def test_other_policies_generate_what_the_oracle_generates(sizes, vision, policy, groups, tmp_path):
+    model, traced = build_llava(batch=2, **sizes)
+    pair = to_onnx_generation(model, _padded(traced, 0, 2), Config(vision=vision, llm=policy), str(tmp_path))
+    assert pair.prefill.changed, pair.prefill.reason
+    assert pair.length_groups == groups
+    inputs = _padded(build_llava(batch=2, seed=7, prompt=(6, 9), **sizes)[1], 1, 3)
+    want = masked_generate(model, inputs, policy, vision=vision, max_new_tokens=NEW_TOKENS,
+                           min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    _assert_same_generation(_greedy(pair, inputs), want)
+
+
 def test_a_text_model_with_a_dynamic_batch(tmp_path):
     """Llama with SnapKV: traced at batch 2 with 40 tokens, run at batch 3 with 57 (one sample padded). The
     budget's branch on the prompt length makes the prefill take prompts longer than the budget, and says so."""
@@ -150,6 +164,26 @@ def test_a_model_without_generate_is_refused(tmp_path):
     model, _ = build("timm_vit")
     with pytest.raises(TypeError, match="has no generate"):
         to_onnx_generation(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None, str(tmp_path / "out"))
+
+
+def test_sliding_window_layers_are_refused(tmp_path):
+    model, inputs = build_llama(family="mistral")         # Mistral's sliding window: 4096 by default
+    with pytest.raises(ValueError, match=r"\['DynamicSlidingWindowLayer'\] layers \(sliding-window attention\)"):
+        to_onnx_generation(model, inputs, None, str(tmp_path / "out"))
+
+
+def test_a_model_with_3d_positions_is_refused(tmp_path):
+    from tests.models import build_qwen2_vl
+
+    model, inputs = build_qwen2_vl()
+    with pytest.raises(ValueError, match="Qwen2-VL numbers positions in 3-D"):
+        to_onnx_generation(model, inputs, None, str(tmp_path / "out"))
+
+
+def test_inputs_that_are_not_tensors_are_named(llava, tmp_path):
+    model, traced = llava
+    with pytest.raises(TypeError, match=r"example_inputs \['use_cache'\] are not tensors"):
+        to_onnx_generation(model, {**traced, "use_cache": True}, None, str(tmp_path / "out"))
 
 
 def test_generate_onnx_names_a_missing_input(fastv_pair, other_inputs):

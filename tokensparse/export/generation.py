@@ -123,6 +123,11 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
         raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
     config = Config() if config is None else config_from_options(config)
     _check_supported(config)
+    _check_model(model)
+    not_tensors = [name for name, value in example_inputs.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"example_inputs {not_tensors} are not tensors: give only the model's input tensors (the "
+                        f"export sets use_cache and logits_to_keep itself)")
     inputs = dict(example_inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
@@ -159,6 +164,23 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and (config.llm is not None or config.vision is not None):
         raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
                          "layers would need masks that neither policy alone gives): export one of them")
+
+
+def _check_model(model) -> None:
+    """Models whose positions or caches the two graphs do not reproduce yet, named."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from tokensparse.runtime.hf import tower_splits_graph
+
+    if tower_splits_graph(model):
+        raise ValueError(f"{type(model).__name__} encodes its images outside forward, by image size (and Qwen2-VL "
+                         f"numbers positions in 3-D): its generation pair is not exported yet")
+    layers = DynamicCache(config=model.config).layers
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise ValueError(f"{type(model).__name__}'s cache has {kinds} layers (sliding-window attention): the decode "
+                         f"graph masks full caches only, so its generation pair is not exported yet")
 
 
 def _shortest_prompt(config: Config, traced: int) -> int:
