@@ -99,6 +99,23 @@ def test_snapkv_generates_what_the_evicting_reference_generates(snapkv_pair, lla
     assert got.cache_lengths == [SNAPKV.budget + NEW_TOKENS - 1] * 4
 
 
+def test_streamingllm_evicts_in_the_prefill_and_after_every_decode_step(llava, other_inputs, tmp_path):
+    """The cache stays at sinks + window: the decode graph takes and gives caches of that fixed length."""
+    model, traced = llava
+    policy = StreamingLLM(sinks=2, window=8)
+    pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path))
+    assert pair.prefill.changed, pair.prefill.reason
+    assert pair.prompt_lengths == (11, 1 << 20)
+    want, _ = evicted_generate(model, other_inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = _greedy(pair, other_inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [10] * 4
+    decode = onnx.load(pair.decode.path).graph
+    assert {value.type.tensor_type.shape.dim[2].dim_value for value in decode.input
+            if value.name.startswith("past_key_values.")} == {10}
+
+
 def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
     model, _ = llava
     inputs = build_llava(batch=2, seed=11, prompt=(2, 3))[1]
@@ -146,7 +163,6 @@ def test_a_text_model_with_a_dynamic_batch(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    (Config(kv=StreamingLLM(sinks=2, window=8)), "kv=streamingllm evicts at every decode step"),
     (Config(kv=H2O(heavy=4, recent=4)), "kv=h2o evicts at every decode step"),
     (Config(kv=AdaptiveKV(tau=0.9, window=4)), "kv=adaptive keeps a data-dependent count"),
     (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),

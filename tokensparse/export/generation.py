@@ -23,11 +23,14 @@ import torch
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
+from tokensparse.policies.kv_policy import evict_positions
+from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
-EXPORTED_KV_POLICIES = ("snapkv", "key_norm")        # evict once, in the prefill, to a static count
+# evict once in the prefill to a static count, or (streamingllm) there and after every decode step
+EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm")
 
 
 @dataclass
@@ -75,9 +78,10 @@ class DecodeStep(torch.nn.Module):
     computed from the 2-D mask: language-model pruning keeps every padding position, first; KV eviction keeps
     padding only where a layer holds every real position seen, and then as its first positions."""
 
-    def __init__(self, model: torch.nn.Module, evicted: bool):
+    def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None):
         super().__init__()
         self.model = own_copy(model)
+        self.streaming = streaming        # a StreamingLLM policy: evict after every step's attention
         self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
         if not hook_decoder_layers(self.model, functools.partial(self._padding_mask, evicted)):
             raise ValueError(f"{type(model).__name__} does not expose its decoder layers (get_decoder().layers): "
@@ -102,8 +106,22 @@ class DecodeStep(torch.nn.Module):
             output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
                                 position_ids=self._real["count"][:, None] - 1)
         finally:
+            real = self._real.pop("count")
             self._real.clear()
-        return (output.logits, *cache_tensors(output.past_key_values))
+        tensors = cache_tensors(output.past_key_values)
+        if self.streaming is not None:
+            tensors = [evicted for keys, values in zip(tensors[0::2], tensors[1::2])
+                       for evicted in self._keep_sinks_and_window(keys, values, real)]
+        return (output.logits, *tensors)
+
+    def _keep_sinks_and_window(self, keys, values, real):
+        """StreamingLLM after the step's attention: a cache of sinks + window + 1 positions back to sinks + window
+        (the prefill left exactly that many), padding (the first positions where a sample has fewer real ones)
+        ranked last, as tokensparse.compile's decode steps do."""
+        length = keys.shape[2]
+        padding = torch.arange(length, device=keys.device)[None, :] < (length - real)[:, None]
+        kept = streaming_keep(keys, self.streaming.sinks, self.streaming.window, padding)
+        return evict_positions(keys, values, kept)
 
 
 def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, directory: str, dynamic: bool = False,
@@ -145,8 +163,9 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
                     {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
 
     groups = length_groups(prefill_program)
-    step = DecodeStep(model, evicted=config.kv is not None).eval()
-    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups)
+    streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
+    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming).eval()
+    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, fixed_lengths=streaming is not None)
     decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
@@ -187,11 +206,15 @@ def _shortest_prompt(config: Config, traced: int) -> int:
     """The shortest prompt the prefill graph takes: 2, or for a KV budget of a count (its branches on the length
     are what the graph keeps), the first length it evicts from, if the traced prompt is one."""
     policy = config.kv
-    if policy is None or not isinstance(getattr(policy, "budget", None), int):
+    if isinstance(policy, StreamingLLM):
+        budget = policy.sinks + policy.window
+    elif policy is not None and isinstance(getattr(policy, "budget", None), int):
+        budget = max(policy.budget, policy.window)
+    else:
         return 2
-    evicting = max(policy.budget, policy.window) + 1
+    evicting = budget + 1
     if traced < evicting:
-        raise ValueError(f"the example prompt has {traced} tokens, within kv={policy.name}'s budget of {policy.budget}: "
+        raise ValueError(f"the example prompt has {traced} tokens, within kv={policy.name}'s budget of {budget}: "
                          f"trace with a prompt longer than the budget (the graph then takes prompts of {evicting} "
                          f"tokens and more)")
     return evicting
@@ -208,9 +231,10 @@ def length_groups(prefill_program: torch.export.ExportedProgram) -> list[list[in
     return list(groups.values())
 
 
-def _decode_example(prefill_program, inputs: dict, groups: list[list[int]]):
+def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], fixed_lengths: bool = False):
     """A decode step's example inputs (the exported prefill's own cache and next token, batch >= 2 so that the
-    batch axis stays symbolic) and their dynamic shapes: batch, mask length, one length per group of layers."""
+    batch axis stays symbolic) and their dynamic shapes: batch, mask length, one length per group of layers
+    (`fixed_lengths`: none; every step evicts back to the length the prefill left)."""
     with torch.no_grad():
         outputs = prefill_program.module()(**inputs)
     logits, past = outputs[0], list(outputs[1:])
@@ -223,7 +247,8 @@ def _decode_example(prefill_program, inputs: dict, groups: list[list[int]]):
     for group, layers in enumerate(groups):
         for layer in layers:
             lengths[layer] = torch.export.Dim(f"cache_length_{group}", min=1)
-    past_shapes = tuple({0: batch, 2: lengths[index // 2]} for index in range(len(past)))
+    past_shapes = tuple({0: batch} if fixed_lengths else {0: batch, 2: lengths[index // 2]}
+                        for index in range(len(past)))
     return (token, mask, *past), ({0: batch}, {0: batch, 1: total}, past_shapes)
 
 
