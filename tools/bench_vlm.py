@@ -153,7 +153,8 @@ def run_onnx_generation(args) -> dict:
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
               "pixel_values": inputs["pixel_values"]}
     configs = {"unpruned": tokensparse.Config(), **variants(args.layers, args.only),
-               "snapkv budget 256": tokensparse.Config(kv=tokensparse.SnapKV(budget=256))}
+               "snapkv budget 256": tokensparse.Config(kv=tokensparse.SnapKV(budget=256)),
+               "streamingllm 4+252": tokensparse.Config(kv=tokensparse.StreamingLLM(sinks=4, window=252))}
     root = tempfile.mkdtemp(prefix="tokensparse-vlm-generation-")
     prefills, decodes, cache_bytes, ideal = {}, {}, {}, {}
     for index, (name, config) in enumerate(configs.items()):

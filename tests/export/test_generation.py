@@ -99,10 +99,13 @@ def test_snapkv_generates_what_the_evicting_reference_generates(snapkv_pair, lla
     assert got.cache_lengths == [SNAPKV.budget + NEW_TOKENS - 1] * 4
 
 
-def test_streamingllm_evicts_in_the_prefill_and_after_every_decode_step(llava, other_inputs, tmp_path):
-    """The cache stays at sinks + window: the decode graph takes and gives caches of that fixed length."""
+@pytest.mark.parametrize("policy", [StreamingLLM(sinks=2, window=8), H2O(heavy=4, recent=6)],
+                         ids=["streamingllm", "h2o"])
+def test_decode_time_eviction(policy, llava, other_inputs, tmp_path):
+    """Eviction in the prefill and after every decode step's attention (H2O: the step's attention row added to
+    each position's score, carried as present.{i}.scores): the cache stays at 10 positions, and the decode graph
+    takes and gives caches of that fixed length."""
     model, traced = llava
-    policy = StreamingLLM(sinks=2, window=8)
     pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path))
     assert pair.prefill.changed, pair.prefill.reason
     assert pair.prompt_lengths == (11, 1 << 20)
@@ -114,6 +117,7 @@ def test_streamingllm_evicts_in_the_prefill_and_after_every_decode_step(llava, o
     decode = onnx.load(pair.decode.path).graph
     assert {value.type.tensor_type.shape.dim[2].dim_value for value in decode.input
             if value.name.startswith("past_key_values.")} == {10}
+    assert ("past_key_values.0.scores" in pair.decode.input_names) == isinstance(policy, H2O)
 
 
 def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
@@ -163,7 +167,6 @@ def test_a_text_model_with_a_dynamic_batch(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    (Config(kv=H2O(heavy=4, recent=4)), "kv=h2o evicts at every decode step"),
     (Config(kv=AdaptiveKV(tau=0.9, window=4)), "kv=adaptive keeps a data-dependent count"),
     (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),
 ])

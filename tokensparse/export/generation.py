@@ -9,7 +9,8 @@ cache, so that ONNX Runtime or a C++ serving loop generates from the pruned cach
 The prefill holds the policy (the same passes as tokensparse.compile), so each layer's cache is as long as what
 that layer kept: L_i differs between layers. `attention_mask` always spans the prompt as given plus the tokens
 generated so far (left padding), as generate() keeps it; positions follow generate()'s rule (the running count
-of unmasked positions), and the decode graph gives each layer the mask of its own cache."""
+of unmasked positions), and the decode graph gives each layer the mask of its own cache. KV eviction after
+every step (StreamingLLM, H2O) keeps L_i fixed; H2O also carries present.{i}.scores [B, H_kv, L_i] (float32)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
+from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
@@ -30,7 +32,7 @@ from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict once in the prefill to a static count, or (streamingllm) there and after every decode step
-EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm")
+EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o")
 
 
 @dataclass
@@ -45,8 +47,36 @@ class OnnxGeneration:
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
-    """A DynamicCache as [key_0, value_0, key_1, value_1, ...]."""
-    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+    """A DynamicCache as [key_0, value_0, key_1, value_1, ...]; a ScoredCache as [key_0, value_0, scores_0, ...]."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values, getattr(layer, "scores", None))
+            if tensor is not None]
+
+
+def empty_cache(config, scored: bool):
+    """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O)."""
+    from transformers import DynamicCache
+
+    from tokensparse.runtime.scored_cache import ScoredCache
+
+    return ScoredCache(config) if scored else DynamicCache(config=config)
+
+
+def filled_cache(config, past, scored: bool):
+    """A decode step's cache from the flat past tensors (cache_tensors' layout)."""
+    from transformers import DynamicCache
+
+    from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer
+
+    if not scored:
+        return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=config)
+    cache = ScoredCache(config)
+    cache.layers = []
+    for keys, values, scores in zip(past[0::3], past[1::3], past[2::3]):
+        layer = ScoredLayer()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer.keys, layer.values, layer.scores = keys, values, scores
+        cache.layers.append(layer)
+    return cache
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,16 +89,16 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class PrefillWithCache(torch.nn.Module):
     """The model's prefill, returning (last position's logits, key_0, value_0, ...) of its new KV cache."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, scored: bool = False):
         super().__init__()
         self.model = model
+        self.scored = scored
 
     def forward(self, input_ids, attention_mask, **images):
-        from transformers import DynamicCache
-
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=prompt_positions(attention_mask), past_key_values=DynamicCache(
-                                config=self.model.config), use_cache=True, logits_to_keep=1, **images)
+                            position_ids=prompt_positions(attention_mask),
+                            past_key_values=empty_cache(self.model.config, self.scored), use_cache=True,
+                            logits_to_keep=1, **images)
         return (output.logits, *cache_tensors(output.past_key_values))
 
 
@@ -78,9 +108,10 @@ class DecodeStep(torch.nn.Module):
     computed from the 2-D mask: language-model pruning keeps every padding position, first; KV eviction keeps
     padding only where a layer holds every real position seen, and then as its first positions."""
 
-    def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None):
+    def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None, scored: bool = False):
         super().__init__()
         self.model = own_copy(model)
+        self.scored = scored
         self.streaming = streaming        # a StreamingLLM policy: evict after every step's attention
         self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
         if not hook_decoder_layers(self.model, functools.partial(self._padding_mask, evicted)):
@@ -98,9 +129,7 @@ class DecodeStep(torch.nn.Module):
         return args, {**kwargs, "attention_mask": mask[:, None, None, :]}
 
     def forward(self, input_ids, attention_mask, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
+        cache = filled_cache(self.model.config, past, self.scored)
         self._real.update(count=attention_mask.long().sum(-1), total=attention_mask.shape[-1])
         try:
             output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
@@ -149,24 +178,32 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     inputs = dict(example_inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
-    follows = {"decode_masks_follow_cache": config.llm is not None or config.vision is not None,
-               "kv_masks_follow_cache": config.kv is not None}
-    prefill_program, result = export_pruned(PrefillWithCache(model).eval(), inputs,
-                                            dataclasses.replace(config, **follows), dynamic,
+    follows = dataclasses.replace(config, decode_masks_follow_cache=config.llm is not None or config.vision is not None,
+                                  kv_masks_follow_cache=config.kv is not None)
+    scored = config.kv is not None and config.kv.scored
+    prefill_program, result = export_pruned(PrefillWithCache(model, scored).eval(), inputs, follows, dynamic,
                                             shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
-    layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // 2
-    cache_names = [f"present.{index}.{part}" for index in range(layers) for part in ("key", "value")]
+    parts = ("key", "value", "scores") if scored else ("key", "value")
+    layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // len(parts)
+    cache_names = [f"present.{index}.{part}" for index in range(layers) for part in parts]
     os.makedirs(directory, exist_ok=True)
     prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
     prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
                     os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result,
                     {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
 
-    groups = length_groups(prefill_program)
+    groups = length_groups(prefill_program, len(parts))
     streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
-    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming).eval()
-    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, fixed_lengths=streaming is not None)
-    decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
+    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored).eval()
+    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, len(parts),
+                                                 fixed_lengths=streaming is not None or scored)
+    if scored:      # H2O: the step's attention row accumulates into the scores, then the cache evicts
+        decode_program, decoded = export_pruned(step, decode_args, follows, dynamic=False,
+                                                dynamic_shapes=decode_shapes)
+        if not decoded.changed:
+            raise ValueError(f"kv={config.kv.name}'s decode step could not be rewritten ({decoded.reason})")
+    else:
+        decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
                    ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
@@ -176,10 +213,9 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
 def _check_supported(config: Config) -> None:
     """What the two-graph export does not carry yet, named."""
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
-        reason = ("evicts at every decode step, which the ONNX decode graph does not do yet"
-                  if config.kv.evicts(1, 1 << 20) else "keeps a data-dependent count, which has no ONNX form yet")
-        raise ValueError(f"kv={config.kv.name} {reason}: the generation export takes kv= "
-                         f"{' or '.join(EXPORTED_KV_POLICIES)} (prefill eviction)")
+        raise ValueError(f"kv={config.kv.name} keeps a data-dependent count, which has no ONNX form yet: the "
+                         f"generation export takes kv= "
+                         f"{', '.join(EXPORTED_KV_POLICIES)}")
     if config.kv is not None and (config.llm is not None or config.vision is not None):
         raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
                          "layers would need masks that neither policy alone gives): export one of them")
@@ -208,6 +244,8 @@ def _shortest_prompt(config: Config, traced: int) -> int:
     policy = config.kv
     if isinstance(policy, StreamingLLM):
         budget = policy.sinks + policy.window
+    elif isinstance(policy, H2O):
+        budget = policy.heavy + policy.recent
     elif policy is not None and isinstance(getattr(policy, "budget", None), int):
         budget = max(policy.budget, policy.window)
     else:
@@ -220,18 +258,19 @@ def _shortest_prompt(config: Config, traced: int) -> int:
     return evicting
 
 
-def length_groups(prefill_program: torch.export.ExportedProgram) -> list[list[int]]:
+def length_groups(prefill_program: torch.export.ExportedProgram, per_layer: int = 2) -> list[list[int]]:
     """Decoder layers grouped by their cache length in the exported prefill (one symbol or number per group):
     the layers before a cut share the prompt's length, those after it the kept count."""
     output = next(iter(prefill_program.graph.find_nodes(op="output")))
-    keys = output.args[0][1::2]
+    keys = output.args[0][1::per_layer]
     groups: dict[str, list[int]] = {}
     for index, node in enumerate(keys):
         groups.setdefault(str(node.meta["val"].shape[2]), []).append(index)
     return list(groups.values())
 
 
-def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], fixed_lengths: bool = False):
+def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], per_layer: int = 2,
+                    fixed_lengths: bool = False):
     """A decode step's example inputs (the exported prefill's own cache and next token, batch >= 2 so that the
     batch axis stays symbolic) and their dynamic shapes: batch, mask length, one length per group of layers
     (`fixed_lengths`: none; every step evicts back to the length the prefill left)."""
@@ -247,7 +286,7 @@ def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], fixe
     for group, layers in enumerate(groups):
         for layer in layers:
             lengths[layer] = torch.export.Dim(f"cache_length_{group}", min=1)
-    past_shapes = tuple({0: batch} if fixed_lengths else {0: batch, 2: lengths[index // 2]}
+    past_shapes = tuple({0: batch} if fixed_lengths else {0: batch, 2: lengths[index // per_layer]}
                         for index in range(len(past)))
     return (token, mask, *past), ({0: batch}, {0: batch, 1: total}, past_shapes)
 

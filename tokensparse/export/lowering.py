@@ -12,15 +12,17 @@ import torch.fx as fx
 
 from tokensparse.policies.divprune import divprune_keep_in_sequence
 from tokensparse.policies.fastv import fastv_keep
-from tokensparse.policies.kv_policy import evict_positions
+from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.kv_policy import attention_column_sums, evict_positions
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 from tokensparse.patterns.graph import MatchFailure
-from tokensparse.runtime.ops import (FEATURES_AT_SOURCE_ROWS, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT,
-                                     SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE, VISIONZIP)
+from tokensparse.runtime.ops import (ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP, KEEP_DIVERSE,
+                                     KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE,
+                                     VISIONZIP)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -29,7 +31,8 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_keep,
                VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep,
                KEEP_DIVERSE: divprune_keep_in_sequence, FEATURES_AT_SOURCE_ROWS: features_at_source_rows,
-               SNAPKV_KEEP: snapkv_keep, KV_EVICT: evict_positions}
+               SNAPKV_KEEP: snapkv_keep, KV_EVICT: evict_positions, ATTENTION_COLUMN_SUMS: attention_column_sums,
+               H2O_KEEP: h2o_keep}
 
 
 # Ops whose policy code has no ONNX form yet, with the reason.

@@ -37,18 +37,19 @@ class OnnxExport:
 
 
 def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool = True,
-                  plugins: bool = False, shortest_prompt: Optional[int] = None
+                  plugins: bool = False, shortest_prompt: Optional[int] = None, dynamic_shapes=None
                   ) -> tuple[torch.export.ExportedProgram, RewriteResult]:
     """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with
     `plugins` keeping each policy step as one tokensparse:: op (static token counts). `example_inputs` is
     a sequence of positional inputs or a dict of keyword inputs. `dynamic`: a dynamic batch axis;
     `shortest_prompt`: a dynamic prompt length from that many tokens up (axis 1 of the keyword inputs
-    input_ids and attention_mask)."""
+    input_ids and attention_mask). `dynamic_shapes`, given, replaces both (the inputs are then traced as given)."""
     config = Config() if config is None else config_from_options(config)
     args, kwargs = example_call(model, example_inputs)
-    if dynamic:
+    if dynamic and dynamic_shapes is None:
         args, kwargs = _batch_of_two(args), dict(zip(kwargs, _batch_of_two(kwargs.values())))
-    dynamic_shapes = _dynamic_axes(args, kwargs, dynamic, shortest_prompt) if dynamic or shortest_prompt else None
+    if dynamic_shapes is None and (dynamic or shortest_prompt):
+        dynamic_shapes = _dynamic_axes(args, kwargs, dynamic, shortest_prompt)
     exported = _export(model, args, kwargs, dynamic_shapes)
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
@@ -58,7 +59,7 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     try:
         lowered = inline_policy_code(result.gm, plugin_ops() if plugins else frozenset())
         with static_token_counts():
-            pruned = _export(lowered, args, kwargs, dynamic_shapes)
+            pruned = _export(lowered, args, kwargs, _flat_for(lowered, args, dynamic_shapes))
     except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
         reason = error.reason if isinstance(error, MatchFailure) else (
             f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})")
@@ -147,6 +148,15 @@ def _export(model, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram
                 _raise_constraint_violation(model, error)
             dynamic_shapes = refine_dynamic_shapes_from_suggested_fixes(error.msg, dynamic_shapes)
     return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _flat_for(graph_module, args, dynamic_shapes):
+    """The dynamic shapes of positional inputs that include varargs (a tuple of tensors), flattened to match a
+    rewritten GraphModule, which takes every tensor as its own argument."""
+    placeholders = len(graph_module.graph.find_nodes(op="placeholder"))
+    if not isinstance(dynamic_shapes, tuple) or not args or placeholders == len(dynamic_shapes):
+        return dynamic_shapes
+    return tuple(pytree.tree_leaves(dynamic_shapes, is_leaf=lambda spec: spec is None or isinstance(spec, dict)))
 
 
 def _raise_constraint_violation(model, error):

@@ -57,4 +57,4 @@ def generate_onnx(directory: str, inputs: dict, max_new_tokens: int,
         outputs = decode.run(None, {"input_ids": token, "attention_mask": mask, **past})
         names = [value.name for value in decode.get_outputs()]
     return OnnxGenerated(torch.from_numpy(np.concatenate(tokens, axis=-1)), logits,
-                         [value.shape[2] for value in outputs[1::2]])
+                         [value.shape[2] for name, value in zip(names, outputs) if name.endswith(".key")])

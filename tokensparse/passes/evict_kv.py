@@ -160,8 +160,9 @@ def _zeros_sized_like_the_new_keys(graph: fx.Graph, zeros: fx.Node) -> None:
     """The cache's appended scores new_keys.new_zeros(B, H_kv, S) were traced with sizes fixed before a
     token pass cut the sequence: read them from the new keys instead."""
     new_keys = zeros.args[0]
-    zeros.args = (new_keys, *(insert_call(graph, zeros, torch.ops.aten.sym_size.int, (new_keys, dim))
-                              for dim in range(3)))
+    sizes = [insert_call(graph, zeros, torch.ops.aten.sym_size.int, (new_keys, dim)) for dim in range(3)]
+    # dynamo's method call takes the sizes as varargs, torch.export's aten.new_zeros as one list
+    zeros.args = (new_keys, sizes) if zeros.target is torch.ops.aten.new_zeros.default else (new_keys, *sizes)
 
 
 def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, queries):

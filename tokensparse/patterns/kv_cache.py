@@ -119,7 +119,7 @@ def static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
                   and user.args[1] in (2, -2)]
         if writes:
             return writes[0]
-        if not is_op(node, *_VIEWS):
+        if not is_op(node, *_VIEWS) and not _whole_slice(node):
             return None
         node = node.args[0]
     return None
@@ -136,12 +136,19 @@ def _scores_by_new_keys(outputs) -> dict:
     return found
 
 
+def _whole_slice(node: fx.Node) -> bool:
+    """x[0:] on some axis (torch.export writes repeat_kv's x[:, :, None] with a dynamic batch this way): x itself."""
+    return (is_op(node, "slice") and len(node.args) >= 3 and node.args[2] in (0, None)
+            and (len(node.args) < 4 or node.args[3] is None or node.args[3] >= 2 ** 62)
+            and (len(node.args) < 5 or node.args[4] == 1))
+
+
 def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
     """The torch.cat([past, new], dim=-2) that `node` (an attention's k or v) is read from, through views."""
     for _ in range(hops):
         if is_op(node, "cat") and arg(node, 1, "dim") in (-2, 2) and len(shape_of(node) or ()) == 4:
             return node
-        if not is_op(node, *_VIEWS):
+        if not is_op(node, *_VIEWS) and not _whole_slice(node):
             return None
         node = node.args[0]
     return None

@@ -114,8 +114,10 @@ def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float,
     grouped_keys = keys.float().unsqueeze(2).transpose(-1, -2)                          # [B, H_kv, 1, d, L]
     columns = torch.arange(length, device=keys.device)
     sums = keys.new_zeros(batch, kv_heads, heads // kv_heads, length, dtype=torch.float32)
-    for start in range(0, queries, QUERY_CHUNK):
-        block = q[:, :, start:start + QUERY_CHUNK].float()
+    # A symbolic query count (an export for any prompt length) is one block: chunking would fix the length.
+    chunk = QUERY_CHUNK if isinstance(queries, int) else queries
+    for start in range(0, queries, chunk) if isinstance(queries, int) else (0,):
+        block = q[:, :, start:start + chunk].float()
         rows = block.shape[2]
         logits = block.reshape(batch, kv_heads, heads // kv_heads, rows, dim) @ grouped_keys * scale
         positions = torch.arange(length - queries + start, length - queries + start + rows, device=keys.device)
