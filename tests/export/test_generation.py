@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models import build_llama, build_llava
-from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM
+from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.export.generation import to_onnx_generation
 from tokensparse.export.onnx_generate import generate_onnx
 from tokensparse.export.trt_check import check_tensorrt
@@ -166,8 +166,24 @@ def test_a_text_model_with_a_dynamic_batch(tmp_path):
         to_onnx_generation(model, short, Config(kv=policy), str(tmp_path / "short"))
 
 
+def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
+    """AdaptiveKV's count is the data's: each layer's cache length is its own symbol (NonZero in ONNX)."""
+    model, traced = build_llama(batch=2, prompt=40)
+    policy = AdaptiveKV(tau=0.5, window=4)
+    pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path), dynamic=True)
+    assert pair.prefill.changed, pair.prefill.reason
+    assert pair.length_groups == [[0], [1]]
+    inputs = build_llama(batch=3, prompt=50, seed=5)[1]
+    inputs["attention_mask"][1, :4] = 0
+    want, _ = evicted_generate(model, inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = _greedy(pair, inputs)
+    _assert_same_generation(got, want)
+    assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)
+
+
 @pytest.mark.parametrize("config, message", [
-    (Config(kv=AdaptiveKV(tau=0.9, window=4)), "kv=adaptive keeps a data-dependent count"),
+    (Config(kv=VisionBudget(vision=4, window=4)), "kv=vision_budget keeps a data-dependent count"),
     (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),
 ])
 def test_what_is_not_exported_yet_is_named(config, message, llava, tmp_path):

@@ -131,6 +131,24 @@ def test_adaptive_keep_is_the_fewest_positions_holding_tau(batch, kv_heads, grou
             assert set(before) == set(best) or torch.allclose(mass[b, h, sorted(best)].sum(), mass[b, h, before].sum())
 
 
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), group=st.integers(1, 2), length=st.integers(2, 24), window=st.integers(1, 6),
+       tau=st.floats(0.05, 1.0), pads=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_adaptive_keep_in_graph_equals_adaptive_keep(batch, group, length, window, tau, pads, seed):
+    """The export form (count never read into Python, nonzero) keeps what the eager selection keeps."""
+    from tokensparse.policies.adaptive_kv import adaptive_keep_in_graph
+
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 2 * group, length, 8, generator=generator) * 2
+    keys = torch.randn(batch, 2, length, 8, generator=generator)
+    padding = None
+    if pads:
+        padding = torch.zeros(batch, length, dtype=torch.bool)
+        padding[0, : min(pads, length - 1)] = True
+    assert torch.equal(adaptive_keep_in_graph(q, keys, 0.35, tau, window, padding),
+                       adaptive_keep(q, keys, 0.35, tau, window, padding))
+
+
 def test_adaptive_keeps_more_for_a_larger_tau():
     generator = torch.Generator().manual_seed(0)
     q, keys = torch.randn(2, 4, 30, 8, generator=generator), torch.randn(2, 2, 30, 8, generator=generator)

@@ -24,6 +24,7 @@ import torch
 from tokensparse.config import Config, config_from_options
 from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
+from tokensparse.policies.adaptive_kv import AdaptiveKV
 from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
@@ -32,7 +33,7 @@ from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict once in the prefill to a static count, or (streamingllm) there and after every decode step
-EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o")
+EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive")
 
 
 @dataclass
@@ -246,6 +247,8 @@ def _shortest_prompt(config: Config, traced: int) -> int:
         budget = policy.sinks + policy.window
     elif isinstance(policy, H2O):
         budget = policy.heavy + policy.recent
+    elif isinstance(policy, AdaptiveKV):
+        budget = policy.window
     elif policy is not None and isinstance(getattr(policy, "budget", None), int):
         budget = max(policy.budget, policy.window)
     else:

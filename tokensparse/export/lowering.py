@@ -10,6 +10,7 @@ import math
 import torch
 import torch.fx as fx
 
+from tokensparse.policies.adaptive_kv import adaptive_keep_in_graph
 from tokensparse.policies.divprune import divprune_keep_in_sequence
 from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
@@ -20,9 +21,9 @@ from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 from tokensparse.patterns.graph import MatchFailure
-from tokensparse.runtime.ops import (ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP, KEEP_DIVERSE,
-                                     KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE,
-                                     VISIONZIP)
+from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
+                                     KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE,
+                                     TOPK_PRUNE, VISIONZIP)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -32,7 +33,7 @@ POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_
                VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep,
                KEEP_DIVERSE: divprune_keep_in_sequence, FEATURES_AT_SOURCE_ROWS: features_at_source_rows,
                SNAPKV_KEEP: snapkv_keep, KV_EVICT: evict_positions, ATTENTION_COLUMN_SUMS: attention_column_sums,
-               H2O_KEEP: h2o_keep}
+               H2O_KEEP: h2o_keep, ADAPTIVE_KEEP: adaptive_keep_in_graph}
 
 
 # Ops whose policy code has no ONNX form yet, with the reason.

@@ -4,6 +4,7 @@ window itself; the kept count depends on the data."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,12 +46,17 @@ class AdaptiveKV(KVPolicy):
 def adaptive_count(mass: torch.Tensor, window: int, tau: float) -> int:
     """The layer's kept count: the window plus the most positions any (sample, KV head) needs before the
     window so that its kept mass reaches tau of its total, mass [B, H_kv, L]."""
+    return window + int(_needed_before_window(mass, window, tau))
+
+
+def _needed_before_window(mass: torch.Tensor, window: int, tau: float) -> torch.Tensor:
+    """0-d: the most positions before the window that any (sample, KV head) needs to reach tau of its mass."""
     length = mass.shape[-1]
     before, recent = mass[..., : length - window], mass[..., length - window:].sum(dim=-1, keepdim=True)
     target = tau * mass.sum(dim=-1, keepdim=True)
     reached = before.sort(dim=-1, descending=True).values.cumsum(dim=-1) + recent      # [B, H_kv, L - w]
     needed = torch.where(recent >= target, 0, (reached < target).sum(dim=-1, keepdim=True) + 1)
-    return window + int(needed.clamp(max=length - window).max())
+    return needed.clamp(max=length - window).max()
 
 
 def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int,
@@ -62,3 +68,22 @@ def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float,
     window = min(window, length, q.shape[2])
     mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
     return best_and_recent(mass, length, adaptive_count(mass, window, tau), window, padding)
+
+
+def adaptive_keep_in_graph(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int,
+                           padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """adaptive_keep without reading the count into Python, so that torch.export and ONNX trace it (the count
+    is data-dependent only through nonzero): each head ranks its positions before the window (stable, padding
+    last), keeps the ranks below the count, and the window."""
+    batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    window = min(window, length, q.shape[2])
+    mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
+    needed = _needed_before_window(mass, window, tau)
+    before = mass[..., : length - window]
+    if padding is not None:
+        before = before.masked_fill(padding[:, None, : length - window], -math.inf)
+    order = before.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(length - window, device=keys.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
+    kept = torch.cat([rank < needed, rank.new_ones(batch, kv_heads, window, dtype=torch.bool)], dim=-1)
+    return kept.nonzero()[:, 2].reshape(batch, kv_heads, -1).clone(memory_format=torch.contiguous_format)
