@@ -82,6 +82,24 @@ def test_vision_budgets_on_llava_equal_the_reference(policy, kept):
         assert int(alive[0, :, : image.shape[0]][:, image].sum(dim=-1).unique().item()) == 4
 
 
+def test_a_padded_sample_whose_text_cannot_fill_its_budget_keeps_vision_positions_not_padding():
+    """text=1.0 counts the padded length's text positions; a padded sample has fewer real ones. Its spare text
+    slots go to its next-best vision positions: padding kept beside evicted real positions would be visible to
+    the decode steps (whose masks assume padding only where every real position stays) and changed the tokens."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :3] = 0
+    policy = VisionBudget(vision=4, window=4)
+    out = _generate(model, inputs, Config(kv=policy, inductor=False))
+    reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    image = inputs["input_ids"][1] == model.config.image_token_index
+    for alive in log.alive.values():   # sample 1's padding is its 3 leading text tokens: 3 more image tokens instead
+        prompt = alive[1, :, : image.shape[0]]
+        assert not prompt[:, :3].any() and int(prompt.sum(dim=-1).unique()) == 4 + 4 + 4
+        assert int(prompt[:, image].sum(dim=-1).unique()) == 4 + 3
+
+
 def test_vision_budgets_after_fastv_are_refused_with_the_reason():
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
     config = Config(llm=FastV(layer=2, keep=0.25), kv=VisionBudget(vision=4, window=2), inductor=False)

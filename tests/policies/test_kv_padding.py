@@ -116,15 +116,17 @@ def test_adaptive_keeps_what_the_sample_keeps_alone(seed, real, pads, window, ta
     assert torch.equal(got, alone + pads)
 
 
-def test_vision_budget_counts_padding_as_text_kept_last():
+def test_vision_budget_keeps_padding_only_where_every_real_position_stays():
     q, keys, padded_q, padded_keys, padding = _case(seed=3, real=16, pads=4)
     image_mask = torch.zeros(1, 20, dtype=torch.bool)
     image_mask[0, 8:14] = True
     alone = vision_budget_keep(q, keys, SCALE, image_mask[:, 4:], None, 3, 4, window=2)
     got = vision_budget_keep(padded_q, padded_keys, SCALE, image_mask, None, 3, 4, window=2, padding=padding)
     assert torch.equal(got, alone + 4)
+    # text=1.0 counts 12 text positions of the padded length, the sample has 8 real ones: its 4 spare text slots
+    # take the 3 image tokens beyond the vision budget, and only the last spare slot the first padding position.
     everything = vision_budget_keep(padded_q, padded_keys, SCALE, image_mask, None, 3, 1.0, window=2, padding=padding)
-    assert everything[0, 0, :4].tolist() == [0, 1, 2, 3]           # every text position, the padding among them
+    assert everything[0, 0].tolist() == [0, *range(4, 20)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])

@@ -70,7 +70,8 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
     """Kept positions [B, H_kv, K], ascending: per kind (vision, text) before the window, that kind's budget of
     best-scored positions (ties to the lower position), then the window. image_mask [B, L] bool (None: all
     text); every sample must hold the same number of vision positions before the window. Padding (padding
-    [B, L]) counts as text and ranks below it."""
+    [B, L]) counts as text for the text budget, but a padded sample's text slots that its real text cannot fill
+    take its next-best vision positions first: padding stays only where every real position does."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = min(window, length, q.shape[2])
     if image_mask is None:
@@ -87,9 +88,22 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
         scores = scores.masked_fill(padding[:, None, : length - window], torch.finfo(scores.dtype).min)
     vision_count = budget_count(vision, int(counts[0]))
     text_count = budget_count(text, length - window - int(counts[0]))
-    chosen = []
-    for kind, count in ((before, vision_count), (~before, text_count)):
-        ranked = scores.masked_fill(~kind[:, None, :], -torch.inf).sort(dim=-1, descending=True, stable=True)
-        chosen.append(ranked.indices[..., :count])
-    recent = torch.arange(length - window, length, device=keys.device).expand(batch, kv_heads, window)
-    return torch.cat([torch.cat(chosen, dim=-1).sort(dim=-1).values, recent], dim=-1)
+    pads = torch.zeros_like(before) if padding is None else padding[:, : length - window]
+    real_text = ~before & ~pads
+    # Text slots that a padded sample's real text cannot fill go to its next-best vision positions, and only what
+    # neither kind fills to padding (its first positions): padding stays only where every real position does.
+    shortfall = (text_count - real_text.sum(dim=-1)).clamp(min=0)[:, None, None]
+    spill = (vision_count + shortfall - counts[:, None, None]).clamp(min=0)
+    kept = ((_kind_rank(scores, before) < vision_count + shortfall) & before[:, None, :]) \
+        | ((_kind_rank(scores, real_text) < text_count) & real_text[:, None, :]) \
+        | ((_kind_rank(torch.zeros_like(scores), pads) < spill) & pads[:, None, :])
+    kept = torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1)
+    return kept.nonzero()[:, 2].reshape(batch, kv_heads, -1).clone(memory_format=torch.contiguous_format)
+
+
+def _kind_rank(scores: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, N]: each position's rank among the positions of its kind (kind [B, N]) by descending score, ties
+    to the lower position; positions of other kinds rank after them."""
+    order = scores.masked_fill(~kind[:, None, :], -torch.inf).sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
