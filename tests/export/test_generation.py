@@ -120,6 +120,21 @@ def test_decode_time_eviction(policy, llava, other_inputs, tmp_path):
     assert ("past_key_values.0.scores" in pair.decode.input_names) == isinstance(policy, H2O)
 
 
+def test_vision_budget_generates_what_the_evicting_reference_generates(llava, other_inputs, tmp_path):
+    """Its kept count depends on the image tokens (NonZero in ONNX); text=1.0 on the padded sample gives its spare
+    text slots to image tokens, so its cache holds padding only where it holds every real position."""
+    model, traced = llava
+    policy = VisionBudget(vision=4, window=4)
+    pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path))
+    assert pair.prefill.changed, pair.prefill.reason
+    want, _ = evicted_generate(model, other_inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = _greedy(pair, other_inputs)
+    _assert_same_generation(got, want)
+    prompt = other_inputs["input_ids"].shape[1]
+    assert got.cache_lengths == [prompt - 16 + 4 + NEW_TOKENS - 1] * 4          # 4 of 16 image tokens, all text
+
+
 def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
     model, _ = llava
     inputs = build_llava(batch=2, seed=11, prompt=(2, 3))[1]
@@ -183,7 +198,6 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    (Config(kv=VisionBudget(vision=4, window=4)), "kv=vision_budget keeps a data-dependent count"),
     (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),
 ])
 def test_what_is_not_exported_yet_is_named(config, message, llava, tmp_path):

@@ -28,12 +28,13 @@ from tokensparse.policies.adaptive_kv import AdaptiveKV
 from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
+from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict once in the prefill to a static count, or (streamingllm) there and after every decode step
-EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive")
+EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
 
 
 @dataclass
@@ -214,8 +215,7 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
 def _check_supported(config: Config) -> None:
     """What the two-graph export does not carry yet, named."""
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
-        raise ValueError(f"kv={config.kv.name} keeps a data-dependent count, which has no ONNX form yet: the "
-                         f"generation export takes kv= "
+        raise ValueError(f"kv={config.kv.name} has no ONNX form in the generation export yet: it takes kv= "
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
     if config.kv is not None and (config.llm is not None or config.vision is not None):
         raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
@@ -247,7 +247,7 @@ def _shortest_prompt(config: Config, traced: int) -> int:
         budget = policy.sinks + policy.window
     elif isinstance(policy, H2O):
         budget = policy.heavy + policy.recent
-    elif isinstance(policy, AdaptiveKV):
+    elif isinstance(policy, (AdaptiveKV, VisionBudget)):
         budget = policy.window
     elif policy is not None and isinstance(getattr(policy, "budget", None), int):
         budget = max(policy.budget, policy.window)

@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from tokensparse.policies.kv_policy import KVPolicy, budget_count, check_budget
+from tokensparse.policies.fastv import _traced
+from tokensparse.policies.kv_policy import KVPolicy, check_budget
 from tokensparse.policies.snapkv import check_window_scoring, snapkv_scores
 
 
@@ -78,7 +79,7 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
         image_mask = torch.zeros(batch, length, dtype=torch.bool, device=keys.device)
     before = image_mask[:, : length - window]
     counts = before.sum(dim=-1)
-    if bool((counts != counts[0]).any()):
+    if not _traced(counts) and bool((counts != counts[0]).any()):
         raise ValueError(f"vision KV budgets need the same number of vision positions in every sample; this batch "
                          f"holds {counts.tolist()}")
     scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)      # [B, H_kv, L - w]
@@ -86,19 +87,27 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
         scores = scores + alpha * vision_saliency(hidden, image_mask, temperature)[:, None, : length - window]
     if padding is not None:     # below every real position, above the other kind's (-inf) in each ranking
         scores = scores.masked_fill(padding[:, None, : length - window], torch.finfo(scores.dtype).min)
-    vision_count = budget_count(vision, int(counts[0]))
-    text_count = budget_count(text, length - window - int(counts[0]))
+    # Counts as [B, 1, 1] tensors, never read into Python: torch.export and ONNX trace this function as it is.
+    vision_count = _budget_count(vision, counts)[:, None, None]
+    text_count = _budget_count(text, length - window - counts)[:, None, None]
     pads = torch.zeros_like(before) if padding is None else padding[:, : length - window]
     real_text = ~before & ~pads
     # Text slots that a padded sample's real text cannot fill go to its next-best vision positions, and only what
     # neither kind fills to padding (its first positions): padding stays only where every real position does.
-    shortfall = (text_count - real_text.sum(dim=-1)).clamp(min=0)[:, None, None]
+    shortfall = (text_count - real_text.sum(dim=-1)[:, None, None]).clamp(min=0)
     spill = (vision_count + shortfall - counts[:, None, None]).clamp(min=0)
     kept = ((_kind_rank(scores, before) < vision_count + shortfall) & before[:, None, :]) \
         | ((_kind_rank(scores, real_text) < text_count) & real_text[:, None, :]) \
         | ((_kind_rank(torch.zeros_like(scores), pads) < spill) & pads[:, None, :])
     kept = torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1)
     return kept.nonzero()[:, 2].reshape(batch, kv_heads, -1).clone(memory_format=torch.contiguous_format)
+
+
+def _budget_count(budget: Union[int, float], available: torch.Tensor) -> torch.Tensor:
+    """budget_count on a tensor of available positions: a count (at most all), or round(fraction * available)."""
+    if isinstance(budget, numbers.Integral):
+        return available.clamp(max=int(budget))
+    return torch.round(budget * available).long().clamp(max=available)
 
 
 def _kind_rank(scores: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,13 @@ def vision_budget_keep_op(q: Tensor, keys: Tensor, scale: float, image_mask: Opt
     """Kept cache positions [B, H_kv, K] under separate vision and text budgets (a count, or a fraction of
     that kind's positions); K depends on how many positions are vision tokens (padding [B, L] is text, kept
     last)."""
+    return vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
+                                   window, kernel, pooling, alpha, temperature, padding)
+
+
+def vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count, window,
+                            kernel, pooling, alpha, temperature, padding=None):
+    """vision_budget_keep called with the op's arguments (each budget a float and whether it is a count)."""
     return vision_budget_keep(q, keys, scale, image_mask, hidden, int(vision) if vision_is_count else vision,
                               int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature,
                               padding)
