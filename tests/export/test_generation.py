@@ -17,6 +17,8 @@ from tokensparse.reference.kv import evicted_generate
 from tokensparse.reference.llava import masked_generate
 
 NEW_TOKENS = 12
+GREEDY = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
 FASTV = FastV(layer=2, keep=0.25)
 SNAPKV = SnapKV(budget=10, window=4)
 
@@ -64,8 +66,7 @@ def _assert_same_generation(got, want):
 def test_fastv_generates_what_the_masking_oracle_generates(fastv_pair, llava, other_inputs):
     model, _ = llava
     assert fastv_pair.prefill.changed, fastv_pair.prefill.reason
-    want = masked_generate(model, other_inputs, FASTV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = masked_generate(model, other_inputs, FASTV, **GREEDY)
     _assert_same_generation(_greedy(fastv_pair, other_inputs), want)
 
 
@@ -92,8 +93,7 @@ def test_fastv_caches_hold_what_each_layer_kept(fastv_pair, other_inputs):
 def test_snapkv_generates_what_the_evicting_reference_generates(snapkv_pair, llava, other_inputs):
     model, _ = llava
     assert snapkv_pair.prefill.changed, snapkv_pair.prefill.reason
-    want, _ = evicted_generate(model, other_inputs, SNAPKV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, _ = evicted_generate(model, other_inputs, SNAPKV, **GREEDY)
     got = _greedy(snapkv_pair, other_inputs)
     _assert_same_generation(got, want)
     assert got.cache_lengths == [SNAPKV.budget + NEW_TOKENS - 1] * 4
@@ -109,8 +109,7 @@ def test_decode_time_eviction(policy, llava, other_inputs, tmp_path):
     pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path))
     assert pair.prefill.changed, pair.prefill.reason
     assert pair.prompt_lengths == (11, 1 << 20)
-    want, _ = evicted_generate(model, other_inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, _ = evicted_generate(model, other_inputs, policy, **GREEDY)
     got = _greedy(pair, other_inputs)
     _assert_same_generation(got, want)
     assert got.cache_lengths == [10] * 4
@@ -127,8 +126,7 @@ def test_vision_budget_generates_what_the_evicting_reference_generates(llava, ot
     policy = VisionBudget(vision=4, window=4)
     pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path))
     assert pair.prefill.changed, pair.prefill.reason
-    want, _ = evicted_generate(model, other_inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, _ = evicted_generate(model, other_inputs, policy, **GREEDY)
     got = _greedy(pair, other_inputs)
     _assert_same_generation(got, want)
     prompt = other_inputs["input_ids"].shape[1]
@@ -138,8 +136,7 @@ def test_vision_budget_generates_what_the_evicting_reference_generates(llava, ot
 def test_an_unpadded_batch_runs_the_same_graphs(fastv_pair, llava):
     model, _ = llava
     inputs = build_llava(batch=2, seed=11, prompt=(2, 3))[1]
-    want = masked_generate(model, inputs, FASTV, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = masked_generate(model, inputs, FASTV, **GREEDY)
     _assert_same_generation(_greedy(fastv_pair, inputs), want)
 
 
@@ -152,8 +149,7 @@ def test_other_policies_generate_what_the_oracle_generates(sizes, vision, policy
     assert pair.prefill.changed, pair.prefill.reason
     assert pair.length_groups == groups
     inputs = _padded(build_llava(batch=2, seed=7, prompt=(6, 9), **sizes)[1], 1, 3)
-    want = masked_generate(model, inputs, policy, vision=vision, max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = masked_generate(model, inputs, policy, vision=vision, **GREEDY)
     _assert_same_generation(_greedy(pair, inputs), want)
 
 
@@ -168,8 +164,7 @@ def test_a_text_model_with_a_dynamic_batch(tmp_path):
     assert pair.prompt_lengths == (17, 1 << 20)
     inputs = build_llama(batch=3, prompt=57, seed=5)[1]
     inputs["attention_mask"][2, :5] = 0
-    want, _ = evicted_generate(model, inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, _ = evicted_generate(model, inputs, policy, **GREEDY)
     got = _greedy(pair, inputs)
     _assert_same_generation(got, want)
     assert got.cache_lengths == [16 + NEW_TOKENS - 1] * 2
@@ -190,8 +185,7 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     assert pair.length_groups == [[0], [1]]
     inputs = build_llama(batch=3, prompt=50, seed=5)[1]
     inputs["attention_mask"][1, :4] = 0
-    want, _ = evicted_generate(model, inputs, policy, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, _ = evicted_generate(model, inputs, policy, **GREEDY)
     got = _greedy(pair, inputs)
     _assert_same_generation(got, want)
     assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)

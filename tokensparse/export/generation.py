@@ -33,7 +33,7 @@ from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
-# evict once in the prefill to a static count, or (streamingllm) there and after every decode step
+# evict in the prefill; streamingllm and h2o also after every decode step
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
 
 
@@ -180,20 +180,14 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     inputs = dict(example_inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
-    follows = dataclasses.replace(config, decode_masks_follow_cache=config.llm is not None or config.vision is not None,
-                                  kv_masks_follow_cache=config.kv is not None)
+    prunes = config.llm is not None or config.vision is not None
+    follows = dataclasses.replace(config, decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None)
     scored = config.kv is not None and config.kv.scored
     prefill_program, result = export_pruned(PrefillWithCache(model, scored).eval(), inputs, follows, dynamic,
                                             shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
     parts = ("key", "value", "scores") if scored else ("key", "value")
     layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // len(parts)
     cache_names = [f"present.{index}.{part}" for index in range(layers) for part in parts]
-    os.makedirs(directory, exist_ok=True)
-    prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
-    prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
-                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result,
-                    {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
-
     groups = length_groups(prefill_program, len(parts))
     streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
     step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored).eval()
@@ -206,6 +200,11 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
             raise ValueError(f"kv={config.kv.name}'s decode step could not be rewritten ({decoded.reason})")
     else:
         decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
+    os.makedirs(directory, exist_ok=True)           # only once both graphs exported
+    prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
+    prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
+                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result,
+                    {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
                    ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
