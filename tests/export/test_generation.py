@@ -235,3 +235,7 @@ def test_generate_onnx_names_a_missing_input(fastv_pair, other_inputs):
         generate_onnx(fastv_pair.directory, inputs, 2)
     with pytest.raises(ValueError, match="max_new_tokens=0 is out of range"):
         generate_onnx(fastv_pair.directory, inputs, 0)
+    right = {name: value.numpy() for name, value in other_inputs.items()}
+    right["attention_mask"] = right["attention_mask"][:, ::-1].copy()
+    with pytest.raises(ValueError, match=r"pads samples \[1\] on the right"):
+        generate_onnx(fastv_pair.directory, right, 2)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tokensparse.export.generation import DECODE_FILE, PREFILL_FILE, PROMPT_LENGTHS_KEY
+from tokensparse.runtime.hf import check_left_padding
 
 
 @dataclass
@@ -35,6 +36,7 @@ def generate_onnx(directory: str, inputs: dict, max_new_tokens: int,
     missing = [name for name in wanted if name not in feed]
     if missing:
         raise ValueError(f"inputs lack {missing}: {PREFILL_FILE} takes {wanted}")
+    check_left_padding(torch.from_numpy(np.asarray(feed["attention_mask"])))   # what the graphs' masks assume
     shortest, *longest = prefill.get_modelmeta().custom_metadata_map.get(PROMPT_LENGTHS_KEY, "1").split()
     length = feed["input_ids"].shape[1]
     if length < int(shortest) or (longest and length > int(longest[0])):

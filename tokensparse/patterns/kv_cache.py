@@ -138,9 +138,8 @@ def _scores_by_new_keys(outputs) -> dict:
 
 def _whole_slice(node: fx.Node) -> bool:
     """x[0:] on some axis (torch.export writes repeat_kv's x[:, :, None] with a dynamic batch this way): x itself."""
-    return (is_op(node, "slice") and len(node.args) >= 3 and node.args[2] in (0, None)
-            and (len(node.args) < 4 or node.args[3] is None or node.args[3] >= 2 ** 62)
-            and (len(node.args) < 5 or node.args[4] == 1))
+    start, end, step = (list(node.args[2:5]) + [None] * 3)[:3] if is_op(node, "slice") else (1, None, None)
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) and step in (1, None)
 
 
 def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
