@@ -134,9 +134,10 @@ def test_adaptive_keep_is_the_fewest_positions_holding_tau(batch, kv_heads, grou
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 3), group=st.integers(1, 2), length=st.integers(2, 24), window=st.integers(1, 6),
        tau=st.floats(0.05, 1.0), pads=st.integers(0, 4), seed=st.integers(0, 1000))
-def test_adaptive_keep_in_graph_equals_adaptive_keep(batch, group, length, window, tau, pads, seed):
-    """The export form (count never read into Python, nonzero) keeps what the eager selection keeps."""
-    from tokensparse.policies.adaptive_kv import adaptive_keep_in_graph
+def test_adaptive_keep_equals_its_sort_form(batch, group, length, window, tau, pads, seed):
+    """The rank-and-nonzero selection (count never read into Python, so ONNX traces it) keeps what the sort form
+    keeps: the window and each head's count - window best positions before it, padding last."""
+    from tokensparse.policies.adaptive_kv import needed_before_window
 
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, 2 * group, length, 8, generator=generator) * 2
@@ -145,8 +146,11 @@ def test_adaptive_keep_in_graph_equals_adaptive_keep(batch, group, length, windo
     if pads:
         padding = torch.zeros(batch, length, dtype=torch.bool)
         padding[0, : min(pads, length - 1)] = True
-    assert torch.equal(adaptive_keep_in_graph(q, keys, 0.35, tau, window, padding),
-                       adaptive_keep(q, keys, 0.35, tau, window, padding))
+    shown = min(window, length)
+    mass = attention_column_sums(q[:, :, -shown:], keys, 0.35, padding)
+    count = shown + int(needed_before_window(mass, shown, tau))
+    assert torch.equal(adaptive_keep(q, keys, 0.35, tau, window, padding),
+                       kv_policy.best_and_recent(mass, length, count, shown, padding))
 
 
 def test_adaptive_keeps_more_for_a_larger_tau():

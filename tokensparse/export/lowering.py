@@ -10,7 +10,7 @@ import math
 import torch
 import torch.fx as fx
 
-from tokensparse.policies.adaptive_kv import adaptive_keep_in_graph
+from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.divprune import divprune_keep_in_sequence
 from tokensparse.policies.fastv import fastv_keep
 from tokensparse.policies.h2o import h2o_keep
@@ -33,7 +33,7 @@ POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_
                VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep,
                KEEP_DIVERSE: divprune_keep_in_sequence, FEATURES_AT_SOURCE_ROWS: features_at_source_rows,
                SNAPKV_KEEP: snapkv_keep, KV_EVICT: evict_positions, ATTENTION_COLUMN_SUMS: attention_column_sums,
-               H2O_KEEP: h2o_keep, ADAPTIVE_KEEP: adaptive_keep_in_graph,
+               H2O_KEEP: h2o_keep, ADAPTIVE_KEEP: adaptive_keep,
                VISION_BUDGET_KEEP: vision_budget_keep_call}
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies.base import check_fraction, check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, best_and_recent
+from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, kept_positions, score_ranks
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,9 @@ class AdaptiveKV(KVPolicy):
         return self.tau == 1.0
 
 
-def adaptive_count(mass: torch.Tensor, window: int, tau: float) -> int:
-    """The layer's kept count: the window plus the most positions any (sample, KV head) needs before the
-    window so that its kept mass reaches tau of its total, mass [B, H_kv, L]."""
-    return window + int(_needed_before_window(mass, window, tau))
-
-
-def _needed_before_window(mass: torch.Tensor, window: int, tau: float) -> torch.Tensor:
-    """0-d: the most positions before the window that any (sample, KV head) needs to reach tau of its mass."""
+def needed_before_window(mass: torch.Tensor, window: int, tau: float) -> torch.Tensor:
+    """0-d: the most positions before the window that any (sample, KV head) needs so that its kept mass reaches
+    tau of its total, mass [B, H_kv, L]. The layer keeps the window plus that many."""
     length = mass.shape[-1]
     before, recent = mass[..., : length - window], mass[..., length - window:].sum(dim=-1, keepdim=True)
     target = tau * mass.sum(dim=-1, keepdim=True)
@@ -61,29 +56,15 @@ def _needed_before_window(mass: torch.Tensor, window: int, tau: float) -> torch.
 
 def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int,
                   padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Kept positions [B, H_kv, p], ascending, p from adaptive_count: the last min(window, L) positions and
-    each head's most-attended positions before them (ties to the lower position), padding (padding [B, L],
-    which holds no mass) last. q [B, H, S, d]."""
-    length = keys.shape[2]
-    window = min(window, length, q.shape[2])
-    mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
-    return best_and_recent(mass, length, adaptive_count(mass, window, tau), window, padding)
-
-
-def adaptive_keep_in_graph(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float, window: int,
-                           padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """adaptive_keep without reading the count into Python, so that torch.export and ONNX trace it (the count
-    is data-dependent only through nonzero): each head ranks its positions before the window (stable, padding
-    last), keeps the ranks below the count, and the window."""
+    """Kept positions [B, H_kv, p], ascending: the last min(window, L) positions and each head's p - window
+    most-attended positions before them (ties to the lower position), p from needed_before_window; padding
+    (padding [B, L], which holds no mass) last. q [B, H, S, d]. The count is never read into Python (each head
+    keeps the ranks below it), so that torch.export and ONNX trace this function as it is."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = min(window, length, q.shape[2])
     mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
-    needed = _needed_before_window(mass, window, tau)
     before = mass[..., : length - window]
     if padding is not None:
         before = before.masked_fill(padding[:, None, : length - window], -math.inf)
-    order = before.sort(dim=-1, descending=True, stable=True).indices
-    ranks = torch.arange(length - window, device=keys.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, ranks)
-    kept = torch.cat([rank < needed, rank.new_ones(batch, kv_heads, window, dtype=torch.bool)], dim=-1)
-    return kept.nonzero()[:, 2].reshape(batch, kv_heads, -1).clone(memory_format=torch.contiguous_format)
+    kept = score_ranks(before) < needed_before_window(mass, window, tau)
+    return kept_positions(torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1))

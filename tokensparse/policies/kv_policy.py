@@ -64,6 +64,22 @@ def evict_positions(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor
             values.gather(2, index.expand(-1, -1, -1, values.shape[-1])))
 
 
+def score_ranks(scores: torch.Tensor, kind: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H_kv, N]: each position's rank by descending score, ties to the lower position; with kind [B, N], its
+    rank among the positions of its kind, the other positions ranked after them."""
+    if kind is not None:
+        scores = scores.masked_fill(~kind[:, None, :], -math.inf)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def kept_positions(kept: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, K] ascending: the True positions of kept [B, H_kv, L], the same count in every row. Data-dependent
+    only through nonzero, so that torch.export and ONNX trace it."""
+    return kept.nonzero()[:, 2].reshape(kept.shape[0], kept.shape[1], -1).clone(memory_format=torch.contiguous_format)
+
+
 def check_budget(option: str, value, low: int) -> None:
     """A budget is a count of positions (an int >= low) or a fraction in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -115,8 +131,8 @@ def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float,
     columns = torch.arange(length, device=keys.device)
     sums = keys.new_zeros(batch, kv_heads, heads // kv_heads, length, dtype=torch.float32)
     # A symbolic query count (an export for any prompt length) is one block: chunking would fix the length.
-    chunk = QUERY_CHUNK if isinstance(queries, int) else queries
-    for start in range(0, queries, chunk) if isinstance(queries, int) else (0,):
+    starts, chunk = (range(0, queries, QUERY_CHUNK), QUERY_CHUNK) if isinstance(queries, int) else ((0,), queries)
+    for start in starts:
         block = q[:, :, start:start + chunk].float()
         rows = block.shape[2]
         logits = block.reshape(batch, kv_heads, heads // kv_heads, rows, dim) @ grouped_keys * scale

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from tokensparse.policies.fastv import _traced
-from tokensparse.policies.kv_policy import KVPolicy, check_budget
+from tokensparse.policies.kv_policy import KVPolicy, check_budget, kept_positions, score_ranks
 from tokensparse.policies.snapkv import check_window_scoring, snapkv_scores
 
 
@@ -96,11 +96,10 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
     # neither kind fills to padding (its first positions): padding stays only where every real position does.
     shortfall = (text_count - real_text.sum(dim=-1)[:, None, None]).clamp(min=0)
     spill = (vision_count + shortfall - counts[:, None, None]).clamp(min=0)
-    kept = ((_kind_rank(scores, before) < vision_count + shortfall) & before[:, None, :]) \
-        | ((_kind_rank(scores, real_text) < text_count) & real_text[:, None, :]) \
-        | ((_kind_rank(torch.zeros_like(scores), pads) < spill) & pads[:, None, :])
-    kept = torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1)
-    return kept.nonzero()[:, 2].reshape(batch, kv_heads, -1).clone(memory_format=torch.contiguous_format)
+    kept = ((score_ranks(scores, before) < vision_count + shortfall) & before[:, None, :]) \
+        | ((score_ranks(scores, real_text) < text_count) & real_text[:, None, :]) \
+        | ((score_ranks(torch.zeros_like(scores), pads) < spill) & pads[:, None, :])
+    return kept_positions(torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1))
 
 
 def _budget_count(budget: Union[int, float], available: torch.Tensor) -> torch.Tensor:
@@ -108,11 +107,3 @@ def _budget_count(budget: Union[int, float], available: torch.Tensor) -> torch.T
     if isinstance(budget, numbers.Integral):
         return available.clamp(max=int(budget))
     return torch.round(budget * available).long().clamp(max=available)
-
-
-def _kind_rank(scores: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-    """[B, H_kv, N]: each position's rank among the positions of its kind (kind [B, N]) by descending score, ties
-    to the lower position; positions of other kinds rank after them."""
-    order = scores.masked_fill(~kind[:, None, :], -torch.inf).sort(dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
