@@ -176,6 +176,20 @@ def test_a_text_model_with_a_dynamic_batch(tmp_path):
         to_onnx_generation(model, short, Config(kv=policy), str(tmp_path / "short"))
 
 
+def test_nothing_to_evict_equals_the_unmodified_models_generate(tmp_path):
+    """budget=1.0: the pair holds the whole cache and generates what the model's own generate() does."""
+    model, traced = build_llama(batch=2, prompt=40)
+    pair = to_onnx_generation(model, traced, Config(kv=SnapKV(budget=1.0)), str(tmp_path), dynamic=True)
+    assert not pair.prefill.changed
+    inputs = build_llama(batch=3, prompt=50, seed=5)[1]
+    inputs["attention_mask"][1, :4] = 0
+    with torch.no_grad():
+        want = model.generate(**inputs, **GREEDY)
+    got = _greedy(pair, inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [50 + NEW_TOKENS - 1] * 2
+
+
 def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     """AdaptiveKV's count is the data's: each layer's cache length is its own symbol (NonZero in ONNX)."""
     model, traced = build_llama(batch=2, prompt=40)
