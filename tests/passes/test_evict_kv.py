@@ -420,12 +420,79 @@ def test_a_static_cache_without_scores_keeps_h2o_unchanged_with_the_fix(llama):
     assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
 
 
-def test_a_static_cache_refuses_padding(llama):
+@pytest.mark.parametrize("policy, capacity, length", [
+    (SnapKV(budget=36, window=4), 64, 36 + 19),             # keeps 3 of the padded sample's 7 padding positions
+    (StreamingLLM(sinks=2, window=38), 41, 40),             # evicts padding while decoding, past 41 positions
+    (H2O(heavy=30, recent=20), 64, 50),                     # keeps padding through the prefill, evicts it later
+    (AdaptiveKV(tau=0.3, window=4), 64, None),
+    (VisionBudget(vision=4, text=10, window=4), 64, 14 + 19),
+], ids=["snapkv_keeps_padding", "streamingllm_small_buffer", "h2o", "adaptive", "vision_budget"])
+def test_a_padded_batch_into_a_static_cache_equals_the_evicting_reference(llama, policy, capacity, length):
+    """The prefill ranks padding below every real position; each decode step gets the mask over positions
+    (tokensparse.compile's create_masks_for_generate), from which every layer hides the slots that still hold
+    padding, and StreamingLLM's and H2O's in-place steps rank those slots last too. Once 40 + 20 positions
+    outnumber 41 slots, the mask covers the last 41 positions. One prefill and one decode graph."""
     model, inputs = llama
-    padded = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
-    padded["attention_mask"][0, :3] = 0
-    with pytest.raises(ValueError, match="with a StaticCache and a padded batch is not supported yet"):
-        _static_generate(model, padded, Config(kv=SnapKV(budget=16), inductor=False))
+    padded = _padded(inputs)
+    out, cache, compiled = _static_generate(model, padded, Config(kv=policy, inductor=False), max_cache_len=capacity)
+    reference, log = evicted_generate(model, padded, policy, **GENERATE)
+    _assert_same(out, reference)
+    lengths = [int(layer.cumulative_length) for layer in cache.layers]
+    assert lengths == [int(alive[0, 0].sum()) for alive in log.alive.values()]
+    if length is not None:
+        assert lengths == [length, length]
+    assert len(compiled) == 2
+
+
+def test_a_padded_sample_in_a_static_cache_decodes_as_it_does_alone(llama):
+    """Independent of the reference: with StreamingLLM keeping padding through the prefill and evicting it while
+    decoding, the padded sample's tokens and logits are those of its prompt alone."""
+    model, inputs = llama
+    policy = StreamingLLM(sinks=4, window=30)
+    batch, _, _ = _static_generate(model, _padded(inputs), Config(kv=policy, inductor=False), max_cache_len=41)
+    alone, _, _ = _static_generate(model, {"input_ids": inputs["input_ids"][:1, 7:],
+                                           "attention_mask": inputs["attention_mask"][:1, 7:]},
+                                   Config(kv=policy, inductor=False), max_cache_len=41)
+    assert torch.equal(batch.sequences[0, 40:], alone.sequences[0, 33:])
+    for got, want in zip(batch.logits, alone.logits):
+        torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_padded_batch_with_nothing_to_evict_from_a_static_cache_equals_the_unmodified_model(llama):
+    from transformers import StaticCache
+
+    model, inputs = llama
+    padded = _padded(inputs)
+    out, cache, _ = _static_generate(model, padded, Config(kv=SnapKV(budget=1.0), inductor=False))
+    with torch.no_grad():
+        plain = model.generate(**padded, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+    assert torch.equal(out.sequences, plain.sequences)
+    for got, want in zip(out.logits, plain.logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
+
+
+def test_decode_steps_called_by_hand_into_a_static_cache_take_the_2d_mask(llama):
+    """A serving loop that calls the forward itself: the 2-D mask of a padded decode step becomes the mask over
+    positions as in generate(); a 4-D mask that tokensparse did not build is refused with the reason."""
+    from transformers import StaticCache
+
+    model, inputs = llama
+    padded = _padded(inputs)
+    policy = SnapKV(budget=36, window=4)
+    fast = tokensparse.compile(model, Config(kv=policy, inductor=False))
+    want, _ = evicted_generate(model, padded, policy, **{**GENERATE, "max_new_tokens": 2})
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        positions = padded["attention_mask"].cumsum(-1) - 1
+        fast(**padded, past_key_values=cache, position_ids=positions.clamp(min=0))
+        mask = torch.cat([padded["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = fast(input_ids=want.sequences[:, 40:41], attention_mask=mask, past_key_values=cache,
+                    position_ids=(mask.cumsum(-1) - 1)[:, -1:])
+        torch.testing.assert_close(step.logits[:, -1], want.logits[1], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="got a 4-D attention_mask that tokensparse did not build"):
+            fast(input_ids=want.sequences[:, 41:42], attention_mask=torch.ones(2, 1, 1, 64, dtype=torch.bool),
+                 past_key_values=cache)
 
 
 @pytest.mark.parametrize("policy, length", [(StreamingLLM(sinks=2, window=10), 12), (H2O(heavy=8, recent=6), 14)],

@@ -12,7 +12,7 @@ from tokensparse import Config, FastV, PyramidDrop, ToMe
 from tokensparse.reference.llava import masked_generate
 
 
-def _static_generate(model, inputs, config, **settings):
+def _static_generate(model, inputs, config, max_cache_len=64, **settings):
     from transformers import StaticCache
 
     import tokensparse.backend
@@ -23,7 +23,7 @@ def _static_generate(model, inputs, config, **settings):
         compiled.append(gm)
         return backend(gm, example_inputs, **kwargs)
 
-    cache = StaticCache(config=model.config, max_cache_len=64)
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tokensparse.backend, "tokensparse_backend", counting)
         fast = tokensparse.compile(model, config)
@@ -75,9 +75,56 @@ def test_pruning_into_a_static_cache_needs_tokensparse_compile():
     torch.testing.assert_close(got, model(**inputs).logits)
 
 
-def test_a_padded_batch_into_a_static_cache_is_refused():
+def _padded_llava(batch=2):
+    """The LLaVA batch of the tests above, its first sample's prompt left-padded by 2 positions."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), vision_layers=3, feature_layer=-2,
+                                batch=batch)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :2] = 0
+    return model, inputs
+
+
+@pytest.mark.parametrize("vision, llm, lengths", [
+    (None, FastV(layer=2, keep=0.5), [43, 43, 35, 35]),
+    (None, PyramidDrop(layers=(1, 3), ratio=0.5), [43, 35, 35, 31])], ids=["fastv", "pyramiddrop"])
+def test_pruning_a_padded_batch_into_a_static_cache_equals_the_oracle(vision, llm, lengths):
+    """The pruned layers keep the padding in their first slots: the prefill's masked attention reads the whole
+    buffer through a slot mask that hides it, and each decode step reads it from the mask over positions that
+    tokensparse.compile hands it. One prefill and one decode graph."""
+    model, inputs = _padded_llava()
+    config = Config(vision=vision, llm=llm, inductor=False)
+    out, cache, compiled = _static_generate(model, inputs, config, max_new_tokens=20, **LOGGED)
+    assert_equals_oracle(out, masked_generate(model, inputs, llm, vision=vision, max_new_tokens=20, **LOGGED))
+    assert [int(layer.cumulative_length) for layer in cache.layers] == lengths
+    assert len(compiled) == 2
+
+
+def test_nothing_to_prune_from_a_padded_batch_into_a_static_cache_equals_the_unmodified_model():
+    from transformers import StaticCache
+
+    model, inputs = _padded_llava()
+    settings = dict(max_new_tokens=10, **LOGGED)
+    out, _, _ = _static_generate(model, inputs, Config(llm=FastV(layer=2, keep=1.0), inductor=False), **settings)
+    with torch.no_grad():
+        plain = model.generate(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=64), **settings)
+    assert torch.equal(out.sequences, plain.sequences)
+    for got, want in zip(out.logits, plain.logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_padded_batch_into_a_static_cache_refuses_what_it_cannot_mask():
+    """FastV with a KV policy (the pruned layers keep their padding, the evicted ones drop it first); FastV past
+    the buffer's length (its padding count is read from where the real positions start)."""
+    from tokensparse import SnapKV
+
     model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(5, 5))
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["attention_mask"][0, :3] = 0
-    with pytest.raises(ValueError, match="llm=fastv with a StaticCache and a padded batch is not supported yet"):
-        _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), inductor=False), max_new_tokens=2)
+    with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together on a padded batch are not supported yet"):
+        _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False),
+                         max_new_tokens=2)
+    model, inputs = _padded_llava()             # ToMe in the tower leaves 18 of the 24 positions in layer 0
+    with pytest.raises(ValueError, match=r"llm=fastv on a padded batch into a StaticCache needs max_cache_len >= "
+                                         r"the positions seen \(25\), not 20"):
+        _static_generate(model, inputs, Config(vision=ToMe(r=3), llm=FastV(layer=2, keep=0.5), inductor=False),
+                         max_cache_len=20, max_new_tokens=4, **LOGGED)

@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
-from tokensparse.passes.static_slot_masks import attend_over_filled_slots
+from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decode_slot_padding
 from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
 from tokensparse.patterns.kv_cache import CacheSite
 from tokensparse.patterns.vision_span import find_vision_span
@@ -71,29 +71,33 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget, StreamingLLM, H2O)):
         raise MatchFailure(f"{policy.name} has no StaticCache form yet (use a DynamicCache)")
     if not ctx.decode_masks_follow_cache:
-        raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), which checks that "
-                           "the batch is not padded (the decode masks are rebuilt over the buffer's slots)")
+        raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), whose decode steps "
+                           "attend over each layer's filled slots (with a padded batch's padding from the mask over "
+                           "positions it hands them)")
     for site in ctx.cache_sites:
         buffers = site.static
         if not buffers.created:
-            attend_over_filled_slots(gm.graph, site.attention.node, buffers.slots, buffers.keys)
+            padding = decode_slot_padding(gm.graph, site.attention.node, buffers.slots, buffers.keys, True)
+            attend_over_filled_slots(gm.graph, site.attention.node, buffers.slots, buffers.keys, padding)
             ctx.acted_blocks.append(site.path)
-            ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots")
+            ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots"
+                                   f"{' but its padding' if padding is not None else ''}")
             if isinstance(policy, StreamingLLM):
                 insert_call(gm.graph, site.attention.node.next, KEEP_SINKS_AND_WINDOW,
-                            (buffers.keys, buffers.values, buffers.length, policy.sinks, policy.window))
+                            (buffers.keys, buffers.values, buffers.length, policy.sinks, policy.window, padding))
                 ctx.record("evict_kv", f"{site.path}: then keeps {policy.sinks} sinks and the last {policy.window} "
                                        f"filled slots")
             elif isinstance(policy, H2O):
                 insert_call(gm.graph, site.attention.node.next, HEAVY_AND_RECENT,
                             (buffers.keys, buffers.values, buffers.scores, buffers.length, site.attention.q,
-                             _scale(site), policy.heavy + policy.recent, policy.recent))
+                             _scale(site), policy.heavy + policy.recent, policy.recent, padding))
                 ctx.record("evict_kv", f"{site.path}: then accumulates the step's attention and keeps "
                                        f"{policy.heavy} heavy and {policy.recent} recent slots")
             continue
-        scores = None
+        scores, padding = None, _prefill_padding(gm.graph, output, site)
         if isinstance(policy, H2O):     # the prefill's attention, summed per key: the slots' first scores
-            scores = insert_call(gm.graph, output, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site)))
+            scores = insert_call(gm.graph, output, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site),
+                                                                           padding))
         count = _kept_count(gm.graph, output, policy, site, queries)
         if count is None:
             if scores is not None:
@@ -101,7 +105,7 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
                                                                       (scores, buffers.scores)))
                 ctx.acted_blocks.append(site.path)
             continue
-        kept = _kept(gm.graph, output, policy, site, count, scores)
+        kept = _kept(gm.graph, output, policy, site, count, scores, padding)
         if scores is not None:
             output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_buffer, (
                 insert_call(gm.graph, output, torch.gather, (scores, 2, kept)), buffers.scores)))
@@ -128,6 +132,20 @@ def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext)
                            f"decode masks for the full-length cache: evict from padded batches through "
                            f"tokensparse.compile(model, config), which gives each layer the mask of its evicted cache")
     return insert_call(graph, point, cache_padding, (site.attention.mask, site.keys))
+
+
+def _prefill_padding(graph: fx.Graph, point: fx.Node, site: CacheSite):
+    """[B, L] bool: which of the L positions a prefill writes to an empty StaticCache's first slots are padding,
+    read from the attention's mask over the buffer's slots; None for an attention without a mask."""
+    if site.attention.mask is None:
+        return None
+    return insert_call(graph, point, first_slots_padding, (site.attention.mask, site.keys))
+
+
+def first_slots_padding(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: which of the first L slots of a StaticCache (keys [B, H_kv, L, d] written there) the mask
+    [B, 1 or H, Q, max_len] hides from its last query (a padded batch's padding)."""
+    return padded_positions(attention_mask[..., : keys.shape[2]], keys.shape[2])
 
 
 def cache_padding(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, last_tokens, span_mask, vision_mask_2d
-from tokensparse.runtime.static_cache import first_slots
+from tokensparse.runtime.static_cache import first_columns, first_slots, slot_padding
 
 _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_copy", "clone", "type_as")
 
@@ -82,7 +82,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 def _write_first_slots(graph: fx.Graph, layer: DecoderLayer) -> None:
     """A pruned layer's StaticCache update: its S' kept tokens go to the slots right after the filled ones, its
     length grows by S', and a masked attention sees the filled slots up to its own (top-left causal, as SDPA's
-    is_causal already does over the buffer)."""
+    is_causal already does over the buffer) but the padding of a padded batch, which it keeps first."""
     order = {node: position for position, node in enumerate(graph.nodes)}
     writes = sorted((node for node in layer.nodes if is_op(node, "index_copy_")), key=order.__getitem__)
     slots, new = writes[0].args[2], writes[0].args[3]
@@ -102,8 +102,10 @@ def _write_first_slots(graph: fx.Graph, layer: DecoderLayer) -> None:
         index = list(read.args[1])
         index[2] = slice(index[2].start, count, index[2].step)
         read.args = (read.args[0], tuple(index))
-    if arg(layer.site.node, 3, "attn_mask") is not None:
-        attend_over_filled_slots(graph, layer.site.node, kept_slots, writes[0].args[0])
+    mask = arg(layer.site.node, 3, "attn_mask")
+    if mask is not None:        # the prompt's mask over positions: its padding is the layer's first slots
+        padding = insert_call(graph, layer.site.node, slot_padding, (kept_slots, writes[0].args[0], mask, False))
+        attend_over_filled_slots(graph, layer.site.node, kept_slots, writes[0].args[0], padding)
 
 
 def _tower_stage(ctx: PassContext) -> list[Stage]:
@@ -242,15 +244,19 @@ def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLa
     if stage.score == "none":
         return insert_call(graph, point, KEEP_VISION, (mask, mask, stage.keep))
     if stage.score == "previous_attention":
-        site = lm.layers[stage.layer - 1].site
-        q, k = site.q, site.k
+        scored = lm.layers[stage.layer - 1]
+        q, k = scored.site.q, scored.site.k
         query = stage.query
     else:                                   # next_projection: this layer's own norm, q/k projections and RoPE
-        site = layer.site
+        scored = layer
         q, k = _copy_projections(graph, point, layer)
         query = "last"
-    scores = insert_call(graph, point, fastv_scores,
-                         (q, k, site.scale, mask, query, arg(site.node, 3, "attn_mask")))
+    site, attn_mask = scored.site, arg(scored.site.node, 3, "attn_mask")
+    if attn_mask is not None and any(is_op(node, "index_copy_") for node in scored.nodes):
+        # a masked StaticCache prefill reads the whole buffer, and masks it: the prompt is in its first slots
+        k, attn_mask = (insert_call(graph, point, first_columns, (tensor, q, dim)) for tensor, dim in ((k, 2),
+                                                                                                      (attn_mask, 3)))
+    scores = insert_call(graph, point, fastv_scores, (q, k, site.scale, mask, query, attn_mask))
     return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep))
 
 
@@ -299,16 +305,22 @@ def _copy_projections(graph: fx.Graph, point: fx.Node, layer: DecoderLayer) -> t
 
 
 def _buffer_reads(layer: DecoderLayer, writes: list) -> list:
-    """The layer's reads of its StaticCache buffers up to a length, buffer[:, :, :L] (L the prompt length)."""
+    """The layer's reads of its StaticCache buffers up to a length, buffer[:, :, :L] (L the prompt length: SDPA's
+    unmasked prefill). A masked attention (a padded batch) reads the whole buffer, through its new mask over the
+    buffer's slots, which hides the slots past its own: such reads (buffer[:, :, None] for grouped KV heads) need
+    no cut."""
     written = {write.args[0] for write in writes} | set(writes)
+    masked = arg(layer.site.node, 3, "attn_mask") is not None
     reads = []
     for node in layer.nodes:
         if node.target is operator.getitem and node.args[0] in written:
             index = node.args[1]
+            if masked and isinstance(index, tuple) and all(part is None or part == slice(None) for part in index):
+                continue
             if not (isinstance(index, tuple) and len(index) == 4 and isinstance(index[2], slice)
                     and index[2].stop is not None and all(part == slice(None) for part in index[:2] + index[3:])):
-                raise MatchFailure(f"{layer.path}: reads its StaticCache buffer as {index!r}; only [:, :, :L] is "
-                                   f"understood")
+                raise MatchFailure(f"{layer.path}: reads its StaticCache buffer as {index!r}; only [:, :, :L] "
+                                   f"(and whole reads by a masked attention) are understood")
             reads.append(node)
     return reads
 

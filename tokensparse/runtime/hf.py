@@ -56,6 +56,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     elif config.kv is not None and _cut_decode_masks(fast, _last_columns):
         config = dataclasses.replace(config, kv_masks_follow_cache=True)
     evicted_masks = config.kv_masks_follow_cache
+    handed = _hand_static_decode_masks(fast, config)
     backend = functools.partial(tokensparse_backend, options=config)
     # Each compiled copy counts its own recompiles: another copy of the same model class (another config, the
     # unmodified model) must not use up dynamo's limit of 8 per code object and leave this one running eagerly.
@@ -68,6 +69,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             check_left_padding(kwargs.get("attention_mask"))
         if is_static_cache(kwargs.get("past_key_values")):
             check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])
+            kwargs["attention_mask"] = handed.decode_mask(kwargs)
         elif config.kv is not None and _is_2d(kwargs.get("attention_mask")):
             kwargs["attention_mask"] = evicted_cache_mask(fast, config, evicted_masks, kwargs)
         # The image merge counts image tokens with .item(); without this it splits the graph there.
@@ -203,17 +205,85 @@ def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
         check_left_padding(mask)
     if not layers_cut_masks or cache is None or cache.get_seq_length() == 0:
         return mask
+    embedded = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    queries = embedded.shape[1]
+    return position_mask(fast, mask, queries, mask.shape[-1] - queries)
+
+
+class _StaticDecodeMasks:
+    """The masks of decode steps into a StaticCache. Its slots stop following positions once a policy prunes or
+    evicts, so every decode graph's attention gets a mask over its own layer's slots (passes/static_slot_masks.py).
+    For a padded batch that mask also needs the padding, which generate()'s own 4-D mask, built over layer 0's
+    slots as if they were positions, no longer tells. So a padded batch's decode step gets the causal mask over
+    positions instead, as wide as the buffer: positions 0..max_len-1, or, once the positions seen outnumber the
+    slots (StreamingLLM and H2O keep a small buffer), the last max_len of them. That still counts the real
+    positions an evicted layer may hold; the padding a pruned layer holds is read from where the real positions
+    start, so a language-model policy on a padded batch needs a buffer as long as the sequence (a ValueError
+    says so). An unpadded batch's decode step gets None: the graph builds the plain causal mask, which the
+    passes replace."""
+
+    def __init__(self, fast, config, create_masks):
+        self.fast, self.config, self.create_masks, self.last = fast, config, create_masks, None
+
+    def create_masks_for_generate(self, *args, **kwargs):
+        """generate()'s hook for the 4-D masks of a compileable cache."""
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if not is_static_cache(cache) or _cache_is_empty(cache) or not (mask is None or _is_2d(mask)):
+            return self.create_masks(*args, **kwargs)
+        self.last = None if mask is None else self._over_positions(mask, kwargs["inputs_embeds"].shape[1], cache)
+        return self.last
+
+    def decode_mask(self, kwargs):
+        """The forward's mask: a decode step's 2-D mask becomes the mask above; a 4-D one must be the one
+        generate() got from create_masks_for_generate."""
+        mask, cache = kwargs.get("attention_mask"), kwargs["past_key_values"]
+        if _cache_is_empty(cache) or mask is None or mask is self.last:
+            return mask
+        if _is_2d(mask):
+            embedded = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            return self._over_positions(mask, embedded.shape[1], cache)
+        raise ValueError("a decode step into a StaticCache got a 4-D attention_mask that tokensparse did not build: "
+                         "pass the 2-D attention_mask (generate() does), from which each layer's mask over its "
+                         "own slots is built")
+
+    def _over_positions(self, mask: torch.Tensor, queries: int, cache):
+        if bool(mask.bool().all()):
+            return None
+        check_left_padding(mask)
+        seen, width = mask.shape[-1], cache.layers[0].max_cache_len
+        if seen <= width:
+            return position_mask(self.fast, torch.nn.functional.pad(mask, (0, width - seen)), queries, seen - queries)
+        if _sequence_policy(self.config) is not None:
+            raise ValueError(f"{_sequence_option(self.config)} on a padded batch into a StaticCache needs "
+                             f"max_cache_len >= the positions seen ({seen}), not {width}")
+        return position_mask(self.fast, mask[:, seen - width:], queries, width - queries)
+
+
+def _hand_static_decode_masks(fast, config) -> _StaticDecodeMasks:
+    """Make generate() build fast's StaticCache decode masks with _StaticDecodeMasks."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    handed = _StaticDecodeMasks(fast, config, getattr(fast, "create_masks_for_generate", create_masks_for_generate))
+    fast.create_masks_for_generate = handed.create_masks_for_generate
+    return handed
+
+
+def _cache_is_empty(cache) -> bool:
+    return int(cache.get_seq_length()) == 0
+
+
+def position_mask(fast, mask: torch.Tensor, queries: int, first_query: int):
+    """The 4-D causal mask (bool for SDPA, additive for eager attention) over the columns of the 2-D padding mask
+    [B, W], for `queries` queries at columns first_query, first_query + 1, ..."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
     decoder_config = fast.get_decoder().config
     implementation = decoder_config._attn_implementation
     if implementation not in ("sdpa", "eager"):
-        raise ValueError(f"kv={config.kv.name} needs attn_implementation 'sdpa' or 'eager' to mask decode steps, "
-                         f"not {implementation!r}")
-    embedded = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-    queries, seen = embedded.shape[1], mask.shape[-1]
+        raise ValueError(f"masking a padded batch's decode steps needs attn_implementation 'sdpa' or 'eager', not "
+                         f"{implementation!r}")
     return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-        batch_size=mask.shape[0], q_length=queries, kv_length=seen, q_offset=seen - queries, kv_offset=0,
+        batch_size=mask.shape[0], q_length=queries, kv_length=mask.shape[-1], q_offset=first_query, kv_offset=0,
         mask_function=causal_mask_function, attention_mask=mask.bool(), allow_is_causal_skip=False,
         dtype=fast.dtype, config=decoder_config, device=mask.device)
 
@@ -239,13 +309,24 @@ def is_static_cache(cache) -> bool:
 
 def check_static_cache(config, attention_mask, cache) -> None:
     """What works with a StaticCache: KV policies, language-model policies (llm=, vision= in a VLM's tower) and
-    both together, on unpadded batches."""
-    if _sequence_policy(config) is not None and _pads(attention_mask, cache):
-        raise ValueError(f"{_sequence_option(config)} with a StaticCache and a padded batch is not supported yet: "
-                         f"use a DynamicCache (the default), or batch prompts of one length")
-    if config.kv is not None and _pads(attention_mask, cache):
-        raise ValueError(f"kv={config.kv.name} with a StaticCache and a padded batch is not supported yet: use a "
-                         f"DynamicCache, or batch prompts of one length")
+    both together; on left-padded batches, one of the two."""
+    if _sequence_policy(config) is None or config.kv is None or not _pads(attention_mask, cache):
+        _check_left_padded_prefill(attention_mask, cache)
+        return
+    raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch are not "
+                     f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): batch "
+                     f"prompts of one length, or use one of the two policies")
+
+
+def _check_left_padded_prefill(attention_mask, cache) -> None:
+    """A prefill into an empty StaticCache: its mask (2-D, or generate()'s 4-D one over the buffer's slots) must
+    pad on the left."""
+    if not isinstance(attention_mask, torch.Tensor) or not _cache_is_empty(cache):
+        return
+    if attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, : attention_mask.shape[-2]]
+        attention_mask = last if last.dtype == torch.bool else last == 0
+    check_left_padding(attention_mask)
 
 
 def _pads(attention_mask, cache) -> bool:

@@ -231,27 +231,28 @@ def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_
 
 
 @torch.library.custom_op("tokensparse::keep_sinks_and_window", mutates_args=("keys", "values", "length"))
-def keep_sinks_and_window_op(keys: Tensor, values: Tensor, length: Tensor, sinks: int, window: int) -> None:
+def keep_sinks_and_window_op(keys: Tensor, values: Tensor, length: Tensor, sinks: int, window: int,
+                             padding: Optional[Tensor] = None) -> None:
     """StreamingLLM's eviction on a StaticCache layer's buffers [B, H_kv, max_len, d] and its filled length, in
-    place, after a decode step's attention has read them."""
-    keep_sinks_and_window_(keys, values, length, sinks, window)
+    place, after a decode step's attention has read them (padding [B, max_len]: the slots holding padding)."""
+    keep_sinks_and_window_(keys, values, length, sinks, window, padding)
 
 
 @keep_sinks_and_window_op.register_fake
-def _keep_sinks_and_window_fake(keys, values, length, sinks, window):
+def _keep_sinks_and_window_fake(keys, values, length, sinks, window, padding=None):
     return None
 
 
 @torch.library.custom_op("tokensparse::heavy_and_recent", mutates_args=("keys", "values", "scores", "length"))
 def heavy_and_recent_op(keys: Tensor, values: Tensor, scores: Tensor, length: Tensor, q: Tensor, scale: float,
-                        budget: int, recent: int) -> None:
+                        budget: int, recent: int, padding: Optional[Tensor] = None) -> None:
     """H2O's accumulation and eviction on a ScoredStaticCache layer's buffers and length, in place, after a
-    decode step's attention has read them."""
-    heavy_and_recent_(keys, values, scores, length, q, scale, budget, recent)
+    decode step's attention has read them (padding [B, max_len]: the slots holding padding)."""
+    heavy_and_recent_(keys, values, scores, length, q, scale, budget, recent, padding)
 
 
 @heavy_and_recent_op.register_fake
-def _heavy_and_recent_fake(keys, values, scores, length, q, scale, budget, recent):
+def _heavy_and_recent_fake(keys, values, scores, length, q, scale, budget, recent, padding=None):
     return None
 
 
