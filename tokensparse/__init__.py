@@ -34,10 +34,14 @@ def __getattr__(name: str):
         from tokensparse.runtime import scored_cache
 
         return getattr(scored_cache, name)
+    if name in ("CountedCache", "CountedStaticCache"):
+        from tokensparse.runtime import counted_cache
+
+        return getattr(counted_cache, name)
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
-__all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "DivPrune", "FastV", "KeyNorm", "PyramidDrop", "Report", "ScoredCache",
-           "ScoredStaticCache",
+__all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "CountedCache", "CountedStaticCache", "DivPrune", "FastV", "KeyNorm",
+           "PyramidDrop", "Report", "ScoredCache", "ScoredStaticCache",
            "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
            "compile", "explain"]

@@ -245,11 +245,55 @@ def test_padding_outside_tokensparse_compile_is_left_unchanged_with_the_reason(l
     assert got.past_key_values.layers[0].keys.shape[2] == 40
 
 
-def test_a_padded_batch_with_a_language_model_policy_and_a_kv_policy_is_refused():
+@pytest.mark.parametrize("policy, lengths", [
+    (SnapKV(budget=20, window=2), [39, 39, 35, 35]),    # the pruned layers (16 positions) keep their padding
+    (StreamingLLM(sinks=2, window=10), [12] * 4),
+    (H2O(heavy=8, recent=6), [14] * 4),
+    (AdaptiveKV(tau=0.3, window=4), None),
+], ids=["snapkv_pruned_layers_keep_padding", "streamingllm", "h2o", "adaptive"])
+def test_fastv_and_a_kv_policy_on_a_padded_batch_equal_the_evicting_reference_in_the_oracle(policy, lengths):
+    """Pruned layers keep their padding, evicted ones drop it first: each layer holds max(0, padding - evicted)
+    padding positions, evicted = the positions that entered it (the CountedCache generate() gets) minus those
+    it holds. Equal to the evicting reference run inside the masking oracle, on a batch whose first sample has
+    3 padding positions."""
+    from tokensparse.reference.llava import _applied
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    padded = _padded(inputs, pads=3)
+    config = Config(llm=FastV(layer=2, keep=0.5), kv=policy, inductor=False)
+    out = generate_without_warnings(tokensparse.compile(model, config), **padded, **GENERATE)
+    with torch.no_grad(), _applied(model, padded, config.llm):
+        reference, log = evicted_generate(model, padded, policy, **GENERATE)
+    _assert_same(out, reference)
+    held = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert held == [int(alive[0, 0].sum()) for alive in log.alive.values()]
+    if lengths is not None:
+        assert held == lengths
+
+
+def test_a_padded_sample_under_fastv_and_a_kv_policy_decodes_as_it_does_alone():
+    """Independent of the reference: FastV with SnapKV, whose budget keeps the padding of the pruned layers and
+    drops it from the others; the padded sample's tokens and logits are those of its prompt alone."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    fast = tokensparse.compile(model, Config(llm=FastV(layer=2, keep=0.5), kv=SnapKV(budget=20, window=2),
+                                             inductor=False))
+    batch = generate_without_warnings(fast, **_padded(inputs, pads=3), **GENERATE)
+    alone = generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
+                                      pixel_values=inputs["pixel_values"][:1], **GENERATE)
+    prompt = inputs["input_ids"].shape[1]
+    assert torch.equal(batch.sequences[0, prompt:], alone.sequences[0, prompt - 3:])
+    for got, want in zip(batch.logits, alone.logits):
+        torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_fastv_and_a_kv_policy_on_a_padded_batch_need_a_counting_cache():
+    from transformers import DynamicCache
+
     model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2)
     fast = tokensparse.compile(model, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False))
-    with torch.no_grad(), pytest.raises(ValueError, match="together on a padded batch are not supported yet"):
-        fast.generate(**_padded(inputs, pads=2), **GENERATE)
+    with torch.no_grad(), pytest.raises(ValueError, match="need the cache to count the positions that entered each "
+                                                          "layer: let generate.. make it"):
+        fast.generate(**_padded(inputs, pads=2), **GENERATE, past_key_values=DynamicCache(config=model.config))
 
 
 @pytest.mark.parametrize("policy, length", [(SnapKV(budget=8, window=2), 8 + 19), (H2O(heavy=6, recent=4), 10),
@@ -316,9 +360,9 @@ def test_a_sliding_window_cache_is_refused_with_the_reason():
     assert torch.equal(out.sequences, plain.sequences)
 
 
-def _static_generate(model, inputs, config, max_cache_len=64, **settings):
-    """fast.generate() into a fresh StaticCache (a ScoredStaticCache for H2O); returns (output, the cache,
-    graphs the backend compiled)."""
+def _static_generate(model, inputs, config, max_cache_len=64, cache=None, **settings):
+    """fast.generate() into `cache`, or a fresh StaticCache (a ScoredStaticCache for H2O); returns (output, the
+    cache, graphs the backend compiled)."""
     from transformers import StaticCache
 
     import tokensparse.backend
@@ -330,7 +374,9 @@ def _static_generate(model, inputs, config, max_cache_len=64, **settings):
         compiled.append(gm)
         return backend(gm, example_inputs, **kwargs)
 
-    if isinstance(config.kv, H2O) and settings.pop("scored", True):
+    if cache is not None:
+        pass
+    elif isinstance(config.kv, H2O) and settings.pop("scored", True):
         cache = tokensparse.ScoredStaticCache(model.config, max_cache_len=max_cache_len)
     else:
         cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
@@ -512,6 +558,36 @@ def test_fastv_and_a_kv_policy_into_a_static_cache(policy, length):
     assert [int(layer.cumulative_length) for layer in cache.layers] == [length] * 4
     assert [int(alive[0, 0].sum()) for alive in log.alive.values()] == [length] * 4
     assert len(compiled) == 2
+
+
+@pytest.mark.parametrize("policy, lengths", [(SnapKV(budget=20, window=2), [39, 39, 35, 35]),
+                                             (H2O(heavy=8, recent=6), [14] * 4)], ids=["snapkv", "h2o"])
+def test_fastv_and_a_kv_policy_on_a_padded_batch_into_a_counted_static_cache(policy, lengths):
+    """A CountedStaticCache counts the positions that entered each layer, from which each decode graph finds the
+    padding slots of a layer both pruned and evicted (SnapKV's budget keeps the pruned layers' padding and drops
+    the others'). Equal to the evicting reference inside the masking oracle; one prefill and one decode graph."""
+    from tokensparse.reference.llava import _applied
+
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    padded = _padded(inputs, pads=3)
+    config = Config(llm=FastV(layer=2, keep=0.5), kv=policy, inductor=False)
+    cache = tokensparse.CountedStaticCache(model.config, max_cache_len=64, scores=policy.scored)
+    out, cache, compiled = _static_generate(model, padded, config, cache=cache)
+    with torch.no_grad(), _applied(model, padded, config.llm):
+        reference, log = evicted_generate(model, padded, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == lengths
+    assert [int(layer.entered) for layer in cache.layers] == [24 + 19] * 2 + [16 + 19] * 2
+    assert len(compiled) == 2
+
+
+def test_fastv_and_a_kv_policy_on_a_padded_batch_into_a_plain_static_cache_name_the_fix():
+    model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2)
+    with pytest.raises(ValueError, match=r"need the StaticCache to count the positions that entered each layer: "
+                                         r"pass past_key_values=tokensparse.CountedStaticCache\(model.config, "
+                                         r"max_cache_len, scores=True\)"):
+        _static_generate(model, _padded(inputs, pads=3), Config(llm=FastV(layer=1, keep=0.5),
+                                                                kv=H2O(heavy=8, recent=6), inductor=False))
 
 
 def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):

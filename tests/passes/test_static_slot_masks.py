@@ -113,14 +113,15 @@ def test_nothing_to_prune_from_a_padded_batch_into_a_static_cache_equals_the_unm
 
 
 def test_a_padded_batch_into_a_static_cache_refuses_what_it_cannot_mask():
-    """FastV with a KV policy (the pruned layers keep their padding, the evicted ones drop it first); FastV past
-    the buffer's length (its padding count is read from where the real positions start)."""
+    """FastV with a KV policy into a StaticCache that does not count the positions entering each layer; FastV
+    past the buffer's length (its padding count is read from where the real positions start)."""
     from tokensparse import SnapKV
 
     model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(5, 5))
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["attention_mask"][0, :3] = 0
-    with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together on a padded batch are not supported yet"):
+    with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together on a padded batch need the StaticCache to "
+                                         "count the positions that entered each layer"):
         _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False),
                          max_new_tokens=2)
     model, inputs = _padded_llava()             # ToMe in the tower leaves 18 of the 24 positions in layer 0

@@ -34,6 +34,7 @@ class PassContext:
     language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
     cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
     decode_masks_follow_cache: bool = False   # Config.decode_masks_follow_cache (padded prompts can be pruned)
+    pruned_and_evicted: bool = False          # a language-model policy's pruned layers, then a KV policy's eviction
     feature_rows: Optional[tuple] = None  # VisionZip: (kept encoder rows node, rows cut before the projector, features)
     # A vision-encoder policy (ToMe, TopK) in a VLM's tower: the features it hands the projector
     # (patterns.vision_features.VisionFeatures), and the language-model policy applied after it (or None).

@@ -14,9 +14,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
-from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decode_slot_padding
+from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decode_slot_padding, handed_position_mask
 from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
-from tokensparse.patterns.kv_cache import CacheSite
+from tokensparse.patterns.kv_cache import CacheSite, entered_count, static_write
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies.key_norm import key_norm_keep
@@ -77,7 +77,8 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     for site in ctx.cache_sites:
         buffers = site.static
         if not buffers.created:
-            padding = decode_slot_padding(gm.graph, site.attention.node, buffers.slots, buffers.keys, True)
+            padding = decode_slot_padding(gm.graph, site.attention.node, buffers.slots, buffers.keys, True,
+                                          _entered(site, ctx))
             attend_over_filled_slots(gm.graph, site.attention.node, buffers.slots, buffers.keys, padding)
             ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots"
@@ -132,6 +133,17 @@ def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext)
                            f"decode masks for the full-length cache: evict from padded batches through "
                            f"tokensparse.compile(model, config), which gives each layer the mask of its evicted cache")
     return insert_call(graph, point, cache_padding, (site.attention.mask, site.keys))
+
+
+def _entered(site: CacheSite, ctx: PassContext):
+    """A counting StaticCache layer's count of entered positions, which a padded batch's decode masks need
+    after a language-model policy pruned the layer (runtime/static_cache.py: slot_padding); None otherwise."""
+    entered = entered_count(static_write(site.attention.k))
+    if entered is None and ctx.pruned_and_evicted and handed_position_mask(site.attention.node) is not None:
+        raise MatchFailure(f"{site.path}: a padded batch under a language-model policy and a KV policy needs each "
+                           f"StaticCache layer to count the positions that entered it: pass past_key_values="
+                           f"tokensparse.CountedStaticCache(model.config, max_cache_len)")
+    return entered
 
 
 def _prefill_padding(graph: fx.Graph, point: fx.Node, site: CacheSite):

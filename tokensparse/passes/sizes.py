@@ -52,8 +52,9 @@ class _SizeRederiver(fx.Interpreter):
         if len(old_in) == len(new_in) and all(same_size(a, b) for a, b in zip(old_in, new_in)):
             return
         form, sizes = _shape_args(node)
-        # Under a dynamic prompt length the sizes are SymInt nodes (the s27 placeholder): compare their values.
-        traced = [_traced_size(size) for size in sizes]
+        # Under a dynamic prompt length the sizes are SymInt nodes (the s27 placeholder): compare their values. A
+        # size that an earlier rewrite already reads from this input (sym_size) follows it as it is.
+        traced = [_input_dim(size, source) or _traced_size(size) for size in sizes]
         patched = _rederive(traced, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
         if patched is None:
             raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(traced)}): cannot tell which size is the "
@@ -81,6 +82,13 @@ def _traced_size(size):
         value = size.meta.get("example_value", size.meta.get("val"))
         return value if isinstance(value, (int, torch.SymInt)) else size
     return size
+
+
+def _input_dim(size, source: fx.Node) -> Optional["InputDim"]:
+    """InputDim(d) for a size node that reads dim d of the op's own input, else None."""
+    if isinstance(size, fx.Node) and size.target is torch.ops.aten.sym_size.int and size.args[0] is source:
+        return InputDim(size.args[1])
+    return None
 
 
 def _is_size(size) -> bool:

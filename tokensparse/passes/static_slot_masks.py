@@ -35,22 +35,27 @@ def attend_over_filled_slots(graph: fx.Graph, attention: fx.Node, slots, buffer:
     set_arg(attention, 3, "attn_mask", insert_call(graph, attention, slot_causal_mask, (slots, buffer, padding)))
 
 
-def decode_slot_padding(graph: fx.Graph, attention: fx.Node, slots, buffer: fx.Node, evicted: bool):
+def decode_slot_padding(graph: fx.Graph, attention: fx.Node, slots, buffer: fx.Node, evicted: bool, entered=None):
     """[B, max_len] bool, the slots of a decode step's StaticCache layer that hold a padded batch's padding
     (runtime/static_cache.py: slot_padding; `evicted`: the layer's cache was evicted by a KV policy rather than
-    pruned), read from the mask over positions that tokensparse.compile() hands padded decode steps; None
-    for an unpadded batch, whose decode steps get generate()'s own mask."""
+    pruned; `entered`: its count of entered positions, for a layer both pruned and evicted), read from the mask
+    over positions that tokensparse.compile() hands padded decode steps; None for an unpadded batch, whose
+    decode steps get generate()'s own mask."""
     position_mask = handed_position_mask(attention)
     if position_mask is None:
         return None
-    return insert_call(graph, attention, slot_padding, (slots, buffer, position_mask, evicted))
+    return insert_call(graph, attention, slot_padding, (slots, buffer, position_mask, evicted, entered))
 
 
 def handed_position_mask(attention: fx.Node):
     """The 4-D mask over every position seen that tokensparse.compile() hands a padded batch's decode step (a
-    graph input, which the model may cut to the buffer's length: followed back through that slice), or None
-    when the attention's mask is built inside the graph (generate()'s own, for an unpadded batch)."""
+    graph input, which the model may cut to the buffer's length: followed back through that slice, and through
+    the slot mask of an earlier pass), or None when the attention's mask is built inside the graph (generate()'s
+    own, for an unpadded batch)."""
     mask = arg(attention, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and mask.target is slot_causal_mask:    # the slot mask an earlier pass gave it
+        padding = mask.args[2]
+        mask = padding.args[2] if isinstance(padding, fx.Node) and padding.target is slot_padding else None
     while isinstance(mask, fx.Node) and mask.target is operator.getitem and isinstance(mask.args[1], tuple):
         mask = mask.args[0]
     if isinstance(mask, fx.Node) and mask.op == "placeholder" and len(shape_of(mask) or ()) == 4:

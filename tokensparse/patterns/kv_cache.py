@@ -125,6 +125,18 @@ def static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
     return None
 
 
+def entered_count(write: fx.Node) -> Optional[fx.Node]:
+    """The 0-d count of entered positions of a counting StaticCache layer (runtime/counted_cache.py), which
+    adds entered.add_(ones_like(new_keys[0, 0, :, 0]).sum()) for the new keys that `write` (the keys'
+    index_copy_) stores; None for a layer that does not count."""
+    for read in write.args[3].users:
+        for ones in (user for user in read.users if is_op(user, "ones_like")):
+            for total in (user for user in ones.users if is_op(user, "sum")):
+                for add in (user for user in total.users if is_op(user, "add_") and user.args[1] is total):
+                    return add.args[0]
+    return None
+
+
 def _scores_by_new_keys(outputs) -> dict:
     """The returned score updates cat([past, new_keys.new_zeros(B, H_kv, S)], dim=-1), by their new keys."""
     found = {}

@@ -110,7 +110,7 @@ def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent
     the best-scored of the positions before them, by scores_before [B, H_kv, >= length - recent] (ties to
     the lower position). Padding positions (padding [B, length]) rank below every other position."""
     batch, kv_heads = scores_before.shape[:2]
-    recent = min(recent, count, length)
+    recent = torch.sym_min(torch.sym_min(recent, count), length)   # data-dependent after FastV: no guard
     tail = torch.arange(length - recent, length, device=scores_before.device).expand(batch, kv_heads, recent)
     scores_before = scores_before[..., : length - recent]
     if padding is not None:

@@ -43,10 +43,10 @@ def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optiona
     every position of a shorter cache, without branching on L (a data-dependent length after FastV). In a
     padded batch (padding [B, L]) the sinks are each sample's first real positions."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
+    count = sinks + window if count is None else count
     if padding is not None:
         earliest_first = -torch.arange(length, device=keys.device, dtype=torch.float32).expand(batch, kv_heads, length)
-        return best_and_recent(earliest_first, length, sinks + window, window, padding)
-    count = sinks + window if count is None else count
+        return best_and_recent(earliest_first, length, count, window, padding)
     index = torch.arange(count, device=keys.device)
     positions = torch.where(index < sinks, index, index + (length - count))
     return positions.expand(batch, kv_heads, count).contiguous()

@@ -51,7 +51,9 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
     prunes_sequence = _sequence_policy(config) is not None
-    if prunes_sequence and _cut_decode_masks(fast, _first_columns):
+    if prunes_sequence and config.kv is not None and hook_decoder_layers(fast, _mask_held_padding):
+        config = dataclasses.replace(config, decode_masks_follow_cache=True, kv_masks_follow_cache=True)
+    elif prunes_sequence and _cut_decode_masks(fast, _first_columns):
         config = dataclasses.replace(config, decode_masks_follow_cache=True)
     elif config.kv is not None and _cut_decode_masks(fast, _last_columns):
         config = dataclasses.replace(config, kv_masks_follow_cache=True)
@@ -79,8 +81,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
     fast.forward = forward
-    if config.kv is not None and config.kv.scored:
-        _generate_with_scored_cache(fast, type(model).generate)
+    if config.kv is not None and (config.kv.scored or config.kv_masks_follow_cache and prunes_sequence):
+        _generate_with_own_cache(fast, type(model).generate, _own_cache_class(config, prunes_sequence))
     return fast
 
 
@@ -103,17 +105,27 @@ def tower_splits_graph(model) -> bool:
             or getattr(model.config, "image_grid_pinpoints", None) is not None)
 
 
-def _generate_with_scored_cache(fast, generate) -> None:
-    """Make fast.generate() start from a ScoredCache (H2O's per-position scores) unless given a cache."""
+def _own_cache_class(config, prunes_sequence: bool):
+    """The DynamicCache generate() needs: H2O's per-position scores (ScoredCache), and with a language-model
+    policy the count of positions that entered each layer (CountedCache; see _mask_held_padding)."""
+    from tokensparse.runtime.counted_cache import CountedCache, CountedScoredCache
     from tokensparse.runtime.scored_cache import ScoredCache
 
+    if prunes_sequence:
+        return CountedScoredCache if config.kv.scored else CountedCache
+    return ScoredCache
+
+
+def _generate_with_own_cache(fast, generate, cache_class) -> None:
+    """Make fast.generate() start from a `cache_class` unless given a cache."""
+
     @functools.wraps(generate)
-    def scored_generate(*args, **kwargs):
+    def generate_with_own_cache(*args, **kwargs):
         if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = ScoredCache(fast.config)
+            kwargs["past_key_values"] = cache_class(fast.config)
         return generate(fast, *args, **kwargs)
 
-    fast.generate = scored_generate
+    fast.generate = generate_with_own_cache
 
 
 def own_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -175,6 +187,35 @@ def _cut_mask_to_cache(cut, index: int, module, args, kwargs):
     return args, {**kwargs, "attention_mask": cut(mask, keys)}
 
 
+def _mask_held_padding(index: int, module, args, kwargs):
+    """Pre-hook of decoder layer `index` under a language-model policy and a KV policy: a decode step's mask for
+    the layer's own cache, from the mask over every position seen (evicted_cache_mask). The layer holds its kept
+    positions in order, padding first. Pruning drops no padding; eviction drops padding first (the KV policies
+    rank it below every real position). So the layer holds max(0, padding - evicted) padding positions, where
+    `evicted` = the positions that entered it (CountedCache counts them) - those it holds."""
+    mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    queries, held = hidden.shape[1], cache.get_seq_length(index)
+    if mask.shape[-1] <= held + queries:
+        return None                     # a prefill, or a layer that holds every position seen
+    entered = getattr(cache.layers[index], "entered", None)
+    if entered is None:                 # a cache that does not count (unpadded: evicted_cache_mask checked)
+        return args, {**kwargs, "attention_mask": _last_columns(mask, held + queries)}
+    last = mask[:, 0, -1]
+    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    padding = allowed.int().argmax(dim=-1)                      # left padding: where the real positions start
+    held_padding = (padding - (entered - held)).clamp(min=0)
+    columns = torch.arange(held + queries, device=mask.device)
+    causal = columns[None, :] <= held + torch.arange(queries, device=mask.device)[:, None]
+    layer_allowed = causal[None, None] & (columns[None, :] >= held_padding[:, None])[:, None, None, :]
+    if mask.dtype != torch.bool:
+        layer_allowed = torch.zeros(layer_allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~layer_allowed, torch.finfo(mask.dtype).min)
+    return args, {**kwargs, "attention_mask": layer_allowed}
+
+
 def _first_columns(mask: torch.Tensor, keys) -> torch.Tensor:
     return mask[..., :keys]
 
@@ -195,13 +236,13 @@ def evicted_cache_mask(fast, config, layers_cut_masks: bool, kwargs):
     Refuses the padded batches it cannot mask correctly."""
     mask, cache = kwargs["attention_mask"], kwargs.get("past_key_values")
     if not bool(mask.bool().all()):
-        if _sequence_policy(config) is not None:
-            raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch are not "
-                             f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): "
-                             f"batch prompts of one length, or use one of the two policies")
         if not layers_cut_masks:
             raise ValueError(f"kv={config.kv.name} on a padded batch needs the model's decoder layers "
                              f"(get_decoder().layers), which this model does not expose: batch prompts of one length")
+        if _sequence_policy(config) is not None and not getattr(cache, "counts_entries", False):
+            raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch need "
+                             f"the cache to count the positions that entered each layer: let generate() make it (pass "
+                             f"no past_key_values), or pass tokensparse.CountedCache()")
         check_left_padding(mask)
     if not layers_cut_masks or cache is None or cache.get_seq_length() == 0:
         return mask
@@ -309,13 +350,15 @@ def is_static_cache(cache) -> bool:
 
 def check_static_cache(config, attention_mask, cache) -> None:
     """What works with a StaticCache: KV policies, language-model policies (llm=, vision= in a VLM's tower) and
-    both together; on left-padded batches, one of the two."""
-    if _sequence_policy(config) is None or config.kv is None or not _pads(attention_mask, cache):
+    both together, also on left-padded batches; both on a padded batch need a CountedStaticCache."""
+    if (_sequence_policy(config) is None or config.kv is None or getattr(cache, "counts_entries", False)
+            or not _pads(attention_mask, cache)):
         _check_left_padded_prefill(attention_mask, cache)
         return
-    raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch are not "
-                     f"supported yet (the pruned layers keep their padding, the evicted ones drop it first): batch "
-                     f"prompts of one length, or use one of the two policies")
+    raise ValueError(f"{_sequence_option(config)} and kv={config.kv.name} together on a padded batch need the "
+                     f"StaticCache to count the positions that entered each layer: pass past_key_values="
+                     f"tokensparse.CountedStaticCache(model.config, max_cache_len"
+                     f"{', scores=True' if config.kv.scored else ''})")
 
 
 def _check_left_padded_prefill(attention_mask, cache) -> None:

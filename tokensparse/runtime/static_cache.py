@@ -28,7 +28,8 @@ def slot_causal_mask(slots: torch.Tensor, buffer: torch.Tensor, padding: torch.T
     return mask if padding is None else mask & ~padding[:, None, None, :]
 
 
-def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch.Tensor, evicted: bool) -> torch.Tensor:
+def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch.Tensor, evicted: bool,
+                 entered: torch.Tensor | None = None) -> torch.Tensor:
     """[B, max_len] bool: which slots of a StaticCache layer hold a left-padded batch's padding, from a causal mask
     over positions [B, 1, q, max_len] (bool, True where allowed, or additive float; runtime/hf.py hands decode
     steps one) whose last row is the last query's (slots[-1]). Padding comes first in every layer: the policies
@@ -39,13 +40,19 @@ def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch
     - An evicted layer (`evicted` True): the KV policies rank padding below every real position, so a layer
       holds padding only when it holds every real position seen, and then in its remaining slots. The mask's
       real positions count them (or, when it covers only the last max_len positions, at least as many as the
-      layer's filled slots, and then it holds no padding)."""
+      layer's filled slots, and then it holds no padding).
+    - A layer pruned and then evicted (a language-model policy and a KV policy): eviction drops padding first,
+      so it holds max(0, padding - evicted), evicted = `entered` (the positions that ever entered it, counted by
+      runtime/counted_cache.py) - its filled slots. This form holds for the two above too."""
     last = position_mask[:, 0, -1, :]
     allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    if evicted:
+    padding = allowed.int().argmax(dim=-1)          # left padding: the first position the query may see
+    if entered is not None:
+        count = (padding - (entered - (slots[-1] + 1))).clamp(min=0)
+    elif evicted:
         count = (slots[-1] + 1 - allowed.sum(dim=-1)).clamp(min=0)
     else:
-        count = allowed.int().argmax(dim=-1)        # left padding: the first position the query may see
+        count = padding
     columns = torch.arange(buffer.shape[2], device=buffer.device)
     return columns[None, :] < count[:, None]
 
