@@ -490,6 +490,18 @@ def test_a_padded_batch_into_a_static_cache_equals_the_evicting_reference(llama,
     assert len(compiled) == 2
 
 
+def test_a_counted_static_cache_under_a_kv_policy_alone_masks_as_a_plain_one(llama):
+    """Without a language-model policy the count of entered positions is not read: StreamingLLM past a 41-slot
+    buffer (where the mask covers only the last 41 positions) into a CountedStaticCache equals the reference."""
+    model, inputs = llama
+    padded, policy = _padded(inputs), StreamingLLM(sinks=2, window=38)
+    cache = tokensparse.CountedStaticCache(model.config, max_cache_len=41)
+    out, cache, _ = _static_generate(model, padded, Config(kv=policy, inductor=False), cache=cache)
+    reference, _ = evicted_generate(model, padded, policy, **GENERATE)
+    _assert_same(out, reference)
+    assert [int(layer.entered) for layer in cache.layers] == [59, 59]
+
+
 def test_a_padded_sample_in_a_static_cache_decodes_as_it_does_alone(llama):
     """Independent of the reference: with StreamingLLM keeping padding through the prefill and evicting it while
     decoding, the padded sample's tokens and logits are those of its prompt alone."""

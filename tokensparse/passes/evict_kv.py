@@ -137,9 +137,12 @@ def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext)
 
 def _entered(site: CacheSite, ctx: PassContext):
     """A counting StaticCache layer's count of entered positions, which a padded batch's decode masks need
-    after a language-model policy pruned the layer (runtime/static_cache.py: slot_padding); None otherwise."""
+    after a language-model policy pruned the layer (runtime/static_cache.py: slot_padding); None otherwise (a
+    KV policy alone reads the real positions from the mask, which may cover only the last max_len positions)."""
+    if not ctx.pruned_and_evicted:
+        return None
     entered = entered_count(static_write(site.attention.k))
-    if entered is None and ctx.pruned_and_evicted and handed_position_mask(site.attention.node) is not None:
+    if entered is None and handed_position_mask(site.attention.node) is not None:
         raise MatchFailure(f"{site.path}: a padded batch under a language-model policy and a KV policy needs each "
                            f"StaticCache layer to count the positions that entered it: pass past_key_values="
                            f"tokensparse.CountedStaticCache(model.config, max_cache_len)")
