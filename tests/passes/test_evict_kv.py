@@ -435,6 +435,14 @@ def test_keep_sinks_and_window_is_opcheck_clean():
     torch.ops.tokensparse.keep_sinks_and_window(keys, values, length, 2, 5)
     assert int(length) == 7 and torch.equal(keys[:, :, :7], before[:, :, [0, 1, 8, 9, 10, 11, 12]])
     assert not keys[:, :, 7:].any()
+    # a padded sample: its first 3 slots hold padding, so its sinks are slots 3 and 4
+    keys, values = before.clone(), torch.randn(2, 2, 16, 4, generator=generator)
+    length, padding = torch.tensor(13), torch.zeros(2, 16, dtype=torch.bool)
+    padding[0, :3] = True
+    torch.library.opcheck(torch.ops.tokensparse.keep_sinks_and_window, (keys, values, length, 2, 5, padding))
+    torch.ops.tokensparse.keep_sinks_and_window(keys, values, length, 2, 5, padding)
+    assert torch.equal(keys[0, :, :7], before[0, :, [3, 4, 8, 9, 10, 11, 12]])
+    assert torch.equal(keys[1, :, :7], before[1, :, [0, 1, 8, 9, 10, 11, 12]])
 
 
 def test_heavy_and_recent_is_opcheck_clean_and_keeps_the_best_slots():
@@ -450,6 +458,16 @@ def test_heavy_and_recent_is_opcheck_clean_and_keeps_the_best_slots():
     torch.ops.tokensparse.heavy_and_recent(*args)
     assert int(args[3]) == 5 and torch.equal(keys[:, :, :5], before[:, :, [8, 9, 10, 11, 12]])
     assert not keys[:, :, 5:].any() and not scores[:, :, 5:].any()
+    # padding in the first 2 slots, scored highest: ranked last all the same, and drawing no attention
+    keys, scores = before.clone(), torch.zeros(1, 2, 16)
+    scores[:, :, :10] = torch.arange(10.0)
+    scores[:, :, :2] = 100.0
+    padding = torch.zeros(1, 16, dtype=torch.bool)
+    padding[0, :2] = True
+    args = (keys, values, scores, torch.tensor(13), q, 0.5, 5, 3, padding)
+    torch.library.opcheck(torch.ops.tokensparse.heavy_and_recent, args)
+    torch.ops.tokensparse.heavy_and_recent(*args)
+    assert torch.equal(keys[:, :, :5], before[:, :, [8, 9, 10, 11, 12]])
 
 
 def test_a_static_cache_without_scores_keeps_h2o_unchanged_with_the_fix(llama):
