@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models import build_llama, build_llava
-from tokensparse import AdaptiveKV, Config, H2O, SnapKV, StreamingLLM, VisionBudget
+from tokensparse import H2O, AdaptiveKV, Config, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.export.generation import to_onnx_generation
 from tokensparse.export.onnx_generate import generate_onnx
 from tokensparse.export.trt_check import check_tensorrt
@@ -205,8 +205,31 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)
 
 
+@pytest.mark.parametrize("policy", [SnapKV(budget=18, window=4), KeyNorm(budget=18, window=2)],
+                         ids=["snapkv", "key_norm"])
+def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_oracle_generates(policy, llava,
+                                                                                              other_inputs, tmp_path):
+    """Each layer also carries present.{i}.entered (the positions that entered it): the padded sample's pruned
+    layers keep 2 of its 3 padding positions (16 real ones for 18 slots), the others none; the decode graph
+    masks each layer's own padding from that count."""
+    from tokensparse.reference.llava import _applied
+
+    model, traced = llava
+    pair = to_onnx_generation(model, traced, Config(llm=FASTV, kv=policy), str(tmp_path))
+    assert pair.prefill.changed, pair.prefill.reason
+    with torch.no_grad(), _applied(model, other_inputs, FASTV):
+        want, _ = evicted_generate(model, other_inputs, policy, **GREEDY)
+    got = _greedy(pair, other_inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [18 + NEW_TOKENS - 1] * 4
+    assert pair.decode.input_names[2:5] == ["past_key_values.0.key", "past_key_values.0.value",
+                                            "past_key_values.0.entered"]
+    assert "present.3.entered" in pair.prefill.output_names
+
+
 @pytest.mark.parametrize("config, message", [
-    (Config(llm=FASTV, kv=SNAPKV), "llm=/vision= and kv= together are not exported as a generation pair yet"),
+    (Config(llm=FASTV, kv=StreamingLLM(sinks=2, window=16)), "llm=/vision= with kv=streamingllm is not exported"),
+    (Config(llm=FASTV, kv=H2O(heavy=8, recent=8)), "llm=/vision= with kv=h2o is not exported"),
 ])
 def test_what_is_not_exported_yet_is_named(config, message, llava, tmp_path):
     model, traced = llava

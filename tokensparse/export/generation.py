@@ -10,7 +10,9 @@ The prefill holds the policy (the same passes as tokensparse.compile), so each l
 that layer kept: L_i differs between layers. `attention_mask` always spans the prompt as given plus the tokens
 generated so far (left padding), as generate() keeps it; positions follow generate()'s rule (the running count
 of unmasked positions), and the decode graph gives each layer the mask of its own cache. KV eviction after
-every step (StreamingLLM, H2O) keeps L_i fixed; H2O also carries present.{i}.scores [B, H_kv, L_i] (float32)."""
+every step (StreamingLLM, H2O) keeps L_i fixed; H2O also carries present.{i}.scores [B, H_kv, L_i] (float32).
+A language-model policy with a KV policy also carries present.{i}.entered (a 0-d int64: the positions that ever
+entered layer i, which a padded batch's masks need; runtime/counted_cache.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict in the prefill; streamingllm and h2o also after every decode step
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
+EXPORTED_AFTER_PRUNING = ("snapkv", "key_norm")     # with llm=/vision=: evicting in the prefill, by a count
 
 
 @dataclass
@@ -49,34 +52,50 @@ class OnnxGeneration:
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
-    """A DynamicCache as [key_0, value_0, key_1, value_1, ...]; a ScoredCache as [key_0, value_0, scores_0, ...]."""
-    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values, getattr(layer, "scores", None))
+    """A DynamicCache as [key_0, value_0, key_1, value_1, ...]; a ScoredCache as [key_0, value_0, scores_0, ...];
+    a counting cache with entered_i after each layer's tensors."""
+    return [tensor for layer in cache.layers
+            for tensor in (layer.keys, layer.values, getattr(layer, "scores", None), getattr(layer, "entered", None))
             if tensor is not None]
 
 
-def empty_cache(config, scored: bool):
-    """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O)."""
+def cache_parts(scored: bool, counted: bool) -> tuple[str, ...]:
+    """The names of each layer's cache tensors, in cache_tensors' order."""
+    return ("key", "value") + (("scores",) if scored else ()) + (("entered",) if counted else ())
+
+
+def empty_cache(config, scored: bool, counted: bool = False):
+    """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O), a counting one after a
+    language-model policy."""
     from transformers import DynamicCache
 
+    from tokensparse.runtime.counted_cache import CountedCache, CountedScoredCache
     from tokensparse.runtime.scored_cache import ScoredCache
 
+    if counted:
+        return CountedScoredCache(config) if scored else CountedCache(config)
     return ScoredCache(config) if scored else DynamicCache(config=config)
 
 
-def filled_cache(config, past, scored: bool):
+def filled_cache(config, past, scored: bool, counted: bool = False):
     """A decode step's cache from the flat past tensors (cache_tensors' layout)."""
     from transformers import DynamicCache
 
+    from tokensparse.runtime.counted_cache import CountedLayer, CountedScoredLayer
     from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer
 
-    if not scored:
+    if not scored and not counted:
         return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=config)
-    cache = ScoredCache(config)
+    parts = cache_parts(scored, counted)
+    cache = empty_cache(config, scored, counted)
     cache.layers = []
-    for keys, values, scores in zip(past[0::3], past[1::3], past[2::3]):
-        layer = ScoredLayer()
-        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        layer.keys, layer.values, layer.scores = keys, values, scores
+    kind = {(True, False): ScoredLayer, (False, True): CountedLayer, (True, True): CountedScoredLayer}[scored, counted]
+    for start in range(0, len(past), len(parts)):
+        layer = kind()
+        tensors = dict(zip(parts, past[start:start + len(parts)]))
+        layer.dtype, layer.device, layer.is_initialized = tensors["key"].dtype, tensors["key"].device, True
+        layer.keys, layer.values = tensors["key"], tensors["value"]
+        layer.scores, layer.entered = tensors.get("scores"), tensors.get("entered")
         cache.layers.append(layer)
     return cache
 
@@ -91,15 +110,15 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class PrefillWithCache(torch.nn.Module):
     """The model's prefill, returning (last position's logits, key_0, value_0, ...) of its new KV cache."""
 
-    def __init__(self, model: torch.nn.Module, scored: bool = False):
+    def __init__(self, model: torch.nn.Module, scored: bool = False, counted: bool = False):
         super().__init__()
         self.model = model
-        self.scored = scored
+        self.scored, self.counted = scored, counted
 
     def forward(self, input_ids, attention_mask, **images):
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=prompt_positions(attention_mask),
-                            past_key_values=empty_cache(self.model.config, self.scored), use_cache=True,
+                            past_key_values=empty_cache(self.model.config, self.scored, self.counted), use_cache=True,
                             logits_to_keep=1, **images)
         return (output.logits, *cache_tensors(output.past_key_values))
 
@@ -108,12 +127,14 @@ class DecodeStep(torch.nn.Module):
     """One decode step from per-layer caches of any lengths: (logits, key_0, value_0, ...) of the grown cache.
     Each decoder layer (a hooked copy; the model passed in is not changed) masks its own cache's padding,
     computed from the 2-D mask: language-model pruning keeps every padding position, first; KV eviction keeps
-    padding only where a layer holds every real position seen, and then as its first positions."""
+    padding only where a layer holds every real position seen, and then as its first positions; after both
+    (`counted`), a layer holds max(0, padding - evicted), evicted = its entered count - what it holds."""
 
-    def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None, scored: bool = False):
+    def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None, scored: bool = False,
+                 counted: bool = False):
         super().__init__()
         self.model = own_copy(model)
-        self.scored = scored
+        self.scored, self.counted = scored, counted
         self.streaming = streaming        # a StreamingLLM policy: evict after every step's attention
         self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
         if not hook_decoder_layers(self.model, functools.partial(self._padding_mask, evicted)):
@@ -121,17 +142,21 @@ class DecodeStep(torch.nn.Module):
                              f"its decode step cannot mask caches of different lengths")
 
     def _padding_mask(self, evicted: bool, index: int, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        keys = kwargs["past_key_values"].get_seq_length(index) + hidden.shape[1]
+        hidden, cache = args[0] if args else kwargs["hidden_states"], kwargs["past_key_values"]
+        held = cache.get_seq_length(index)
+        keys = held + hidden.shape[1]
         real, total = self._real["count"], self._real["total"]
-        first_real = keys - real if evicted else total - real
+        if self.counted:
+            first_real = total - real - (cache.layers[index].entered - held)
+        else:
+            first_real = keys - real if evicted else total - real
         allowed = torch.arange(keys, device=hidden.device)[None, :] >= first_real[:, None]
         mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~allowed, torch.finfo(hidden.dtype).min)
         return args, {**kwargs, "attention_mask": mask[:, None, None, :]}
 
     def forward(self, input_ids, attention_mask, *past):
-        cache = filled_cache(self.model.config, past, self.scored)
+        cache = filled_cache(self.model.config, past, self.scored, self.counted)
         self._real.update(count=attention_mask.long().sum(-1), total=attention_mask.shape[-1])
         try:
             output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
@@ -183,15 +208,16 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     prunes = config.llm is not None or config.vision is not None
     follows = dataclasses.replace(config, decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None)
     scored = config.kv is not None and config.kv.scored
-    prefill_program, result = export_pruned(PrefillWithCache(model, scored).eval(), inputs, follows, dynamic,
+    counted = prunes and config.kv is not None
+    prefill_program, result = export_pruned(PrefillWithCache(model, scored, counted).eval(), inputs, follows, dynamic,
                                             shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
-    parts = ("key", "value", "scores") if scored else ("key", "value")
+    parts = cache_parts(scored, counted)
     layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // len(parts)
     cache_names = [f"present.{index}.{part}" for index in range(layers) for part in parts]
     groups = length_groups(prefill_program, len(parts))
     streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
-    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored).eval()
-    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, len(parts),
+    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored, counted=counted).eval()
+    decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, parts,
                                                  fixed_lengths=streaming is not None or scored)
     if scored:      # H2O: the step's attention row accumulates into the scores, then the cache evicts
         decode_program, decoded = export_pruned(step, decode_args, follows, dynamic=False,
@@ -216,9 +242,12 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
         raise ValueError(f"kv={config.kv.name} has no ONNX form in the generation export yet: it takes kv= "
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
-    if config.kv is not None and (config.llm is not None or config.vision is not None):
-        raise ValueError("llm=/vision= and kv= together are not exported as a generation pair yet (a padded batch's "
-                         "layers would need masks that neither policy alone gives): export one of them")
+    prunes = config.llm is not None or config.vision is not None
+    if prunes and config.kv is not None and config.kv.name not in EXPORTED_AFTER_PRUNING:
+        raise ValueError(f"llm=/vision= with kv={config.kv.name} is not exported as a generation pair yet (after "
+                         f"pruning, each layer's length depends on the data, and that policy's decode-time eviction "
+                         f"does not export for such lengths): with llm=/vision= the pair takes kv= "
+                         f"{', '.join(EXPORTED_AFTER_PRUNING)}")
 
 
 def _check_model(model) -> None:
@@ -271,7 +300,7 @@ def length_groups(prefill_program: torch.export.ExportedProgram, per_layer: int 
     return list(groups.values())
 
 
-def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], per_layer: int = 2,
+def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], parts: tuple = ("key", "value"),
                     fixed_lengths: bool = False):
     """A decode step's example inputs (the exported prefill's own cache and next token, batch >= 2 so that the
     batch axis stays symbolic) and their dynamic shapes: batch, mask length, one length per group of layers
@@ -282,14 +311,14 @@ def _decode_example(prefill_program, inputs: dict, groups: list[list[int]], per_
     token = logits[:, -1:].argmax(-1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=-1)
     if token.shape[0] == 1:
-        token, mask, *past = (x.expand(2, *x.shape[1:]).contiguous() for x in (token, mask, *past))
+        token, mask, *past = (x.expand(2, *x.shape[1:]).contiguous() if x.dim() else x for x in (token, mask, *past))
     batch, total = torch.export.Dim("batch", min=1), torch.export.Dim("mask_length", min=1)
     lengths = {}
     for group, layers in enumerate(groups):
         for layer in layers:
             lengths[layer] = torch.export.Dim(f"cache_length_{group}", min=1)
-    past_shapes = tuple({0: batch} if fixed_lengths else {0: batch, 2: lengths[index // per_layer]}
-                        for index in range(len(past)))
+    past_shapes = tuple(None if parts[index % len(parts)] == "entered" else {0: batch} if fixed_lengths
+                        else {0: batch, 2: lengths[index // len(parts)]} for index in range(len(past)))
     return (token, mask, *past), ({0: batch}, {0: batch, 1: total}, past_shapes)
 
 

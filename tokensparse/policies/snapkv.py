@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.kv_policy import PrefillBudget, attention_column_sums, best_and_recent, check_budget
@@ -70,8 +71,10 @@ def snapkv_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, count: int, w
     positions before them (ties to the lower position), padding (padding [B, L]) last. q [B, H, S, d] are
     the forward's queries."""
     length = keys.shape[2]
-    window = min(window, length, q.shape[2])
-    if count <= window:
+    # a length that depends on the data (after FastV, in an export) must not be guarded on: sym_min, and the
+    # short form only where count <= window is known (the general form keeps the same positions then)
+    window = torch.sym_min(torch.sym_min(window, length), q.shape[2])
+    if guard_or_false(count <= window):
         return torch.arange(length - count, length, device=keys.device).expand(*keys.shape[:2], count).contiguous()
     scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)
     return best_and_recent(scores, length, count, window, padding)
