@@ -11,7 +11,7 @@ import torch
 import tokensparse
 from tests.generation import generate_without_warnings
 from tests.models import build_llama, build_llava
-from tokensparse import H2O, AdaptiveKV, Config, FastV, KeyNorm, SnapKV, StreamingLLM, VisionBudget
+from tokensparse import H2O, AdaptiveKV, Config, FastV, KeyNorm, SnapKV, StreamingLLM, ToMe, VisionBudget
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -271,12 +271,18 @@ def test_fastv_and_a_kv_policy_on_a_padded_batch_equal_the_evicting_reference_in
         assert held == lengths
 
 
-def test_a_padded_sample_under_fastv_and_a_kv_policy_decodes_as_it_does_alone():
-    """Independent of the reference: FastV with SnapKV, whose budget keeps the padding of the pruned layers and
-    drops it from the others; the padded sample's tokens and logits are those of its prompt alone."""
-    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
-    fast = tokensparse.compile(model, Config(llm=FastV(layer=2, keep=0.5), kv=SnapKV(budget=20, window=2),
-                                             inductor=False))
+@pytest.mark.parametrize("tower, config, lengths", [
+    ({}, Config(llm=FastV(layer=2, keep=0.5), kv=SnapKV(budget=20, window=2), inductor=False), [39, 39, 35, 35]),
+    (dict(vision_layers=3, feature_layer=-2), Config(vision=ToMe(r=3), kv=SnapKV(budget=16, window=2), inductor=False),
+     [16 + 19] * 4),
+], ids=["fastv", "tome_in_the_tower"])
+def test_a_padded_sample_under_a_sequence_policy_and_a_kv_policy_decodes_as_it_does_alone(tower, config, lengths):
+    """Independent of the reference, the padded sample's tokens and logits are those of its prompt alone.
+    - FastV with SnapKV: the budget keeps the pruned layers' padding and drops the others'.
+    - ToMe in the vision tower shortens every layer's cache (layer 0 included) to 18 positions; SnapKV keeps 16,
+      one of them the padded sample's padding (it has 15 real positions). Counting no held padding fails here."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2, **tower)
+    fast = tokensparse.compile(model, config)
     batch = generate_without_warnings(fast, **_padded(inputs, pads=3), **GENERATE)
     alone = generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
                                       pixel_values=inputs["pixel_values"][:1], **GENERATE)
@@ -284,25 +290,7 @@ def test_a_padded_sample_under_fastv_and_a_kv_policy_decodes_as_it_does_alone():
     assert torch.equal(batch.sequences[0, prompt:], alone.sequences[0, prompt - 3:])
     for got, want in zip(batch.logits, alone.logits):
         torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
-
-
-def test_tome_in_the_tower_and_a_kv_policy_on_a_padded_batch_decode_as_the_sample_alone():
-    """ToMe in the vision tower shortens every layer's cache (layer 0 included) to 18 positions; SnapKV keeps 16,
-    one of them the padded sample's padding (15 real positions). The padded sample's tokens and logits are those
-    of its prompt alone, and counting no held padding makes this fail."""
-    from tokensparse import ToMe
-
-    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2, vision_layers=3,
-                                feature_layer=-2)
-    fast = tokensparse.compile(model, Config(vision=ToMe(r=3), kv=SnapKV(budget=16, window=2), inductor=False))
-    batch = generate_without_warnings(fast, **_padded(inputs, pads=3), **GENERATE)
-    alone = generate_without_warnings(fast, input_ids=inputs["input_ids"][:1, 3:],
-                                      pixel_values=inputs["pixel_values"][:1], **GENERATE)
-    prompt = inputs["input_ids"].shape[1]
-    assert torch.equal(batch.sequences[0, prompt:], alone.sequences[0, prompt - 3:])
-    for got, want in zip(batch.logits, alone.logits):
-        torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
-    assert [layer.keys.shape[2] for layer in batch.past_key_values.layers] == [16 + 19] * 4
+    assert [layer.keys.shape[2] for layer in batch.past_key_values.layers] == lengths
 
 
 def test_fastv_and_a_kv_policy_on_a_padded_batch_need_a_counting_cache():
