@@ -541,20 +541,6 @@ def test_a_padded_sample_in_a_static_cache_decodes_as_it_does_alone(llama):
         torch.testing.assert_close(got[:1], want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_padded_batch_with_nothing_to_evict_from_a_static_cache_equals_the_unmodified_model(llama):
-    from transformers import StaticCache
-
-    model, inputs = llama
-    padded = _padded(inputs)
-    out, cache, _ = _static_generate(model, padded, Config(kv=SnapKV(budget=1.0), inductor=False))
-    with torch.no_grad():
-        plain = model.generate(**padded, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
-    assert torch.equal(out.sequences, plain.sequences)
-    for got, want in zip(out.logits, plain.logits):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert [int(layer.cumulative_length) for layer in cache.layers] == [59, 59]
-
-
 def test_decode_steps_called_by_hand_into_a_static_cache_take_the_2d_mask(llama):
     """A serving loop that calls the forward itself: the 2-D mask of a padded decode step becomes the mask over
     positions as in generate(); a 4-D mask that tokensparse did not build is refused with the reason."""
@@ -643,14 +629,16 @@ def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_r
     assert [int(layer.cumulative_length) for layer in cache.layers] == [40, 40]
 
 
-@pytest.mark.parametrize("policy", [SnapKV(budget=1.0), StreamingLLM(sinks=4, window=60), H2O(heavy=30, recent=30)],
-                         ids=["snapkv", "streamingllm", "h2o"])
-def test_a_static_cache_with_nothing_to_evict_equals_the_unmodified_model(llama, policy):
-    """Budgets that keep every position; the decode graphs' slot masks then equal generate()'s own, and the
-    in-place steps (StreamingLLM's, H2O's) move nothing."""
+@pytest.mark.parametrize("policy, pads", [(SnapKV(budget=1.0), 0), (StreamingLLM(sinks=4, window=60), 0),
+                                          (H2O(heavy=30, recent=30), 0), (SnapKV(budget=1.0), 7)],
+                         ids=["snapkv", "streamingllm", "h2o", "snapkv_padded"])
+def test_a_static_cache_with_nothing_to_evict_equals_the_unmodified_model(llama, policy, pads):
+    """Budgets that keep every position; the decode graphs' slot masks then equal generate()'s own (also those
+    that hide a padded batch's padding slots), and the in-place steps (StreamingLLM's, H2O's) move nothing."""
     from transformers import StaticCache
 
     model, inputs = llama
+    inputs = _padded(inputs, pads) if pads else inputs
     out, cache, _ = _static_generate(model, inputs, Config(kv=policy, inductor=False))
     with torch.no_grad():
         plain = model.generate(**inputs, **GENERATE, past_key_values=StaticCache(config=model.config, max_cache_len=64))
