@@ -145,7 +145,8 @@ def _entered(site: CacheSite, ctx: PassContext):
     if entered is None and handed_position_mask(site.attention.node) is not None:
         raise MatchFailure(f"{site.path}: a padded batch under a language-model policy and a KV policy needs each "
                            f"StaticCache layer to count the positions that entered it: pass past_key_values="
-                           f"tokensparse.CountedStaticCache(model.config, max_cache_len)")
+                           f"tokensparse.CountedStaticCache(model.config, max_cache_len"
+                           f"{', scores=True' if ctx.policy.scored else ''})")
     return entered
 
 
