@@ -127,8 +127,8 @@ def static_write(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
 
 def entered_count(write: fx.Node) -> Optional[fx.Node]:
     """The 0-d count of entered positions of a counting StaticCache layer (runtime/counted_cache.py), which
-    adds entered.add_(ones_like(new_keys[0, 0, :, 0]).sum()) for the new keys that `write` (the keys'
-    index_copy_) stores; None for a layer that does not count."""
+    adds entered.add_(appended_count(new_keys)), traced as ones_like(new_keys[0, 0, :, 0]).sum(), for the new
+    keys that `write` (the keys' index_copy_) stores; None for a layer that does not count."""
     for read in write.args[3].users:
         for ones in (user for user in read.users if is_op(user, "ones_like")):
             for total in (user for user in ones.users if is_op(user, "sum")):

@@ -10,12 +10,18 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, St
 from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer, ScoredStaticLayer
 
 
+def appended_count(key_states: torch.Tensor) -> torch.Tensor:
+    """0-d int64: how many positions the new keys [B, H_kv, S, d] append, read from their data flow, not their
+    traced size (a language-model policy's pass cuts the sequence after dynamo traced the update).
+    patterns/kv_cache.py: entered_count finds this in a StaticCache graph."""
+    return torch.ones_like(key_states[0, 0, :, 0], dtype=torch.int64).sum()
+
+
 class _CountsEntries:
-    """Counts the positions each update appends. The count is read from the new keys' data flow, not their
-    traced size: a language-model policy's pass cuts the sequence after dynamo traced the update."""
+    """Counts the positions each update appends (appended_count)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        appended = torch.ones_like(key_states[0, 0, :, 0], dtype=torch.int64).sum()
+        appended = appended_count(key_states)
         self.entered = appended if getattr(self, "entered", None) is None else self.entered + appended
         return super().update(key_states, value_states, *args, **kwargs)
 
@@ -63,7 +69,7 @@ class _CountsStaticEntries:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.entered.add_(torch.ones_like(key_states[0, 0, :, 0], dtype=torch.int64).sum())
+        self.entered.add_(appended_count(key_states))
         return super().update(key_states, value_states, *args, **kwargs)
 
     def reset(self) -> None:

@@ -203,9 +203,9 @@ def _mask_held_padding(index: int, module, args, kwargs):
     entered = getattr(cache.layers[index], "entered", None)
     if entered is None:                 # a cache that does not count (unpadded: evicted_cache_mask checked)
         return args, {**kwargs, "attention_mask": _last_columns(mask, held + queries)}
-    last = mask[:, 0, -1]
-    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    padding = allowed.int().argmax(dim=-1)                      # left padding: where the real positions start
+    from tokensparse.policies.fastv import attended
+
+    padding = attended(mask[:, 0, -1]).int().argmax(dim=-1)     # left padding: where the real positions start
     held_padding = (padding - (entered - held)).clamp(min=0)
     columns = torch.arange(held + queries, device=mask.device)
     causal = columns[None, :] <= held + torch.arange(queries, device=mask.device)[:, None]
@@ -366,9 +366,10 @@ def _check_left_padded_prefill(attention_mask, cache) -> None:
     pad on the left."""
     if not isinstance(attention_mask, torch.Tensor) or not _cache_is_empty(cache):
         return
+    from tokensparse.policies.fastv import attended
+
     if attention_mask.dim() == 4:
-        last = attention_mask[:, 0, -1, : attention_mask.shape[-2]]
-        attention_mask = last if last.dtype == torch.bool else last == 0
+        attention_mask = attended(attention_mask[:, 0, -1, : attention_mask.shape[-2]])
     check_left_padding(attention_mask)
 
 

@@ -44,8 +44,9 @@ def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch
     - A layer pruned and then evicted (a language-model policy and a KV policy): eviction drops padding first,
       so it holds max(0, padding - evicted), evicted = `entered` (the positions that ever entered it, counted by
       runtime/counted_cache.py) - its filled slots. This form holds for the two above too."""
-    last = position_mask[:, 0, -1, :]
-    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    from tokensparse.policies.fastv import attended
+
+    allowed = attended(position_mask[:, 0, -1, :])
     padding = allowed.int().argmax(dim=-1)          # left padding: the first position the query may see
     if entered is not None:
         count = (padding - (entered - (slots[-1] + 1))).clamp(min=0)
