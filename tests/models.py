@@ -100,10 +100,11 @@ IMAGE_TOKEN = 299
 def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), batch: int = 2, seed: int = SEED,
                 hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = IMAGE_TOKEN + 1,
                 vision_hidden: int = 32, vision_layers: int = 2, patch: int = 8, text_model: str = "llama",
-                feature_layer: int = -1, feature_strategy: str = "default"):
+                feature_layer: int = -1, feature_strategy: str = "default", images: int = 1):
     """(LlavaForConditionalGeneration.eval(), inputs) with a CLIP tower and a `text_model` (TEXT_MODELS, GQA),
     random weights; the image tokens (`image_tokens` patches, plus CLS with feature_strategy="full") sit
-    between `prompt[0]` and `prompt[1]` text tokens. The image token id is the last of the vocabulary."""
+    between `prompt[0]` and `prompt[1]` text tokens; `images` > 1 puts that many images (screenshots) there,
+    two text tokens between each. The image token id is the last of the vocabulary."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
@@ -123,10 +124,13 @@ def build_llava(*, text_layers: int = 4, image_tokens: int = 16, prompt=(3, 5), 
     model = T.LlavaForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
     before, after = prompt
-    input_ids = torch.cat([torch.randint(0, image_token - 9, (batch, before), generator=generator),
-                           torch.full((batch, side * side + (feature_strategy == "full")), image_token),
-                           torch.randint(0, image_token - 9, (batch, after), generator=generator)], dim=1)
-    pixel_values = torch.randn(batch, 3, patch * side, patch * side, generator=generator)
+    pieces = [torch.randint(0, image_token - 9, (batch, before), generator=generator)]
+    for index in range(images):
+        if index:
+            pieces.append(torch.randint(0, image_token - 9, (batch, 2), generator=generator))
+        pieces.append(torch.full((batch, side * side + (feature_strategy == "full")), image_token))
+    input_ids = torch.cat(pieces + [torch.randint(0, image_token - 9, (batch, after), generator=generator)], dim=1)
+    pixel_values = torch.randn(batch * images, 3, patch * side, patch * side, generator=generator)
     return model, {"input_ids": input_ids, "pixel_values": pixel_values}
 
 

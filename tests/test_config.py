@@ -58,8 +58,8 @@ def test_kv_policies_go_to_the_kv_slot():
     assert config_from_options({"policy": "streamingllm", "sinks": 2}).kv == StreamingLLM(sinks=2)
     assert config_from_options({"policy": "h2o", "heavy": 16, "recent": 8}).kv == H2O(heavy=16, recent=8)
     assert config_from_options({"policy": "adaptive", "tau": 0.8}).kv == AdaptiveKV(tau=0.8)
-    assert config_from_options({"policy": "vision_budget", "vision": 64, "alpha": 0.1}).kv == VisionBudget(vision=64,
-                                                                                                          alpha=0.1)
+    assert config_from_options({"policy": "vision_budget", "vision": 64, "alpha": 0.1, "temporal_rank": 32}).kv \
+        == VisionBudget(vision=64, alpha=0.1, temporal_rank=32)
     assert Config(llm=FastV(), kv=SnapKV()).kv == SnapKV()
     with pytest.raises(ValueError, match="kv=FastV.* must be a KV-cache policy"):
         Config(kv=FastV())

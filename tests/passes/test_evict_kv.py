@@ -82,6 +82,22 @@ def test_vision_budgets_on_llava_equal_the_reference(policy, kept):
         assert int(alive[0, :, : image.shape[0]][:, image].sum(dim=-1).unique().item()) == 4
 
 
+def test_temporal_redundancy_over_three_screenshots_equals_the_reference():
+    """GUI-KV's temporal redundancy on a prompt of three images: the compiled prefill keeps what the reference
+    keeps, which is not what the scores alone keep."""
+    model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2, images=3)
+    image = inputs["input_ids"][0] == model.config.image_token_index
+    kept = {}
+    for rank in (0, 4):
+        policy = VisionBudget(vision=24, window=2, temporal_rank=rank, alpha=0.1)
+        out = _generate(model, inputs, Config(kv=policy, inductor=False))
+        reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+        _assert_same(out, reference)
+        kept[rank] = [alive[:, :, : image.shape[0]][:, :, image] for alive in log.alive.values()]
+        assert all(int(alive.sum(dim=-1).unique()) == 24 for alive in kept[rank])
+    assert any(not torch.equal(plain, aware) for plain, aware in zip(kept[0], kept[4]))
+
+
 def test_a_padded_sample_whose_text_cannot_fill_its_budget_keeps_vision_positions_not_padding():
     """text=1.0 counts the padded length's text positions; a padded sample has fewer real ones. Its spare text
     slots go to its next-best vision positions: padding kept beside evicted real positions would be visible to

@@ -260,6 +260,8 @@ def test_budgets():
     (lambda: VisionBudget(alpha=-0.1), "alpha=-0.1 must be a number >= 0"),
     (lambda: VisionBudget(temperature=0), "temperature=0 must be a number > 0"),
     (lambda: VisionBudget(kernel=2), "kernel=2 must be odd"),
+    (lambda: VisionBudget(temporal_rank=-1), "temporal_rank=-1 is out of range"),
+    (lambda: VisionBudget(temporal_rank=2.5), "temporal_rank=2.5 must be an integer >= 0"),
     (lambda: KeyNorm(budget=0), "budget=0 is out of range"),
     (lambda: KeyNorm(window=-1), "window=-1 is out of range"),
 ])

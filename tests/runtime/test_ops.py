@@ -142,8 +142,9 @@ def test_adaptive_keep_opcheck(tau):
     assert kept.shape[-1] == 12 if tau == 1.0 else 3 <= kept.shape[-1] < 12
 
 
-@pytest.mark.parametrize("saliency", [False, True])
-def test_vision_budget_keep_opcheck(saliency):
+@pytest.mark.parametrize("saliency, temporal_rank", [(False, 0), (True, 0), (True, 2)],
+                         ids=["scores", "saliency", "saliency_and_temporal_redundancy"])
+def test_vision_budget_keep_opcheck(saliency, temporal_rank):
     from tokensparse.policies.vision_budget import vision_budget_keep
     from tokensparse.runtime.ops import VISION_BUDGET_KEEP
 
@@ -151,12 +152,15 @@ def test_vision_budget_keep_opcheck(saliency):
     q, keys = torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[:, 2:8] = True
+    mask[:, 4] = not temporal_rank                         # two screenshots, 2:4 and 5:8, with temporal redundancy
     hidden = torch.randn(2, 12, 16, generator=gen) if saliency else None
-    args = (q, keys, 0.35, mask, hidden, 0.5, False, 2.0, True, 2, 3, "max", 0.3 if saliency else 0.0, 1.0)
+    args = (q, keys, 0.35, mask, hidden, 0.5, False, 2.0, True, 2, 3, "max", 0.3 if saliency else 0.0, 1.0, None,
+            temporal_rank)
     torch.library.opcheck(VISION_BUDGET_KEEP, args)
     kept = VISION_BUDGET_KEEP(*args)
-    assert torch.equal(kept, vision_budget_keep(q, keys, 0.35, mask, hidden, 0.5, 2, 2, 3, "max", args[12], 1.0))
-    assert kept.shape == (2, 2, 3 + 2 + 2)
+    assert torch.equal(kept, vision_budget_keep(q, keys, 0.35, mask, hidden, 0.5, 2, 2, 3, "max", args[12], 1.0,
+                                                None, temporal_rank))
+    assert kept.shape == (2, 2, (3 if not temporal_rank else 2) + 2 + 2)
 
 
 def test_the_kv_selection_ops_take_a_padded_batchs_padding():

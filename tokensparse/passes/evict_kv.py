@@ -265,7 +265,8 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
                    isinstance(policy.text, int))
         return insert_call(graph, point, VISION_BUDGET_KEEP, (
             site.attention.q, site.keys, _scale(site), _image_mask(graph, point, site), hidden, *budgets,
-            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature), padding))
+            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature), padding,
+            policy.temporal_rank))
     raise MatchFailure(f"policy {policy.name!r} has no cache selection")
 
 

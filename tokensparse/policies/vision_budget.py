@@ -1,7 +1,8 @@
 """Vision and text KV budgets (GUI-KV, Huang et al., 2025; the training-free counterpart of Dynamic-LLaVA's
 decode sparsification): once, after prefill, each layer and KV head keeps its best vision positions and its
-best text positions under separate budgets, scored by SnapKV's pooled window attention plus, as an option,
-GUI-KV's saliency alpha * softmax(||h||_2 / T) over the vision positions; the window is always kept."""
+best text positions under separate budgets, scored by SnapKV's pooled window attention plus, as options,
+GUI-KV's saliency alpha * softmax(||h||_2 / T) over the current screenshot's positions and its temporal
+redundancy (earlier screenshots' most redundant keys evicted first); the window is always kept."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Optional, Union
 
 import torch
 
+from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.fastv import _traced
 from tokensparse.policies.kv_policy import KVPolicy, check_budget, kept_positions, score_ranks
+from tokensparse.policies.screenshot_redundancy import current_screenshot, redundant_positions
 from tokensparse.policies.snapkv import check_window_scoring, snapkv_scores
 
 
@@ -30,6 +33,7 @@ class VisionBudget(KVPolicy):
     pooling: str = "avg"
     alpha: float = 0.0
     temperature: float = 1.0
+    temporal_rank: int = 0
 
     name = "vision_budget"
 
@@ -42,6 +46,7 @@ class VisionBudget(KVPolicy):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
                 or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r} must be a number > 0")
+        check_int_at_least("temporal_rank", self.temporal_rank, 0)
 
     def kept_count(self, cache_length: int):
         return None                              # depends on how many positions are vision tokens
@@ -51,15 +56,15 @@ class VisionBudget(KVPolicy):
 
     def keep(self, query, keys, scale, count=None, scores=None, padding=None, image_mask=None, hidden=None):
         return vision_budget_keep(query, keys, scale, image_mask, hidden, self.vision, self.text, self.window,
-                                  self.kernel, self.pooling, self.alpha, self.temperature, padding)
+                                  self.kernel, self.pooling, self.alpha, self.temperature, padding, self.temporal_rank)
 
     def is_identity(self, depth: int) -> bool:
         return all(isinstance(b, float) and b == 1.0 for b in (self.vision, self.text))
 
 
 def vision_saliency(hidden: torch.Tensor, image_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """GUI-KV's saliency [B, L]: softmax over each sample's vision positions of ||h||_2 / temperature, zero at
-    text positions. hidden [B, L, D], image_mask [B, L] bool."""
+    """GUI-KV's saliency [B, L]: softmax over each sample's positions in image_mask [B, L] bool (the current
+    screenshot's) of ||h||_2 / temperature, zero elsewhere. hidden [B, L, D]."""
     norms = hidden.float().norm(dim=-1) / temperature
     return norms.masked_fill(~image_mask, -torch.inf).softmax(dim=-1).nan_to_num(0.0)
 
@@ -67,12 +72,15 @@ def vision_saliency(hidden: torch.Tensor, image_mask: torch.Tensor, temperature:
 def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_mask: Optional[torch.Tensor],
                        hidden: Optional[torch.Tensor], vision: Union[int, float], text: Union[int, float],
                        window: int, kernel: int = 5, pooling: str = "avg", alpha: float = 0.0,
-                       temperature: float = 1.0, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       temperature: float = 1.0, padding: Optional[torch.Tensor] = None,
+                       temporal_rank: int = 0) -> torch.Tensor:
     """Kept positions [B, H_kv, K], ascending: per kind (vision, text) before the window, that kind's budget of
-    best-scored positions (ties to the lower position), then the window. image_mask [B, L] bool (None: all
-    text); every sample must hold the same number of vision positions before the window. Padding (padding
-    [B, L]) counts as text for the text budget, but a padded sample's text slots that its real text cannot fill
-    take its next-best vision positions first: padding stays only where every real position does."""
+    best-scored positions (ties to the lower position), then the window. temporal_rank > 0: the earlier
+    screenshots' most redundant positions (screenshot_redundancy.redundant_positions) rank below every other
+    vision position. image_mask [B, L] bool (None: all text); every sample must hold the same number of vision
+    positions before the window. Padding (padding [B, L]) counts as text for the text budget, but a padded
+    sample's text slots that its real text cannot fill take its next-best vision positions first: padding stays
+    only where every real position does."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = min(window, length, q.shape[2])
     if image_mask is None:
@@ -84,7 +92,8 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
                          f"holds {counts.tolist()}")
     scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)      # [B, H_kv, L - w]
     if alpha and hidden is not None:
-        scores = scores + alpha * vision_saliency(hidden, image_mask, temperature)[:, None, : length - window]
+        saliency = vision_saliency(hidden, current_screenshot(image_mask), temperature)
+        scores = scores + alpha * saliency[:, None, : length - window]
     if padding is not None:     # below every real position, above the other kind's (-inf) in each ranking
         scores = scores.masked_fill(padding[:, None, : length - window], torch.finfo(scores.dtype).min)
     # Counts as [B, 1, 1] tensors, never read into Python: torch.export and ONNX trace this function as it is.
@@ -95,6 +104,9 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
     # Text slots that a padded sample's real text cannot fill go to its next-best vision positions, and only what
     # neither kind fills to padding (its first positions): padding stays only where every real position does.
     shortfall = (text_count - real_text.sum(dim=-1)[:, None, None]).clamp(min=0)
+    if temporal_rank:           # below every other vision position (scores >= 0), still ranked among them
+        evicted = (counts - vision_count[:, 0, 0] - shortfall[:, 0, 0]).clamp(min=0)
+        scores = scores.masked_fill(redundant_positions(keys, image_mask, before, evicted, temporal_rank), -1.0)
     spill = (vision_count + shortfall - counts[:, None, None]).clamp(min=0)
     kept = ((score_ranks(scores, before) < vision_count + shortfall) & before[:, None, :]) \
         | ((score_ranks(scores, real_text) < text_count) & real_text[:, None, :]) \

@@ -208,25 +208,25 @@ def _adaptive_keep_fake(q, keys, scale, tau, window, padding=None):
 def vision_budget_keep_op(q: Tensor, keys: Tensor, scale: float, image_mask: Optional[Tensor], hidden: Optional[Tensor],
                           vision: float, vision_is_count: bool, text: float, text_is_count: bool, window: int,
                           kernel: int, pooling: str, alpha: float, temperature: float,
-                          padding: Optional[Tensor] = None) -> Tensor:
+                          padding: Optional[Tensor] = None, temporal_rank: int = 0) -> Tensor:
     """Kept cache positions [B, H_kv, K] under separate vision and text budgets (a count, or a fraction of
     that kind's positions); K depends on how many positions are vision tokens (padding [B, L] is text, kept
-    last)."""
+    last; temporal_rank > 0: earlier screenshots' redundant positions evicted first)."""
     return vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
-                                   window, kernel, pooling, alpha, temperature, padding)
+                                   window, kernel, pooling, alpha, temperature, padding, temporal_rank)
 
 
 def vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count, window,
-                            kernel, pooling, alpha, temperature, padding=None):
+                            kernel, pooling, alpha, temperature, padding=None, temporal_rank=0):
     """vision_budget_keep called with the op's arguments (each budget a float and whether it is a count)."""
     return vision_budget_keep(q, keys, scale, image_mask, hidden, int(vision) if vision_is_count else vision,
                               int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature,
-                              padding)
+                              padding, temporal_rank)
 
 
 @vision_budget_keep_op.register_fake
 def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
-                             window, kernel, pooling, alpha, temperature, padding=None):
+                             window, kernel, pooling, alpha, temperature, padding=None, temporal_rank=0):
     return keys.new_empty(keys.shape[0], keys.shape[1], _kept_positions(), dtype=torch.int64)
 
 
