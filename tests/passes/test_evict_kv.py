@@ -373,16 +373,6 @@ def test_a_qwen2_text_model_equals_the_evicting_reference(policy, length):
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [length, length]
 
 
-def test_a_sliding_window_cache_is_refused_with_the_reason():
-    """Mistral's sliding-window layers store a window of the concatenated keys: refused, generate unchanged."""
-    model, inputs = build_llama(layers=2, prompt=40, family="mistral")
-    with pytest.warns(tokensparse.TokensparseWarning, match="keeps a sliding window of the keys"):
-        out = _generate(model, inputs, Config(kv=SnapKV(budget=16, window=4), inductor=False))
-    with torch.no_grad():
-        plain = model.generate(**inputs, **GENERATE)
-    assert torch.equal(out.sequences, plain.sequences)
-
-
 def _static_generate(model, inputs, config, max_cache_len=64, cache=None, **settings):
     """fast.generate() into `cache`, or a fresh StaticCache (a ScoredStaticCache for H2O); returns (output, the
     cache, graphs the backend compiled)."""

@@ -39,6 +39,11 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
     if ctx.cache_sites[0].static is not None:
         return _evict_static(gm, ctx, output, queries)
+    sliding = next((site.path for site in ctx.cache_sites if site.windows is not None), None)
+    if sliding is not None and not ctx.decode_masks_follow_cache:
+        raise MatchFailure(f"{sliding}: its cache keeps a sliding window of the keys (a sliding-window layer, such as "
+                           f"Mistral's sliding_window), whose evicted positions stay right only while every position "
+                           f"fits the window: evict through tokensparse.compile(model, config), which checks that")
     for site in ctx.cache_sites:
         padding = _padding(gm.graph, output, site, ctx)
         scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding)
@@ -50,9 +55,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
             continue
         kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding)
-        keys, values = _evicted(gm.graph, output, site, kept)
-        output.replace_input_with(site.keys, keys)
-        output.replace_input_with(site.values, values)
+        _store(gm.graph, output, site, *_evicted(gm.graph, output, site, kept))
         if scores is not None:
             output.replace_input_with(site.scores, insert_call(gm.graph, output, torch.gather, (scores, 2, kept)))
         ctx.acted_blocks.append(site.path)
@@ -120,6 +123,19 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
         ctx.record("evict_kv", f"{site.path}: the StaticCache keeps {count} of {site.cache_length} positions per "
                                f"KV head in its first slots")
     return gm
+
+
+def _store(graph: fx.Graph, output: fx.Node, site: CacheSite, keys: fx.Node, values: fx.Node) -> None:
+    """Return the evicted keys and values where the graph returned the grown ones; a sliding-window layer
+    returns its slices of the last positions of them."""
+    if site.windows is None:
+        output.replace_input_with(site.keys, keys)
+        output.replace_input_with(site.values, values)
+        return
+    for window, grown, evicted in zip(site.windows, (site.keys, site.values), (keys, values)):
+        with graph.inserting_before(output):
+            sliced = graph.node_copy(window, lambda node: evicted if node is grown else node)
+        output.replace_input_with(window, sliced)
 
 
 def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext):

@@ -42,6 +42,9 @@ class CacheSite:
     values: fx.Node
     scores: Optional[fx.Node] = None
     static: Optional[StaticBuffers] = None
+    # A sliding-window layer (DynamicSlidingWindowLayer): the graph stores these slices of the last positions of
+    # keys and values, not keys and values themselves.
+    windows: Optional[tuple[fx.Node, fx.Node]] = None
 
     @property
     def path(self) -> str:
@@ -65,14 +68,12 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
     sites = []
     for attention in attentions:
         keys, values = _cache_update(attention.k), _cache_update(attention.v)
-        if keys is not None and keys not in outputs and any(_is_window_of(user, keys) for user in keys.users
-                                                            if user in outputs):
-            raise MatchFailure(f"{attention.module_path}: its cache keeps a sliding window of the keys (a sliding-"
-                               f"window layer, such as Mistral's sliding_window); evicting from a sliding-window "
-                               f"cache is not supported")
-        if keys is None or values is None or keys not in outputs or values not in outputs:
+        if keys is None or values is None:
             continue                            # a vision tower's attention, or no cache in this call
-        sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1])))
+        windows = _stored_windows(keys, values, outputs)
+        if windows is None and (keys not in outputs or values not in outputs):
+            continue
+        sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1]), windows=windows))
     if not sites:
         sites = _static_sites(attentions, outputs)
     if not sites:
@@ -168,3 +169,11 @@ def _cache_update(node: fx.Node, hops: int = 6) -> Optional[fx.Node]:
 def _is_window_of(node: fx.Node, keys: fx.Node) -> bool:
     """Whether `node` slices the last positions of `keys` along the cache axis (a sliding-window layer)."""
     return is_op(node, "getitem", "slice") and node.args[0] is keys
+
+
+def _stored_windows(keys: fx.Node, values: fx.Node, outputs: set) -> Optional[tuple[fx.Node, fx.Node]]:
+    """The slices of the last positions of keys and values that a sliding-window layer stores (graph outputs),
+    or None for a layer that stores keys and values whole."""
+    found = [next((user for user in node.users if user in outputs and _is_window_of(user, node)), None)
+             for node in (keys, values)]
+    return None if None in found else (found[0], found[1])

@@ -42,6 +42,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     `config`; the model passed in is not changed."""
     from tokensparse.backend import tokensparse_backend
     from tokensparse.capture import ISOLATED_RECOMPILES
+    from tokensparse.runtime.sliding_window import (check_forward_within_window, refuse_generation_past_window,
+                                                    sliding_window)
 
     install_output_hooks(model)
     fast = own_copy(model)
@@ -59,6 +61,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         config = dataclasses.replace(config, kv_masks_follow_cache=True)
     evicted_masks = config.kv_masks_follow_cache
     handed = _hand_static_decode_masks(fast, config)
+    window = sliding_window(model) if config.kv is not None else None
     backend = functools.partial(tokensparse_backend, options=config)
     # Each compiled copy counts its own recompiles: another copy of the same model class (another config, the
     # unmodified model) must not use up dynamo's limit of 8 per code object and leave this one running eagerly.
@@ -69,6 +72,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     def forward(*args, **kwargs):
         if prunes_sequence and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
+        if window is not None:
+            check_forward_within_window(window, config.kv.name, kwargs)
         if is_static_cache(kwargs.get("past_key_values")):
             check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])
             kwargs["attention_mask"] = handed.decode_mask(kwargs)
@@ -83,6 +88,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     fast.forward = forward
     if config.kv is not None and (config.kv.scored or config.kv_masks_follow_cache and prunes_sequence):
         _generate_with_own_cache(fast, type(model).generate, _own_cache_class(config, prunes_sequence))
+    if window is not None:
+        refuse_generation_past_window(fast, window, config.kv.name)
     return fast
 
 
@@ -181,10 +188,17 @@ def _cut_mask_to_cache(cut, index: int, module, args, kwargs):
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
         return None                     # a StaticCache's mask spans its buffers' slots (passes/evict_kv.py)
     hidden = args[0] if args else kwargs["hidden_states"]
-    keys = cache.get_seq_length(index) + hidden.shape[1]
+    keys = _held(cache, index) + hidden.shape[1]
     if mask.shape[-1] <= keys:
         return None
     return args, {**kwargs, "attention_mask": cut(mask, keys)}
+
+
+def _held(cache, index: int) -> int:
+    """How many positions layer `index` of a DynamicCache holds: its keys' length (a sliding-window layer's
+    get_seq_length counts every position seen instead)."""
+    keys = getattr(cache.layers[index], "keys", None) if index < len(cache.layers) else None
+    return keys.shape[-2] if isinstance(keys, torch.Tensor) else cache.get_seq_length(index)
 
 
 def _mask_held_padding(index: int, module, args, kwargs):
@@ -197,7 +211,7 @@ def _mask_held_padding(index: int, module, args, kwargs):
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
-    queries, held = hidden.shape[1], cache.get_seq_length(index)
+    queries, held = hidden.shape[1], _held(cache, index)
     if mask.shape[-1] <= held + queries:
         return None                     # a prefill, or a layer that holds every position seen
     entered = getattr(cache.layers[index], "entered", None)
