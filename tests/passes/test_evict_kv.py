@@ -11,7 +11,8 @@ import torch
 import tokensparse
 from tests.generation import generate_without_warnings
 from tests.models import build_llama, build_llava
-from tokensparse import H2O, AdaptiveKV, Config, FastV, KeyNorm, SnapKV, StreamingLLM, ToMe, VisionBudget
+from tokensparse import (H2O, AdaptiveKV, Config, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
+                         VisionBudget)
 from tokensparse.reference.kv import evicted_generate
 
 GENERATE = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -116,12 +117,25 @@ def test_a_padded_sample_whose_text_cannot_fill_its_budget_keeps_vision_position
         assert int(prompt[:, image].sum(dim=-1).unique()) == 4 + 3
 
 
-def test_vision_budgets_after_fastv_are_refused_with_the_reason():
+@pytest.mark.parametrize("llm, policy, pads, lengths", [
+    (FastV(layer=2, keep=0.5), VisionBudget(vision=4, window=2), 0, [31] * 4),
+    (PyramidDrop(layers=(1, 3), ratio=0.5), VisionBudget(vision=0.5, text=3, window=2, alpha=0.3), 0, [32, 28, 28, 26]),
+    (FastV(layer=2, keep=0.5), VisionBudget(vision=4, window=2), 3, [31] * 4),
+], ids=["fastv", "pyramiddrop_fractions_and_saliency", "fastv_padded"])
+def test_vision_budgets_after_a_language_model_policy_equal_the_reference_in_the_oracle(llm, policy, pads, lengths):
+    """In a pruned layer the image mask is the merge's, gathered by each stage's kept positions; equal to the
+    evicting reference run inside the masking oracle."""
+    from tokensparse.reference.llava import _applied
+
     model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
-    config = Config(llm=FastV(layer=2, keep=0.25), kv=VisionBudget(vision=4, window=2), inductor=False)
-    with pytest.warns(UserWarning, match="vision budgets after a language-model policy cut the sequence"):
-        out = _generate(model, inputs, config)
-    assert out.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1] + 19
+    inputs = _padded(inputs, pads=pads) if pads else inputs
+    config = Config(llm=llm, kv=policy, inductor=False)
+    out = generate_without_warnings(tokensparse.compile(model, config), **inputs, **GENERATE)
+    with torch.no_grad(), _applied(model, inputs, config.llm):
+        reference, log = evicted_generate(model, inputs, policy, **GENERATE)
+    _assert_same(out, reference)
+    held = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert held == [int(alive[0, 0].sum()) for alive in log.alive.values()] == lengths
 
 
 def test_h2o_carries_the_references_accumulated_scores(llama):

@@ -15,7 +15,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
 from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decode_slot_padding, handed_position_mask
-from tokensparse.patterns.graph import MatchFailure, insert_call, is_op
+from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, shape_of
 from tokensparse.patterns.kv_cache import CacheSite, entered_count, static_write
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
@@ -24,7 +24,7 @@ from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, HEAVY_AND_RECENT,
                                      KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
-from tokensparse.runtime.sequence import vision_mask_2d
+from tokensparse.runtime.sequence import gather_tokens, vision_mask_2d
 from tokensparse.runtime.static_cache import filled_length, refill_buffer
 
 DATA_DEPENDENT = "a data-dependent number"
@@ -287,17 +287,34 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
 
 
 def _image_mask(graph: fx.Graph, point: fx.Node, site: CacheSite):
-    """[B, L] bool: which cached positions are image tokens (the merge's mask), or None in a graph without
-    images (every position is text)."""
+    """[B, L] bool: which cached positions are image tokens (the merge's mask, or in a layer that a
+    language-model policy pruned, that mask gathered by each stage's kept positions), or None in a graph
+    without images (every position is text)."""
     try:
         span = find_vision_span(graph.owning_module)
     except MatchFailure:
         return None
-    if not same_size(span.sequence, site.cache_length):
-        raise MatchFailure(f"{site.path}: its cache holds {site.cache_length} positions but the image mask covers "
-                           f"{span.sequence}; vision budgets after a language-model policy cut the sequence (or with "
-                           f"a cached prefix) are not supported yet")
-    return insert_call(graph, point, vision_mask_2d, span.masks)
+    mask = insert_call(graph, point, vision_mask_2d, span.masks)
+    if same_size(span.sequence, site.cache_length):
+        return mask
+    for kept in _stage_kept_positions(graph):
+        mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
+        if same_size(shape_of(kept)[1], site.cache_length):
+            return mask
+    raise MatchFailure(f"{site.path}: its cache holds {site.cache_length} positions but the image mask covers "
+                       f"{span.sequence}, and no language-model policy's kept positions have that length (a cached "
+                       f"prefix, or a sequence cut by other means)")
+
+
+def _stage_kept_positions(graph: fx.Graph) -> list[fx.Node]:
+    """The kept positions [B, S'] of each stage of a language-model policy, in order: what its pass gathers the
+    tokens by (passes/prune_sequence.py), each relative to the stage before."""
+    stages = []
+    for node in graph.nodes:
+        kept = node.args[1] if node.target is gather_tokens else None
+        if isinstance(kept, fx.Node) and kept not in stages and len(shape_of(kept) or ()) == 2:
+            stages.append(kept)
+    return stages
 
 
 def _attention_input(site: CacheSite) -> fx.Node:
