@@ -205,13 +205,15 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(budget=18, window=4), KeyNorm(budget=18, window=2)],
-                         ids=["snapkv", "key_norm"])
-def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_oracle_generates(policy, llava,
+@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=18, window=4), [18] * 4), (KeyNorm(budget=18, window=2), [18] * 4),
+                                          (VisionBudget(vision=2, window=4), [31 - 16 + 2] * 4)],
+                         ids=["snapkv", "key_norm", "vision_budget"])
+def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_oracle_generates(policy, kept, llava,
                                                                                               other_inputs, tmp_path):
     """Each layer also carries present.{i}.entered (the positions that entered it): the padded sample's pruned
     layers keep 2 of its 3 padding positions (16 real ones for 18 slots), the others none; the decode graph
-    masks each layer's own padding from that count."""
+    masks each layer's own padding from that count. VisionBudget keeps 2 image tokens: of the 16 in the layers
+    before FastV's, of the 4 FastV kept after it (there, the image mask gathered by FastV's kept positions)."""
     from tokensparse.reference.llava import _applied
 
     model, traced = llava
@@ -221,7 +223,7 @@ def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_ora
         want, _ = evicted_generate(model, other_inputs, policy, **GREEDY)
     got = _greedy(pair, other_inputs)
     _assert_same_generation(got, want)
-    assert got.cache_lengths == [18 + NEW_TOKENS - 1] * 4
+    assert got.cache_lengths == [length + NEW_TOKENS - 1 for length in kept]
     assert pair.decode.input_names[2:5] == ["past_key_values.0.key", "past_key_values.0.value",
                                             "past_key_values.0.entered"]
     assert "present.3.entered" in pair.prefill.output_names

@@ -37,7 +37,7 @@ PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict in the prefill; streamingllm and h2o also after every decode step
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
-EXPORTED_AFTER_PRUNING = ("snapkv", "key_norm")     # with llm=/vision=: evicting in the prefill, by a count
+EXPORTED_AFTER_PRUNING = ("snapkv", "key_norm", "vision_budget")    # with llm=/vision=: evicting in the prefill
 
 
 @dataclass

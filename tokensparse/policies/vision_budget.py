@@ -82,7 +82,7 @@ def vision_budget_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, image_
     sample's text slots that its real text cannot fill take its next-best vision positions first: padding stays
     only where every real position does."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
-    window = min(window, length, q.shape[2])
+    window = torch.sym_min(torch.sym_min(window, length), q.shape[2])
     if image_mask is None:
         image_mask = torch.zeros(batch, length, dtype=torch.bool, device=keys.device)
     before = image_mask[:, : length - window]
