@@ -23,3 +23,18 @@ def assert_equals_oracle(out, want):
     assert torch.equal(out.sequences, want.sequences)
     for got, expected in zip(out.logits, want.logits):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def assert_backend_alone_changes_nothing(model, inputs: dict, options: dict, reason: str) -> None:
+    """torch.compile(model.forward, backend="tokensparse", options=options) warns with `reason` (a regex), and its
+    prefill into a DynamicCache equals the unmodified model's, with the whole prompt cached."""
+    import pytest
+    from transformers import DynamicCache
+
+    forward = torch.compile(model.forward, backend="tokensparse", options=options)
+    with torch.no_grad(), pytest.warns(UserWarning, match=reason):
+        got = forward(**inputs, past_key_values=DynamicCache(config=model.config))
+    with torch.no_grad():
+        want = model(**inputs, past_key_values=DynamicCache(config=model.config))
+    torch.testing.assert_close(got.logits, want.logits)
+    assert got.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1]

@@ -205,7 +205,8 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)
 
 
-@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=18, window=4), [18] * 4), (KeyNorm(budget=18, window=2), [18] * 4),
+@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=18, window=4), [18] * 4),
+                                          (KeyNorm(budget=18, window=2), [18] * 4),
                                           (VisionBudget(vision=2, window=4), [31 - 16 + 2] * 4)],
                          ids=["snapkv", "key_norm", "vision_budget"])
 def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_oracle_generates(policy, kept, llava,

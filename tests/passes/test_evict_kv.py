@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokensparse
-from tests.generation import generate_without_warnings
+from tests.generation import assert_backend_alone_changes_nothing, generate_without_warnings
 from tests.models import build_llama, build_llava
 from tokensparse import (H2O, AdaptiveKV, Config, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
                          VisionBudget)
@@ -261,18 +261,10 @@ def test_eager_attention_masks_every_layer_as_long_as_its_own_cache(pads):
 
 def test_padding_outside_tokensparse_compile_is_left_unchanged_with_the_reason(llama):
     """torch.compile(model.forward) alone leaves generate() to build decode masks for the full cache."""
-    from transformers import DynamicCache
-
     model, inputs = llama
-    padded = _padded(inputs)
-    forward = torch.compile(model.forward, backend="tokensparse",
-                            options={"policy": "snapkv", "budget": 16, "window": 4, "inductor": False})
-    with torch.no_grad(), pytest.warns(UserWarning, match="a padded batch.*tokensparse.compile"):
-        got = forward(**padded, past_key_values=DynamicCache(config=model.config))
-    with torch.no_grad():
-        want = model(**padded, past_key_values=DynamicCache(config=model.config))
-    torch.testing.assert_close(got.logits, want.logits)
-    assert got.past_key_values.layers[0].keys.shape[2] == 40
+    assert_backend_alone_changes_nothing(model, _padded(inputs), {"policy": "snapkv", "budget": 16, "window": 4,
+                                                                  "inductor": False},
+                                         "a padded batch.*tokensparse.compile")
 
 
 @pytest.mark.parametrize("policy, lengths", [

@@ -76,7 +76,7 @@ def test_residuals_are_zero_on_the_current_screenshots_span():
     generator = torch.Generator().manual_seed(5)
     keys = torch.randn(1, 1, 12, 8, generator=generator)
     mask = _layout(12, [(0, 3), (6, 10)], batch=1)
-    keys[0, 0, 1] = 2 * keys[0, 0, 6] - keys[0, 0, 7]              # an earlier key in the span of the current's first two
+    keys[0, 0, 1] = 2 * keys[0, 0, 6] - keys[0, 0, 7]          # an earlier key in the span of the current's first 2
     residuals = key_subspace_residuals(keys, current_screenshot(mask), rank=2)
     assert float(residuals[0, 0, 1]) == 0 and float(residuals[0, 0, 0]) > 0.1
     assert residuals[0, 0, 6:8].tolist() == [0, 0]

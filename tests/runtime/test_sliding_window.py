@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import tokensparse
-from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
+from tests.generation import (LOGGED, assert_backend_alone_changes_nothing, assert_equals_oracle,
+                              generate_without_warnings)
 from tests.models import build_llama
 from tokensparse import H2O, Config, SnapKV, StreamingLLM
 from tokensparse.reference.kv import evicted_generate
@@ -94,11 +95,6 @@ def test_a_forward_past_the_window_is_refused(mistral):
 def test_the_backend_alone_leaves_sliding_window_layers_unchanged_with_the_reason(mistral):
     """torch.compile(model.forward) cannot refuse positions past the window, so it does not evict."""
     model, inputs = mistral
-    forward = torch.compile(model.forward, backend="tokensparse",
-                            options={"policy": "snapkv", "budget": 16, "window": 4, "inductor": False})
-    with torch.no_grad(), pytest.warns(UserWarning, match="keeps a sliding window of the keys.*tokensparse.compile"):
-        got = forward(**inputs, past_key_values=DynamicCache(config=model.config))
-    with torch.no_grad():
-        want = model(**inputs, past_key_values=DynamicCache(config=model.config))
-    torch.testing.assert_close(got.logits, want.logits)
-    assert got.past_key_values.layers[0].keys.shape[2] == 40
+    options = {"policy": "snapkv", "budget": 16, "window": 4, "inductor": False}
+    reason = "keeps a sliding window of the keys.*tokensparse.compile"
+    assert_backend_alone_changes_nothing(model, inputs, options, reason)

@@ -46,8 +46,8 @@ def orthonormal_rows(rows: torch.Tensor, tolerance: float = 1e-6) -> torch.Tenso
 def key_subspace_residuals(keys: torch.Tensor, current: torch.Tensor, rank: int) -> torch.Tensor:
     """[B, H_kv, L] float32: per position, the norm of its key's part orthogonal to the span of the current
     screenshot's first `rank` keys (fewer where the screenshot is shorter), per sample and KV head; 0 within
-    SPAN_TOLERANCE of the key's norm. keys
-    [B, H_kv, L, d], current [B, L] bool, one run per sample (current_screenshot)."""
+    SPAN_TOLERANCE of the key's norm. keys [B, H_kv, L, d], current [B, L] bool, one run per sample
+    (current_screenshot)."""
     batch, kv_heads, length, dim = keys.shape
     rank = min(rank, dim)
     offsets = torch.arange(rank, device=keys.device)
