@@ -27,10 +27,12 @@ from tokensparse.config import Config, config_from_options
 from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
 from tokensparse.policies.adaptive_kv import AdaptiveKV
+from tokensparse.policies.fastv import additive
 from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
 from tokensparse.policies.vision_budget import VisionBudget
+from tokensparse.runtime.counted_cache import held_padding
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
@@ -147,13 +149,11 @@ class DecodeStep(torch.nn.Module):
         keys = held + hidden.shape[1]
         real, total = self._real["count"], self._real["total"]
         if self.counted:
-            first_real = total - real - (cache.layers[index].entered - held)
+            first_real = held_padding(total - real, cache.layers[index].entered, held)
         else:
             first_real = keys - real if evicted else total - real
         allowed = torch.arange(keys, device=hidden.device)[None, :] >= first_real[:, None]
-        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-            ~allowed, torch.finfo(hidden.dtype).min)
-        return args, {**kwargs, "attention_mask": mask[:, None, None, :]}
+        return args, {**kwargs, "attention_mask": additive(allowed, hidden.dtype)[:, None, None, :]}
 
     def forward(self, input_ids, attention_mask, *past):
         cache = filled_cache(self.model.config, past, self.scored, self.counted)

@@ -82,6 +82,13 @@ def attended(attn_mask: torch.Tensor) -> torch.Tensor:
     return attn_mask > torch.finfo(attn_mask.dtype).min / 2
 
 
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of `dtype` (0 where allowed, the dtype's minimum elsewhere) for a bool mask: attended's
+    inverse, for eager attention."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                     torch.finfo(dtype).min)
+
+
 def _masked(logits: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
     """Logits with the mask applied: masked keys at -inf, an additive mask's other values added."""
     if attn_mask.dtype != torch.bool:

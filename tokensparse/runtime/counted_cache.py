@@ -17,6 +17,13 @@ def appended_count(key_states: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(key_states[0, 0, :, 0], dtype=torch.int64).sum()
 
 
+def held_padding(padding: torch.Tensor, entered: torch.Tensor, held) -> torch.Tensor:
+    """[B]: the padding positions a layer holds after a language-model policy pruned it and a KV policy evicted
+    from it: max(0, padding - evicted), evicted = entered - held. Pruning keeps every padding position (padding:
+    the sample's count) and eviction drops padding first, so what eviction dropped came out of the padding."""
+    return (padding - (entered - held)).clamp(min=0)
+
+
 class _CountsEntries:
     """Counts the positions each update appends (appended_count)."""
 

@@ -217,17 +217,16 @@ def _mask_held_padding(index: int, module, args, kwargs):
     entered = getattr(cache.layers[index], "entered", None)
     if entered is None:                 # a cache that does not count (unpadded: evicted_cache_mask checked)
         return args, {**kwargs, "attention_mask": _last_columns(mask, held + queries)}
-    from tokensparse.policies.fastv import attended
+    from tokensparse.policies.fastv import additive, attended
+    from tokensparse.runtime.counted_cache import held_padding
 
     padding = attended(mask[:, 0, -1]).int().argmax(dim=-1)     # left padding: where the real positions start
-    held_padding = (padding - (entered - held)).clamp(min=0)
+    first_real = held_padding(padding, entered, held)
     columns = torch.arange(held + queries, device=mask.device)
     causal = columns[None, :] <= held + torch.arange(queries, device=mask.device)[:, None]
-    layer_allowed = causal[None, None] & (columns[None, :] >= held_padding[:, None])[:, None, None, :]
-    if mask.dtype != torch.bool:
-        layer_allowed = torch.zeros(layer_allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
-            ~layer_allowed, torch.finfo(mask.dtype).min)
-    return args, {**kwargs, "attention_mask": layer_allowed}
+    layer_allowed = causal[None, None] & (columns[None, :] >= first_real[:, None])[:, None, None, :]
+    return args, {**kwargs, "attention_mask": layer_allowed if mask.dtype == torch.bool
+                  else additive(layer_allowed, mask.dtype)}
 
 
 def _first_columns(mask: torch.Tensor, keys) -> torch.Tensor:

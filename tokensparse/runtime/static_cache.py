@@ -45,11 +45,12 @@ def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch
       so it holds max(0, padding - evicted), evicted = `entered` (the positions that ever entered it, counted by
       runtime/counted_cache.py) - its filled slots. This form holds for the two above too."""
     from tokensparse.policies.fastv import attended
+    from tokensparse.runtime.counted_cache import held_padding
 
     allowed = attended(position_mask[:, 0, -1, :])
     padding = allowed.int().argmax(dim=-1)          # left padding: the first position the query may see
     if entered is not None:
-        count = (padding - (entered - (slots[-1] + 1))).clamp(min=0)
+        count = held_padding(padding, entered, slots[-1] + 1)
     elif evicted:
         count = (slots[-1] + 1 - allowed.sum(dim=-1)).clamp(min=0)
     else:
