@@ -52,7 +52,7 @@ def kv_bytes(cache) -> int:
 def op_ms(policy, shape, heads: int) -> float:
     """Median ms of one decode step's eviction for one layer's cache of `shape` [B, H_kv, L, d]: the
     selection and gather (StreamingLLM); H2O adds the new query's column sums and the scores' gather."""
-    from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_KEEP, KV_EVICT
+    from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS, H2O_STEP_KEEP, KV_EVICT
 
     keys, values = torch.randn(shape), torch.randn(shape)
     query, scores = torch.randn(shape[0], heads, 1, shape[3]), torch.rand(shape[:3])
@@ -61,7 +61,7 @@ def op_ms(policy, shape, heads: int) -> float:
     def step():
         if isinstance(policy, tokensparse.H2O):
             accumulated = scores + ATTENTION_COLUMN_SUMS(query, keys, shape[3] ** -0.5)
-            kept = H2O_KEEP(accumulated, count, policy.recent)
+            kept = H2O_STEP_KEEP(accumulated, count, policy.recent)     # what a decode step runs
             accumulated.gather(2, kept)
         else:
             kept = policy.keep(query, keys, 1.0, count)

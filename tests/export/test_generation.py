@@ -205,40 +205,37 @@ def test_adaptive_kv_keeps_a_data_dependent_count_per_layer(tmp_path):
     assert all(length < 50 + NEW_TOKENS - 1 for length in got.cache_lengths)
 
 
-@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=18, window=4), [18] * 4),
-                                          (KeyNorm(budget=18, window=2), [18] * 4),
-                                          (VisionBudget(vision=2, window=4), [31 - 16 + 2] * 4)],
-                         ids=["snapkv", "key_norm", "vision_budget"])
+@pytest.mark.parametrize("policy, kept", [(SnapKV(budget=18, window=4), [18 + NEW_TOKENS - 1] * 4),
+                                          (KeyNorm(budget=18, window=2), [18 + NEW_TOKENS - 1] * 4),
+                                          (VisionBudget(vision=2, window=4), [31 - 16 + 2 + NEW_TOKENS - 1] * 4),
+                                          (StreamingLLM(sinks=2, window=20), [22] * 4),
+                                          (H2O(heavy=10, recent=12), [22] * 4),
+                                          (AdaptiveKV(tau=0.5, window=4), None)],
+                         ids=["snapkv", "key_norm", "vision_budget", "streamingllm", "h2o", "adaptive"])
 def test_fastv_with_a_kv_policy_generates_what_the_evicting_reference_in_the_oracle_generates(policy, kept, llava,
                                                                                               other_inputs, tmp_path):
     """Each layer also carries present.{i}.entered (the positions that entered it): the padded sample's pruned
     layers keep 2 of its 3 padding positions (16 real ones for 18 slots), the others none; the decode graph
     masks each layer's own padding from that count. VisionBudget keeps 2 image tokens: of the 16 in the layers
-    before FastV's, of the 4 FastV kept after it (there, the image mask gathered by FastV's kept positions)."""
+    before FastV's, of the 4 FastV kept after it (there, the image mask gathered by FastV's kept positions).
+    StreamingLLM and H2O evict to 22 positions after every step: the 31-token prompt's layers before FastV's
+    from the prefill on, the 19 positions FastV kept after the fourth step (their decode graph takes and gives
+    caches of a symbolic length, at most 22). AdaptiveKV keeps a data-dependent count per layer (each its own
+    symbol). Every layer holds what the reference keeps alive."""
     from tokensparse.reference.llava import _applied
 
     model, traced = llava
     pair = to_onnx_generation(model, traced, Config(llm=FASTV, kv=policy), str(tmp_path))
     assert pair.prefill.changed, pair.prefill.reason
     with torch.no_grad(), _applied(model, other_inputs, FASTV):
-        want, _ = evicted_generate(model, other_inputs, policy, **GREEDY)
+        want, log = evicted_generate(model, other_inputs, policy, **GREEDY)
     got = _greedy(pair, other_inputs)
     _assert_same_generation(got, want)
-    assert got.cache_lengths == [length + NEW_TOKENS - 1 for length in kept]
-    assert pair.decode.input_names[2:5] == ["past_key_values.0.key", "past_key_values.0.value",
-                                            "past_key_values.0.entered"]
+    assert got.cache_lengths == [int(log.alive[layer][0, 0].sum()) for layer in range(4)]
+    assert kept is None or got.cache_lengths == kept
+    assert pair.decode.input_names[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert "past_key_values.0.entered" in pair.decode.input_names
     assert "present.3.entered" in pair.prefill.output_names
-
-
-@pytest.mark.parametrize("config, message", [
-    (Config(llm=FASTV, kv=StreamingLLM(sinks=2, window=16)), "llm=/vision= with kv=streamingllm is not exported"),
-    (Config(llm=FASTV, kv=H2O(heavy=8, recent=8)), "llm=/vision= with kv=h2o is not exported"),
-])
-def test_what_is_not_exported_yet_is_named(config, message, llava, tmp_path):
-    model, traced = llava
-    with pytest.raises(ValueError, match=message):
-        to_onnx_generation(model, traced, config, str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_without_generate_is_refused(tmp_path):

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from tokensparse import H2O, AdaptiveKV, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.policies import kv_policy
 from tokensparse.policies.adaptive_kv import adaptive_keep
-from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.h2o import h2o_keep, h2o_step_keep
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.policies.snapkv import snapkv_keep, snapkv_scores
-from tokensparse.policies.streamingllm import streaming_keep
+from tokensparse.policies.streamingllm import streaming_keep, streaming_step_keep
 from tokensparse.policies.vision_budget import vision_budget_keep, vision_saliency
 
 
@@ -103,6 +103,23 @@ def test_h2o_keep_holds_the_heavy_hitters_and_the_recent_window(batch, kv_heads,
             before = sorted(range(length - tail), key=lambda j: (-float(scores[b, h, j]), j))[: count - tail]
             assert kept[b, h].tolist() == sorted(before) + list(range(length - tail, length))
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(heavy=st.integers(0, 5), recent=st.integers(1, 5), over=st.booleans(), short=st.integers(0, 3),
+       paddings=st.lists(st.integers(0, 12), min_size=1, max_size=3), ties=st.booleans(), seed=st.integers(0, 1000))
+def test_h2o_step_keep_equals_h2o_keep(heavy, recent, over, short, paddings, ties, seed):
+    """A decode step's cache (within the budget, or one position over it), padding first, scores with and without
+    ties: the sort- and branch-free form keeps what h2o_keep keeps."""
+    budget = heavy + recent
+    length = budget + 1 if over else max(1, budget - short)
+    scores = torch.rand(len(paddings), 2, length, generator=torch.Generator().manual_seed(seed))
+    if ties:
+        scores = (scores * 3).floor()
+    padding = torch.arange(length)[None, :] < torch.tensor(paddings)[:, None]
+    count = min(length, budget)
+    assert torch.equal(h2o_step_keep(scores, count, recent, padding), h2o_keep(scores, count, recent, padding))
+    assert torch.equal(h2o_step_keep(scores, count, recent), h2o_keep(scores, count, recent))
 
 @settings(max_examples=20, deadline=None)
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 2), length=st.integers(2, 20),
@@ -229,6 +246,21 @@ def test_streaming_keep_holds_sinks_and_the_recent_window():
     assert streaming_keep(torch.zeros(1, 1, 10, 4), 2, 3, count=5)[0, 0].tolist() == [0, 1, 7, 8, 9]
     assert streaming_keep(torch.zeros(1, 1, 4, 4), 2, 3, count=4)[0, 0].tolist() == [0, 1, 2, 3]
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(sinks=st.integers(0, 4), window=st.integers(1, 6), short=st.integers(0, 3), over=st.booleans(),
+       paddings=st.lists(st.integers(0, 12), min_size=1, max_size=3))
+def test_streaming_step_keep_equals_streaming_keep(sinks, window, short, over, paddings):
+    """A decode step's cache (within the budget, or one position over it) with padding first: the branch- and
+    sort-free form keeps what streaming_keep keeps."""
+    length = sinks + window + 1 if over else max(1, sinks + window - short)
+    first_real = torch.tensor([min(pads, length) for pads in paddings])
+    padding = torch.arange(length)[None, :] < first_real[:, None]
+    keys = torch.zeros(len(paddings), 2, length, 4)
+    want = streaming_keep(keys, sinks, window, padding, count=min(length, sinks + window))
+    got = streaming_step_keep(length, sinks, window, first_real)
+    assert torch.equal(got[:, None, :].expand_as(want), want)
 
 def test_budgets():
     assert SnapKV(budget=16, window=4).kept_count(40) == 16

@@ -129,6 +129,20 @@ def test_h2o_ops_opcheck(queries, count):
     assert torch.equal(kept, h2o_keep(sums, count, 3)) and kept.shape == (2, 2, count)
 
 
+
+@pytest.mark.parametrize("length, count", [(13, 12), (12, 12), (20, 12)])
+def test_h2o_step_keep_opcheck(length, count):
+    """A decode step's cache one position over the budget, within it, and (not a decode step's) further over:
+    h2o_keep's positions each time."""
+    from tokensparse.policies.h2o import h2o_keep
+    from tokensparse.runtime.ops import H2O_STEP_KEEP
+
+    scores = torch.rand(2, 2, length, generator=torch.Generator().manual_seed(length))
+    padding = torch.arange(length)[None, :] < torch.tensor([[0], [3]])
+    torch.library.opcheck(H2O_STEP_KEEP, (scores, count, 3, padding))
+    kept = H2O_STEP_KEEP(scores, count, 3, padding)
+    assert torch.equal(kept, h2o_keep(scores, count, 3, padding)) and kept.shape == (2, 2, count)
+
 @pytest.mark.parametrize("tau", [0.3, 1.0])
 def test_adaptive_keep_opcheck(tau):
     from tokensparse.policies.adaptive_kv import adaptive_keep

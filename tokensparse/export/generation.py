@@ -30,7 +30,7 @@ from tokensparse.policies.adaptive_kv import AdaptiveKV
 from tokensparse.policies.fastv import additive
 from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
-from tokensparse.policies.streamingllm import StreamingLLM, streaming_keep
+from tokensparse.policies.streamingllm import StreamingLLM, streaming_step_keep
 from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.runtime.counted_cache import held_padding
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
@@ -39,7 +39,6 @@ PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
 # evict in the prefill; streamingllm and h2o also after every decode step
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
-EXPORTED_AFTER_PRUNING = ("snapkv", "key_norm", "vision_budget")    # with llm=/vision=: evicting in the prefill
 
 
 @dataclass
@@ -166,18 +165,25 @@ class DecodeStep(torch.nn.Module):
             self._real.clear()
         tensors = cache_tensors(output.past_key_values)
         if self.streaming is not None:
-            tensors = [evicted for keys, values in zip(tensors[0::2], tensors[1::2])
-                       for evicted in self._keep_sinks_and_window(keys, values, real)]
+            tensors = self._keep_sinks_and_window(tensors, real, attention_mask.shape[-1])
         return (output.logits, *tensors)
 
-    def _keep_sinks_and_window(self, keys, values, real):
-        """StreamingLLM after the step's attention: a cache of sinks + window + 1 positions back to sinks + window
-        (the prefill left exactly that many), padding (the first positions where a sample has fewer real ones)
+    def _keep_sinks_and_window(self, tensors: list, real: torch.Tensor, total) -> list:
+        """StreamingLLM after the step's attention: each layer's cache back to min(its length, sinks + window)
+        positions (the prefill left sinks + window, or after a language-model policy possibly fewer), padding
+        (a layer's first positions where a sample has fewer real ones; after both policies, held_padding)
         ranked last, as tokensparse.compile's decode steps do."""
-        length = keys.shape[2]
-        padding = torch.arange(length, device=keys.device)[None, :] < (length - real)[:, None]
-        kept = streaming_keep(keys, self.streaming.sinks, self.streaming.window, padding)
-        return evict_positions(keys, values, kept)
+        parts = cache_parts(self.scored, self.counted)
+        evicted = []
+        for start in range(0, len(tensors), len(parts)):
+            layer = dict(zip(parts, tensors[start:start + len(parts)]))
+            keys, values = layer["key"], layer["value"]
+            length = keys.shape[2]
+            first_real = held_padding(total - real, layer["entered"], length) if self.counted else length - real
+            kept = streaming_step_keep(length, self.streaming.sinks, self.streaming.window, first_real)
+            kept = kept[:, None, :].expand(-1, keys.shape[1], -1)
+            evicted += [*evict_positions(keys, values, kept), *([layer["entered"]] if self.counted else [])]
+        return evicted
 
 
 def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, directory: str, dynamic: bool = False,
@@ -218,7 +224,7 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
     step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored, counted=counted).eval()
     decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, parts,
-                                                 fixed_lengths=streaming is not None or scored)
+                                                 fixed_lengths=(streaming is not None or scored) and not counted)
     if scored:      # H2O: the step's attention row accumulates into the scores, then the cache evicts
         decode_program, decoded = export_pruned(step, decode_args, follows, dynamic=False,
                                                 dynamic_shapes=decode_shapes)
@@ -242,12 +248,6 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
         raise ValueError(f"kv={config.kv.name} has no ONNX form in the generation export yet: it takes kv= "
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
-    prunes = config.llm is not None or config.vision is not None
-    if prunes and config.kv is not None and config.kv.name not in EXPORTED_AFTER_PRUNING:
-        raise ValueError(f"llm=/vision= with kv={config.kv.name} is not exported as a generation pair yet (after "
-                         f"pruning, each layer's length depends on the data, and that policy's decode-time eviction "
-                         f"does not export for such lengths): with llm=/vision= the pair takes kv= "
-                         f"{', '.join(EXPORTED_AFTER_PRUNING)}")
 
 
 def _check_model(model) -> None:

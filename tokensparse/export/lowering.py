@@ -13,7 +13,7 @@ import torch.fx as fx
 from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.divprune import divprune_keep_in_sequence
 from tokensparse.policies.fastv import fastv_keep
-from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.h2o import h2o_keep, h2o_step_keep
 from tokensparse.policies.kv_policy import attention_column_sums, evict_positions
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.policies.token_sources import features_at_source_rows
@@ -22,7 +22,7 @@ from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
-                                     KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE,
+                                     H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE,
                                      TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP, vision_budget_keep_call)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -33,7 +33,7 @@ POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_
                VISIONZIP: visionzip_from_attention, KEEP_IMAGE_ROWS: image_rows_keep,
                KEEP_DIVERSE: divprune_keep_in_sequence, FEATURES_AT_SOURCE_ROWS: features_at_source_rows,
                SNAPKV_KEEP: snapkv_keep, KV_EVICT: evict_positions, ATTENTION_COLUMN_SUMS: attention_column_sums,
-               H2O_KEEP: h2o_keep, ADAPTIVE_KEEP: adaptive_keep,
+               H2O_KEEP: h2o_keep, H2O_STEP_KEEP: h2o_step_keep, ADAPTIVE_KEEP: adaptive_keep,
                VISION_BUDGET_KEEP: vision_budget_keep_call}
 
 

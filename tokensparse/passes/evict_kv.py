@@ -22,8 +22,8 @@ from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, Str
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
-from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, HEAVY_AND_RECENT,
-                                     KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
+from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, H2O_STEP_KEEP,
+                                     HEAVY_AND_RECENT, KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import gather_tokens, vision_mask_2d
 from tokensparse.runtime.static_cache import filled_length, refill_buffer
 
@@ -54,7 +54,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.acted_blocks.append(site.path)
                 ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
             continue
-        kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding)
+        kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding, queries)
         _store(gm.graph, output, site, *_evicted(gm.graph, output, site, kept))
         if scores is not None:
             output.replace_input_with(site.scores, insert_call(gm.graph, output, torch.gather, (scores, 2, kept)))
@@ -109,7 +109,7 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
                                                                       (scores, buffers.scores)))
                 ctx.acted_blocks.append(site.path)
             continue
-        kept = _kept(gm.graph, output, policy, site, count, scores, padding)
+        kept = _kept(gm.graph, output, policy, site, count, scores, padding, queries)
         if scores is not None:
             output.replace_input_with(buffers.scores, insert_call(gm.graph, output, refill_buffer, (
                 insert_call(gm.graph, output, torch.gather, (scores, 2, kept)), buffers.scores)))
@@ -231,7 +231,8 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         return policy.kept_count(length) if guard_or_false(length > policy.sinks + policy.window) else None
     if isinstance(policy, H2O):
         budget = policy.heavy + policy.recent
-        if free_unbacked_symbols(length):       # after FastV: min(L, budget), decided at run time
+        if free_unbacked_symbols(length) or not _is_prefill(queries):
+            # after FastV, or a decode step's symbolic length: min(L, budget), decided at run time, unguarded
             return _at_most(graph, point, site, budget)
         return budget if guard_or_false(length > budget) else None
     if isinstance(policy, PrefillBudget) and _is_prefill(queries) and not policy.is_identity(0):
@@ -262,7 +263,7 @@ def _scale(site: CacheSite) -> float:
 
 
 def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count, scores,
-          padding=None) -> fx.Node:
+          padding, queries) -> fx.Node:
     if isinstance(policy, SnapKV):
         return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, _scale(site), count,
                                                        policy.window, policy.kernel, policy.pooling, padding))
@@ -271,7 +272,8 @@ def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, co
     if isinstance(policy, KeyNorm):
         return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window, padding))
     if isinstance(policy, H2O):
-        return insert_call(graph, point, H2O_KEEP, (scores, count, policy.recent, padding))
+        keep = H2O_KEEP if _is_prefill(queries) else H2O_STEP_KEEP       # a decode step drops at most one
+        return insert_call(graph, point, keep, (scores, count, policy.recent, padding))
     if isinstance(policy, AdaptiveKV):
         return insert_call(graph, point, ADAPTIVE_KEEP, (site.attention.q, site.keys, _scale(site), policy.tau,
                                                          policy.window, padding))

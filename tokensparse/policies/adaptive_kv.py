@@ -61,7 +61,7 @@ def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float,
     (padding [B, L], which holds no mass) last. q [B, H, S, d]. The count is never read into Python (each head
     keeps the ranks below it), so that torch.export and ONNX trace this function as it is."""
     batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[2]
-    window = min(window, length, q.shape[2])
+    window = torch.sym_min(torch.sym_min(window, length), q.shape[2])     # data-dependent after FastV: no guard
     mass = attention_column_sums(q[:, :, -window:], keys, scale, padding)
     before = mass[..., : length - window]
     if padding is not None:

@@ -43,3 +43,23 @@ def h2o_keep(scores: torch.Tensor, count: int, recent: int, padding: Optional[to
     """H2O's kept positions [B, H_kv, count], ascending, from accumulated scores [B, H_kv, L]: the last
     `recent` positions and the `count - recent` heavy hitters before them, padding (padding [B, L]) last."""
     return best_and_recent(scores, scores.shape[-1], count, recent, padding)
+
+
+def h2o_step_keep(scores: torch.Tensor, count, recent: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h2o_keep for a decode step's cache, at most one position over `count`, without a sort or a branch on its
+    length (a symbol in an exported decode graph, which a sort's size checks would guard on): of the positions
+    before the recent window, the one h2o_keep ranks last is dropped (the lowest score, ties to the later
+    position; padding first, the latest of it)."""
+    length = scores.shape[-1]
+    recent = torch.sym_min(torch.sym_min(recent, count), length)
+    positions = torch.arange(length, device=scores.device)
+    ranked = scores.float()
+    if padding is not None:
+        ranked = ranked.masked_fill(padding[:, None, :], -float("inf"))
+    ranked = ranked.masked_fill(positions >= length - recent, float("inf"))      # the recent window stays
+    lowest = ranked.amin(dim=-1, keepdim=True)
+    dropped = torch.where(ranked == lowest, positions, -1).amax(dim=-1)
+    dropped = dropped + (count + 1 - length) * (length + 1)          # nothing over count: past every position
+    index = torch.arange(count, device=scores.device)
+    return index + (index >= dropped[..., None]).long()
+

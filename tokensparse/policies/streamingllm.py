@@ -50,3 +50,17 @@ def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optiona
     index = torch.arange(count, device=keys.device)
     positions = torch.where(index < sinks, index, index + (length - count))
     return positions.expand(batch, kv_heads, count).contiguous()
+
+
+def streaming_step_keep(length, sinks: int, window: int, first_real: torch.Tensor) -> torch.Tensor:
+    """streaming_keep for a decode step's cache, at most one position over sinks + window, without a branch or a
+    sort on its length (a symbol in an exported decode graph, which sort's size checks would guard on): kept
+    positions [B, min(length, sinks + window)], ascending, of a cache whose first first_real [B] positions are
+    padding. Over the budget, the one position dropped is what streaming_keep ranks last: the last padding
+    position among the first sinks + 1, else position `sinks`."""
+    budget = sinks + window
+    dropped = torch.where(first_real > 0, first_real.clamp(max=sinks + 1) - 1, sinks)
+    dropped = dropped + (budget + 1 - length) * (budget + 2)          # within the budget: past every position
+    index = torch.arange(torch.sym_min(length, budget), device=first_real.device)
+    return index[None, :] + (index[None, :] >= dropped[:, None]).long()
+

@@ -16,7 +16,7 @@ from tokensparse.policies.adaptive_kv import adaptive_keep
 from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.dtd import dtd_keep
 from tokensparse.policies.fastv import fastv_keep
-from tokensparse.policies.h2o import h2o_keep
+from tokensparse.policies.h2o import h2o_keep, h2o_step_keep
 from tokensparse.policies.kv_policy import attention_column_sums, evict_positions
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
@@ -191,6 +191,20 @@ def _h2o_keep_fake(scores, count, recent, padding=None):
     return scores.new_empty(scores.shape[0], scores.shape[1], count, dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::h2o_step_keep", mutates_args=())
+def h2o_step_keep_op(scores: Tensor, count: int, recent: int, padding: Optional[Tensor] = None) -> Tensor:
+    """h2o_keep at a decode step: without a sort while the cache [B, H_kv, L] is at most one position over
+    `count` (as every decode step's is), else h2o_keep itself."""
+    if scores.shape[-1] > count + 1:
+        return h2o_keep(scores, count, recent, padding)
+    return h2o_step_keep(scores, count, recent, padding)
+
+
+@h2o_step_keep_op.register_fake
+def _h2o_step_keep_fake(scores, count, recent, padding=None):
+    return scores.new_empty(scores.shape[0], scores.shape[1], count, dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::adaptive_keep", mutates_args=())
 def adaptive_keep_op(q: Tensor, keys: Tensor, scale: float, tau: float, window: int,
                      padding: Optional[Tensor] = None) -> Tensor:
@@ -306,6 +320,7 @@ KEEP_SINKS_AND_WINDOW = torch.ops.tokensparse.keep_sinks_and_window.default
 HEAVY_AND_RECENT = torch.ops.tokensparse.heavy_and_recent.default
 ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
 H2O_KEEP = torch.ops.tokensparse.h2o_keep.default
+H2O_STEP_KEEP = torch.ops.tokensparse.h2o_step_keep.default
 ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default
 VISION_BUDGET_KEEP = torch.ops.tokensparse.vision_budget_keep.default
 
