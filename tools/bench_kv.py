@@ -40,6 +40,9 @@ def parse_args(argv=None):
                         help="comma-separated subset of unpruned,snapkv,streamingllm,h2o,adaptive,vision_budget "
                              "(default: all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--selections", action="store_true",
+                        help="only H2O's decode-step selection: the sort (h2o_keep) against the one-drop form "
+                             "(h2o_step_keep) at several cache lengths")
     return parser.parse_args(argv)
 
 
@@ -73,6 +76,30 @@ def op_ms(policy, shape, heads: int) -> float:
         step()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def selection_ms(lengths=(257, 1025, 4097), kv_heads: int = 8, calls: int = 300) -> dict:
+    """Median ms of H2O's selection at a decode step (a cache one position over heavy = recent = L // 2), the
+    sort and the one-drop form alternating call by call; both keep the same positions (checked)."""
+    from tokensparse.runtime.ops import H2O_KEEP, H2O_STEP_KEEP
+
+    rows = {}
+    for length in lengths:
+        scores = torch.rand(1, kv_heads, length, generator=torch.Generator().manual_seed(length))
+        count, recent = length - 1, (length - 1) // 2
+        if not torch.equal(H2O_KEEP(scores, count, recent), H2O_STEP_KEEP(scores, count, recent)):
+            raise AssertionError(f"the two selections differ at L={length}")
+        samples = {H2O_KEEP: [], H2O_STEP_KEEP: []}
+        for _ in range(calls):
+            for op, times in samples.items():
+                start = time.perf_counter()
+                op(scores, count, recent)
+                times.append((time.perf_counter() - start) * 1e3)
+        rows[length] = {"sort_ms": statistics.median(samples[H2O_KEEP]),
+                        "one_drop_ms": statistics.median(samples[H2O_STEP_KEEP])}
+        print(f"L={length}, {kv_heads} KV heads: sort {rows[length]['sort_ms']:.3f} ms, one drop "
+              f"{rows[length]['one_drop_ms']:.3f} ms ({rows[length]['sort_ms'] / rows[length]['one_drop_ms']:.2f}x)")
+    return rows
 
 
 def run(args) -> dict:
@@ -152,4 +179,5 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    arguments = parse_args()
+    selection_ms() if arguments.selections else run(arguments)
