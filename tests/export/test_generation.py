@@ -246,10 +246,26 @@ def test_a_model_without_generate_is_refused(tmp_path):
         to_onnx_generation(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None, str(tmp_path / "out"))
 
 
-def test_sliding_window_layers_are_refused(tmp_path):
-    model, inputs = build_llama(family="mistral")         # Mistral's sliding window: 4096 by default
-    with pytest.raises(ValueError, match=r"\['DynamicSlidingWindowLayer'\] layers \(sliding-window attention\)"):
-        to_onnx_generation(model, inputs, None, str(tmp_path / "out"))
+@pytest.mark.parametrize("policy", [SnapKV(budget=16, window=4), H2O(heavy=8, recent=8)], ids=["snapkv", "h2o"])
+def test_a_sliding_window_model_within_its_window(policy, tmp_path):
+    """Mistral (window 64) with SnapKV, and with H2O (evicting at every step): the graphs hold every position in
+    full layers, so they are its model while every position fits the window, and generate the evicting
+    reference's tokens there; prefill.onnx carries the window, and generate_onnx refuses a generation past it
+    before it runs."""
+    model, traced = build_llama(batch=2, prompt=40, family="mistral")
+    model.config.sliding_window = 64
+    model.generation_config.eos_token_id = None     # min_new_tokens would mask token 2, which ONNX's argmax may pick
+    pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path), dynamic=True)
+    assert pair.prefill.changed, pair.prefill.reason
+    assert pair.max_positions == 64
+    metadata = {prop.key: prop.value for prop in onnx.load(pair.prefill.path).metadata_props}
+    assert metadata["tokensparse.max_positions"] == "64"
+    inputs = build_llama(batch=3, prompt=44, seed=5, family="mistral")[1]
+    inputs["attention_mask"][1, :4] = 0
+    want, _ = evicted_generate(model, inputs, policy, **GREEDY)            # 44 + 12 - 1 positions: within
+    _assert_same_generation(_greedy(pair, inputs), want)
+    with pytest.raises(ValueError, match="need 65 positions, past the model.s sliding window of 64"):
+        generate_onnx(pair.directory, {name: value.numpy() for name, value in inputs.items()}, 22)
 
 
 def test_a_model_with_3d_positions_is_refused(tmp_path):

@@ -188,6 +188,9 @@ def _run_generation_export(args, model, inputs, policy, config, progress, task, 
     what = f"with {policy.name} built in" if result.prefill.changed else f"unpruned ({result.prefill.reason})"
     console.print(f"wrote {result.prefill.path} ({what}) and {result.decode.path}; decoder layers by cache "
                   f"length: {result.length_groups}")
+    if result.max_positions is not None:
+        console.print(f"a sliding-window model: the two graphs are its model for at most {result.max_positions} "
+                      f"positions (prompt + new tokens - 1; prefill.onnx metadata tokensparse.max_positions)")
     status = _check_generation(model, policy if result.prefill.changed else None, result, inputs, console) \
         if args.check else 0
     if args.check_trt:

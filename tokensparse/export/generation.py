@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -37,6 +38,7 @@ from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
+MAX_POSITIONS_KEY = "tokensparse.max_positions"      # prefill.onnx metadata: a sliding-window model's window
 # evict in the prefill; streamingllm and h2o also after every decode step
 EXPORTED_KV_POLICIES = ("snapkv", "key_norm", "streamingllm", "h2o", "adaptive", "vision_budget")
 
@@ -50,6 +52,7 @@ class OnnxGeneration:
     decode: OnnxExport
     length_groups: list = field(default_factory=list)   # lists of layer indices whose caches have one length
     prompt_lengths: tuple = (2, None)                    # the prefill's shortest and longest prompt (None: any)
+    max_positions: Optional[int] = None                  # prompt + new tokens - 1 at most (a sliding window)
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
@@ -65,20 +68,20 @@ def cache_parts(scored: bool, counted: bool) -> tuple[str, ...]:
     return ("key", "value") + (("scores",) if scored else ()) + (("entered",) if counted else ())
 
 
-def empty_cache(config, scored: bool, counted: bool = False):
+def empty_cache(scored: bool, counted: bool = False):
     """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O), a counting one after a
-    language-model policy."""
+    language-model policy. Its layers are full ones, a sliding-window model's too (_check_model)."""
     from transformers import DynamicCache
 
     from tokensparse.runtime.counted_cache import CountedCache, CountedScoredCache
     from tokensparse.runtime.scored_cache import ScoredCache
 
     if counted:
-        return CountedScoredCache(config) if scored else CountedCache(config)
-    return ScoredCache(config) if scored else DynamicCache(config=config)
+        return CountedScoredCache() if scored else CountedCache()
+    return ScoredCache() if scored else DynamicCache()
 
 
-def filled_cache(config, past, scored: bool, counted: bool = False):
+def filled_cache(past, scored: bool, counted: bool = False):
     """A decode step's cache from the flat past tensors (cache_tensors' layout)."""
     from transformers import DynamicCache
 
@@ -86,9 +89,9 @@ def filled_cache(config, past, scored: bool, counted: bool = False):
     from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer
 
     if not scored and not counted:
-        return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=config)
+        return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
     parts = cache_parts(scored, counted)
-    cache = empty_cache(config, scored, counted)
+    cache = empty_cache(scored, counted)
     cache.layers = []
     kind = {(True, False): ScoredLayer, (False, True): CountedLayer, (True, True): CountedScoredLayer}[scored, counted]
     for start in range(0, len(past), len(parts)):
@@ -119,7 +122,7 @@ class PrefillWithCache(torch.nn.Module):
     def forward(self, input_ids, attention_mask, **images):
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=prompt_positions(attention_mask),
-                            past_key_values=empty_cache(self.model.config, self.scored, self.counted), use_cache=True,
+                            past_key_values=empty_cache(self.scored, self.counted), use_cache=True,
                             logits_to_keep=1, **images)
         return (output.logits, *cache_tensors(output.past_key_values))
 
@@ -155,7 +158,7 @@ class DecodeStep(torch.nn.Module):
         return args, {**kwargs, "attention_mask": additive(allowed, hidden.dtype)[:, None, None, :]}
 
     def forward(self, input_ids, attention_mask, *past):
-        cache = filled_cache(self.model.config, past, self.scored, self.counted)
+        cache = filled_cache(past, self.scored, self.counted)
         self._real.update(count=attention_mask.long().sum(-1), total=attention_mask.shape[-1])
         try:
             output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
@@ -203,7 +206,7 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
         raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
     config = Config() if config is None else config_from_options(config)
     _check_supported(config)
-    _check_model(model)
+    window = _check_model(model)
     not_tensors = [name for name, value in example_inputs.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise TypeError(f"example_inputs {not_tensors} are not tensors: give only the model's input tensors (the "
@@ -234,13 +237,15 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
         decode_program = _export(step, decode_args, {}, decode_shapes).run_decompositions(DECOMPOSITIONS)
     os.makedirs(directory, exist_ok=True)           # only once both graphs exported
     prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
+    metadata = {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()}
+    if window is not None:
+        metadata[MAX_POSITIONS_KEY] = str(window)
     prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
-                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result,
-                    {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()})
+                    os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result, metadata)
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
                    ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
-    return OnnxGeneration(directory, prefill, decode, groups, prompts)
+    return OnnxGeneration(directory, prefill, decode, groups, prompts, window)
 
 
 def _check_supported(config: Config) -> None:
@@ -250,21 +255,17 @@ def _check_supported(config: Config) -> None:
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
 
 
-def _check_model(model) -> None:
-    """Models whose positions or caches the two graphs do not reproduce yet, named."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
+def _check_model(model) -> Optional[int]:
+    """Models whose positions or caches the two graphs do not reproduce yet, named; else the window of a
+    sliding-window model (its graphs hold every position in full layers, so they are its model only while every
+    position fits the window: prefill.onnx's tokensparse.max_positions), or None."""
     from tokensparse.runtime.hf import tower_splits_graph
+    from tokensparse.runtime.sliding_window import sliding_window
 
     if tower_splits_graph(model):
         raise ValueError(f"{type(model).__name__} encodes its images outside forward, by image size (and Qwen2-VL "
                          f"numbers positions in 3-D): its generation pair is not exported yet")
-    layers = DynamicCache(config=model.config).layers
-    if any(type(layer) is not DynamicLayer for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers})
-        raise ValueError(f"{type(model).__name__}'s cache has {kinds} layers (sliding-window attention): the decode "
-                         f"graph masks full caches only, so its generation pair is not exported yet")
+    return sliding_window(model)
 
 
 def _shortest_prompt(config: Config, traced: int) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokensparse.export.generation import DECODE_FILE, PREFILL_FILE, PROMPT_LENGTHS_KEY
+from tokensparse.export.generation import DECODE_FILE, MAX_POSITIONS_KEY, PREFILL_FILE, PROMPT_LENGTHS_KEY
 from tokensparse.runtime.hf import check_left_padding
 
 
@@ -37,12 +37,19 @@ def generate_onnx(directory: str, inputs: dict, max_new_tokens: int,
     if missing:
         raise ValueError(f"inputs lack {missing}: {PREFILL_FILE} takes {wanted}")
     check_left_padding(torch.from_numpy(np.asarray(feed["attention_mask"])))   # what the graphs' masks assume
-    shortest, *longest = prefill.get_modelmeta().custom_metadata_map.get(PROMPT_LENGTHS_KEY, "1").split()
+    metadata = prefill.get_modelmeta().custom_metadata_map
+    shortest, *longest = metadata.get(PROMPT_LENGTHS_KEY, "1").split()
     length = feed["input_ids"].shape[1]
     if length < int(shortest) or (longest and length > int(longest[0])):
         raise ValueError(f"a prompt of {length} tokens is out of range: {PREFILL_FILE} was exported for prompts of "
                          f"{shortest} to {longest[0] if longest else 'any number of'} tokens (a policy's branch on "
                          f"the length, such as a KV budget, fixed it)")
+    window = metadata.get(MAX_POSITIONS_KEY)
+    if window is not None and length + max_new_tokens - 1 > int(window):
+        raise ValueError(f"a prompt of {length} tokens and {max_new_tokens} new ones need "
+                         f"{length + max_new_tokens - 1} positions, past the model's sliding window of {window}: "
+                         f"the two graphs hold every position in full layers, so they are the model only while "
+                         f"every position fits the window (generate at most {window} positions in all)")
     outputs = prefill.run(None, {name: feed[name] for name in wanted})
     names = [value.name for value in prefill.get_outputs()]
     mask = feed["attention_mask"]
