@@ -10,7 +10,9 @@ The prefill holds the policy (the same passes as tokensparse.compile), so each l
 that layer kept: L_i differs between layers. `attention_mask` always spans the prompt as given plus the tokens
 generated so far (left padding), as generate() keeps it; positions follow generate()'s rule (the running count
 of unmasked positions), and the decode graph gives each layer the mask of its own cache. KV eviction after
-every step (StreamingLLM, H2O) keeps L_i fixed; H2O also carries present.{i}.scores [B, H_kv, L_i] (float32).
+every step (StreamingLLM, H2O) keeps L_i at most the budget (fixed, without a language-model policy); H2O also
+carries present.{i}.scores [B, H_kv, L_i] (float32). A sliding-window model's graphs hold every position in full
+layers: they are its model while every position fits the window (prefill.onnx metadata tokensparse.max_positions).
 A language-model policy with a KV policy also carries present.{i}.entered (a 0-d int64: the positions that ever
 entered layer i, which a padded batch's masks need; runtime/counted_cache.py)."""
 

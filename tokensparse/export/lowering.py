@@ -22,8 +22,8 @@ from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
-                                     H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP, TOME_MERGE,
-                                     TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP, vision_budget_keep_call)
+                                     H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP,
+                                     TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP, vision_budget_keep_call)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

@@ -62,4 +62,3 @@ def h2o_step_keep(scores: torch.Tensor, count, recent: int, padding: Optional[to
     dropped = dropped + (count + 1 - length) * (length + 1)          # nothing over count: past every position
     index = torch.arange(count, device=scores.device)
     return index + (index >= dropped[..., None]).long()
-

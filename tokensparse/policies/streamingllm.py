@@ -63,4 +63,3 @@ def streaming_step_keep(length, sinks: int, window: int, first_real: torch.Tenso
     dropped = dropped + (budget + 1 - length) * (budget + 2)          # within the budget: past every position
     index = torch.arange(torch.sym_min(length, budget), device=first_real.device)
     return index[None, :] + (index[None, :] >= dropped[:, None]).long()
-
