@@ -70,6 +70,11 @@ def cache_parts(scored: bool, counted: bool) -> tuple[str, ...]:
     return ("key", "value") + (("scores",) if scored else ()) + (("entered",) if counted else ())
 
 
+def split_by_layer(tensors, parts: tuple[str, ...]) -> list[dict]:
+    """The flat cache tensors (cache_tensors' layout) as one {part: tensor} per layer."""
+    return [dict(zip(parts, tensors[start:start + len(parts)])) for start in range(0, len(tensors), len(parts))]
+
+
 def empty_cache(scored: bool, counted: bool = False):
     """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O), a counting one after a
     language-model policy. Its layers are full ones, a sliding-window model's too (_check_model)."""
@@ -88,17 +93,15 @@ def filled_cache(past, scored: bool, counted: bool = False):
     from transformers import DynamicCache
 
     from tokensparse.runtime.counted_cache import CountedLayer, CountedScoredLayer
-    from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer
+    from tokensparse.runtime.scored_cache import ScoredLayer
 
     if not scored and not counted:
         return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
-    parts = cache_parts(scored, counted)
     cache = empty_cache(scored, counted)
     cache.layers = []
     kind = {(True, False): ScoredLayer, (False, True): CountedLayer, (True, True): CountedScoredLayer}[scored, counted]
-    for start in range(0, len(past), len(parts)):
+    for tensors in split_by_layer(past, cache_parts(scored, counted)):
         layer = kind()
-        tensors = dict(zip(parts, past[start:start + len(parts)]))
         layer.dtype, layer.device, layer.is_initialized = tensors["key"].dtype, tensors["key"].device, True
         layer.keys, layer.values = tensors["key"], tensors["value"]
         layer.scores, layer.entered = tensors.get("scores"), tensors.get("entered")
@@ -178,10 +181,8 @@ class DecodeStep(torch.nn.Module):
         positions (the prefill left sinks + window, or after a language-model policy possibly fewer), padding
         (a layer's first positions where a sample has fewer real ones; after both policies, held_padding)
         ranked last, as tokensparse.compile's decode steps do."""
-        parts = cache_parts(self.scored, self.counted)
         evicted = []
-        for start in range(0, len(tensors), len(parts)):
-            layer = dict(zip(parts, tensors[start:start + len(parts)]))
+        for layer in split_by_layer(tensors, cache_parts(self.scored, self.counted)):
             keys, values = layer["key"], layer["value"]
             length = keys.shape[2]
             first_real = held_padding(total - real, layer["entered"], length) if self.counted else length - real

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
+from tokensparse.policies.kv_policy import KVPolicy, all_but_one, best_and_recent
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,4 @@ def h2o_step_keep(scores: torch.Tensor, count, recent: int, padding: Optional[to
         ranked = ranked.masked_fill(padding[:, None, :], -float("inf"))
     ranked = ranked.masked_fill(positions >= length - recent, float("inf"))      # the recent window stays
     lowest = ranked.amin(dim=-1, keepdim=True)
-    dropped = torch.where(ranked == lowest, positions, -1).amax(dim=-1)
-    dropped = dropped + (count + 1 - length) * (length + 1)          # nothing over count: past every position
-    index = torch.arange(count, device=scores.device)
-    return index + (index >= dropped[..., None]).long()
+    return all_but_one(count, length, torch.where(ranked == lowest, positions, -1).amax(dim=-1))

@@ -104,6 +104,15 @@ def padded_positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     return ~allowed
 
 
+def all_but_one(count, length, dropped: torch.Tensor) -> torch.Tensor:
+    """Kept positions [..., count], ascending, of a cache of `length` at most one position over `count`: every
+    position but dropped [...] when it is one over, every position otherwise; no branch on `length` (a symbol in
+    an exported decode graph)."""
+    dropped = dropped + (count + 1 - length) * (length + 1)          # nothing over count: past every position
+    index = torch.arange(count, device=dropped.device)
+    return index + (index >= dropped[..., None]).long()
+
+
 def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent: int,
                     padding: torch.Tensor | None = None) -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending, out of `length`: the last min(recent, count) positions and

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from tokensparse.policies.base import check_int_at_least
-from tokensparse.policies.kv_policy import KVPolicy, best_and_recent
+from tokensparse.policies.kv_policy import KVPolicy, all_but_one, best_and_recent
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,5 @@ def streaming_step_keep(length, sinks: int, window: int, first_real: torch.Tenso
     positions [B, min(length, sinks + window)], ascending, of a cache whose first first_real [B] positions are
     padding. Over the budget, the one position dropped is what streaming_keep ranks last: the last padding
     position among the first sinks + 1, else position `sinks`."""
-    budget = sinks + window
     dropped = torch.where(first_real > 0, first_real.clamp(max=sinks + 1) - 1, sinks)
-    dropped = dropped + (budget + 1 - length) * (budget + 2)          # within the budget: past every position
-    index = torch.arange(torch.sym_min(length, budget), device=first_real.device)
-    return index[None, :] + (index[None, :] >= dropped[:, None]).long()
+    return all_but_one(torch.sym_min(length, sinks + window), length, dropped)
