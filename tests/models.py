@@ -240,9 +240,9 @@ def text_config(family: str, **sizes):
 
 
 def build_llama(*, layers: int = 2, prompt: int = 40, batch: int = 2, seed: int = SEED, hidden: int = 64,
-                heads: int = 4, kv_heads: int = 2, vocab: int = 300, family: str = "llama"):
-    """(XForCausalLM.eval(), inputs) of a text model `family` (TEXT_MODELS) with GQA and random weights;
-    inputs hold input_ids and an all-ones attention_mask."""
+                heads: int = 4, kv_heads: int = 2, vocab: int = 300, family: str = "llama", **config):
+    """(XForCausalLM.eval(), inputs) of a text model `family` (TEXT_MODELS) with GQA and random weights, and
+    any other `config` fields (sliding_window=...); inputs hold input_ids and an all-ones attention_mask."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
@@ -250,7 +250,7 @@ def build_llama(*, layers: int = 2, prompt: int = 40, batch: int = 2, seed: int 
 
     torch.manual_seed(seed)
     config = text_config(family, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, **config)
     model = T.AutoModelForCausalLM.from_config(config).eval()
     input_ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

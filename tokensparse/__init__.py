@@ -38,10 +38,14 @@ def __getattr__(name: str):
         from tokensparse.runtime import counted_cache
 
         return getattr(counted_cache, name)
+    if name in ("PositionedCache", "PositionedScoredCache"):
+        from tokensparse.runtime import positioned_cache
+
+        return getattr(positioned_cache, name)
     raise AttributeError(f"module 'tokensparse' has no attribute {name!r}")
 
 
 __all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "CountedCache", "CountedStaticCache", "DivPrune", "FastV", "KeyNorm",
-           "PyramidDrop", "Report", "ScoredCache", "ScoredStaticCache",
+           "PositionedCache", "PositionedScoredCache", "PyramidDrop", "Report", "ScoredCache", "ScoredStaticCache",
            "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
            "compile", "explain"]

@@ -33,6 +33,10 @@ class Config:
     # columns, as long as its evicted cache: then the KV policies may evict from a StaticCache (whose decode
     # masks they rebuild over the buffer's slots) and from padded batches.
     kv_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
+    # Set by tokensparse.compile() for a KV policy on a model with sliding-window layers, whose generate() caches
+    # record the positions of their entries: each decoder layer's sliding window (0 for a full-attention layer),
+    # by which the layer's attention sees the entries it holds (passes/sliding_positions.py).
+    sliding_windows: tuple = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self):
         if self.vision is not None and (not isinstance(self.vision, Policy)
@@ -49,6 +53,10 @@ class Config:
         for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "kv_masks_follow_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not (isinstance(self.sliding_windows, tuple) and all(isinstance(window, int) and window >= 0
+                                                               for window in self.sliding_windows)):
+            raise ValueError(f"sliding_windows={self.sliding_windows!r} must be a tuple of each decoder layer's "
+                             f"window (0 for a full-attention layer)")
         if self.cudagraphs and not self.inductor:
             raise ValueError("cudagraphs=True needs inductor=True: the CUDA graphs are Inductor's")
         if self.cudagraphs and (self.llm is not None or self.kv is not None):

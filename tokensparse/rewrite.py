@@ -13,7 +13,7 @@ from typing import Optional
 import torch.fx as fx
 
 from tokensparse.config import Config
-from tokensparse.passes import KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
+from tokensparse.passes import KV_CHECKS, KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
@@ -197,7 +197,7 @@ def rewrite_with_kv(gm: fx.GraphModule, example_inputs, config: Config) -> Rewri
         # tokensparse.compile() manages the decode masks of a pruned cache too (and refuses what it cannot)
         follows = config.kv_masks_follow_cache or config.decode_masks_follow_cache
         evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv, kv_masks_follow_cache=follows,
-                                   pruned=config.decode_masks_follow_cache)
+                                   pruned=config.decode_masks_follow_cache, sliding_windows=config.sliding_windows)
         if evicted.changed:
             result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
                                    result.notes)
@@ -205,12 +205,14 @@ def rewrite_with_kv(gm: fx.GraphModule, example_inputs, config: Config) -> Rewri
 
 
 def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn: bool = True,
-                     kv_masks_follow_cache: bool = False, pruned: bool = False) -> RewriteResult:
+                     kv_masks_follow_cache: bool = False, pruned: bool = False,
+                     sliding_windows: tuple = ()) -> RewriteResult:
     """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward
     whose cache is still within the budget comes back unchanged without a warning. `kv_masks_follow_cache`:
     the caller manages the decode masks as Config.kv_masks_follow_cache says (tokensparse.compile does), so a
     StaticCache's can be rebuilt over the buffer's slots and a padded batch's cut to each evicted cache.
-    `pruned`: a language-model policy pruned the layers first (tokensparse.compile() manages those masks too)."""
+    `pruned`: a language-model policy pruned the layers first (tokensparse.compile() manages those masks too).
+    `sliding_windows`: each decoder layer's sliding window (0: full), as Config.sliding_windows says."""
     work = copy_graph_module(gm)
     try:
         sites = find_cache_sites(work)
@@ -218,13 +220,16 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
         return _unchanged(gm, failure.reason, warn)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
-                      decode_masks_follow_cache=kv_masks_follow_cache, pruned_and_evicted=pruned)
+                      decode_masks_follow_cache=kv_masks_follow_cache, pruned_and_evicted=pruned,
+                      sliding_windows=sliding_windows)
     ctx.original_output_shapes = output_shapes(work)
     try:
         for rewrite_pass in KV_PASSES:
             work = rewrite_pass(work, ctx)
-            if not ctx.acted_blocks:
-                return RewriteResult(gm, False, "the cache is within the budget")
+        if not ctx.acted_blocks:
+            return RewriteResult(gm, False, "the cache is within the budget")
+        for check in KV_CHECKS:
+            work = check(work, ctx)
     except MatchFailure as failure:
         return _unchanged(gm, failure.reason, warn)
     except ValueError:

@@ -7,6 +7,7 @@ from tokensparse.passes.proportional_attention import proportional_attention_pas
 from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
+from tokensparse.passes.sliding_positions import sliding_positions_pass
 from tokensparse.passes.static_slot_masks import static_slot_masks_pass
 from tokensparse.passes.tower_feature_rows import tower_feature_rows_pass
 from tokensparse.passes.verify import verify_cache_pass, verify_pass
@@ -24,9 +25,13 @@ PASSES = (
     verify_pass,                  # FakeTensor propagation over the result
 )
 
-# KV-cache policies rewrite the graph that the passes above produced (or the plain one).
+# KV-cache policies rewrite the graph that the passes above produced (or the plain one): the passes that act,
+# then, if any did, the checks.
 KV_PASSES = (
     evict_kv_pass,                # SnapKV, StreamingLLM, H2O: the stored cache keeps only the kept positions
+    sliding_positions_pass,       # sliding-window layers: each query sees the entries within its window by position
+)
+KV_CHECKS = (
     rederive_sizes_pass,          # FakeTensor propagation (nothing reads the evicted cache in this graph)
     verify_cache_pass,            # outputs changed only along the cache axis
 )
@@ -38,4 +43,4 @@ PRUNED_STATIC_DECODE_PASSES = (
     verify_cache_pass,            # outputs unchanged
 )
 
-__all__ = ["KV_PASSES", "PASSES", "PRUNED_STATIC_DECODE_PASSES"]
+__all__ = ["KV_CHECKS", "KV_PASSES", "PASSES", "PRUNED_STATIC_DECODE_PASSES"]

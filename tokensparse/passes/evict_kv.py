@@ -14,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
+from tokensparse.passes.sliding_positions import site_windows
 from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decode_slot_padding, handed_position_mask
 from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, shape_of
 from tokensparse.patterns.kv_cache import CacheSite, entered_count, static_write
@@ -44,9 +45,9 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise MatchFailure(f"{sliding}: its cache keeps a sliding window of the keys (a sliding-window layer, such as "
                            f"Mistral's sliding_window), whose evicted positions stay right only while every position "
                            f"fits the window: evict through tokensparse.compile(model, config), which checks that")
-    for site in ctx.cache_sites:
-        padding = _padding(gm.graph, output, site, ctx)
-        scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding)
+    for site, window in zip(ctx.cache_sites, site_windows(ctx)):
+        padding = _padding(gm.graph, output, site, ctx, window)
+        scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding, window)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
         if count is None:
             if scores is not None:
@@ -56,8 +57,9 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding, queries)
         _store(gm.graph, output, site, *_evicted(gm.graph, output, site, kept))
-        if scores is not None:
-            output.replace_input_with(site.scores, insert_call(gm.graph, output, torch.gather, (scores, 2, kept)))
+        for stored, beside in ((site.scores, scores), (site.positions, site.positions)):
+            if beside is not None:      # H2O's scores, a PositionedCache's positions: kept with their keys
+                output.replace_input_with(stored, insert_call(gm.graph, output, torch.gather, (beside, 2, kept)))
         ctx.acted_blocks.append(site.path)
         ctx.record("evict_kv", f"{site.path}: the cache keeps {count} of {site.cache_length} positions per KV head")
     return gm
@@ -138,16 +140,19 @@ def _store(graph: fx.Graph, output: fx.Node, site: CacheSite, keys: fx.Node, val
         output.replace_input_with(window, sliced)
 
 
-def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext):
+def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext, window: int = 0):
     """[B, L] bool: the cached positions that are a padded batch's padding, read from the attention's mask;
     None for an attention without a mask. Evicting with padding needs tokensparse.compile(), whose decode
-    steps hand each layer the padding mask of its own evicted cache."""
+    steps hand each layer the padding mask of its own evicted cache. In a sliding-window layer that records
+    positions, the positions no query sees (its last query does not see those before its window)."""
     if site.attention.mask is None:
         return None
     if not ctx.decode_masks_follow_cache:
         raise MatchFailure(f"{site.path}: its attention has a mask (a padded batch), and generate() would build the "
                            f"decode masks for the full-length cache: evict from padded batches through "
                            f"tokensparse.compile(model, config), which gives each layer the mask of its evicted cache")
+    if window and site.positions is not None:
+        return insert_call(graph, point, unseen_positions, (site.attention.mask, site.keys))
     return insert_call(graph, point, cache_padding, (site.attention.mask, site.keys))
 
 
@@ -186,6 +191,15 @@ def cache_padding(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.Ten
     return padded_positions(attention_mask, keys.shape[2])
 
 
+def unseen_positions(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: which positions of the cache keys [B, H_kv, L, d] the mask [B, 1 or H, Q, >= L] hides from
+    every query (a padded batch's padding; a real position is seen at least by its own query, or by a decode
+    step's query, whose mask tokensparse.compile() builds without the window)."""
+    columns = attention_mask[:, :1, :, attention_mask.shape[-1] - keys.shape[2]:]
+    allowed = columns if columns.dtype == torch.bool else columns > torch.finfo(columns.dtype).min / 2
+    return ~allowed.any(dim=2)[:, 0]
+
+
 def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) -> tuple[fx.Node, fx.Node]:
     """The site's keys and values gathered at the kept positions [B, H_kv, k] (tokensparse::kv_evict)."""
     evicted = insert_call(graph, point, KV_EVICT, (site.keys, site.values, kept))
@@ -193,8 +207,9 @@ def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) ->
             insert_call(graph, point, operator.getitem, (evicted, 1)))
 
 
-def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, padding):
-    """For a scored policy, the stored scores plus this forward's attention column sums; else None."""
+def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, padding, window: int):
+    """For a scored policy, the stored scores plus this forward's attention column sums (within each query's
+    sliding window by position, in a sliding-window layer that records positions); else None."""
     if not policy.scored:
         return None
     if site.scores is None:
@@ -202,7 +217,10 @@ def _accumulated_scores(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site:
                            f"carries no scores: pass past_key_values=tokensparse.ScoredCache() to the model "
                            f"(tokensparse.compile() does this for generate())")
     _zeros_sized_like_the_new_keys(graph, site.scores.args[0][-1])
-    sums = insert_call(graph, point, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site), padding))
+    arguments = (site.attention.q, site.keys, _scale(site), padding)
+    if window and site.positions is not None:
+        arguments += (site.positions, window)
+    sums = insert_call(graph, point, ATTENTION_COLUMN_SUMS, arguments)
     return insert_call(graph, point, torch.add, (site.scores, sums))
 
 

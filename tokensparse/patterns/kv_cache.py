@@ -1,16 +1,18 @@
 """KV-cache sites of a decoder graph: per attention, the keys and values that the graph stores back into
-the cache (DynamicCache: torch.cat([past, new], dim=-2), returned as graph outputs) and read by it, and
-with a ScoredCache the per-position scores stored beside them (torch.cat([past, new_zeros], dim=-1))."""
+the cache (DynamicCache: torch.cat([past, new], dim=-2), returned as graph outputs) and read by it, with a
+ScoredCache the per-position scores stored beside them (torch.cat([past, new_zeros], dim=-1)), and with a
+PositionedCache the positions of the entries (torch.cat([past, appended_positions(new)], dim=-1))."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from tokensparse.patterns.attention import AttentionSite, find_attention_sites
-from tokensparse.patterns.graph import MatchFailure, arg, is_op, shape_of
+from tokensparse.patterns.graph import MatchFailure, arg, is_op, meta_value, shape_of
 from tokensparse.runtime.static_cache import first_slots
 
 _VIEWS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "contiguous", "clone", "to", "_to_copy",
@@ -45,6 +47,8 @@ class CacheSite:
     # A sliding-window layer (DynamicSlidingWindowLayer): the graph stores these slices of the last positions of
     # keys and values, not keys and values themselves.
     windows: Optional[tuple[fx.Node, fx.Node]] = None
+    # A PositionedCache layer's positions [B, H_kv, L] (int64) of the keys the attention reads, as stored.
+    positions: Optional[fx.Node] = None
 
     @property
     def path(self) -> str:
@@ -63,7 +67,7 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
     """Every attention whose keys and values come from a cache update that the graph returns; MatchFailure
     says why there is none, or why a site cannot be evicted."""
     outputs = set(gm.graph.find_nodes(op="output")[0].all_input_nodes)
-    scores = _scores_by_new_keys(outputs)
+    scores, positions = _scores_by_new_keys(outputs), _positions_by_new_keys(outputs)
     attentions, _ = find_attention_sites(gm)
     sites = []
     for attention in attentions:
@@ -73,7 +77,9 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
         windows = _stored_windows(keys, values, outputs)
         if windows is None and (keys not in outputs or values not in outputs):
             continue
-        sites.append(CacheSite(attention, keys, values, scores.get(keys.args[0][-1]), windows=windows))
+        new_keys = keys.args[0][-1]
+        sites.append(CacheSite(attention, keys, values, scores.get(new_keys), windows=windows,
+                               positions=positions.get(new_keys)))
     if not sites:
         sites = _static_sites(attentions, outputs)
     if not sites:
@@ -147,6 +153,32 @@ def _scores_by_new_keys(outputs) -> dict:
             if is_op(appended, "new_zeros") and isinstance(appended.args[0], fx.Node):
                 found[appended.args[0]] = node
     return found
+
+
+def _positions_by_new_keys(outputs) -> dict:
+    """The returned position updates cat([past, appended_positions(new_keys, seen)], dim=-1) (int64), by their new
+    keys: appended_positions counts ones_like(new_keys[:, :, :, 0])."""
+    found = {}
+    for node in outputs:
+        value = meta_value(node)
+        if not (is_op(node, "cat") and arg(node, 1, "dim") in (-1, 2) and isinstance(value, torch.Tensor)
+                and value.dim() == 3 and value.dtype == torch.int64):
+            continue
+        ones = _ancestor(node.args[0][-1], "ones_like", hops=4)
+        if ones is not None and is_op(ones.args[0], "getitem", "select") and isinstance(ones.args[0].args[0], fx.Node):
+            found[ones.args[0].args[0]] = node
+    return found
+
+
+def _ancestor(node: fx.Node, name: str, hops: int) -> Optional[fx.Node]:
+    """The nearest `name` op among the inputs of `node`, up to `hops` steps back, or None."""
+    frontier = [node]
+    for _ in range(hops + 1):
+        for candidate in frontier:
+            if is_op(candidate, name):
+                return candidate
+        frontier = [parent for candidate in frontier for parent in candidate.all_input_nodes]
+    return None
 
 
 def _whole_slice(node: fx.Node) -> bool:

@@ -128,12 +128,13 @@ def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent
     return torch.cat([best[..., : count - recent].sort(dim=-1).values, tail], dim=-1)
 
 
-def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float,
-                          padding: torch.Tensor | None = None) -> torch.Tensor:
+def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float, padding: torch.Tensor | None = None,
+                          positions: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """[B, H_kv, L] float32: the attention probabilities that the forward's queries q [B, H, S, d] (causal,
     at positions L-S..L-1) give keys [B, H_kv, L, d], summed over the queries and averaged over each KV
     group's query heads. A decode step (S = 1) costs one q K^T row. Padding positions (padding [B, L]) are
-    neither attended to nor counted as queries."""
+    neither attended to nor counted as queries. With the keys' positions [B, H_kv, L] (int64; the last S the
+    queries') and a sliding window, a query at position p sees only the keys at positions > p - window."""
     batch, heads, queries, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     grouped_keys = keys.float().unsqueeze(2).transpose(-1, -2)                          # [B, H_kv, 1, d, L]
@@ -145,12 +146,16 @@ def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float,
         block = q[:, :, start:start + chunk].float()
         rows = block.shape[2]
         logits = block.reshape(batch, kv_heads, heads // kv_heads, rows, dim) @ grouped_keys * scale
-        positions = torch.arange(length - queries + start, length - queries + start + rows, device=keys.device)
-        logits = logits.masked_fill(columns > positions[:, None], -math.inf)
+        rows_at = torch.arange(length - queries + start, length - queries + start + rows, device=keys.device)
+        logits = logits.masked_fill(columns > rows_at[:, None], -math.inf)
+        if positions is not None and window:
+            query_positions = positions[..., length - queries + start:length - queries + start + rows]
+            outside = positions[..., None, :] <= query_positions[..., :, None] - window   # [B, H_kv, rows, L]
+            logits = logits.masked_fill(outside[:, :, None], -math.inf)
         if padding is None:
             sums += logits.softmax(dim=-1).sum(dim=-2)
             continue
         probabilities = logits.masked_fill(padding[:, None, None, None, :], -math.inf).softmax(dim=-1)
-        real_queries = ~padding[:, positions]                                              # [B, rows]
+        real_queries = ~padding[:, rows_at]                                              # [B, rows]
         sums += probabilities.nan_to_num(0.0).mul(real_queries[:, None, None, :, None]).sum(dim=-2)
     return sums.mean(dim=2)

@@ -54,7 +54,11 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     if before is not None:
         alive[..., : before.shape[-1]] = before
     elif attention_mask is not None:        # a language-model policy's mask: what the last query cannot see is gone
-        alive &= (~padded_positions(attention_mask, total) | padding)[:, None, :]
+        gone = padded_positions(attention_mask, total) & ~padding
+        window = kwargs.get("sliding_window")
+        if window:                          # but what its sliding window hides from it may be seen by the others
+            gone[:, : max(total - window, 0)] = False
+        alive &= ~gone[:, None, :]
     scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
     keys = key.repeat_interleave(group, dim=1)
     logits = (query.float() @ keys.float().transpose(-1, -2)) * scale                 # [B, H, q, T]

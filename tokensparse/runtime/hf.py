@@ -42,8 +42,9 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     `config`; the model passed in is not changed."""
     from tokensparse.backend import tokensparse_backend
     from tokensparse.capture import ISOLATED_RECOMPILES
-    from tokensparse.runtime.sliding_window import (check_forward_within_window, refuse_generation_past_window,
-                                                    sliding_window)
+    from tokensparse.runtime.positioned_cache import records_positions
+    from tokensparse.runtime.sliding_window import (check_forward_within_window, layer_windows,
+                                                    refuse_generation_past_window, sliding_window)
 
     install_output_hooks(model)
     fast = own_copy(model)
@@ -62,6 +63,9 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     evicted_masks = config.kv_masks_follow_cache
     handed = _hand_static_decode_masks(fast, config)
     window = sliding_window(model) if config.kv is not None else None
+    positioned = window is not None and not prunes_sequence      # sliding windows over recorded positions
+    if positioned:
+        config = dataclasses.replace(config, sliding_windows=layer_windows(model, window))
     backend = functools.partial(tokensparse_backend, options=config)
     # Each compiled copy counts its own recompiles: another copy of the same model class (another config, the
     # unmodified model) must not use up dynamo's limit of 8 per code object and leave this one running eagerly.
@@ -72,7 +76,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     def forward(*args, **kwargs):
         if prunes_sequence and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
-        if window is not None:
+        if window is not None and not (positioned and records_positions(kwargs.get("past_key_values"))):
             check_forward_within_window(window, config.kv.name, kwargs)
         if is_static_cache(kwargs.get("past_key_values")):
             check_static_cache(config, kwargs.get("attention_mask"), kwargs["past_key_values"])
@@ -86,10 +90,10 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
     fast.forward = forward
-    if config.kv is not None and (config.kv.scored or config.kv_masks_follow_cache and prunes_sequence):
-        _generate_with_own_cache(fast, type(model).generate, _own_cache_class(config, prunes_sequence))
+    if config.kv is not None and (config.kv.scored or config.kv_masks_follow_cache and prunes_sequence or positioned):
+        _generate_with_own_cache(fast, type(model).generate, _own_cache_class(config, prunes_sequence, positioned))
     if window is not None:
-        refuse_generation_past_window(fast, window, config.kv.name)
+        refuse_generation_past_window(fast, window, config.kv.name, positioned)
     return fast
 
 
@@ -112,12 +116,16 @@ def tower_splits_graph(model) -> bool:
             or getattr(model.config, "image_grid_pinpoints", None) is not None)
 
 
-def _own_cache_class(config, prunes_sequence: bool):
-    """The DynamicCache generate() needs: H2O's per-position scores (ScoredCache), and with a language-model
-    policy the count of positions that entered each layer (CountedCache; see _mask_held_padding)."""
+def _own_cache_class(config, prunes_sequence: bool, positioned: bool):
+    """The DynamicCache generate() needs: H2O's per-position scores (ScoredCache), with a language-model policy
+    the count of positions that entered each layer (CountedCache; see _mask_held_padding), and on a model with
+    sliding-window layers the positions of each layer's entries (PositionedCache)."""
     from tokensparse.runtime.counted_cache import CountedCache, CountedScoredCache
+    from tokensparse.runtime.positioned_cache import PositionedCache, PositionedScoredCache
     from tokensparse.runtime.scored_cache import ScoredCache
 
+    if positioned:
+        return PositionedScoredCache if config.kv.scored else PositionedCache
     if prunes_sequence:
         return CountedScoredCache if config.kv.scored else CountedCache
     return ScoredCache

@@ -167,15 +167,17 @@ def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling, padding=No
 
 
 @torch.library.custom_op("tokensparse::attention_column_sums", mutates_args=())
-def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float, padding: Optional[Tensor] = None) -> Tensor:
+def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float, padding: Optional[Tensor] = None,
+                             positions: Optional[Tensor] = None, window: int = 0) -> Tensor:
     """[B, H_kv, L] float32: the attention the forward's queries q [B, H, S, d] (causal, the last S positions)
     give each cached key [B, H_kv, L, d], summed over the queries and averaged over each KV group (padding
-    [B, L]: positions that neither draw nor ask attention)."""
-    return attention_column_sums(q, keys, scale, padding)
+    [B, L]: positions that neither draw nor ask attention; positions [B, H_kv, L] with a sliding window: each
+    query sees the keys within the window of its position)."""
+    return attention_column_sums(q, keys, scale, padding, positions, window)
 
 
 @attention_column_sums_op.register_fake
-def _attention_column_sums_fake(q, keys, scale, padding=None):
+def _attention_column_sums_fake(q, keys, scale, padding=None, positions=None, window=0):
     return keys.new_empty(keys.shape[:3], dtype=torch.float32)
 
 

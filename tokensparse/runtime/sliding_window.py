@@ -1,7 +1,10 @@
 """Sliding-window layers (Mistral's sliding_window, Qwen2's use_sliding_window, Gemma's local layers) under a KV
-policy. An evicted sliding-window layer holds positions the policy chose, not the last ones, so its stored slice
-of the last window - 1 entries and the masks over its last columns follow positions only while every position
-fits the window: tokensparse.compile refuses a generation or a forward that would pass it."""
+policy. An evicted sliding-window layer holds positions the policy chose, not the last ones. transformers masks
+it by the places of its entries in the cache, which follow positions only while every position fits the window.
+So tokensparse.compile() gives generate() a PositionedCache, whose full layers record their entries' positions,
+by which each sliding-window layer's attention sees its window (passes/sliding_positions.py) however long the
+generation. A cache without positions (a sliding-window DynamicCache or a StaticCache passed in), and a language-
+model policy with the KV policy, stay within the window: a generation or a forward that would pass it is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from tokensparse.runtime.positioned_cache import records_positions
 
 
 def sliding_window(model) -> Optional[int]:
@@ -23,6 +28,15 @@ def sliding_window(model) -> Optional[int]:
     return int(window)
 
 
+def layer_windows(model, window: int) -> tuple[int, ...]:
+    """Each decoder layer's sliding window, 0 for a full-attention layer (layer_types, else every layer slides)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return (window,) * config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
+
+
 def window_limit(window: int, cache) -> int:
     """The positions a generation may reach: the window, or a StaticCache's sliding-window buffer if shorter
     (StaticSlidingWindowLayer rolls its buffer once its positions fill it, which evicted slots do not follow)."""
@@ -33,9 +47,10 @@ def window_limit(window: int, cache) -> int:
 
 def _refusal(policy_name: str, window: int, positions: int, what: str) -> ValueError:
     return ValueError(f"kv={policy_name}: the model's sliding-window layers hold at most the last {window} positions, "
-                      f"and {what} needs {positions}. Evicting from sliding-window layers is supported "
-                      f"while every position fits the window: generate at most {window} positions in all "
-                      f"(prompt + max_new_tokens - 1)")
+                      f"and {what} needs {positions}. Evicting from sliding-window layers past the window needs a "
+                      f"cache that records positions (tokensparse.PositionedCache, which generate() gets when given "
+                      f"no past_key_values) and no language-model policy; otherwise generate at most {window} "
+                      f"positions in all (prompt + max_new_tokens - 1)")
 
 
 def check_forward_within_window(window: int, policy_name: str, kwargs: dict) -> None:
@@ -69,12 +84,16 @@ def _positions_seen(layer) -> Optional[int]:
     return count if isinstance(count, int) else None
 
 
-def refuse_generation_past_window(fast, window: int, policy_name: str) -> None:
-    """Make fast.generate() refuse, before it starts, a generation whose prompt and new tokens pass the window."""
+def refuse_generation_past_window(fast, window: int, policy_name: str, positioned: bool) -> None:
+    """Make fast.generate() refuse, before it starts, a generation whose prompt and new tokens pass the window;
+    `positioned`: generate() makes a PositionedCache when given none, and a cache that records positions may."""
     generate = fast.generate
 
     @functools.wraps(generate)
     def generate_within_window(*args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if positioned and (cache is None or records_positions(cache)):
+            return generate(*args, **kwargs)
         embedded = kwargs.get("input_ids", args[0] if args else None)
         if embedded is None:
             embedded = kwargs.get("inputs_embeds")
