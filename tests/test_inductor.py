@@ -106,6 +106,27 @@ def test_h2o_on_a_padded_batch_under_inductor_equals_the_evicting_reference():
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [14, 14]
 
 
+def test_h2o_past_a_sliding_window_under_inductor_equals_the_evicting_reference():
+    """Mistral with a window of 24 and prompts of 40, one padded by 20: the window over the PositionedCache's
+    positions, in the attention mask and in H2O's column sums, compiled by Inductor."""
+    from transformers import DynamicCache
+
+    from tests.generation import generate_without_warnings
+    from tests.models import build_llama
+    from tokensparse.reference.kv import evicted_generate
+
+    model, inputs = build_llama(layers=2, prompt=40, batch=2, family="mistral", sliding_window=24)
+    inputs["attention_mask"][0, :20] = 0
+    policy = tokensparse.H2O(heavy=8, recent=6)
+    settings = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    out = generate_without_warnings(tokensparse.compile(model, tokensparse.Config(kv=policy)), **inputs, **settings)
+    reference, _ = evicted_generate(model, inputs, policy, past_key_values=DynamicCache(), **settings)
+    assert torch.equal(out.sequences, reference.sequences)
+    for got, want in zip(out.logits, reference.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [14, 14]
+
+
 def test_tome_in_the_tower_then_fastv_under_inductor_equals_the_oracle():
     """ToMe in LLaVA's CLIP tower up to its feature layer, then FastV: the prefill graph (tower, source rows,
     both cuts) and the decode graphs compiled by Inductor equal the eager oracle."""

@@ -7,6 +7,7 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given, settings
 
+from tokensparse.passes.evict_kv import last_entries
 from tokensparse.passes.sliding_positions import window_mask
 from tokensparse.policies.kv_policy import attention_column_sums
 from tokensparse.runtime.ops import ATTENTION_COLUMN_SUMS
@@ -76,3 +77,11 @@ def test_the_column_sums_op_with_positions_passes_opcheck():
     q, keys = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 9, 8)
     positions = _held_positions(2, 2, 6, 3, 12, 0)
     torch.library.opcheck(ATTENTION_COLUMN_SUMS, (q, keys, 0.35, None, positions, 5))
+
+
+def test_a_sliding_layer_stores_the_last_entries_of_what_it_keeps():
+    stored = torch.arange(2 * 3 * 7).view(2, 3, 7)
+    assert torch.equal(last_entries(stored, 4), stored[..., 3:])
+    assert torch.equal(last_entries(stored, 9), stored)
+    keys = torch.randn(1, 2, 5, 4)
+    assert torch.equal(last_entries(keys, 2), keys[:, :, 3:])

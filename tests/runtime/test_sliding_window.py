@@ -41,7 +41,8 @@ def _padded(inputs: dict, padding: int = 5) -> dict:
 
 
 def _assert_holds_what_the_reference_keeps(cache, log) -> None:
-    """Each layer holds, per sample and KV head, the positions the reference keeps alive, in order."""
+    """Each layer holds, per sample and KV head, the positions the reference keeps alive, in order (a sliding-
+    window layer the last window - 1 of those its policy keeps)."""
     for index, layer in enumerate(cache.layers):
         alive = log.alive[index]
         kept = alive.nonzero()[:, -1].view(*alive.shape[:2], -1)
@@ -109,6 +110,7 @@ def test_eviction_past_the_window_equals_the_reference(mistral_short_window, pol
     assert_equals_oracle(out, reference)
     assert isinstance(out.past_key_values, PositionedCache)
     _assert_holds_what_the_reference_keeps(out.past_key_values, log)
+    assert all(layer.keys.shape[2] <= SHORT - 1 for layer in out.past_key_values.layers)    # as a sliding layer
 
 
 def test_past_the_window_the_window_decides_what_is_attended(mistral_short_window):

@@ -2,7 +2,8 @@
 et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024; GUI-KV, Huang et al., 2025; key
 norm, Devoto et al., EMNLP 2024):
 the attention of this forward reads the full cache, the cache kept for the next steps holds only the kept
-positions (and, for H2O, their accumulated scores)."""
+positions (and, for H2O, their accumulated scores; with a PositionedCache, their positions, of which a sliding-
+window layer keeps the last window - 1)."""
 
 from __future__ import annotations
 
@@ -49,20 +50,49 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         padding = _padding(gm.graph, output, site, ctx, window)
         scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding, window)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
-        if count is None:
-            if scores is not None:
-                output.replace_input_with(site.scores, scores)
+        returned = [site.keys, site.values, site.scores, site.positions]      # what the graph stores, in that order
+        if count is None and scores is not None:
+            output.replace_input_with(site.scores, scores)
+            returned[2] = scores
+            ctx.acted_blocks.append(site.path)
+            ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
+        elif count is not None:
+            kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding, queries)
+            keys, values = _evicted(gm.graph, output, site, kept)
+            _store(gm.graph, output, site, keys, values)
+            returned[:2] = keys, values
+            for index, beside in ((2, scores), (3, site.positions)):
+                if beside is not None:      # H2O's scores, a PositionedCache's positions: kept with their keys
+                    returned[index] = _replace_returned(gm.graph, output, returned[index], torch.gather,
+                                                        (beside, 2, kept))
+            ctx.acted_blocks.append(site.path)
+            ctx.record("evict_kv", f"{site.path}: the cache keeps {count} of {site.cache_length} positions per KV "
+                                   f"head")
+        if window and site.positions is not None:
+            for node in returned:
+                if node is not None:
+                    _replace_returned(gm.graph, output, node, last_entries, (node, window - 1))
+            if site.path not in ctx.acted_blocks:
                 ctx.acted_blocks.append(site.path)
-                ctx.record("evict_kv", f"{site.path}: the cache accumulates this forward's attention")
-            continue
-        kept = _kept(gm.graph, output, ctx.policy, site, count, scores, padding, queries)
-        _store(gm.graph, output, site, *_evicted(gm.graph, output, site, kept))
-        for stored, beside in ((site.scores, scores), (site.positions, site.positions)):
-            if beside is not None:      # H2O's scores, a PositionedCache's positions: kept with their keys
-                output.replace_input_with(stored, insert_call(gm.graph, output, torch.gather, (beside, 2, kept)))
-        ctx.acted_blocks.append(site.path)
-        ctx.record("evict_kv", f"{site.path}: the cache keeps {count} of {site.cache_length} positions per KV head")
+            ctx.record("evict_kv", f"{site.path}: a sliding-window layer, whose cache keeps at most its last "
+                                   f"{window - 1} entries (the others left the window of every later query)")
     return gm
+
+
+def _replace_returned(graph: fx.Graph, output: fx.Node, returned: fx.Node, fn, args: tuple) -> fx.Node:
+    """Return fn(*args) where the graph returned `returned`."""
+    replacement = insert_call(graph, output, fn, args)
+    output.replace_input_with(returned, replacement)
+    return replacement
+
+
+def last_entries(stored: torch.Tensor, count: int) -> torch.Tensor:
+    """The last `count` entries (or all, if fewer) of a stored cache tensor [B, H_kv, L, ...] along its cache
+    axis. Its entries are in the order of their positions, so in a sliding window of count + 1, those before
+    them are outside the window of every later query. No guard on a symbolic L."""
+    length = stored.shape[2]
+    start = torch.sym_max(length - count, 0)
+    return stored.narrow(2, start, length - start)
 
 
 def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries) -> fx.GraphModule:

@@ -77,6 +77,8 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
         scores[..., : previous.shape[-1]] += previous
     log.scores[layer] = scores
     log.alive[layer] = _evict(log, layer, query, key, scale, alive, scores, padding)
+    if kwargs.get("sliding_window"):        # a sliding-window layer keeps the last window - 1 of what it holds
+        log.alive[layer] = _last_alive(log.alive[layer], kwargs["sliding_window"] - 1)
     return output.transpose(1, 2).contiguous(), probabilities
 
 
@@ -108,6 +110,12 @@ def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.
         context["hidden"] = hidden.gather(1, where[:, 0, :, None].expand(-1, -1, hidden.shape[-1]))
     kept = policy.keep(query, stored, scale, policy.kept_count(present), scores.gather(2, where), **context)
     return torch.zeros_like(alive).scatter(2, where.gather(2, kept), True)
+
+
+def _last_alive(alive: torch.Tensor, count: int) -> torch.Tensor:
+    """alive [B, H_kv, T] bool with only the last `count` alive positions of each row still alive."""
+    from_the_end = alive.flip(-1).cumsum(dim=-1).flip(-1)           # alive positions at or after each one
+    return alive & (from_the_end <= count)
 
 
 @contextlib.contextmanager
