@@ -113,6 +113,17 @@ def test_eviction_past_the_window_equals_the_reference(mistral_short_window, pol
     assert all(layer.keys.shape[2] <= SHORT - 1 for layer in out.past_key_values.layers)    # as a sliding layer
 
 
+def test_eager_attention_past_the_window_equals_the_reference():
+    """The unfused attention's additive mask, narrowed to the window: H2O on the padded batch."""
+    model, inputs = build_llama(layers=2, prompt=40, family="mistral", sliding_window=SHORT)
+    model.set_attn_implementation("eager")
+    inputs, policy = _padded(inputs, 20), H2O(heavy=8, recent=6)
+    out = generate_without_warnings(tokensparse.compile(model, Config(kv=policy, inductor=False)), **inputs, **GREEDY)
+    reference, log = evicted_generate(model, inputs, policy, past_key_values=DynamicCache(), **GREEDY)
+    assert_equals_oracle(out, reference)
+    _assert_holds_what_the_reference_keeps(out.past_key_values, log)
+
+
 def test_past_the_window_the_window_decides_what_is_attended(mistral_short_window):
     """The reference above is not the same model without its window: the window hides held positions."""
     model, inputs = mistral_short_window
