@@ -66,7 +66,8 @@ def _dense_column_sums(q, keys, scale, positions, window):
 def test_h2o_column_sums_within_the_window_equal_the_dense_attention(held, queries, extra, window, seed):
     generator = torch.Generator().manual_seed(seed)
     positions = _held_positions(2, 2, held, queries, held + extra, seed)
-    q, keys = torch.randn(2, 4, queries, 8, generator=generator), torch.randn(2, 2, held + queries, 8, generator=generator)
+    q = torch.randn(2, 4, queries, 8, generator=generator)
+    keys = torch.randn(2, 2, held + queries, 8, generator=generator)
     got = ATTENTION_COLUMN_SUMS(q, keys, 0.35, None, positions, window)
     torch.testing.assert_close(got, _dense_column_sums(q, keys, 0.35, positions, window))
     whole = attention_column_sums(q, keys, 0.35, None, positions, 10 ** 6)     # a window past every position
