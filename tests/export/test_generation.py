@@ -6,6 +6,7 @@ ones (other prompt lengths too): every token and every step's logits."""
 import onnx
 import pytest
 import torch
+from transformers import DynamicCache
 
 from tests.models import build_llama, build_llava
 from tokensparse import H2O, AdaptiveKV, Config, KeyNorm, SnapKV, StreamingLLM, VisionBudget
@@ -246,23 +247,41 @@ def test_a_model_without_generate_is_refused(tmp_path):
         to_onnx_generation(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None, str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("policy", [SnapKV(budget=16, window=4), H2O(heavy=8, recent=8)], ids=["snapkv", "h2o"])
-def test_a_sliding_window_model_within_its_window(policy, tmp_path):
-    """Mistral (window 64) with SnapKV, and with H2O (evicting at every step): the graphs hold every position in
-    full layers, so they are its model while every position fits the window, and generate the evicting
-    reference's tokens there; prefill.onnx carries the window, and generate_onnx refuses a generation past it
-    before it runs."""
-    model, traced = build_llama(batch=2, prompt=40, family="mistral")
-    model.config.sliding_window = 64
+@pytest.mark.parametrize("policy", [SnapKV(budget=16, window=4), H2O(heavy=8, recent=8),
+                                    StreamingLLM(sinks=2, window=10)], ids=["snapkv", "h2o", "streamingllm"])
+def test_a_sliding_window_model_past_its_window(policy, tmp_path):
+    """Mistral with a window of 24, traced with prompts of 40, run with prompts of 44 (one sample padded by 22)
+    and 12 new tokens: the graphs carry each layer's positions, by which its attention sees the window (H2O's
+    scores too), and each layer keeps the last 23 of its entries. Equals the evicting reference with a full
+    cache: tokens, logits, and each layer's cache length."""
+    model, traced = build_llama(batch=2, prompt=40, family="mistral", sliding_window=24)
     model.generation_config.eos_token_id = None     # min_new_tokens would mask token 2, which ONNX's argmax may pick
     pair = to_onnx_generation(model, traced, Config(kv=policy), str(tmp_path), dynamic=True)
     assert pair.prefill.changed, pair.prefill.reason
+    assert pair.max_positions is None and "past_key_values.1.positions" in pair.decode.input_names
+    inputs = build_llama(batch=3, prompt=44, seed=5, family="mistral")[1]
+    inputs["attention_mask"][1, :22] = 0
+    want, log = evicted_generate(model, inputs, policy, past_key_values=DynamicCache(), **GREEDY)
+    got = _greedy(pair, inputs)
+    _assert_same_generation(got, want)
+    assert got.cache_lengths == [int(log.alive[layer][0, 0].sum()) for layer in range(2)]
+    assert max(got.cache_lengths) <= 23
+
+
+def test_a_sliding_window_model_without_a_kv_policy_within_its_window(tmp_path):
+    """Without positions the graphs hold every position in full layers, so they are the model while every position
+    fits the window: prefill.onnx carries the window, and generate_onnx refuses a generation past it before it
+    runs."""
+    model, traced = build_llama(batch=2, prompt=40, family="mistral", sliding_window=64)
+    model.generation_config.eos_token_id = None
+    pair = to_onnx_generation(model, traced, Config(), str(tmp_path), dynamic=True)
     assert pair.max_positions == 64
     metadata = {prop.key: prop.value for prop in onnx.load(pair.prefill.path).metadata_props}
     assert metadata["tokensparse.max_positions"] == "64"
     inputs = build_llama(batch=3, prompt=44, seed=5, family="mistral")[1]
     inputs["attention_mask"][1, :4] = 0
-    want, _ = evicted_generate(model, inputs, policy, **GREEDY)            # 44 + 12 - 1 positions: within
+    with torch.no_grad():
+        want = model.generate(**inputs, **GREEDY, pad_token_id=0)              # 44 + 12 - 1 positions: within
     _assert_same_generation(_greedy(pair, inputs), want)
     with pytest.raises(ValueError, match="need 65 positions, past the model.s sliding window of 64"):
         generate_onnx(pair.directory, {name: value.numpy() for name, value in inputs.items()}, 22)

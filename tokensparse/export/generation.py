@@ -11,8 +11,11 @@ that layer kept: L_i differs between layers. `attention_mask` always spans the p
 generated so far (left padding), as generate() keeps it; positions follow generate()'s rule (the running count
 of unmasked positions), and the decode graph gives each layer the mask of its own cache. KV eviction after
 every step (StreamingLLM, H2O) keeps L_i at most the budget (fixed, without a language-model policy); H2O also
-carries present.{i}.scores [B, H_kv, L_i] (float32). A sliding-window model's graphs hold every position in full
-layers: they are its model while every position fits the window (prefill.onnx metadata tokensparse.max_positions).
+carries present.{i}.scores [B, H_kv, L_i] (float32). A sliding-window model's graphs hold full layers. With a KV
+policy they also carry present.{i}.positions [B, H_kv, L_i] (int64: the position each entry came from, padding
+counted), by which each sliding-window layer's attention sees its window, and such a layer keeps the last
+window - 1 of its entries (passes/sliding_positions.py). Without a KV policy, or with a language-model policy,
+they are its model only while every position fits the window (prefill.onnx metadata tokensparse.max_positions).
 A language-model policy with a KV policy also carries present.{i}.entered (a 0-d int64: the positions that ever
 entered layer i, which a padded batch's masks need; runtime/counted_cache.py)."""
 
@@ -36,7 +39,10 @@ from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.policies.streamingllm import StreamingLLM, streaming_step_keep
 from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.runtime.counted_cache import held_padding
+from tokensparse.passes.evict_kv import last_entries
+from tokensparse.passes.sliding_positions import window_allowed
 from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
+from tokensparse.runtime.sliding_window import layer_windows
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 PROMPT_LENGTHS_KEY = "tokensparse.prompt_lengths"    # prefill.onnx metadata: "shortest longest" (or "shortest")
@@ -59,15 +65,17 @@ class OnnxGeneration:
 
 def cache_tensors(cache) -> list[torch.Tensor]:
     """A DynamicCache as [key_0, value_0, key_1, value_1, ...]; a ScoredCache as [key_0, value_0, scores_0, ...];
-    a counting cache with entered_i after each layer's tensors."""
+    a PositionedCache with positions_i after them; a counting cache with entered_i after each layer's tensors."""
     return [tensor for layer in cache.layers
-            for tensor in (layer.keys, layer.values, getattr(layer, "scores", None), getattr(layer, "entered", None))
+            for tensor in (layer.keys, layer.values, getattr(layer, "scores", None),
+                           getattr(layer, "positions", None), getattr(layer, "entered", None))
             if tensor is not None]
 
 
-def cache_parts(scored: bool, counted: bool) -> tuple[str, ...]:
+def cache_parts(scored: bool, counted: bool, positioned: bool = False) -> tuple[str, ...]:
     """The names of each layer's cache tensors, in cache_tensors' order."""
-    return ("key", "value") + (("scores",) if scored else ()) + (("entered",) if counted else ())
+    return (("key", "value") + (("scores",) if scored else ()) + (("positions",) if positioned else ())
+            + (("entered",) if counted else ()))
 
 
 def split_by_layer(tensors, parts: tuple[str, ...]) -> list[dict]:
@@ -75,36 +83,47 @@ def split_by_layer(tensors, parts: tuple[str, ...]) -> list[dict]:
     return [dict(zip(parts, tensors[start:start + len(parts)])) for start in range(0, len(tensors), len(parts))]
 
 
-def empty_cache(scored: bool, counted: bool = False):
+def empty_cache(scored: bool, counted: bool = False, positioned: bool = False):
     """The cache a prefill fills: a ScoredCache for a policy that accumulates scores (H2O), a counting one after a
-    language-model policy. Its layers are full ones, a sliding-window model's too (_check_model)."""
+    language-model policy, a PositionedCache for a KV policy on a sliding-window model. Its layers are full ones, a
+    sliding-window model's too (_check_model)."""
     from transformers import DynamicCache
 
     from tokensparse.runtime.counted_cache import CountedCache, CountedScoredCache
+    from tokensparse.runtime.positioned_cache import PositionedCache, PositionedScoredCache
     from tokensparse.runtime.scored_cache import ScoredCache
 
+    if positioned:
+        return PositionedScoredCache() if scored else PositionedCache()
     if counted:
         return CountedScoredCache() if scored else CountedCache()
     return ScoredCache() if scored else DynamicCache()
 
 
-def filled_cache(past, scored: bool, counted: bool = False):
-    """A decode step's cache from the flat past tensors (cache_tensors' layout)."""
+def filled_cache(past, scored: bool, counted: bool = False, seen: Optional[torch.Tensor] = None):
+    """A decode step's cache from the flat past tensors (cache_tensors' layout); `seen` (0-d int64, the new token's
+    position) for a PositionedCache's, whose past tensors carry positions."""
     from transformers import DynamicCache
 
     from tokensparse.runtime.counted_cache import CountedLayer, CountedScoredLayer
+    from tokensparse.runtime.positioned_cache import PositionedLayer, PositionedScoredLayer
     from tokensparse.runtime.scored_cache import ScoredLayer
 
-    if not scored and not counted:
+    positioned = seen is not None
+    if not scored and not counted and not positioned:
         return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
-    cache = empty_cache(scored, counted)
+    cache = empty_cache(scored, counted, positioned)
     cache.layers = []
-    kind = {(True, False): ScoredLayer, (False, True): CountedLayer, (True, True): CountedScoredLayer}[scored, counted]
-    for tensors in split_by_layer(past, cache_parts(scored, counted)):
+    kind = {(True, False, False): ScoredLayer, (False, True, False): CountedLayer,
+            (True, True, False): CountedScoredLayer, (False, False, True): PositionedLayer,
+            (True, False, True): PositionedScoredLayer}[scored, counted, positioned]
+    for tensors in split_by_layer(past, cache_parts(scored, counted, positioned)):
         layer = kind()
         layer.dtype, layer.device, layer.is_initialized = tensors["key"].dtype, tensors["key"].device, True
         layer.keys, layer.values = tensors["key"], tensors["value"]
         layer.scores, layer.entered = tensors.get("scores"), tensors.get("entered")
+        if positioned:
+            layer.positions, layer.seen = tensors["positions"], seen
         cache.layers.append(layer)
     return cache
 
@@ -119,15 +138,15 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class PrefillWithCache(torch.nn.Module):
     """The model's prefill, returning (last position's logits, key_0, value_0, ...) of its new KV cache."""
 
-    def __init__(self, model: torch.nn.Module, scored: bool = False, counted: bool = False):
+    def __init__(self, model: torch.nn.Module, scored: bool = False, counted: bool = False, positioned: bool = False):
         super().__init__()
         self.model = model
-        self.scored, self.counted = scored, counted
+        self.scored, self.counted, self.positioned = scored, counted, positioned
 
     def forward(self, input_ids, attention_mask, **images):
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=prompt_positions(attention_mask),
-                            past_key_values=empty_cache(self.scored, self.counted), use_cache=True,
+                            past_key_values=empty_cache(self.scored, self.counted, self.positioned), use_cache=True,
                             logits_to_keep=1, **images)
         return (output.logits, *cache_tensors(output.past_key_values))
 
@@ -137,14 +156,19 @@ class DecodeStep(torch.nn.Module):
     Each decoder layer (a hooked copy; the model passed in is not changed) masks its own cache's padding,
     computed from the 2-D mask: language-model pruning keeps every padding position, first; KV eviction keeps
     padding only where a layer holds every real position seen, and then as its first positions; after both
-    (`counted`), a layer holds max(0, padding - evicted), evicted = its entered count - what it holds."""
+    (`counted`), a layer holds max(0, padding - evicted), evicted = its entered count - what it holds.
+    `windows`: each layer's sliding window (0: full) for a PositionedCache, whose layers carry their positions:
+    a sliding-window layer then sees the window by position, and keeps the last window - 1 of its entries (H2O's
+    rewritten step does both in the graph, passes/sliding_positions.py and passes/evict_kv.py)."""
 
     def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None, scored: bool = False,
-                 counted: bool = False):
+                 counted: bool = False, windows: tuple = ()):
         super().__init__()
         self.model = own_copy(model)
-        self.scored, self.counted = scored, counted
+        self.scored, self.counted, self.windows = scored, counted, tuple(windows)
         self.streaming = streaming        # a StreamingLLM policy: evict after every step's attention
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._group = text.num_attention_heads // getattr(text, "num_key_value_heads", text.num_attention_heads)
         self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
         if not hook_decoder_layers(self.model, functools.partial(self._padding_mask, evicted)):
             raise ValueError(f"{type(model).__name__} does not expose its decoder layers (get_decoder().layers): "
@@ -159,11 +183,17 @@ class DecodeStep(torch.nn.Module):
             first_real = held_padding(total - real, cache.layers[index].entered, held)
         else:
             first_real = keys - real if evicted else total - real
-        allowed = torch.arange(keys, device=hidden.device)[None, :] >= first_real[:, None]
-        return args, {**kwargs, "attention_mask": additive(allowed, hidden.dtype)[:, None, None, :]}
+        allowed = (torch.arange(keys, device=hidden.device)[None, :] >= first_real[:, None])[:, None, None, :]
+        window = self.windows[index] if self.windows and not self.scored else 0
+        if window:                      # the step's window over the held positions and its own
+            layer = cache.layers[index]
+            positions = torch.cat([layer.positions, layer.seen.expand(*layer.positions.shape[:2], 1)], dim=-1)
+            allowed = allowed & window_allowed(positions, 1, window).repeat_interleave(self._group, dim=1)
+        return args, {**kwargs, "attention_mask": additive(allowed, hidden.dtype)}
 
     def forward(self, input_ids, attention_mask, *past):
-        cache = filled_cache(past, self.scored, self.counted)
+        seen = torch.ones_like(attention_mask[0]).sum() - 1 if self.windows else None   # the new token's position
+        cache = filled_cache(past, self.scored, self.counted, seen)
         self._real.update(count=attention_mask.long().sum(-1), total=attention_mask.shape[-1])
         try:
             output = self.model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
@@ -174,7 +204,20 @@ class DecodeStep(torch.nn.Module):
         tensors = cache_tensors(output.past_key_values)
         if self.streaming is not None:
             tensors = self._keep_sinks_and_window(tensors, real, attention_mask.shape[-1])
+        if self.windows and not self.scored:
+            tensors = self._last_of_each_window(tensors)
         return (output.logits, *tensors)
+
+    def _parts(self) -> tuple[str, ...]:
+        return cache_parts(self.scored, self.counted, bool(self.windows))
+
+    def _last_of_each_window(self, tensors: list) -> list:
+        """Each sliding-window layer's tensors cut to their last window - 1 entries (the rest left the window of
+        every later query), as tokensparse.compile's evict pass does."""
+        kept = []
+        for layer, window in zip(split_by_layer(tensors, self._parts()), self.windows):
+            kept += [last_entries(tensor, window - 1) if window else tensor for tensor in layer.values()]
+        return kept
 
     def _keep_sinks_and_window(self, tensors: list, real: torch.Tensor, total) -> list:
         """StreamingLLM after the step's attention: each layer's cache back to min(its length, sinks + window)
@@ -182,13 +225,15 @@ class DecodeStep(torch.nn.Module):
         (a layer's first positions where a sample has fewer real ones; after both policies, held_padding)
         ranked last, as tokensparse.compile's decode steps do."""
         evicted = []
-        for layer in split_by_layer(tensors, cache_parts(self.scored, self.counted)):
+        for layer in split_by_layer(tensors, self._parts()):
             keys, values = layer["key"], layer["value"]
             length = keys.shape[2]
             first_real = held_padding(total - real, layer["entered"], length) if self.counted else length - real
             kept = streaming_step_keep(length, self.streaming.sinks, self.streaming.window, first_real)
             kept = kept[:, None, :].expand(-1, keys.shape[1], -1)
-            evicted += [*evict_positions(keys, values, kept), *([layer["entered"]] if self.counted else [])]
+            positions = [layer["positions"].gather(2, kept)] if "positions" in layer else []
+            evicted += [*evict_positions(keys, values, kept), *positions,
+                        *([layer["entered"]] if self.counted else [])]
         return evicted
 
 
@@ -210,6 +255,9 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     config = Config() if config is None else config_from_options(config)
     _check_supported(config)
     window = _check_model(model)
+    prunes = config.llm is not None or config.vision is not None
+    positioned = window is not None and config.kv is not None and not prunes     # sliding windows by position
+    windows = layer_windows(model, window) if positioned else ()
     not_tensors = [name for name, value in example_inputs.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise TypeError(f"example_inputs {not_tensors} are not tensors: give only the model's input tensors (the "
@@ -217,18 +265,20 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     inputs = dict(example_inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
-    prunes = config.llm is not None or config.vision is not None
-    follows = dataclasses.replace(config, decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None)
+    follows = dataclasses.replace(config, decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None,
+                                  sliding_windows=windows)
     scored = config.kv is not None and config.kv.scored
     counted = prunes and config.kv is not None
-    prefill_program, result = export_pruned(PrefillWithCache(model, scored, counted).eval(), inputs, follows, dynamic,
+    prefill_program, result = export_pruned(PrefillWithCache(model, scored, counted, positioned).eval(), inputs,
+                                            follows, dynamic,
                                             shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
-    parts = cache_parts(scored, counted)
+    parts = cache_parts(scored, counted, positioned)
     layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // len(parts)
     cache_names = [f"present.{index}.{part}" for index in range(layers) for part in parts]
     groups = length_groups(prefill_program, len(parts))
     streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
-    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored, counted=counted).eval()
+    step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored, counted=counted,
+                      windows=windows).eval()
     decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, parts,
                                                  fixed_lengths=(streaming is not None or scored) and not counted)
     if scored:      # H2O: the step's attention row accumulates into the scores, then the cache evicts
@@ -241,14 +291,15 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     os.makedirs(directory, exist_ok=True)           # only once both graphs exported
     prompts = prompt_lengths(prefill_program) or (inputs["input_ids"].shape[1],) * 2
     metadata = {PROMPT_LENGTHS_KEY: f"{prompts[0]} {'' if prompts[1] is None else prompts[1]}".strip()}
-    if window is not None:
-        metadata[MAX_POSITIONS_KEY] = str(window)
+    max_positions = None if positioned else window
+    if max_positions is not None:
+        metadata[MAX_POSITIONS_KEY] = str(max_positions)
     prefill = _save(prefill_program, (), inputs, list(inputs), ["logits", *cache_names],
                     os.path.join(directory, PREFILL_FILE), opset, TRANSLATIONS, result, metadata)
     past_names = [name.replace("present", "past_key_values") for name in cache_names]
     decode = _save(decode_program, decode_args, {}, ["input_ids", "attention_mask", *past_names],
                    ["logits", *cache_names], os.path.join(directory, DECODE_FILE), opset, TRANSLATIONS, None)
-    return OnnxGeneration(directory, prefill, decode, groups, prompts, window)
+    return OnnxGeneration(directory, prefill, decode, groups, prompts, max_positions)
 
 
 def _check_supported(config: Config) -> None:
@@ -260,8 +311,8 @@ def _check_supported(config: Config) -> None:
 
 def _check_model(model) -> Optional[int]:
     """Models whose positions or caches the two graphs do not reproduce yet, named; else the window of a
-    sliding-window model (its graphs hold every position in full layers, so they are its model only while every
-    position fits the window: prefill.onnx's tokensparse.max_positions), or None."""
+    sliding-window model (its graphs hold full layers: with a KV policy alone they carry positions, else they are
+    its model only while every position fits the window, prefill.onnx's tokensparse.max_positions), or None."""
     from tokensparse.runtime.hf import tower_splits_graph
     from tokensparse.runtime.sliding_window import sliding_window
 

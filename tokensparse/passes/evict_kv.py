@@ -89,10 +89,10 @@ def _replace_returned(graph: fx.Graph, output: fx.Node, returned: fx.Node, fn, a
 def last_entries(stored: torch.Tensor, count: int) -> torch.Tensor:
     """The last `count` entries (or all, if fewer) of a stored cache tensor [B, H_kv, L, ...] along its cache
     axis. Its entries are in the order of their positions, so in a sliding window of count + 1, those before
-    them are outside the window of every later query. No guard on a symbolic L."""
+    them are outside the window of every later query. No guard on a symbolic L (a narrow would guard its start)."""
     length = stored.shape[2]
-    start = torch.sym_max(length - count, 0)
-    return stored.narrow(2, start, length - start)
+    kept = torch.sym_min(length, count)
+    return stored.index_select(2, torch.arange(kept, device=stored.device) + (length - kept))
 
 
 def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries) -> fx.GraphModule:

@@ -45,15 +45,20 @@ def window_mask(mask, positions: torch.Tensor, q: torch.Tensor, window: int) -> 
     """The attention's mask [B, 1 or H, Q, L] (bool where allowed, or additive float; None: causal) narrowed to
     each query's window: keys at positions p - window < position <= p for a query at p. positions [B, H_kv, L]
     are the keys', the last Q of them the queries' own; q [B, H, Q, d]. Returns [B, H, Q, L]."""
-    heads, queries = q.shape[1], q.shape[2]
-    at = positions[..., positions.shape[-1] - queries:, None]          # [B, H_kv, Q, 1]
-    keys = positions[..., None, :]                                      # [B, H_kv, 1, L]
-    allowed = ((keys <= at) & (keys > at - window)).repeat_interleave(heads // positions.shape[1], dim=1)
+    allowed = window_allowed(positions, q.shape[2], window).repeat_interleave(q.shape[1] // positions.shape[1], dim=1)
     if mask is None:
         return allowed
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def window_allowed(positions: torch.Tensor, queries: int, window: int) -> torch.Tensor:
+    """[B, H_kv, Q, L] bool: which keys, at positions [B, H_kv, L] whose last Q are the queries' own, each query at
+    p sees in a sliding window: p - window < position <= p."""
+    at = positions[..., positions.shape[-1] - queries:, None]          # [B, H_kv, Q, 1]
+    keys = positions[..., None, :]                                      # [B, H_kv, 1, L]
+    return (keys <= at) & (keys > at - window)
 
 
 def _mask_reader(site: CacheSite) -> fx.Node:

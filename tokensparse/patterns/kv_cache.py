@@ -165,8 +165,13 @@ def _positions_by_new_keys(outputs) -> dict:
                 and value.dim() == 3 and value.dtype == torch.int64):
             continue
         ones = _ancestor(node.args[0][-1], "ones_like", hops=4)
-        if ones is not None and is_op(ones.args[0], "getitem", "select") and isinstance(ones.args[0].args[0], fx.Node):
-            found[ones.args[0].args[0]] = node
+        if ones is None or not is_op(ones.args[0], "getitem", "select"):
+            continue
+        new_keys = ones.args[0].args[0]
+        while isinstance(new_keys, fx.Node) and is_op(new_keys, "slice") and _whole_slice(new_keys):
+            new_keys = new_keys.args[0]         # torch.export's x[:, :, :, 0] with a dynamic batch
+        if isinstance(new_keys, fx.Node):
+            found[new_keys] = node
     return found
 
 

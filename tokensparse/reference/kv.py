@@ -157,7 +157,15 @@ def _recorder(log: EvictionLog, layer: int):
 
 
 def evicted_generate(model, inputs: dict, policy: KVPolicy, **generate_kwargs):
-    """(generate()'s output, the EvictionLog): greedy decoding with `policy`'s evictions applied by masking."""
+    """(generate()'s output, the EvictionLog): greedy decoding with `policy`'s evictions applied by masking. A model
+    with sliding-window layers gets a full DynamicCache unless given a cache: this reference masks by position,
+    and transformers' sliding layers would drop entries by their place."""
+    from transformers import DynamicCache
+
+    from tokensparse.runtime.sliding_window import sliding_window
+
+    if generate_kwargs.get("past_key_values") is None and sliding_window(model) is not None:
+        generate_kwargs["past_key_values"] = DynamicCache()
     image_token = getattr(model.config, "image_token_index", getattr(model.config, "image_token_id", None))
     image_mask = inputs["input_ids"] == image_token if image_token is not None and "pixel_values" in inputs else None
     mask = inputs.get("attention_mask")
