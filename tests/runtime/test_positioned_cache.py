@@ -36,3 +36,13 @@ def test_the_positions_follow_the_batch_and_a_crop():
 def test_appended_positions_count_on_from_the_positions_seen():
     keys = torch.randn(3, 2, 4, 8)
     assert appended_positions(keys, torch.tensor(6)).tolist() == [[[6, 7, 8, 9]] * 2] * 3
+
+
+def test_scores_and_positions_both_follow_a_beam_reorder():
+    cache = PositionedScoredCache()
+    cache.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), 0)
+    layer = cache.layers[0]
+    layer.scores = torch.tensor([1.0, 2.0])[:, None, None].expand(2, 2, 3).clone()
+    layer.positions = layer.positions * torch.tensor([1, 10])[:, None, None]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert layer.scores[0, 0, 0] == 2.0 and layer.positions[0, 0].tolist() == [0, 10, 20]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from tokensparse.runtime.scored_cache import ScoredLayer
+from tokensparse.runtime.scored_cache import BesideKeys, ScoredLayer
 
 
 def appended_positions(key_states: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -18,8 +18,10 @@ def appended_positions(key_states: torch.Tensor, seen: torch.Tensor) -> torch.Te
     return torch.ones_like(key_states[:, :, :, 0], dtype=torch.int64).cumsum(-1) + (seen - 1)
 
 
-class _RecordsPositions:
+class _RecordsPositions(BesideKeys):
     """Appends the positions of each update's new keys beside them."""
+
+    beside = ("positions",)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -44,21 +46,6 @@ class _RecordsPositions:
             self.positions = self.positions[..., : -abs(tokens_to_remove)]
             self.seen = self.seen - abs(tokens_to_remove)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-        super().batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.positions = self.positions[indices, ...]
-        super().batch_select_indices(indices)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
-        super().reorder_cache(beam_idx)
-
 
 class PositionedLayer(_RecordsPositions, DynamicLayer):
     """A DynamicLayer that records the positions of its entries."""
@@ -66,6 +53,8 @@ class PositionedLayer(_RecordsPositions, DynamicLayer):
 
 class PositionedScoredLayer(_RecordsPositions, ScoredLayer):
     """A ScoredLayer (H2O's scores) that records the positions of its entries."""
+
+    beside = ("scores", "positions")
 
 
 class PositionedCache(DynamicCache):

@@ -8,8 +8,34 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 
-class ScoredLayer(DynamicLayer):
+class BesideKeys:
+    """A DynamicLayer mixin for per-position tensors [B, H_kv, L] kept beside the keys (the attributes named in
+    `beside`): they follow generate()'s batch operations (beam search, assisted decoding) as the keys do."""
+
+    beside: tuple[str, ...] = ()
+
+    def _each_beside(self, change) -> None:
+        if self.get_seq_length() > 0:
+            for name in self.beside:
+                setattr(self, name, change(getattr(self, name)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each_beside(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each_beside(lambda tensor: tensor[indices, ...])
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each_beside(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+        super().reorder_cache(beam_idx)
+
+
+class ScoredLayer(BesideKeys, DynamicLayer):
     """A DynamicLayer with `scores` [B, H_kv, L] (float32) beside its keys and values."""
+
+    beside = ("scores",)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -31,21 +57,6 @@ class ScoredLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0 and self.is_initialized:
             self.scores = self.scores[..., : -abs(tokens_to_remove)]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.scores = self.scores.repeat_interleave(repeats, dim=0)
-        super().batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.scores = self.scores[indices, ...]
-        super().batch_select_indices(indices)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self.scores = self.scores.index_select(0, beam_idx.to(self.scores.device))
-        super().reorder_cache(beam_idx)
 
 
 class ScoredCache(DynamicCache):
