@@ -7,6 +7,12 @@ prefill and after --new-tokens greedy steps, against the budget's ideal (budget 
 keys and values; H2O's cache also holds a float32 score per position, counted); decode tokens/s (a
 generate() of --new-tokens minus a generate() of one token, medians of --runs); and the per-step eviction
 ops' own time at the decode shape (median of 200 calls).
+
+    .venv/bin/python tools/bench_kv.py --sliding --window 256
+
+--sliding: the same on a Mistral-shaped text model whose sliding window is shorter than its prompt, so every
+step is past it (tokensparse.compile's PositionedCache: the window over each entry's position); the baseline is
+the model compiled without a policy, with transformers' own sliding-window cache. Bytes count the positions.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ def parse_args(argv=None):
                         help="comma-separated subset of unpruned,snapkv,streamingllm,h2o,adaptive,vision_budget "
                              "(default: all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sliding", action="store_true",
+                        help="a Mistral-shaped text model with a sliding window shorter than the prompt (--window)")
+    parser.add_argument("--window", type=int, default=256, help="the sliding window of --sliding")
+    parser.add_argument("--prompt", type=int, default=640, help="the prompt length of --sliding")
     parser.add_argument("--selections", action="store_true",
                         help="only H2O's decode-step selection: the sort (h2o_keep) against the one-drop form "
                              "(h2o_step_keep) at several cache lengths")
@@ -47,9 +57,28 @@ def parse_args(argv=None):
 
 
 def kv_bytes(cache) -> int:
-    """Bytes the cache holds: keys, values and (ScoredCache) scores."""
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, getattr(layer, "scores", None))]
+    """Bytes the cache holds: keys, values, (ScoredCache) scores and (PositionedCache) positions."""
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, getattr(layer, "scores", None),
+                                                     getattr(layer, "positions", None))]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def decode_rate(fast, inputs: dict, args, settings: dict):
+    """(decode tokens/s, the 1-token generate()'s output, the --new-tokens one's): a generate() of --new-tokens minus
+    one of a single token, medians of --runs, after a warm-up that compiles the prefill and decode graphs."""
+    with torch.inference_mode():
+        fast.generate(**inputs, max_new_tokens=4, **settings)
+        first = fast.generate(**inputs, max_new_tokens=1, **settings)
+        full_s, one_s = [], []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            out = fast.generate(**inputs, max_new_tokens=args.new_tokens, **settings)
+            full_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fast.generate(**inputs, max_new_tokens=1, **settings)
+            one_s.append(time.perf_counter() - start)
+    batch = inputs["input_ids"].shape[0]
+    return (args.new_tokens - 1) * batch / (statistics.median(full_s) - statistics.median(one_s)), first, out
 
 
 def op_ms(policy, shape, heads: int) -> float:
@@ -138,18 +167,7 @@ def run(args) -> dict:
         console.print(f"compiling and running {name} ...")
         torch._dynamo.reset()
         fast = tokensparse.compile(model, tokensparse.Config(kv=policy))
-        with torch.inference_mode():
-            fast.generate(**inputs, max_new_tokens=4, **settings)                    # compile prefill and decode
-            first = fast.generate(**inputs, max_new_tokens=1, **settings)
-            full_s, one_s = [], []
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                out = fast.generate(**inputs, max_new_tokens=args.new_tokens, **settings)
-                full_s.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                fast.generate(**inputs, max_new_tokens=1, **settings)
-                one_s.append(time.perf_counter() - start)
-        rate = (args.new_tokens - 1) * args.batch / (statistics.median(full_s) - statistics.median(one_s))
+        rate, first, out = decode_rate(fast, inputs, args, settings)
         prefill_bytes, end_bytes = kv_bytes(first.past_key_values), kv_bytes(out.past_key_values)
         ideal = (None, None) if ideal_prefill is None else (ideal_prefill * per_position * args.batch,
                                                             ideal_end * per_position * args.batch)
@@ -178,6 +196,47 @@ def run(args) -> dict:
     return result
 
 
+def sliding(args) -> dict:
+    """--sliding: KV bytes and decode tokens/s past a sliding window, against the model without a policy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tests.models import build_llama
+
+    console = Console()
+    model, inputs = build_llama(layers=args.layers, prompt=args.prompt, batch=args.batch, hidden=1024, heads=16,
+                                kv_heads=8, vocab=32000, family="mistral", sliding_window=args.window)
+    budget = args.budget
+    variants = {"no policy (transformers' sliding cache)": None,
+                f"snapkv budget {budget}": tokensparse.SnapKV(budget=budget),
+                f"streamingllm 4 + {budget - 4}": tokensparse.StreamingLLM(sinks=4, window=budget - 4),
+                f"h2o {budget // 2} + {budget - budget // 2}": tokensparse.H2O(heavy=budget // 2,
+                                                                               recent=budget - budget // 2)}
+    settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    rows = {}
+    for name, policy in variants.items():
+        console.print(f"compiling and running {name} ...")
+        torch._dynamo.reset()
+        fast = tokensparse.compile(model, tokensparse.Config(kv=policy))
+        rate, first, out = decode_rate(fast, inputs, args, settings)
+        rows[name] = {"kv_bytes_prefill": kv_bytes(first.past_key_values), "kv_bytes_end": kv_bytes(out.past_key_values),
+                      "entries_end": out.past_key_values.layers[0].keys.shape[2], "decode_tokens_per_s": rate}
+    base = next(iter(rows.values()))["decode_tokens_per_s"]
+    table = Table(title=f"Mistral-shaped generate() past a sliding window of {args.window}: prompt {args.prompt}, "
+                        f"{args.new_tokens} new tokens, batch {args.batch}, {torch.get_num_threads()} threads")
+    for column in ("variant", "KV after prefill", "KV at the end", "entries per layer", "decode tok/s", "speedup"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, row in rows.items():
+        table.add_row(name, f"{row['kv_bytes_prefill'] / 2 ** 20:.2f} MiB", f"{row['kv_bytes_end'] / 2 ** 20:.2f} MiB",
+                      str(row["entries_end"]), f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['decode_tokens_per_s'] / base:.2f}x")
+    console.print(table)
+    result = {"prompt": args.prompt, "window": args.window, "new_tokens": args.new_tokens, "variants": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
 if __name__ == "__main__":
     arguments = parse_args()
-    selection_ms() if arguments.selections else run(arguments)
+    selection_ms() if arguments.selections else sliding(arguments) if arguments.sliding else run(arguments)
