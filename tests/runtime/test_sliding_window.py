@@ -113,6 +113,19 @@ def test_eviction_past_the_window_equals_the_reference(mistral_short_window, pol
     assert all(layer.keys.shape[2] <= SHORT - 1 for layer in out.past_key_values.layers)    # as a sliding layer
 
 
+def test_nothing_to_evict_past_the_window_equals_the_unmodified_model(mistral_short_window):
+    """budget=1.0 keeps every position: the PositionedCache's window over positions and its last 23 entries are
+    what transformers' own sliding-window cache holds and masks."""
+    model, inputs = mistral_short_window
+    inputs = _padded(inputs, 20)
+    fast = tokensparse.compile(model, Config(kv=SnapKV(budget=1.0), inductor=False))
+    out = generate_without_warnings(fast, **inputs, **GREEDY)
+    with torch.no_grad():
+        want = model.generate(**inputs, **GREEDY)
+    assert_equals_oracle(out, want)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [SHORT - 1] * 2
+
+
 def test_eager_attention_past_the_window_equals_the_reference():
     """The unfused attention's additive mask, narrowed to the window: H2O on the padded batch."""
     model, inputs = build_llama(layers=2, prompt=40, family="mistral", sliding_window=SHORT)
