@@ -208,6 +208,8 @@ def sliding(args) -> dict:
                                 kv_heads=8, vocab=32000, family="mistral", sliding_window=args.window)
     budget = args.budget
     variants = {"no policy (transformers' sliding cache)": None,
+                # every entry kept: what the PositionedCache's positions, window mask and slice cost
+                "nothing to evict (snapkv budget 1.0)": tokensparse.SnapKV(budget=1.0),
                 f"snapkv budget {budget}": tokensparse.SnapKV(budget=budget),
                 f"streamingllm 4 + {budget - 4}": tokensparse.StreamingLLM(sinks=4, window=budget - 4),
                 f"h2o {budget // 2} + {budget - budget // 2}": tokensparse.H2O(heavy=budget // 2,
