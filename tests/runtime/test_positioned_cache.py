@@ -46,3 +46,11 @@ def test_scores_and_positions_both_follow_a_beam_reorder():
     layer.positions = layer.positions * torch.tensor([1, 10])[:, None, None]
     cache.reorder_cache(torch.tensor([1, 0]))
     assert layer.scores[0, 0, 0] == 2.0 and layer.positions[0, 0].tolist() == [0, 10, 20]
+
+
+def test_a_crop_cuts_scores_and_positions_with_the_keys():
+    cache = PositionedScoredCache()
+    cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
+    cache.crop(-2)
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] == layer.scores.shape[2] == layer.positions.shape[2] == 3 and int(layer.seen) == 3

@@ -21,6 +21,7 @@ from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, shape_o
 from tokensparse.patterns.kv_cache import CacheSite, entered_count, static_write
 from tokensparse.patterns.vision_span import find_vision_span
 from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
+from tokensparse.policies.fastv import attended
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
@@ -226,8 +227,7 @@ def unseen_positions(attention_mask: torch.Tensor, keys: torch.Tensor) -> torch.
     every query (a padded batch's padding; a real position is seen at least by its own query, or by a decode
     step's query, whose mask tokensparse.compile() builds without the window)."""
     columns = attention_mask[:, :1, :, attention_mask.shape[-1] - keys.shape[2]:]
-    allowed = columns if columns.dtype == torch.bool else columns > torch.finfo(columns.dtype).min / 2
-    return ~allowed.any(dim=2)[:, 0]
+    return ~attended(columns).any(dim=2)[:, 0]
 
 
 def _evicted(graph: fx.Graph, point: fx.Node, site: CacheSite, kept: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -41,9 +41,8 @@ class _RecordsPositions(BesideKeys):
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
+        super().crop(tokens_to_remove)          # the positions with the keys (BesideKeys)
         if tokens_to_remove < 0 and self.is_initialized:
-            self.positions = self.positions[..., : -abs(tokens_to_remove)]
             self.seen = self.seen - abs(tokens_to_remove)
 
 

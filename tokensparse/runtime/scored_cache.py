@@ -10,9 +10,16 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, St
 
 class BesideKeys:
     """A DynamicLayer mixin for per-position tensors [B, H_kv, L] kept beside the keys (the attributes named in
-    `beside`): they follow generate()'s batch operations (beam search, assisted decoding) as the keys do."""
+    `beside`): they follow generate()'s batch operations (beam search, assisted decoding) and a crop of the last
+    positions as the keys do."""
 
     beside: tuple[str, ...] = ()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.is_initialized:
+            for name in self.beside:
+                setattr(self, name, getattr(self, name)[..., : -abs(tokens_to_remove)])
 
     def _each_beside(self, change) -> None:
         if self.get_seq_length() > 0:
@@ -52,11 +59,6 @@ class ScoredLayer(BesideKeys, DynamicLayer):
     def reset(self) -> None:
         self.scores = None
         super().reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if tokens_to_remove < 0 and self.is_initialized:
-            self.scores = self.scores[..., : -abs(tokens_to_remove)]
 
 
 class ScoredCache(DynamicCache):
