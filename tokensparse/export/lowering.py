@@ -22,8 +22,9 @@ from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
-                                     H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, SNAPKV_KEEP,
-                                     TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP, vision_budget_keep_call)
+                                     H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, MERGE_MATCHES,
+                                     SELECT_TOP_K, SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP,
+                                     vision_budget_keep_call)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -37,20 +38,35 @@ POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_
                VISION_BUDGET_KEEP: vision_budget_keep_call}
 
 
+def tome_step_with_merge_plugin(x, size, keys, r: int, protected: int):
+    """ToMe's step with the matching in standard ops and the merge as the one op that becomes a kernel plugin."""
+    return tome_step(x, size, keys, r, protected, merge=MERGE_MATCHES)
+
+
+def topk_step_with_select_plugin(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):
+    """TopK's step with the scores and gather in standard ops and the selection as a kernel plugin."""
+    return topk_step(x, q, k, scale, keep, protected, fuse, attn_mask, select=SELECT_TOP_K)
+
+
+# The policy code that plugins="kernel" traces instead: each kernel a plugin becomes stays one op.
+KERNEL_PLUGIN_CODE = {TOME_MERGE: tome_step_with_merge_plugin, TOPK_PRUNE: topk_step_with_select_plugin}
+
+
 # Ops whose policy code has no ONNX form yet, with the reason.
 NOT_LOWERED: dict = {}
 
 
-def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset()) -> fx.GraphModule:
+def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset(), code=None) -> fx.GraphModule:
     """Replace tokensparse:: op calls (except those in `keep_ops`, which become plugin nodes) by their
-    policy functions, then views by reshapes."""
+    policy functions (`code` takes precedence over POLICY_CODE), then views by reshapes."""
+    code = {**POLICY_CODE, **(code or {})}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target in keep_ops:
             continue
         if node.target in NOT_LOWERED:
             raise MatchFailure(f"{node.name}: {NOT_LOWERED[node.target]}")
-        if node.target in POLICY_CODE:
-            node.target = POLICY_CODE[node.target]
+        if node.target in code:
+            node.target = code[node.target]
     return keep_views_as_reshapes(gm)
 
 

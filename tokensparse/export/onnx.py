@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
 from tokensparse.config import Config, config_from_options
-from tokensparse.export.lowering import DECOMPOSITIONS, inline_policy_code
+from tokensparse.export.lowering import DECOMPOSITIONS, KERNEL_PLUGIN_CODE, inline_policy_code
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.hf import is_generative
 from tokensparse.runtime.ops import static_token_counts
@@ -37,14 +37,18 @@ class OnnxExport:
 
 
 def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool = True,
-                  plugins: bool = False, shortest_prompt: Optional[int] = None, dynamic_shapes=None
+                  plugins=False, shortest_prompt: Optional[int] = None, dynamic_shapes=None
                   ) -> tuple[torch.export.ExportedProgram, RewriteResult]:
-    """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with
-    `plugins` keeping each policy step as one tokensparse:: op (static token counts). `example_inputs` is
+    """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with the
+    ops that become plugin nodes (`plugins`: "step" or True, each policy step one tokensparse:: op; "kernel",
+    each kernel one op, the rest in aten ops) kept whole (static token counts). `example_inputs` is
     a sequence of positional inputs or a dict of keyword inputs. `dynamic`: a dynamic batch axis;
     `shortest_prompt`: a dynamic prompt length from that many tokens up (axis 1 of the keyword inputs
     input_ids and attention_mask). `dynamic_shapes`, given, replaces both (the inputs are then traced as given)."""
+    from tokensparse.export.plugin_nodes import plugin_mode
+
     config = Config() if config is None else config_from_options(config)
+    mode = plugin_mode(plugins)
     args, kwargs = example_call(model, example_inputs)
     if dynamic and dynamic_shapes is None:
         args, kwargs = _batch_of_two(args), dict(zip(kwargs, _batch_of_two(kwargs.values())))
@@ -57,7 +61,8 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
     try:
-        lowered = inline_policy_code(result.gm, plugin_ops() if plugins else frozenset())
+        lowered = inline_policy_code(result.gm, plugin_ops() if mode == "step" else frozenset(),
+                                     KERNEL_PLUGIN_CODE if mode == "kernel" else None)
         with static_token_counts():
             pruned = _export(lowered, args, kwargs, _flat_for(lowered, args, dynamic_shapes))
     except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
@@ -69,25 +74,27 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
 
 
 def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: bool = True,
-            opset: int = DEFAULT_OPSET, plugins: bool = False) -> OnnxExport:
+            opset: int = DEFAULT_OPSET, plugins=False) -> OnnxExport:
     """Export `model` with `config` (a Config or options dict) to the ONNX file `path`. `example_inputs` is
     a sequence of positional inputs or a dict of keyword inputs (a Hugging Face VLM's input_ids and
     pixel_values; generative models export their prefill logits, without a KV cache). `dynamic` makes the
-    batch axis of every input dynamic; `plugins` writes each policy step as one TensorRT plugin node
-    (domain "tokensparse") instead of standard operators. Returns what was written and whether pruning
-    is built in."""
-    from tokensparse.export.plugin_nodes import PLUGIN_TRANSLATIONS
+    batch axis of every input dynamic; `plugins` writes TensorRT plugin nodes (domain "tokensparse")
+    instead of standard operators: "step" (or True) one per policy step, run from Python; "kernel" one per
+    Triton kernel, with ahead-of-time implementations that run from C++ (plugin_nodes.py). Returns what was
+    written and whether pruning is built in."""
+    from tokensparse.export.plugin_nodes import plugin_mode, plugin_translations
     from tokensparse.export.translations import TRANSLATIONS
 
     if not isinstance(opset, int) or opset < 18:
         raise ValueError(f"opset={opset!r} is out of range: torch.onnx's exporter needs opset >= 18")
     config = Config() if config is None else config_from_options(config)
+    mode = plugin_mode(plugins)
     if config.kv is not None:
         warn_once(f"kv={config.kv.name} is not exported: the ONNX computes the prefill without a KV cache, which "
                   f"eviction does not change")
         config = dataclasses.replace(config, kv=None)
-    program, result = export_pruned(model, example_inputs, config, dynamic, plugins)
-    translations = {**TRANSLATIONS, **PLUGIN_TRANSLATIONS} if plugins else TRANSLATIONS
+    program, result = export_pruned(model, example_inputs, config, dynamic, mode)
+    translations = {**TRANSLATIONS, **plugin_translations(mode)}
     args, kwargs = example_call(model, example_inputs)
     onnx_program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                      optimize=True, verbose=False, custom_translation_table=translations,

@@ -82,11 +82,18 @@ def _mask_rows(attn_mask, start: int, stop: int, dtype) -> torch.Tensor:
     return rows
 
 
-def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool):
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k]: the indices of each row's k best scores, in token order."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool,
+                 select=top_k_in_order):
     """Keep the prefix and the `keep` best-scored tokens in their original order; with fuse, append one
-    token that is the score-weighted mean of the dropped ones. x: [B, N, C], scores: [B, N - p]."""
+    token that is the score-weighted mean of the dropped ones. x: [B, N, C], scores: [B, N - p]. `select`:
+    top_k_in_order, or a kernel with its signature."""
     rest = x[:, protected:]
-    kept_idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+    kept_idx = select(scores, keep)
     recorder.add("topk", protected, kept_idx, fuse)
     kept = rest.gather(1, kept_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return join_kept(x, rest, kept, kept_idx, scores, protected, fuse)
@@ -103,10 +110,11 @@ def join_kept(x, rest, kept, kept_idx, scores, protected: int, fuse: bool) -> to
     return torch.cat(parts, dim=1)
 
 
-def topk_step(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):
+def topk_step(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None,
+              select=top_k_in_order):
     """One pruning step at a block: score tokens from the block's own q and k, then prune x."""
     scores = attention_received(q, k, scale, protected, attn_mask)
-    return prune_tokens(x, scores, keep, protected, fuse)
+    return prune_tokens(x, scores, keep, protected, fuse, select)
 
 
 def scores_from_probabilities(probs: torch.Tensor, protected: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ from tokensparse.policies.kv_policy import attention_column_sums, evict_position
 from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
-from tokensparse.policies.tome import tome_step
-from tokensparse.policies.topk import topk_step
+from tokensparse.policies.tome import merge_tokens, tome_step
+from tokensparse.policies.topk import top_k_in_order, topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 
@@ -75,6 +75,31 @@ def topk_prune(x: Tensor, q: Tensor, k: Tensor, scale: float, keep: int, protect
 def _topk_prune_fake(x, q, k, scale, keep, protected, fuse, attn_mask=None):
     batch, _, channels = x.shape
     return x.new_empty(batch, _token_count(protected + keep + int(fuse)), channels)
+
+
+@torch.library.custom_op("tokensparse::merge_matches", mutates_args=())
+def merge_matches(x: Tensor, size: Tensor, src_idx: Tensor, dst_idx: Tensor, unm_idx: Tensor,
+                  protected: int) -> tuple[Tensor, Tensor]:
+    """ToMe's size-weighted merge for matches already made (indices [B, *, 1]): the TomeMergeRows plugin."""
+    return merge_tokens(x, size, src_idx, dst_idx, unm_idx, protected)
+
+
+@merge_matches.register_fake
+def _merge_matches_fake(x, size, src_idx, dst_idx, unm_idx, protected):
+    batch, tokens, channels = x.shape
+    out = protected + unm_idx.shape[1] + (tokens - protected) // 2
+    return x.new_empty(batch, out, channels), size.new_empty(batch, out, 1)
+
+
+@torch.library.custom_op("tokensparse::select_top_k", mutates_args=())
+def select_top_k(scores: Tensor, k: int) -> Tensor:
+    """[B, k] int64: each row's k best scores' indices in token order: the TopKSelect plugin."""
+    return top_k_in_order(scores, k)
+
+
+@select_top_k.register_fake
+def _select_top_k_fake(scores, k):
+    return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
 
 
 @torch.library.custom_op("tokensparse::keep_vision_tokens", mutates_args=())
@@ -310,6 +335,8 @@ def _topk_prune_flops(x_shape, q_shape, k_shape, *args, out_shape=None, **kwargs
 
 TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
+MERGE_MATCHES = torch.ops.tokensparse.merge_matches.default
+SELECT_TOP_K = torch.ops.tokensparse.select_top_k.default
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
 KEEP_CHANGED_VIDEO = torch.ops.tokensparse.keep_changed_video_tokens.default

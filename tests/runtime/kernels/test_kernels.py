@@ -103,11 +103,7 @@ def test_kv_compact_moves_every_kept_row_forward_by_one():
     torch.testing.assert_close(cache, want, rtol=0, atol=0)
 
 
-NO_INTERPRETED_BFLOAT16 = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter has no bfloat16 atomics")
-
-
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 4e-3),
-                                              pytest.param(torch.bfloat16, 3e-2, marks=NO_INTERPRETED_BFLOAT16)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
 def test_kernels_keep_half_precision(dtype, tolerance):
     """ViT-B-like sizes (197 tokens, 768 channels) in float16 and bfloat16, as a GPU serves them: within the
     dtype's rounding of the float32 merge, and the gather exact."""

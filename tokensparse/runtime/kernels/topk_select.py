@@ -2,7 +2,9 @@
 high-resolution inputs hold more tokens). Per row, a radix select finds the k-th largest score (32 counting
 passes over the row, one bit of the threshold each), then one pass in token order writes the indices above
 it and the first ties at it, so the kept indices come out in token order with no sort. Ties go to the lower
-index, as in ONNX TopK. Every pass walks the row in tiles, so any token count compiles to one small kernel."""
+index, as in ONNX TopK. Every pass walks the row in tiles, so any token count compiles to one small kernel.
+The selection is one launch in TensorRT's plugin calling convention (inputs, then the sizes as int32
+scalars, then outputs: tokensparse/export/trt_aot.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _ordered_keys(scores_ptr, row, tokens, offsets):
 
 
 @triton.jit
-def _select_rows(scores_ptr, kept_ptr, tokens, k, BLOCK_N: tl.constexpr):
+def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
     """kept[b, :k] = indices of the k largest scores of row b, in ascending index order."""
     b = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_N)
@@ -75,15 +77,34 @@ def _gather_rows(x_ptr, kept_ptr, out_ptr, tokens, k, channels, BLOCK_R: tl.cons
         tl.store(out_ptr + (b * k + j)[:, None] * channels + c[None, :], value, mask=keep)
 
 
+def select_launch(scores_shape, k):
+    """select_rows' grid (one program per row) and the int32 scalars after its input. Sizes are ints or
+    TensorRT shape expressions."""
+    return (scores_shape[0],), (scores_shape[1], k)
+
+
+def select_constants(block_n: int = 1024) -> dict:
+    """select_rows' compile-time parameters: BLOCK_N is the tile its passes walk a row in."""
+    return {"BLOCK_N": block_n}
+
+
+def topk_select(scores, k: int, block_n: int = 1024, launch=None):
+    """kept [B, k] int64: the indices of each row's k largest scores, in token order (ties: lower index)."""
+    batch, tokens = scores.shape
+    if not 1 <= k <= tokens:
+        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
+    kept = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
+    grid, scalars = select_launch(scores.shape, k)
+    _launch(launch, select_rows)[grid](scores.contiguous(), *scalars, kept,
+                                       **select_constants(min(block_n, triton.next_power_of_2(tokens))))
+    return kept
+
+
 def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, block_n: int = 1024, launch=None):
     """Same result as topk_gather_reference, for any k <= tokens."""
     batch, tokens, channels = x.shape
-    if not 1 <= k <= tokens:
-        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
-    x, scores = x.contiguous(), scores.contiguous()
-    kept = torch.empty(batch, k, dtype=torch.int64, device=x.device)
-    _launch(launch, _select_rows)[(batch,)](scores, kept, tokens, k,
-                                                  BLOCK_N=min(block_n, triton.next_power_of_2(tokens)))
+    x = x.contiguous()
+    kept = topk_select(scores, k, block_n, launch)
     out = torch.empty(batch, k, channels, dtype=x.dtype, device=x.device)
     _launch(launch, _gather_rows)[(batch, triton.cdiv(k, block_r))](
         x, kept, out, tokens, k, channels, BLOCK_R=block_r, BLOCK_C=min(block_c, triton.next_power_of_2(channels))

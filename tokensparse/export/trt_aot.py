@@ -1,0 +1,104 @@
+"""Ahead-of-time compilation of the plugin kernels for TensorRT's AOT plugins (trtp.aot_impl): Triton
+compiles a kernel to PTX for a GPU architecture on any machine, no GPU needed. TensorRT embeds the PTX in
+the engine and launches it itself, so the engine runs from C++ without Python.
+
+TensorRT passes a kernel its input pointers, then the int32 scalars the plugin declares, then its output
+pointers, and nothing else. The kernels are written in that order, and compile_for_tensorrt checks it.
+Triton also appends its own scratch-buffer pointers to every kernel. TensorRT would not pass them, so they
+are removed from the PTX's entry, after checking that the kernel asks for no scratch memory and never reads
+them."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_ARCH = 80  # PTX for sm_80 runs on Ampere and later; the driver compiles it for the GPU it runs on.
+MAX_STATIC_SHARED = 48 * 1024  # above this a launch needs an opt-in that TensorRT's AOT launch does not make
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                torch.int32: "i32"}
+
+
+class AotCompileError(RuntimeError):
+    """A kernel cannot be handed to TensorRT's AOT launch; the message says why."""
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """What trtp.aot_impl returns for one kernel, less the launch grid and scalars (which depend on shapes)."""
+
+    name: str
+    ptx: str
+    threads: int
+    shared_memory: int
+    parameters: tuple  # the entry's PTX parameter types, in order
+
+
+def compile_for_tensorrt(kernel, inputs: dict, outputs: dict, constants: dict, arch: int = DEFAULT_ARCH):
+    """Compile a @triton.jit `kernel` whose parameters are `inputs` (name -> torch dtype of the pointed-to
+    tensor), then int32 scalars, then `outputs`, then the constexprs in `constants`."""
+    pointers = {**inputs, **outputs}
+    signature, order = {}, []
+    for index, name in enumerate(kernel.arg_names):
+        if index in kernel.constexprs:
+            if name not in constants:
+                raise AotCompileError(f"{kernel.__name__}: no value for the compile-time parameter {name}")
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + TRITON_TYPES[pointers[name]]
+            order.append("input" if name in inputs else "output")
+        else:
+            signature[name] = "i32"
+            order.append("scalar")
+    expected = sorted(order, key=("input", "scalar", "output").index)
+    if order != expected:
+        raise AotCompileError(f"{kernel.__name__}: parameters must be inputs, then scalars, then outputs "
+                              f"(TensorRT's AOT launch order); they are {order}")
+    frozen = tuple(sorted((name, signature[name]) for name in signature))
+    return _compile(kernel, frozen, tuple(sorted(constants.items())), arch, len(order))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(kernel, signature: tuple, constants: tuple, arch: int, parameters: int) -> CompiledKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ordered = dict(signature)
+    source = ASTSource(fn=kernel, signature={name: ordered[name] for name in kernel.arg_names},
+                       constexprs=dict(constants))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    metadata = compiled.metadata
+    if metadata.shared > MAX_STATIC_SHARED:
+        raise AotCompileError(f"{compiled.name} needs {metadata.shared} bytes of shared memory; TensorRT's AOT "
+                              f"launch gives at most {MAX_STATIC_SHARED}")
+    ptx, types = _without_scratch_parameters(compiled.asm["ptx"], compiled.name, parameters, metadata)
+    return CompiledKernel(compiled.name, ptx, metadata.num_warps * 32, metadata.shared, types)
+
+
+def _without_scratch_parameters(ptx: str, name: str, parameters: int, metadata):
+    """Drop the pointer parameters Triton appends after the kernel's own (global and profile scratch)."""
+    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, flags=re.S)
+    if entry is None:
+        raise AotCompileError(f"no .entry {name} in the PTX Triton wrote")
+    declared = [line.strip().rstrip(",") for line in entry.group(1).strip().splitlines()]
+    extra = declared[parameters:]
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(metadata, field, 0):
+            raise AotCompileError(f"{name} asks for {field}={getattr(metadata, field)}; TensorRT's AOT launch "
+                                  f"passes no scratch buffer")
+    body = ptx[entry.end():]
+    for index in range(parameters, len(declared)):
+        if re.search(rf"\b{re.escape(name)}_param_{index}\b", body):
+            raise AotCompileError(f"{name} reads its parameter {index}, which TensorRT's AOT launch does not pass")
+    if any(".ptr" not in parameter for parameter in extra):
+        raise AotCompileError(f"{name}: unexpected parameters after its own: {extra}")
+    kept = declared[:parameters]
+    header = "\n".join("\t" + parameter + ("," if i < len(kept) - 1 else "") for i, parameter in enumerate(kept))
+    ptx = ptx[:entry.start(1)] + "\n" + header + "\n" + ptx[entry.end(1):]
+    types = tuple(".u64" if ".u64" in parameter else parameter.split()[1] for parameter in kept)
+    return ptx, types
