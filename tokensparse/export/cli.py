@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -61,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     output.add_argument("--opset", type=int, default=18)
     output.add_argument("--batch", type=int, default=2, help="batch of the example input")
     output.add_argument("--static", action="store_true", help="fixed batch axis (default: dynamic)")
-    output.add_argument("--plugins", action="store_true",
-                        help="write each policy step as a TensorRT plugin node instead of standard ONNX ops")
+    output.add_argument("--plugins", nargs="?", const="step", choices=("step", "kernel"),
+                        help="write TensorRT plugin nodes instead of standard ONNX ops: 'step' (the default) one per "
+                             "policy step, run from Python; 'kernel' one per Triton kernel, compiled ahead of time "
+                             "into the engine, which then runs from C++")
     output.add_argument("--check", action="store_true", help="compare ONNX Runtime with the pruned PyTorch model")
     output.add_argument("--check-trt", action="store_true", help="check the ONNX against TensorRT's op support")
     output.add_argument("--explain", action="store_true", help="with --onnx-in: say what matched and why not")
@@ -152,7 +155,9 @@ def _run_export(args, console) -> int:
     what = f"with {policy.name} built in" if result.changed else f"unpruned ({result.reason})"
     console.print(f"wrote {result.path}: {what}; inputs {result.input_names}, outputs {result.output_names}")
     status = 0
-    if args.check and args.plugins:
+    if args.check and args.plugins == "kernel":
+        status |= _check_kernel_plugins(model, config, result, pixels, console)
+    elif args.check and args.plugins:
         console.print("check skipped: ONNX Runtime has no kernels for the TensorRT plugin nodes")
     elif args.check and isinstance(inputs, dict):
         status |= _check_vlm(model, policy if result.changed else None, result, inputs, console)
@@ -223,12 +228,18 @@ def _build_engine(args, result, image, console):
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     batches = (args.batch,) * 3 if args.static else (1, min(8, args.max_batch), args.max_batch)
     missing = missing_for_tensorrt()
+    if missing is not None and args.plugins:
+        console.print(f"no TensorRT engine built: {missing}. The plugins are registered from Python while the "
+                      f"engine is built, so run this same command on a machine with TensorRT and a GPU:\n  "
+                      f"{shlex.join(['python', 'tools/export.py', *sys.argv[1:]])}")
+        return None, 3
     if missing is not None:
         command = gpu_command(result.path, args.engine, result.input_names[0], image, precision, batches)
         console.print(f"no TensorRT engine built: {missing}. The ONNX model is ready at {result.path}; on a "
                       f"machine with TensorRT and a GPU run:\n  {command}")
         return None, 3
-    build_engine(result.path, args.engine, result.input_names[0], image, precision, batches)
+    build_engine(result.path, args.engine, result.input_names[0], image, precision, batches,
+                 plugins=bool(args.plugins))
     console.print(f"wrote the TensorRT engine {args.engine} ({precision}, batch {batches[0]}..{batches[2]})")
     if args.compare and not compare_with_onnxruntime(result.path, args.engine):
         console.print("[red]polygraphy: the engine and ONNX Runtime disagree[/red]")
@@ -253,6 +264,28 @@ def _check_against_pytorch(model, config, result, pixels, console) -> int:
     return _report_check(torch.from_numpy(got), want, "pruned PyTorch", console)
 
 
+def _check_kernel_plugins(model, config, result, pixels, console) -> int:
+    """The kernel-plugin ONNX (onnx's reference evaluator, each plugin launched as TensorRT would) against the
+    pruned PyTorch model."""
+    import torch
+
+    from tokensparse.backend import tokensparse_backend
+    from tokensparse.export.plugin_eval import run_with_kernel_plugins
+
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        console.print("check skipped: no GPU here, and the plugin kernels run on the CPU only under Triton's "
+                      "interpreter: rerun with TRITON_INTERPRET=1")
+        return 0
+    reference = torch.compile(model, backend=tokensparse_backend, options=_eager(config)) if result.changed else model
+    with torch.no_grad():
+        want = reference(pixels)
+    want = want if isinstance(want, torch.Tensor) else want[0]
+    [got, *_] = run_with_kernel_plugins(result.path, {result.input_names[0]: pixels.numpy()}, device)
+    return _report_check(torch.from_numpy(got), want, "pruned PyTorch", console,
+                         runner=f"the ONNX with its plugin kernels launched as TensorRT would ({device})")
+
+
 def _check_vlm(model, policy, result, inputs: dict, console) -> int:
     """ONNX Runtime's logits against the masking oracle's at the kept positions (tokensparse.reference.llava)."""
     import onnxruntime
@@ -272,15 +305,15 @@ def _check_vlm(model, policy, result, inputs: dict, console) -> int:
     return _report_check(torch.from_numpy(got), want, "the masking oracle" if policy else "PyTorch", console)
 
 
-def _report_check(got, want, against: str, console) -> int:
+def _report_check(got, want, against: str, console, runner: str = "ONNX Runtime") -> int:
     if got.shape != want.shape:
-        console.print(f"[red]check failed[/red]: ONNX Runtime gives shape {tuple(got.shape)}, {against} "
+        console.print(f"[red]check failed[/red]: {runner} gives shape {tuple(got.shape)}, {against} "
                       f"{tuple(want.shape)}")
         return 1
     error = (got - want).abs().max().item()
     relative = error / max(want.abs().max().item(), 1e-12)
     ok = relative <= 1e-4
-    console.print(f"check: ONNX Runtime vs {against}, max |error| {error:.2e} (relative {relative:.2e}): "
+    console.print(f"check: {runner} vs {against}, max |error| {error:.2e} (relative {relative:.2e}): "
                   + ("[green]ok[/green]" if ok else "[red]too large[/red]"))
     return 0 if ok else 1
 

@@ -31,9 +31,17 @@ def gpu_command(onnx_path: str, engine_path: str, input_name: str, input_shape: 
 
 
 def build_engine(onnx_path: str, engine_path: str, input_name: str, input_shape: tuple, precision: str = "fp32",
-                 batch_range: tuple = (1, 8, 32)) -> str:
-    """Build and save an engine whose batch axis spans batch_range (min, opt, max)."""
+                 batch_range: tuple = (1, 8, 32), plugins: bool = False) -> str:
+    """Build and save an engine whose batch axis spans batch_range (min, opt, max); `plugins`: the ONNX holds
+    tokensparse plugin nodes, registered first (the kernel plugins' PTX for this GPU's architecture)."""
+    import torch
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    if plugins:
+        from tokensparse.export.trt_plugins import register_plugins
+
+        major, minor = torch.cuda.get_device_capability()
+        register_plugins(arch=10 * major + minor)
 
     low, opt, high = batch_range
     profile = Profile().add(input_name, min=(low, *input_shape), opt=(opt, *input_shape), max=(high, *input_shape))

@@ -11,8 +11,13 @@ them."""
 from __future__ import annotations
 
 import functools
+import importlib
+import json
+import os
 import re
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -41,10 +46,13 @@ class CompiledKernel:
 def compile_for_tensorrt(kernel, inputs: dict, outputs: dict, constants: dict, arch: int = DEFAULT_ARCH):
     """Compile a @triton.jit `kernel` whose parameters are `inputs` (name -> torch dtype of the pointed-to
     tensor), then int32 scalars, then `outputs`, then the constexprs in `constants`."""
+    import inspect
+
+    function = kernel.fn  # the Python function under @triton.jit (interpreted or not)
     pointers = {**inputs, **outputs}
     signature, order = {}, []
-    for index, name in enumerate(kernel.arg_names):
-        if index in kernel.constexprs:
+    for name, parameter in inspect.signature(function).parameters.items():
+        if _is_constexpr(parameter.annotation):
             if name not in constants:
                 raise AotCompileError(f"{kernel.__name__}: no value for the compile-time parameter {name}")
             signature[name] = "constexpr"
@@ -59,11 +67,44 @@ def compile_for_tensorrt(kernel, inputs: dict, outputs: dict, constants: dict, a
         raise AotCompileError(f"{kernel.__name__}: parameters must be inputs, then scalars, then outputs "
                               f"(TensorRT's AOT launch order); they are {order}")
     frozen = tuple(sorted((name, signature[name]) for name in signature))
-    return _compile(kernel, frozen, tuple(sorted(constants.items())), arch, len(order))
+    return _compile(function.__module__, function.__name__, frozen, tuple(sorted(constants.items())), arch,
+                    len(order))
+
+
+def _is_constexpr(annotation) -> bool:
+    import triton.language as tl
+
+    return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(kernel, signature: tuple, constants: tuple, arch: int, parameters: int) -> CompiledKernel:
+def _compile(module: str, kernel_name: str, signature: tuple, constants: tuple, arch: int,
+             parameters: int) -> CompiledKernel:
+    from triton import knobs
+
+    if knobs.runtime.interpret:
+        return _compile_in_subprocess(module, kernel_name, signature, constants, arch, parameters)
+    kernel = getattr(importlib.import_module(module), kernel_name)
+    return _compile_here(kernel, signature, constants, arch, parameters)
+
+
+def _compile_in_subprocess(module, kernel_name, signature, constants, arch, parameters) -> CompiledKernel:
+    """Under TRITON_INTERPRET=1 every @triton.jit function, Triton's own tl.sum included, is an interpreted
+    function that does not compile: compile in a Python without the interpreter."""
+    request = {"module": module, "kernel": kernel_name, "signature": signature, "constants": constants,
+               "arch": arch, "parameters": parameters}
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(request), capture_output=True,
+                          text=True, env=environment)
+    if done.returncode != 0:
+        raise AotCompileError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
+                              f"compiling {kernel_name} failed")
+    answer = json.loads(done.stdout)
+    return CompiledKernel(answer["name"], answer["ptx"], answer["threads"], answer["shared_memory"],
+                          tuple(answer["parameters"]))
+
+
+def _compile_here(kernel, signature: tuple, constants: tuple, arch: int, parameters: int) -> CompiledKernel:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,3 +143,16 @@ def _without_scratch_parameters(ptx: str, name: str, parameters: int, metadata):
     ptx = ptx[:entry.start(1)] + "\n" + header + "\n" + ptx[entry.end(1):]
     types = tuple(".u64" if ".u64" in parameter else parameter.split()[1] for parameter in kept)
     return ptx, types
+
+
+def _serve_one_request() -> None:
+    """python -m tokensparse.export.trt_aot: compile the kernel a JSON request on stdin names; JSON out."""
+    request = json.load(sys.stdin)
+    kernel = getattr(importlib.import_module(request["module"]), request["kernel"])
+    signature = tuple(tuple(pair) for pair in request["signature"])
+    constants = tuple(tuple(pair) for pair in request["constants"])
+    json.dump(asdict(_compile_here(kernel, signature, constants, request["arch"], request["parameters"])), sys.stdout)
+
+
+if __name__ == "__main__":
+    _serve_one_request()

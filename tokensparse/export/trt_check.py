@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tokensparse.export import trt_support
+from tokensparse.export.plugin_nodes import KERNEL_PLUGINS, STEP_PLUGINS
 
 
 _CHECKED = {"TopK", "ScatterElements", "Squeeze", "Unsqueeze", "CumSum", *trt_support.REDUCE_OPS}
@@ -65,9 +66,12 @@ def check_tensorrt(path_or_model) -> TrtReport:
 
 def _check_node(node, constants: dict) -> list[Finding]:
     name = node.name or node.output[0]
-    if node.domain == "tokensparse" and node.op_type in ("TomeMerge", "TopKPrune"):
-        return [Finding(name, node.op_type, "tokensparse plugin node: register the plugin before building "
-                                            "(tokensparse.export.trt_plugins.register_plugins())", fatal=False)]
+    if node.domain == "tokensparse" and node.op_type in STEP_PLUGINS + KERNEL_PLUGINS:
+        runs = ("an ahead-of-time kernel: the engine runs from C++" if node.op_type in KERNEL_PLUGINS else
+                "its implementation runs from Python")
+        return [Finding(name, node.op_type, f"tokensparse plugin node: register the plugin before building "
+                                            f"(tokensparse.export.trt_plugins.register_plugins()); {runs}",
+                        fatal=False)]
     if node.domain not in ("", "ai.onnx"):
         return [Finding(name, node.op_type, f"custom domain {node.domain!r}: needs a TensorRT plugin")]
     if node.op_type in trt_support.UNSUPPORTED:

@@ -1,16 +1,21 @@
-"""TensorRT plugins for the plugin nodes that to_onnx(..., plugins=True) writes, through TensorRT's Python
-plugin API (tensorrt.plugin): shape descriptors, and implementations that run the tokensparse:: ops on
-TensorRT's CUDA stream (their CUDA implementations use the Triton kernels). Import-guarded: without
-TensorRT, register_plugins() raises an error naming what is missing.
-
-Not yet: ahead-of-time implementations (trtp.aot_impl), which engines need to run from C++ without
-Python; the ToMe step's matching (similarities, max, sort) must become kernels first."""
+"""TensorRT plugins for the plugin nodes that to_onnx writes, through TensorRT's Python plugin API
+(tensorrt.plugin). Import-guarded: without TensorRT, register_plugins() raises an error naming what is
+missing.
+- The step plugins (plugins="step": TomeMerge, TopKPrune): shape descriptors, and implementations that run
+  the tokensparse:: ops on TensorRT's CUDA stream from Python.
+- The kernel plugins (plugins="kernel": TomeMergeRows, TopKSelect): shape descriptors and ahead-of-time
+  implementations only (trtp.aot_impl): the Triton kernel's PTX, its launch grid and its int32 scalars as
+  expressions of the shapes (kernel_plugins.py). TensorRT puts the PTX in the engine and launches it
+  itself, so the engine runs from C++ (trtexec, the C++ runtime, Triton Inference Server) without Python."""
 
 from __future__ import annotations
 
 import importlib.util
+from typing import Tuple
 
-from tokensparse.export.plugin_nodes import PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN, TOPK_PRUNE_PLUGIN
+from tokensparse.export.plugin_nodes import (MERGE_ROWS_PLUGIN, PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN,
+                                             TOPK_PRUNE_PLUGIN, TOPK_SELECT_PLUGIN)
+from tokensparse.export.trt_aot import DEFAULT_ARCH
 
 
 def tome_merge_tokens(tokens: int, r: int) -> int:
@@ -23,11 +28,16 @@ def topk_prune_tokens(keep: int, protected: int, fuse: int) -> int:
     return protected + keep + int(fuse)
 
 
-def register_plugins() -> list[str]:
-    """Register the plugins with TensorRT's plugin registry; returns their qualified names."""
+def register_plugins(arch: int = DEFAULT_ARCH) -> list[str]:
+    """Register every plugin with TensorRT's plugin registry (the kernel plugins' PTX for GPUs of compute
+    capability `arch` and later, e.g. 80 for sm_80); returns their qualified names."""
     if importlib.util.find_spec("tensorrt") is None:
         raise RuntimeError("TensorRT is not installed (pip install tensorrt on a machine with an NVIDIA GPU); "
                            "the plugin nodes cannot be registered here")
+    return _register_step_plugins() + _register_kernel_plugins(arch)
+
+
+def _register_step_plugins() -> list[str]:
     import numpy as np
     import tensorrt.plugin as trtp
     import torch
@@ -69,3 +79,60 @@ def register_plugins() -> list[str]:
             torch.as_tensor(outputs[0], device="cuda").copy_(kept)
 
     return [tome_name, topk_name]
+
+
+def _register_kernel_plugins(arch: int) -> list[str]:
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+    import torch
+
+    from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT
+
+    torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                    trt.int64: torch.int64, trt.int32: torch.int32}
+    trt_dtypes = {value: key for key, value in torch_dtypes.items()}
+
+    def described(plugin, inputs, attributes):
+        shapes = plugin.output_shapes([desc.shape_expr for desc in inputs], attributes)
+        dtypes = plugin.output_dtypes([torch_dtypes[desc.dtype] for desc in inputs])
+        return tuple(trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=trt_dtypes[dtype])
+                     for shape, dtype in zip(shapes, dtypes))
+
+    def ahead_of_time(plugin, inputs, outputs, attributes):
+        compiled = plugin.compile([torch_dtypes[desc.dtype] for desc in inputs], attributes, arch)
+        grid, scalars = plugin.launch([desc.shape_expr for desc in inputs], [desc.shape_expr for desc in outputs],
+                                      trtp.cdiv)
+        grid = (*grid, 1, 1)[:3]
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = (value if isinstance(value, int) else trtp.SymInt32(value)
+                                                       for value in grid)
+        params.block_x = compiled.threads
+        params.shared_mem = compiled.shared_memory
+        extra = trtp.SymIntExprs(len(scalars))
+        for index, value in enumerate(scalars):
+            extra[index] = trtp.SymInt32(value)
+        return compiled.name, compiled.ptx, params, extra
+
+    merge_name, select_name = f"{PLUGIN_NAMESPACE}::{MERGE_ROWS_PLUGIN}", f"{PLUGIN_NAMESPACE}::{TOPK_SELECT_PLUGIN}"
+
+    @trtp.register(merge_name)
+    def merge_rows_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
+                        dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc,
+                        protected: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return described(MERGE_ROWS, (x, size, src_idx, dst_idx, unm_idx), {"protected": protected})
+
+    @trtp.aot_impl(merge_name)
+    def merge_rows_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
+                       dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc, protected: int,
+                       outputs: Tuple[trtp.TensorDesc]):
+        return ahead_of_time(MERGE_ROWS, (x, size, src_idx, dst_idx, unm_idx), outputs, {"protected": protected})
+
+    @trtp.register(select_name)
+    def topk_select_desc(scores: trtp.TensorDesc, k: int) -> trtp.TensorDesc:
+        return described(TOPK_SELECT, (scores,), {"k": k})[0]
+
+    @trtp.aot_impl(select_name)
+    def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
+        return ahead_of_time(TOPK_SELECT, (scores,), outputs, {"k": k})
+
+    return [merge_name, select_name]
