@@ -89,6 +89,49 @@ def test_engine_without_tensorrt_stops_after_the_onnx_with_the_gpu_command(vit_c
     assert "pixel_values:[1,3,32,32]" in err.replace("\n", "")
 
 
+def test_kernel_plugins_export_checks_through_the_plugin_kernels(vit_config_dir, tmp_path, capsys):
+    """--plugins kernel: --check runs the ONNX with each plugin launched as TensorRT would (Triton's interpreter
+    here); without TensorRT the engine stops with the command to rerun, and no server repository is written
+    (ONNX Runtime cannot run the plugin nodes)."""
+    from tokensparse.export.tensorrt import missing_for_tensorrt
+
+    if missing_for_tensorrt() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine would be built")
+    out, repo = tmp_path / "vit.onnx", tmp_path / "models"
+    status = main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--onnx", str(out),
+                   "--plugins", "kernel", "--check", "--engine", str(tmp_path / "vit.plan"), "--triton-repo", str(repo)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert status == 3 and out.exists() and not repo.exists()
+    assert "the ONNX with its plugin kernels launched as TensorRT would (cpu) vs pruned PyTorch" in err and "ok" in err
+    assert "run this same command on a machine with TensorRT and a GPU" in err and "--plugins kernel" in err
+    assert "no Triton Inference Server repository written" in err
+
+
+def test_repository_of_a_kernel_plugin_engine_says_it_needs_no_python(tmp_path):
+    from tokensparse.export.triton_server import check_model_config, write_model_repository
+
+    onnx_path = tmp_path / "vit.onnx"
+    result = main(["--model", _vit_dir(tmp_path), "--random-init", "--policy", "tome", "--r", "2",
+                   "--onnx", str(onnx_path), "--plugins", "kernel"])
+    assert result == 0
+    engine = tmp_path / "vit.plan"
+    engine.write_bytes(b"stands in for a TensorRT plan")
+    config = write_model_repository(str(tmp_path / "models"), "vit", str(onnx_path), str(engine), 8, "kernel")
+    assert check_model_config(open(config).read()).platform == "tensorrt_plan"
+    readme = (tmp_path / "models" / "README.md").read_text()
+    assert "needs no Python and no plugin library" in readme and "standard ONNX operators" not in readme
+    with pytest.raises(ValueError, match="ONNX Runtime cannot run"):
+        write_model_repository(str(tmp_path / "other"), "vit", str(onnx_path), None, 8, "kernel")
+    assert not (tmp_path / "other").exists()
+
+
+def _vit_dir(tmp_path) -> str:
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    config.save_pretrained(tmp_path / "vit_config")
+    return str(tmp_path / "vit_config")
+
+
 def test_triton_repository_parses_as_a_model_config(vit_config_dir, tmp_path, capsys):
     from tokensparse.export.triton_server import check_model_config
 

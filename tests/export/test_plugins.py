@@ -2,6 +2,7 @@
 plugin attributes; the plugins' token arithmetic; a clear error without TensorRT."""
 
 import importlib.util
+import sys
 
 import onnx
 import pytest
@@ -40,3 +41,84 @@ def test_plugin_token_counts():
 def test_register_plugins_names_what_is_missing():
     with pytest.raises(RuntimeError, match="TensorRT is not installed"):
         register_plugins()
+
+
+class _Desc:
+    """Stands in for tensorrt.plugin.TensorDesc: shapes as ints where TensorRT has shape expressions."""
+
+    def __init__(self, shape, dtype):
+        self.shape_expr, self.dtype = tuple(shape), dtype
+
+
+def _stand_in_tensorrt(monkeypatch) -> dict:
+    """Modules named tensorrt and tensorrt.plugin that record what register_plugins() registers, so that its
+    own code (descriptors, ahead-of-time implementations) runs here; TensorRT itself cannot be installed."""
+    import importlib.machinery
+    import types
+
+    import triton
+
+    registry = {}
+
+    def recorder(kind):
+        return lambda name: (lambda function: registry.setdefault((kind, name), function))
+
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    for dtype in ("float32", "float16", "bfloat16", "int64", "int32"):
+        setattr(trt, dtype, f"trt.{dtype}")
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.register, trtp.impl, trtp.aot_impl = recorder("register"), recorder("impl"), recorder("aot_impl")
+    trtp.TensorDesc, trtp.Tensor = _Desc, object
+    trtp.ShapeExprs = types.SimpleNamespace(from_tuple=tuple)
+    trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
+    trtp.KernelLaunchParams = type("KernelLaunchParams", (types.SimpleNamespace,), {})
+    trtp.SymIntExprs = lambda count: [None] * count
+    trtp.SymInt32, trtp.cdiv = int, triton.cdiv
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    return registry
+
+
+def test_kernel_plugins_hand_tensorrt_a_launch_that_computes_the_merge(monkeypatch):
+    """register_plugins()' descriptor and aot_impl for TomeMergeRows, called as TensorRT would: the declared
+    output shapes, and the PTX, grid, block and int32 scalars it returns. Launching the kernel with exactly
+    those values (under the interpreter here) gives the policy's merge."""
+    import torch
+
+    from tokensparse.export.kernel_plugins import MERGE_ROWS
+    from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
+
+    registry = _stand_in_tensorrt(monkeypatch)
+    names = register_plugins(arch=80)
+    assert names == ["tokensparse::TomeMerge", "tokensparse::TopKPrune", "tokensparse::TomeMergeRows",
+                     "tokensparse::TopKSelect"]
+    assert ("impl", "tokensparse::TomeMergeRows") not in registry  # ahead of time only: no Python at run time
+    generator = torch.Generator().manual_seed(0)
+    x, size = torch.randn(2, 45, 70, generator=generator), torch.rand(2, 45, 1, generator=generator) + 1
+    src, dst, unm = bipartite_soft_matching(torch.randn(2, 45, 8, generator=generator), 17, 1)
+    inputs = tuple(t.contiguous() for t in (x, size, src, dst, unm))  # TensorRT's tensors are dense
+    descs = [_Desc(t.shape, {torch.float32: "trt.float32", torch.int64: "trt.int64"}[t.dtype]) for t in inputs]
+    outputs = registry[("register", "tokensparse::TomeMergeRows")](*descs, 1)
+    assert [(o.shape_expr, o.dtype) for o in outputs] == [((2, 28, 70), "trt.float32"), ((2, 28, 1), "trt.float32")]
+    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TomeMergeRows")](*descs, 1, outputs)
+    compiled = MERGE_ROWS.compile([t.dtype for t in inputs], {"protected": 1}, 80)
+    assert (name, ptx) == (compiled.name, compiled.ptx) and f".entry {name}" in ptx
+    assert (params.block_x, params.shared_mem) == (compiled.threads, compiled.shared_memory)
+    merged, merged_size = (torch.empty(o.shape_expr) for o in outputs)
+    MERGE_ROWS.kernel[(params.grid_x, params.grid_y, params.grid_z)](
+        *inputs, *scalars, merged, merged_size, **MERGE_ROWS.constants({"protected": 1}))
+    want, want_size = merge_tokens(x, size, src, dst, unm, 1)
+    torch.testing.assert_close(merged_size, want_size)
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_select_declares_k_indices_and_launches_one_program_per_row(monkeypatch):
+    registry = _stand_in_tensorrt(monkeypatch)
+    register_plugins()
+    scores = _Desc((3, 5000), "trt.float16")
+    [kept] = [registry[("register", "tokensparse::TopKSelect")](scores, 4000)]
+    assert (kept.shape_expr, kept.dtype) == ((3, 4000), "trt.int64")
+    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TopKSelect")](scores, 4000, (kept,))
+    assert (params.grid_x, params.grid_y, params.grid_z) == (3, 1, 1) and scalars == [5000, 4000]

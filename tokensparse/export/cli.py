@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     deploy.add_argument("--max-batch", type=int, default=32, help="largest batch of the engine and the server")
     deploy.add_argument("--triton-repo", help="write a Triton Inference Server model repository here")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print the command again
     if args.onnx_in is None and args.model is None:
         parser.error("give --model (to export) or --onnx-in (to rewrite an existing ONNX model)")
     if args.onnx_in is None and args.onnx is None and args.generation is None:
@@ -169,13 +170,16 @@ def _run_export(args, console) -> int:
     if args.engine:
         engine, engine_status = _build_engine(args, result, image, console)
         status = status or engine_status
-    if args.triton_repo:
+    if args.triton_repo and args.plugins and engine is None:
+        console.print("no Triton Inference Server repository written: the ONNX holds TensorRT plugin nodes, which "
+                      "the onnxruntime backend cannot run; write it where the engine is built")
+    elif args.triton_repo:
         from tokensparse.export.triton_server import write_model_repository
 
         name = os.path.splitext(os.path.basename(args.onnx))[0]
         # A fixed batch axis cannot be batched by the server: max_batch_size 0 keeps it in the dims.
         config = write_model_repository(args.triton_repo, name, result.path, engine,
-                                        0 if args.static else args.max_batch)
+                                        0 if args.static else args.max_batch, args.plugins)
         console.print(f"wrote the Triton Inference Server repository {args.triton_repo} ({config})")
     return status
 
@@ -231,7 +235,7 @@ def _build_engine(args, result, image, console):
     if missing is not None and args.plugins:
         console.print(f"no TensorRT engine built: {missing}. The plugins are registered from Python while the "
                       f"engine is built, so run this same command on a machine with TensorRT and a GPU:\n  "
-                      f"{shlex.join(['python', 'tools/export.py', *sys.argv[1:]])}")
+                      f"{shlex.join(['python', 'tools/export.py', *args.argv])}")
         return None, 3
     if missing is not None:
         command = gpu_command(result.path, args.engine, result.input_names[0], image, precision, batches)

@@ -49,8 +49,12 @@ def check_model_config(text: str):
 
 
 def write_model_repository(directory: str, name: str, onnx_path: str, engine_path: Optional[str] = None,
-                           max_batch_size: int = 32) -> str:
-    """DIR/name/{config.pbtxt, 1/model.plan or 1/model.onnx}, plus DIR/README.md; returns config's path."""
+                           max_batch_size: int = 32, plugins: Optional[str] = None) -> str:
+    """DIR/name/{config.pbtxt, 1/model.plan or 1/model.onnx}, plus DIR/README.md; returns config's path.
+    `plugins`: the ONNX holds plugin nodes ("step" or "kernel"), which only a TensorRT engine runs."""
+    if plugins and not engine_path:
+        raise ValueError("the ONNX holds TensorRT plugin nodes, which ONNX Runtime cannot run: build the engine "
+                         "(--engine, on a machine with TensorRT and a GPU) and write the repository there")
     platform = "tensorrt_plan" if engine_path else "onnxruntime_onnx"
     text = model_config(name, onnx_path, platform, max_batch_size)
     check_model_config(text)
@@ -61,14 +65,13 @@ def write_model_repository(directory: str, name: str, onnx_path: str, engine_pat
     with open(config_path, "w") as handle:
         handle.write(text)
     with open(os.path.join(directory, "README.md"), "w") as handle:
-        handle.write(_README.format(name=name, platform=platform))
+        handle.write(_README.format(name=name, platform=platform, graph=_GRAPH_NOTES[plugins]))
     return config_path
 
 
 _README = """# Triton Inference Server repository written by tokensparse
 
-Model `{name}` ({platform}). Token reduction is inside the model graph: standard ONNX operators
-(TopK, GatherElements, ScatterElements), so neither the server nor a client needs anything extra.
+Model `{name}` ({platform}). {graph}
 
     docker run --gpus all --rm -p8000:8000 -p8001:8001 -v $PWD:/models nvcr.io/nvidia/tritonserver:<xx.yy>-py3 \\
         tritonserver --model-repository=/models
@@ -78,3 +81,13 @@ From C++ without a server: deserialize the plan with nvinfer1::createInferRuntim
 ->deserializeCudaEngine(bytes, size), create an execution context, call setInputShape() for the batch,
 bind buffers with setTensorAddress(), and enqueueV3(stream).
 """
+
+_GRAPH_NOTES = {
+    None: "Token reduction is inside the model graph: standard ONNX operators (TopK, GatherElements,\n"
+          "ScatterElements), so neither the server nor a client needs anything extra.",
+    "kernel": "Token reduction is inside the engine: standard layers plus tokensparse's kernel plugins\n"
+              "(TomeMergeRows, TopKSelect), whose ahead-of-time implementations put the Triton kernels' PTX in the\n"
+              "engine. TensorRT launches them itself: the server needs no Python and no plugin library.",
+    "step": "The engine holds tokensparse's step plugins (TomeMerge, TopKPrune), whose implementations run in\n"
+            "Python: the server's TensorRT backend cannot run them. Export with --plugins kernel to serve.",
+}
