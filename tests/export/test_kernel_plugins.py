@@ -12,7 +12,7 @@ from tests.devices import KERNEL_DEVICE as DEVICE
 from tests.models import build
 from tokensparse import Config, ToMe, TopK
 from tokensparse.export import to_onnx
-from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, launch_like_tensorrt
+from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT, launch_like_tensorrt
 from tokensparse.export.plugin_eval import run_with_kernel_plugins
 from tokensparse.export.trt_check import check_tensorrt
 from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
@@ -48,22 +48,38 @@ def test_topk_select_launched_as_tensorrt_does(batch, tokens, k):
     assert torch.equal(kept.cpu(), top_k_in_order(scores, k))
 
 
-CASES = {"tome": (ToMe(r=3), "TomeMergeRows", 3), "topk_fuse": (TopK(layers=(1,), keep=0.5, fuse=True), "TopKSelect", 1)}
+@pytest.mark.parametrize("batch, tokens, k, ties", [(2, 37, 5, True), (1, 98, 49, False), (2, 8, 8, False)])
+def test_topk_split_launched_as_tensorrt_does(batch, tokens, k, ties):
+    """ToMe's r best edges and the other A tokens, as the stable sort picks them (ties: lower index); k = N
+    leaves an empty rest."""
+    scores = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(tokens))
+    scores = scores.round() if ties else scores
+    kept, rest = launch_like_tensorrt(TOPK_SPLIT, [scores.to(DEVICE)], {"k": k})
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    assert torch.equal(kept.cpu(), order[:, :k].sort(-1).values)
+    assert torch.equal(rest.cpu(), order[:, k:].sort(-1).values)
+
+
+CASES = {"tome": (ToMe(r=3), ["TopKSplit", "TomeMergeRows"] * 3),
+         "topk_fuse": (TopK(layers=(1,), keep=0.5, fuse=True), ["TopKSelect"])}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory):
-    policy, op_type, count = CASES[request.param]
+    policy, op_types = CASES[request.param]
     model, pixels = build("timm_vit", depth=3, width=32, heads=2, batch=2)
     path = str(tmp_path_factory.mktemp("kernel_plugins") / f"{request.param}.onnx")
-    return model, policy, op_type, count, to_onnx(model, (pixels,), Config(vision=policy), path, plugins="kernel")
+    return model, policy, op_types, to_onnx(model, (pixels,), Config(vision=policy), path, plugins="kernel")
 
 
 def test_one_node_per_kernel_with_the_rest_in_standard_ops(exported):
-    _, _, op_type, count, result = exported
+    """No TopK left (TensorRT caps its K at 3840), nor ScatterElements with a reduction."""
+    _, _, op_types, result = exported
     proto = onnx.load(result.path)
     plugins = [node for node in proto.graph.node if node.domain == "tokensparse"]
-    assert [node.op_type for node in plugins] == [op_type] * count
+    assert [node.op_type for node in plugins] == op_types
+    assert "TopK" not in {node.op_type for node in proto.graph.node}
+    assert not any(a.name == "reduction" and a.s != b"none" for node in proto.graph.node for a in node.attribute)
     attributes = {a.name: helper.get_attribute_value(a) for a in plugins[0].attribute}
     assert attributes["plugin_namespace"] == b"tokensparse" and attributes["plugin_version"] == b"1"
     onnx.checker.check_model(proto)
@@ -74,7 +90,7 @@ def test_one_node_per_kernel_with_the_rest_in_standard_ops(exported):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_plugin_kernels_in_the_exported_graph_equal_the_reference(exported, batch):
     """Batch 3 was not traced: the batch axis is dynamic. The unpruned model's output differs (a control)."""
-    model, policy, _, _, result = exported
+    model, policy, _, result = exported
     pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
     [got] = run_with_kernel_plugins(result.path, {result.input_names[0]: pixels.numpy()}, DEVICE)
     with torch.no_grad():

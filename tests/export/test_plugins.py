@@ -93,7 +93,7 @@ def test_kernel_plugins_hand_tensorrt_a_launch_that_computes_the_merge(monkeypat
     registry = _stand_in_tensorrt(monkeypatch)
     names = register_plugins(arch=80)
     assert names == ["tokensparse::TomeMerge", "tokensparse::TopKPrune", "tokensparse::TomeMergeRows",
-                     "tokensparse::TopKSelect"]
+                     "tokensparse::TopKSelect", "tokensparse::TopKSplit"]
     assert ("impl", "tokensparse::TomeMergeRows") not in registry  # ahead of time only: no Python at run time
     generator = torch.Generator().manual_seed(0)
     x, size = torch.randn(2, 45, 70, generator=generator), torch.rand(2, 45, 1, generator=generator) + 1
@@ -122,3 +122,5 @@ def test_topk_select_declares_k_indices_and_launches_one_program_per_row(monkeyp
     assert (kept.shape_expr, kept.dtype) == ((3, 4000), "trt.int64")
     name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TopKSelect")](scores, 4000, (kept,))
     assert (params.grid_x, params.grid_y, params.grid_z) == (3, 1, 1) and scalars == [5000, 4000]
+    kept, rest = registry[("register", "tokensparse::TopKSplit")](scores, 4000)
+    assert (kept.shape_expr, rest.shape_expr, rest.dtype) == ((3, 4000), (3, 1000), "trt.int64")

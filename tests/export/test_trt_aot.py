@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.backends.nvidia.compiler import get_ptxas
 
-from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT
+from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
 from tokensparse.export.trt_aot import AotCompileError, _without_scratch_parameters, compile_for_tensorrt
 
 INDEX = torch.int64
@@ -33,7 +33,7 @@ def test_ptx_takes_what_tensorrt_passes(plugin, attributes, dtype, arch, tmp_pat
     """Compiled in a subprocess without the interpreter (tests run under TRITON_INTERPRET=1): about 3 s each."""
     dtypes = [dtype, dtype, INDEX, INDEX, INDEX] if plugin is MERGE_ROWS else [dtype]
     compiled = plugin.compile(dtypes, attributes, arch)
-    scalars = {MERGE_ROWS: 4, TOPK_SELECT: 2}[plugin]
+    scalars = {MERGE_ROWS: 4, TOPK_SELECT: 2, TOPK_SPLIT: 2}[plugin]
     assert compiled.parameters == (".u64",) * len(plugin.inputs) + (".u32",) * scalars + (".u64",) * len(plugin.outputs)
     entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", compiled.ptx, flags=re.S)
     assert entry.group(1) == compiled.name and entry.group(2).count(".param") == len(compiled.parameters)
@@ -49,6 +49,13 @@ def test_ptx_takes_what_tensorrt_passes(plugin, attributes, dtype, arch, tmp_pat
 def _output_before_scalar(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+
+def test_topk_split_ptx_takes_one_input_two_scalars_two_outputs(tmp_path):
+    compiled = TOPK_SPLIT.compile([torch.float32], {"k": 3})
+    assert compiled.parameters == (".u64", ".u32", ".u32", ".u64", ".u64")
+    result = _assemble(compiled.ptx, 80, "sm_80", tmp_path)
+    assert result.returncode == 0, result.stderr
 
 
 def test_parameters_out_of_tensorrt_order_are_refused():

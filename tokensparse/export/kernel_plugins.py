@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 import triton
 
-from tokensparse.export.plugin_nodes import MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN
+from tokensparse.export.plugin_nodes import MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN
 from tokensparse.export.trt_aot import DEFAULT_ARCH, CompiledKernel, compile_for_tensorrt
 from tokensparse.runtime.kernels.tome_merge import merge_constants, merge_launch, merge_rows
-from tokensparse.runtime.kernels.topk_select import select_constants, select_launch, select_rows
+from tokensparse.runtime.kernels.topk_select import select_constants, select_launch, select_rows, split_rows
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,15 @@ TOPK_SELECT = KernelPlugin(
     launch=lambda inputs, outputs, cdiv: select_launch(inputs[0], outputs[0][1]),
     constants=lambda attributes: select_constants())
 
-KERNEL_PLUGINS = {plugin.name: plugin for plugin in (MERGE_ROWS, TOPK_SELECT)}
+TOPK_SPLIT = KernelPlugin(
+    TOPK_SPLIT_PLUGIN, split_rows, inputs=("scores_ptr",), outputs=("kept_ptr", "rest_ptr"),
+    output_shapes=lambda shapes, attributes: [(shapes[0][0], attributes["k"]),
+                                              (shapes[0][0], shapes[0][1] - attributes["k"])],
+    output_dtypes=lambda dtypes: [torch.int64, torch.int64],
+    launch=lambda inputs, outputs, cdiv: select_launch(inputs[0], outputs[0][1]),
+    constants=lambda attributes: select_constants())
+
+KERNEL_PLUGINS = {plugin.name: plugin for plugin in (MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT)}
 
 
 def launch_like_tensorrt(plugin: KernelPlugin, inputs, attributes: dict) -> list:

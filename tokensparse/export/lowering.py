@@ -23,7 +23,7 @@ from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_atten
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
                                      H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, MERGE_MATCHES,
-                                     SELECT_TOP_K, SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP,
+                                     SELECT_TOP_K, SPLIT_TOP_K, SNAPKV_KEEP, TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP, VISIONZIP,
                                      vision_budget_keep_call)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -39,8 +39,9 @@ POLICY_CODE = {TOME_MERGE: tome_step, TOPK_PRUNE: topk_step, KEEP_VISION: fastv_
 
 
 def tome_step_with_merge_plugin(x, size, keys, r: int, protected: int):
-    """ToMe's step with the matching in standard ops and the merge as the one op that becomes a kernel plugin."""
-    return tome_step(x, size, keys, r, protected, merge=MERGE_MATCHES)
+    """ToMe's step with the similarities in standard ops, and the choice of the r best edges and the merge
+    as ops that become kernel plugins (no TopK, whose K TensorRT caps at 3840)."""
+    return tome_step(x, size, keys, r, protected, merge=MERGE_MATCHES, split=SPLIT_TOP_K)
 
 
 def topk_step_with_select_plugin(x, q, k, scale: float, keep: int, protected: int, fuse: bool, attn_mask=None):

@@ -4,7 +4,8 @@ Two ways to cut a policy step into plugins:
 - "step": one node per policy step (TomeMerge, TopKPrune). Its TensorRT plugin runs the step's CUDA op
   from Python, so the engine needs Python at run time.
 - "kernel": one node per Triton kernel (TomeMergeRows: ToMe's merge for matches the graph made;
-  TopKSelect: top-k indices for any k), the rest of the step in standard operators. Each plugin has an
+  TopKSelect: top-k indices for any k; TopKSplit: those and the other indices, for ToMe's r best edges),
+  the rest of the step in standard operators. Each plugin has an
   ahead-of-time implementation (PTX in the engine), so the engine runs from C++ alone."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from onnxscript import values
 
-from tokensparse.runtime.ops import MERGE_MATCHES, SELECT_TOP_K, TOME_MERGE, TOPK_PRUNE
+from tokensparse.runtime.ops import MERGE_MATCHES, SELECT_TOP_K, SPLIT_TOP_K, TOME_MERGE, TOPK_PRUNE
 
 PLUGIN_NAMESPACE = "tokensparse"
 PLUGIN_VERSION = "1"
@@ -23,6 +24,7 @@ TOME_MERGE_PLUGIN = "TomeMerge"
 TOPK_PRUNE_PLUGIN = "TopKPrune"
 MERGE_ROWS_PLUGIN = "TomeMergeRows"
 TOPK_SELECT_PLUGIN = "TopKSelect"
+TOPK_SPLIT_PLUGIN = "TopKSplit"
 PLUGIN_MODES = ("step", "kernel")
 
 
@@ -64,6 +66,12 @@ def _register_schemas() -> None:
                       type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
                                         ("I", ["tensor(int64)"], "")],
                       attributes=[attribute("k", kinds.INT, "indices kept per row"), *plugin]),
+        defs.OpSchema(TOPK_SPLIT_PLUGIN, DOMAIN.domain, 1, doc="The k best scores' indices and the others, "
+                                                              "each in token order.",
+                      inputs=[parameter("scores", "T")], outputs=[parameter("kept", "I"), parameter("rest", "I")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                                        ("I", ["tensor(int64)"], "")],
+                      attributes=[attribute("k", kinds.INT, "indices kept per row"), *plugin]),
     ]
     for schema in schemas:
         if not defs.has(schema.name, schema.domain):
@@ -75,6 +83,7 @@ _TOME_MERGE = DOMAIN.TomeMerge
 _TOPK_PRUNE = DOMAIN.TopKPrune
 _MERGE_ROWS = DOMAIN.TomeMergeRows
 _TOPK_SELECT = DOMAIN.TopKSelect
+_TOPK_SPLIT = DOMAIN.TopKSplit
 
 
 def tome_merge_node(x, size, keys, r: int, protected: int):
@@ -97,10 +106,15 @@ def topk_select_node(scores, k: int):
     return _TOPK_SELECT(scores, k=k, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
 
 
+def topk_split_node(scores, k: int):
+    return _TOPK_SPLIT(scores, k=k, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, _outputs=2)
+
+
 PLUGIN_TRANSLATIONS = {TOME_MERGE: tome_merge_node, TOPK_PRUNE: topk_prune_node}
-KERNEL_PLUGIN_TRANSLATIONS = {MERGE_MATCHES: merge_rows_node, SELECT_TOP_K: topk_select_node}
+KERNEL_PLUGIN_TRANSLATIONS = {MERGE_MATCHES: merge_rows_node, SELECT_TOP_K: topk_select_node,
+                              SPLIT_TOP_K: topk_split_node}
 STEP_PLUGINS = (TOME_MERGE_PLUGIN, TOPK_PRUNE_PLUGIN)
-KERNEL_PLUGINS = (MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN)
+KERNEL_PLUGINS = (MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN)
 
 
 def plugin_mode(plugins) -> str | None:

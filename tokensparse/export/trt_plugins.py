@@ -3,7 +3,7 @@
 missing.
 - The step plugins (plugins="step": TomeMerge, TopKPrune): shape descriptors, and implementations that run
   the tokensparse:: ops on TensorRT's CUDA stream from Python.
-- The kernel plugins (plugins="kernel": TomeMergeRows, TopKSelect): shape descriptors and ahead-of-time
+- The kernel plugins (plugins="kernel": TomeMergeRows, TopKSelect, TopKSplit): shape descriptors and ahead-of-time
   implementations only (trtp.aot_impl): the Triton kernel's PTX, its launch grid and its int32 scalars as
   expressions of the shapes (kernel_plugins.py). TensorRT puts the PTX in the engine and launches it
   itself, so the engine runs from C++ (trtexec, the C++ runtime, Triton Inference Server) without Python."""
@@ -14,7 +14,7 @@ import importlib.util
 from typing import Tuple
 
 from tokensparse.export.plugin_nodes import (MERGE_ROWS_PLUGIN, PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN,
-                                             TOPK_PRUNE_PLUGIN, TOPK_SELECT_PLUGIN)
+                                             TOPK_PRUNE_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN)
 from tokensparse.export.trt_aot import DEFAULT_ARCH
 
 
@@ -86,7 +86,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     import tensorrt.plugin as trtp
     import torch
 
-    from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT
+    from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
 
     torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                     trt.int64: torch.int64, trt.int32: torch.int32}
@@ -114,6 +114,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
         return compiled.name, compiled.ptx, params, extra
 
     merge_name, select_name = f"{PLUGIN_NAMESPACE}::{MERGE_ROWS_PLUGIN}", f"{PLUGIN_NAMESPACE}::{TOPK_SELECT_PLUGIN}"
+    split_name = f"{PLUGIN_NAMESPACE}::{TOPK_SPLIT_PLUGIN}"
 
     @trtp.register(merge_name)
     def merge_rows_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
@@ -135,4 +136,12 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
         return ahead_of_time(TOPK_SELECT, (scores,), outputs, {"k": k})
 
-    return [merge_name, select_name]
+    @trtp.register(split_name)
+    def topk_split_desc(scores: trtp.TensorDesc, k: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return described(TOPK_SPLIT, (scores,), {"k": k})
+
+    @trtp.aot_impl(split_name)
+    def topk_split_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
+        return ahead_of_time(TOPK_SPLIT, (scores,), outputs, {"k": k})
+
+    return [merge_name, select_name, split_name]

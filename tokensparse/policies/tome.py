@@ -61,21 +61,26 @@ def capped_r(r: int, tokens: int, protected: int) -> int:
     return max(0, min(r, (tokens - protected) // 2, tokens - 2))
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int):
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=None):
     """Match alternate tokens A=even, B=odd (after the protected prefix) and pick the r best edges.
 
     metric: [B, N, c] (keys averaged over heads). Returns (src_idx, dst_idx, unm_idx), each [B, *, 1]:
     src_idx indexes A tokens that merge, dst_idx the B token each merges into, unm_idx the A tokens
-    that stay, in their original order.
+    that stay, in their original order. `split`, given, picks the r best edges instead of a sort:
+    (node_max, r) -> (the r best A tokens, the others), each in token order (ties to the lower index,
+    as the stable sort) — the same matches, with src_idx in token order.
     """
     m = metric[:, protected:]
     m = m / m.norm(dim=-1, keepdim=True)
     a, b = m[:, ::2], m[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True).unsqueeze(-1)
-    src_idx = edge_idx[:, :r]
-    unm_idx = edge_idx[:, r:].sort(dim=1).values
+    if split is None:
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True).unsqueeze(-1)
+        src_idx = edge_idx[:, :r]
+        unm_idx = edge_idx[:, r:].sort(dim=1).values
+    else:
+        src_idx, unm_idx = (index.unsqueeze(-1) for index in split(node_max, r))
     dst_idx = node_idx.unsqueeze(-1).gather(1, src_idx)
     return src_idx, dst_idx, unm_idx
 
@@ -102,13 +107,14 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx,
 
 
 def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int,
-              merge=merge_tokens):
+              merge=merge_tokens, split=None):
     """One ToMe block step: metric from the block's keys [B, H, N, d], then merge r tokens with `merge`
-    (merge_tokens, or a kernel with its signature). r = 0 changes nothing (tokens keep their order)."""
+    (merge_tokens, or a kernel with its signature; `split` as in bipartite_soft_matching). r = 0 changes
+    nothing (tokens keep their order)."""
     if r == 0:
         return x, size
     metric = keys.mean(dim=1)
-    src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected)
+    src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected, split)
     recorder.add("tome", protected, src_idx, dst_idx, unm_idx)
     return merge(x, size, src_idx, dst_idx, unm_idx, protected)
 

@@ -102,6 +102,20 @@ def _select_top_k_fake(scores, k):
     return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
 
 
+@torch.library.custom_op("tokensparse::split_top_k", mutates_args=())
+def split_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """([B, k], [B, N - k]) int64: each row's k best scores' indices and the others, both in token order
+    (ties to the lower index): the TopKSplit plugin."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
+
+
+@split_top_k.register_fake
+def _split_top_k_fake(scores, k):
+    batch, tokens = scores.shape
+    return scores.new_empty(batch, k, dtype=torch.int64), scores.new_empty(batch, tokens - k, dtype=torch.int64)
+
+
 @torch.library.custom_op("tokensparse::keep_vision_tokens", mutates_args=())
 def keep_vision_tokens(scores: Tensor, image_mask: Tensor, keep: float) -> Tensor:
     """Positions [B, S'] kept: every text token and `keep` of the image tokens by score (FastV,
@@ -337,6 +351,7 @@ TOME_MERGE = torch.ops.tokensparse.tome_merge.default
 TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default
 MERGE_MATCHES = torch.ops.tokensparse.merge_matches.default
 SELECT_TOP_K = torch.ops.tokensparse.select_top_k.default
+SPLIT_TOP_K = torch.ops.tokensparse.split_top_k.default
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default
 KEEP_CHANGED_VIDEO = torch.ops.tokensparse.keep_changed_video_tokens.default

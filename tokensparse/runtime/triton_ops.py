@@ -10,7 +10,7 @@ from torch.library import triton_op, wrap_triton
 
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import attention_received, join_kept
-from tokensparse.runtime.kernels import kv_compact, tome_merge_kernel, topk_gather, topk_select
+from tokensparse.runtime.kernels import kv_compact, tome_merge_kernel, topk_gather, topk_select, topk_split
 
 
 @triton_op("tokensparse::tome_merge_rows", mutates_args={})
@@ -52,3 +52,4 @@ torch.library.register_kernel("tokensparse::topk_prune", "cuda", topk_prune_trit
 # The ops that plugins="kernel" exports as plugin nodes run the plugins' own kernels on a GPU.
 torch.library.register_kernel("tokensparse::merge_matches", "cuda", tome_merge_kernel)
 torch.library.register_kernel("tokensparse::select_top_k", "cuda", topk_select)
+torch.library.register_kernel("tokensparse::split_top_k", "cuda", topk_split)

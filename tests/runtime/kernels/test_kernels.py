@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from tests.devices import KERNEL_DEVICE as DEVICE
 from tokensparse.policies.tome import bipartite_soft_matching
 from tokensparse.runtime.kernels import (kv_compact, kv_compact_reference, tome_merge_kernel, tome_merge_reference,
-                                         topk_gather, topk_gather_reference)
+                                         topk_gather, topk_gather_reference, topk_split)
 
 SLOW = settings(max_examples=12, deadline=None)
 
@@ -53,6 +53,19 @@ def test_topk_gather_matches_reference(batch, tokens, channels, keep, ties, bloc
         assert torch.equal(kept, want_kept)
         torch.testing.assert_close(gathered, want, rtol=0, atol=0)
     torch.testing.assert_close(gathered, x.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)), rtol=0, atol=0)
+
+
+@SLOW
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 200), keep=st.floats(0.01, 1.0), ties=st.booleans(),
+       block_n=st.sampled_from([16, 64, 1024]), seed=st.integers(0, 10_000))
+def test_topk_split_writes_the_best_and_the_rest_in_token_order(batch, tokens, keep, ties, block_n, seed):
+    """ToMe's choice of edges: the k best (ties to the lower index, as the stable sort) and every other index."""
+    scores = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    scores = scores.round() if ties else scores
+    k = max(1, int(keep * tokens))
+    kept, rest = topk_split(scores, k, block_n=block_n)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(kept, order[:, :k].sort(-1).values) and torch.equal(rest, order[:, k:].sort(-1).values)
 
 
 @pytest.mark.parametrize("batch, tokens, channels, k", [(1, 3900, 3, 3841),
@@ -122,3 +135,22 @@ def test_kernels_keep_half_precision(dtype, tolerance):
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :137].sort(-1).values
     assert torch.equal(kept, order)
     torch.testing.assert_close(gathered, x[:, 1:].gather(1, order.unsqueeze(-1).expand(-1, -1, 768)), rtol=0, atol=0)
+
+
+def test_tome_matching_with_the_split_kernel_merges_the_same_tokens():
+    """bipartite_soft_matching with split=topk_split (what plugins="kernel" exports) picks the same edges as
+    its stable sort, duplicated tokens (equal similarities) included; src comes in token order instead."""
+    generator = torch.Generator().manual_seed(6)
+    metric = torch.randn(3, 41, 8, generator=generator)
+    metric[:, 10:20] = metric[:, 20:30]  # duplicated tokens: ties among the best edges
+    x, size = torch.randn(3, 41, 16, generator=generator), torch.rand(3, 41, 1, generator=generator) + 1
+    metric, x, size = metric.to(DEVICE), x.to(DEVICE), size.to(DEVICE)
+    for r in (1, 7, 20):
+        want = bipartite_soft_matching(metric, r, 1)
+        got = bipartite_soft_matching(metric, r, 1, split=topk_split)
+        order = want[0].squeeze(-1).argsort(-1)
+        assert torch.equal(got[0].squeeze(-1), want[0].squeeze(-1).gather(1, order))
+        assert torch.equal(got[1].squeeze(-1), want[1].squeeze(-1).gather(1, order))
+        assert torch.equal(got[2], want[2])
+        for a, b in zip(tome_merge_reference(x, size, *got, 1), tome_merge_reference(x, size, *want, 1)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

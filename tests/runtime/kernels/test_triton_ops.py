@@ -12,7 +12,7 @@ from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
 
 def test_cuda_kernels_are_registered():
     for name in ("tokensparse::tome_merge", "tokensparse::topk_prune", "tokensparse::merge_matches",
-                 "tokensparse::select_top_k"):
+                 "tokensparse::select_top_k", "tokensparse::split_top_k"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 

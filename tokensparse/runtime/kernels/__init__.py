@@ -3,7 +3,8 @@ run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests 
 
 from tokensparse.runtime.kernels.kv_compact import kv_compact, kv_compact_reference
 from tokensparse.runtime.kernels.tome_merge import tome_merge_kernel, tome_merge_reference
-from tokensparse.runtime.kernels.topk_select import topk_gather, topk_gather_reference, topk_select
+from tokensparse.runtime.kernels.topk_select import (topk_gather, topk_gather_reference, topk_select,
+                                                      topk_split)
 
 __all__ = [
     "kv_compact",
@@ -13,4 +14,5 @@ __all__ = [
     "topk_gather",
     "topk_gather_reference",
     "topk_select",
+    "topk_split",
 ]

@@ -32,9 +32,8 @@ def _ordered_keys(scores_ptr, row, tokens, offsets):
 
 
 @triton.jit
-def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
-    """kept[b, :k] = indices of the k largest scores of row b, in ascending index order."""
-    b = tl.program_id(0)
+def _kth_largest(scores_ptr, b, tokens, k, BLOCK_N: tl.constexpr):
+    """Row b's k-th largest key, and how many keys equal to it are among the k largest."""
     lanes = tl.arange(0, BLOCK_N)
     # The k-th largest key: the largest t with at least k keys >= t, built from the top bit down.
     threshold = tl.full([], 0, tl.int64)
@@ -48,7 +47,14 @@ def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
     above = tl.full([], 0, tl.int32)
     for start in range(0, tokens, BLOCK_N):
         above += tl.sum((_ordered_keys(scores_ptr, b, tokens, start + lanes) > threshold).to(tl.int32), 0)
-    ties_wanted = k - above
+    return threshold, k - above
+
+
+@triton.jit
+def _write_in_order(scores_ptr, b, tokens, k, kept_ptr, rest_ptr, WRITE_REST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One pass in token order: the k largest (ties: the first ones) to kept[b], the others to rest[b]."""
+    threshold, ties_wanted = _kth_largest(scores_ptr, b, tokens, k, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_N)
     written = tl.full([], 0, tl.int32)
     ties_seen = tl.full([], 0, tl.int32)
     for start in range(0, tokens, BLOCK_N):
@@ -59,8 +65,24 @@ def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
         chosen = ((key > threshold) | ((tie == 1) & (tie_rank < ties_wanted))).to(tl.int32)
         slot = written + tl.cumsum(chosen, 0) - chosen
         tl.store(kept_ptr + b * k + slot, offsets.to(tl.int64), mask=chosen == 1)
+        if WRITE_REST:
+            other = (1 - chosen) * (offsets < tokens).to(tl.int32)
+            rest_slot = start - written + tl.cumsum(other, 0) - other
+            tl.store(rest_ptr + b * (tokens - k) + rest_slot, offsets.to(tl.int64), mask=other == 1)
         written += tl.sum(chosen, 0)
         ties_seen += tl.sum(tie, 0)
+
+
+@triton.jit
+def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
+    """kept[b, :k] = indices of the k largest scores of row b, in ascending index order."""
+    _write_in_order(scores_ptr, tl.program_id(0), tokens, k, kept_ptr, kept_ptr, False, BLOCK_N)
+
+
+@triton.jit
+def split_rows(scores_ptr, tokens, k, kept_ptr, rest_ptr, BLOCK_N: tl.constexpr):
+    """select_rows, and rest[b, :tokens - k] = the other indices, in ascending index order."""
+    _write_in_order(scores_ptr, tl.program_id(0), tokens, k, kept_ptr, rest_ptr, True, BLOCK_N)
 
 
 @triton.jit
@@ -98,6 +120,20 @@ def topk_select(scores, k: int, block_n: int = 1024, launch=None):
     _launch(launch, select_rows)[grid](scores.contiguous(), *scalars, kept,
                                        **select_constants(min(block_n, triton.next_power_of_2(tokens))))
     return kept
+
+
+def topk_split(scores, k: int, block_n: int = 1024, launch=None):
+    """(kept [B, k], rest [B, N - k]), both int64 in token order: the k largest scores' indices (ties: lower
+    index) and the others. 1 <= k <= N."""
+    batch, tokens = scores.shape
+    if not 1 <= k <= tokens:
+        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
+    kept = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
+    rest = torch.empty(batch, tokens - k, dtype=torch.int64, device=scores.device)
+    grid, scalars = select_launch(scores.shape, k)
+    _launch(launch, split_rows)[grid](scores.contiguous(), *scalars, kept, rest,
+                                      **select_constants(min(block_n, triton.next_power_of_2(tokens))))
+    return kept, rest
 
 
 def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, block_n: int = 1024, launch=None):
