@@ -43,6 +43,34 @@ def test_topk_prune_opcheck_and_reference(kwargs):
     torch.testing.assert_close(TOPK_PRUNE(*args), topk_step(*args))
 
 
+@pytest.mark.parametrize("r, protected", [(3, 1), (5, 0), (0, 1)])
+def test_merge_matches_opcheck_and_reference(r, protected):
+    """The op that plugins="kernel" exports as TomeMergeRows: the policy's merge for given matches."""
+    from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
+    from tokensparse.runtime.ops import MERGE_MATCHES
+
+    x, size, keys, _, _ = _tome_args(tokens=10)
+    matches = bipartite_soft_matching(keys.mean(1), r, protected)
+    args = (x, size, *(index.contiguous() for index in matches), protected)
+    torch.library.opcheck(MERGE_MATCHES, args)
+    for got, want in zip(MERGE_MATCHES(*args), merge_tokens(*args)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_select_and_split_top_k_opcheck_and_reference(k):
+    """The ops plugins="kernel" exports as TopKSelect and TopKSplit: indices in token order, ties to the lower."""
+    from tokensparse.runtime.ops import SELECT_TOP_K, SPLIT_TOP_K
+
+    scores = torch.randint(0, 3, (2, 9), generator=torch.Generator().manual_seed(k)).float()  # many ties
+    torch.library.opcheck(SELECT_TOP_K, (scores, k))
+    torch.library.opcheck(SPLIT_TOP_K, (scores, k))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    kept, rest = SPLIT_TOP_K(scores, k)
+    assert torch.equal(kept, order[:, :k].sort(-1).values) and torch.equal(rest, order[:, k:].sort(-1).values)
+    assert torch.equal(SELECT_TOP_K(scores, k), kept)
+
+
 @pytest.mark.parametrize("keep", [0.25, 1.0, 0.0])
 def test_keep_vision_tokens_opcheck_and_reference(keep):
     from tokensparse.policies.fastv import fastv_keep
