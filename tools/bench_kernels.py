@@ -27,7 +27,8 @@ def cases(dtype):
     """(name, triton call, reference call) on seeded inputs of serving sizes."""
     from tokensparse.policies.tome import bipartite_soft_matching
     from tokensparse.runtime.kernels import (kv_compact, kv_compact_reference, tome_merge_kernel,
-                                             tome_merge_reference, topk_gather, topk_gather_reference)
+                                             tome_merge_reference, topk_gather, topk_gather_reference, topk_split)
+    from tokensparse.runtime.ops import split_top_k
 
     generator = torch.Generator(device="cuda").manual_seed(0)
 
@@ -38,6 +39,10 @@ def cases(dtype):
     src, dst, unm = bipartite_soft_matching(randn(64, 197, 64).float(), 13, 1)
     yield ("tome merge, ViT-B/16 batch 64, r=13", lambda: tome_merge_kernel(x, size, src, dst, unm, 1),
            lambda: tome_merge_reference(x, size, src, dst, unm, 1))
+    for batch, a_tokens, r in ((64, 98, 13), (4, 4100, 1025)):
+        node_max = randn(batch, a_tokens)
+        yield (f"ToMe's r best edges and the rest, batch {batch}, {a_tokens} A tokens, r={r}",
+               lambda s=node_max, r=r: topk_split(s, r), lambda s=node_max, r=r: split_top_k(s, r))
     for batch, tokens, keep in ((8, 3136, 0.5), (8, 8200, 0.25), (2, 65536, 0.1)):
         tokens_x, scores = randn(batch, tokens, 1024), randn(batch, tokens)
         k = int(keep * tokens)
