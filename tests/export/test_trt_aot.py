@@ -2,6 +2,7 @@
 takes exactly what TensorRT's launch passes (input pointers, int32 scalars, output pointers), with Triton's
 scratch parameters gone. Kernels that cannot be launched that way are refused with the reason."""
 
+import dataclasses
 import re
 import subprocess
 from types import SimpleNamespace
@@ -62,6 +63,12 @@ def test_parameters_out_of_tensorrt_order_are_refused():
     with pytest.raises(AotCompileError, match="inputs, then scalars, then outputs"):
         compile_for_tensorrt(_output_before_scalar, {"x_ptr": torch.float32}, {"out_ptr": torch.float32},
                              {"BLOCK": 16})
+
+
+def test_pointers_in_another_order_than_the_plugin_passes_them_are_refused():
+    with pytest.raises(AotCompileError, match=r"the order \['x_ptr', 'size_ptr'"):
+        swapped = dataclasses.replace(MERGE_ROWS, inputs=("size_ptr", "x_ptr", "src_ptr", "dst_ptr", "unm_ptr"))
+        swapped.compile([torch.float32] * 2 + [INDEX] * 3, {"protected": 1})
 
 
 def test_a_missing_compile_time_value_is_named():

@@ -66,6 +66,10 @@ def compile_for_tensorrt(kernel, inputs: dict, outputs: dict, constants: dict, a
     if order != expected:
         raise AotCompileError(f"{kernel.__name__}: parameters must be inputs, then scalars, then outputs "
                               f"(TensorRT's AOT launch order); they are {order}")
+    declared = [name for name in signature if name in pointers]
+    if declared != [*inputs, *outputs]:
+        raise AotCompileError(f"{kernel.__name__}: its pointers come in the order {declared}; the plugin passes "
+                              f"{[*inputs, *outputs]}")
     frozen = tuple(sorted((name, signature[name]) for name in signature))
     return _compile(function.__module__, function.__name__, frozen, tuple(sorted(constants.items())), arch,
                     len(order))
