@@ -49,6 +49,11 @@ class _Desc:
     def __init__(self, shape, dtype):
         self.shape_expr, self.dtype = tuple(shape), dtype
 
+    def like(self):
+        copy = _Desc(self.shape_expr, self.dtype)
+        copy.shape_expr = list(copy.shape_expr)
+        return copy
+
 
 def _stand_in_tensorrt(monkeypatch) -> dict:
     """Modules named tensorrt and tensorrt.plugin that record what register_plugins() registers, so that its
@@ -124,3 +129,15 @@ def test_topk_select_declares_k_indices_and_launches_one_program_per_row(monkeyp
     assert (params.grid_x, params.grid_y, params.grid_z) == (3, 1, 1) and scalars == [5000, 4000]
     kept, rest = registry[("register", "tokensparse::TopKSplit")](scores, 4000)
     assert (kept.shape_expr, rest.shape_expr, rest.dtype) == ((3, 4000), (3, 1000), "trt.int64")
+
+
+def test_step_plugins_declare_their_token_counts(monkeypatch):
+    registry = _stand_in_tensorrt(monkeypatch)
+    register_plugins()
+    x, size, keys = _Desc((2, 197, 768), "trt.float16"), _Desc((2, 197, 1), "trt.float16"), _Desc((2, 12, 197, 64),
+                                                                                                    "trt.float16")
+    merged, merged_size = registry[("register", "tokensparse::TomeMerge")](x, size, keys, 13, 1)
+    assert list(merged.shape_expr) == [2, 184, 768] and list(merged_size.shape_expr) == [2, 184, 1]
+    q = _Desc((2, 12, 197, 64), "trt.float16")
+    kept = registry[("register", "tokensparse::TopKPrune")](x, q, keys, 0.125, 98, 1, 1)
+    assert list(kept.shape_expr) == [2, 100, 768] and ("impl", "tokensparse::TopKPrune") in registry
