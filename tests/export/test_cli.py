@@ -99,7 +99,8 @@ def test_kernel_plugins_export_checks_through_the_plugin_kernels(vit_config_dir,
         pytest.skip("TensorRT and a GPU are present: the engine would be built")
     out, repo = tmp_path / "vit.onnx", tmp_path / "models"
     status = main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--onnx", str(out),
-                   "--plugins", "kernel", "--check", "--engine", str(tmp_path / "vit.plan"), "--triton-repo", str(repo)])
+                   "--plugins", "kernel", "--check", "--engine", str(tmp_path / "vit.plan"),
+                   "--triton-repo", str(repo)])
     err = " ".join(capsys.readouterr().err.split())
     assert status == 3 and out.exists() and not repo.exists()
     assert "the ONNX with its plugin kernels launched as TensorRT would (cpu) vs pruned PyTorch" in err and "ok" in err
