@@ -74,6 +74,8 @@ def _stand_in_tensorrt(monkeypatch) -> dict:
         setattr(trt, dtype, f"trt.{dtype}")
     trtp = types.ModuleType("tensorrt.plugin")
     trtp.register, trtp.impl, trtp.aot_impl = recorder("register"), recorder("impl"), recorder("aot_impl")
+    trtp.autotune = recorder("autotune")
+    trtp.AutoTuneCombination = lambda io_types, layouts: (io_types, layouts)
     trtp.TensorDesc, trtp.Tensor = _Desc, object
     trtp.ShapeExprs = types.SimpleNamespace(from_tuple=tuple)
     trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
@@ -100,6 +102,10 @@ def test_kernel_plugins_hand_tensorrt_a_launch_that_computes_the_merge(monkeypat
     assert names == ["tokensparse::TomeMerge", "tokensparse::TopKPrune", "tokensparse::TomeMergeRows",
                      "tokensparse::TopKSelect", "tokensparse::TopKSplit"]
     assert ("impl", "tokensparse::TomeMergeRows") not in registry  # ahead of time only: no Python at run time
+    # the I/O types TensorRT may choose: every float I/O in the same one of float32, float16, bfloat16
+    [(types, _)] = registry[("autotune", "tokensparse::TomeMergeRows")](*[_Desc((1,), "trt.float32")] * 5, ())
+    assert [choice.split("|")[1] for choice in types.split(",")] == ["FP16", "FP16", "INT64", "INT64", "INT64",
+                                                                      "FP16", "FP16"]
     generator = torch.Generator().manual_seed(0)
     x, size = torch.randn(2, 45, 70, generator=generator), torch.rand(2, 45, 1, generator=generator) + 1
     src, dst, unm = bipartite_soft_matching(torch.randn(2, 45, 8, generator=generator), 17, 1)
@@ -127,6 +133,8 @@ def test_topk_select_declares_k_indices_and_launches_one_program_per_row(monkeyp
     assert (kept.shape_expr, kept.dtype) == ((3, 4000), "trt.int64")
     name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TopKSelect")](scores, 4000, (kept,))
     assert (params.grid_x, params.grid_y, params.grid_z) == (3, 1, 1) and scalars == [5000, 4000]
+    [(types, layouts)] = registry[("autotune", "tokensparse::TopKSelect")](scores, (kept,))
+    assert (types, layouts) == ("FP32|FP16|BF16,INT64|INT64|INT64", "LINEAR")
     kept, rest = registry[("register", "tokensparse::TopKSplit")](scores, 4000)
     assert (kept.shape_expr, rest.shape_expr, rest.dtype) == ((3, 4000), (3, 1000), "trt.int64")
 

@@ -30,6 +30,16 @@ class KernelPlugin:
     output_dtypes: Callable             # input dtypes -> output dtypes
     launch: Callable                    # (input shapes, output shapes, cdiv) -> grid, int32 scalars
     constants: Callable                 # attributes -> the kernel's compile-time parameters
+    float_inputs: tuple                 # the inputs that hold floats (the others hold int64 indices)
+
+    def io_type_choices(self, index_dtype=torch.int64) -> str:
+        """TensorRT's autotune combination of the I/O types this kernel compiles for: every float input and
+        output in float32, float16 or bfloat16 together ('|': the same choice for all), indices in int64."""
+        example = [torch.float32 if name in self.float_inputs else index_dtype for name in self.inputs]
+        types = [*example, *self.output_dtypes(example)]
+        names = {torch.float32: "FP32", torch.int64: "INT64", torch.int32: "INT32"}
+        return ",".join("FP32|FP16|BF16" if dtype == torch.float32 else "|".join([names[dtype]] * 3)
+                        for dtype in types)
 
     def compile(self, input_dtypes, attributes: dict, arch: int = DEFAULT_ARCH) -> CompiledKernel:
         """PTX for `arch`, for inputs of these dtypes."""
@@ -46,14 +56,14 @@ MERGE_ROWS = KernelPlugin(
                                               (shapes[0][0], shapes[0][1] - shapes[2][1], 1)],
     output_dtypes=lambda dtypes: [dtypes[0], dtypes[1]],
     launch=lambda inputs, outputs, cdiv: merge_launch(inputs[0], inputs[2], inputs[4], outputs[0][1], cdiv),
-    constants=lambda attributes: merge_constants(attributes["protected"]))
+    constants=lambda attributes: merge_constants(attributes["protected"]), float_inputs=("x_ptr", "size_ptr"))
 
 TOPK_SELECT = KernelPlugin(
     TOPK_SELECT_PLUGIN, select_rows, inputs=("scores_ptr",), outputs=("kept_ptr",),
     output_shapes=lambda shapes, attributes: [(shapes[0][0], attributes["k"])],
     output_dtypes=lambda dtypes: [torch.int64],
     launch=lambda inputs, outputs, cdiv: select_launch(inputs[0], outputs[0][1]),
-    constants=lambda attributes: select_constants())
+    constants=lambda attributes: select_constants(), float_inputs=("scores_ptr",))
 
 TOPK_SPLIT = KernelPlugin(
     TOPK_SPLIT_PLUGIN, split_rows, inputs=("scores_ptr",), outputs=("kept_ptr", "rest_ptr"),
@@ -61,7 +71,7 @@ TOPK_SPLIT = KernelPlugin(
                                               (shapes[0][0], shapes[0][1] - attributes["k"])],
     output_dtypes=lambda dtypes: [torch.int64, torch.int64],
     launch=lambda inputs, outputs, cdiv: select_launch(inputs[0], outputs[0][1]),
-    constants=lambda attributes: select_constants())
+    constants=lambda attributes: select_constants(), float_inputs=("scores_ptr",))
 
 KERNEL_PLUGINS = {plugin.name: plugin for plugin in (MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT)}
 

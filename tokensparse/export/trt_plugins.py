@@ -3,10 +3,11 @@
 missing.
 - The step plugins (plugins="step": TomeMerge, TopKPrune): shape descriptors, and implementations that run
   the tokensparse:: ops on TensorRT's CUDA stream from Python.
-- The kernel plugins (plugins="kernel": TomeMergeRows, TopKSelect, TopKSplit): shape descriptors and ahead-of-time
-  implementations only (trtp.aot_impl): the Triton kernel's PTX, its launch grid and its int32 scalars as
-  expressions of the shapes (kernel_plugins.py). TensorRT puts the PTX in the engine and launches it
-  itself, so the engine runs from C++ (trtexec, the C++ runtime, Triton Inference Server) without Python."""
+- The kernel plugins (plugins="kernel": TomeMergeRows, TopKSelect, TopKSplit): shape descriptors, the I/O
+  types they run in (trtp.autotune), and ahead-of-time implementations only (trtp.aot_impl): the Triton
+  kernel's PTX for the chosen types, its launch grid and its int32 scalars as expressions of the shapes
+  (kernel_plugins.py). TensorRT puts the PTX in the engine and launches it itself, so the engine runs from
+  C++ (trtexec, the C++ runtime, Triton Inference Server) without Python."""
 
 from __future__ import annotations
 
@@ -116,6 +117,11 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     merge_name, select_name = f"{PLUGIN_NAMESPACE}::{MERGE_ROWS_PLUGIN}", f"{PLUGIN_NAMESPACE}::{TOPK_SELECT_PLUGIN}"
     split_name = f"{PLUGIN_NAMESPACE}::{TOPK_SPLIT_PLUGIN}"
 
+    def type_choices(plugin):
+        """The autotune combinations: the kernels compile for float32, float16 and bfloat16 alike, so an
+        --fp16 or --bf16 engine need not cast around them."""
+        return [trtp.AutoTuneCombination(plugin.io_type_choices(), "LINEAR")]
+
     @trtp.register(merge_name)
     def merge_rows_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
                         dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc,
@@ -128,6 +134,11 @@ def _register_kernel_plugins(arch: int) -> list[str]:
                        outputs: Tuple[trtp.TensorDesc]):
         return ahead_of_time(MERGE_ROWS, (x, size, src_idx, dst_idx, unm_idx), outputs, {"protected": protected})
 
+    @trtp.autotune(merge_name)
+    def merge_rows_types(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
+                         dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+        return type_choices(MERGE_ROWS)
+
     @trtp.register(select_name)
     def topk_select_desc(scores: trtp.TensorDesc, k: int) -> trtp.TensorDesc:
         return described(TOPK_SELECT, (scores,), {"k": k})[0]
@@ -136,6 +147,10 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
         return ahead_of_time(TOPK_SELECT, (scores,), outputs, {"k": k})
 
+    @trtp.autotune(select_name)
+    def topk_select_types(scores: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+        return type_choices(TOPK_SELECT)
+
     @trtp.register(split_name)
     def topk_split_desc(scores: trtp.TensorDesc, k: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return described(TOPK_SPLIT, (scores,), {"k": k})
@@ -143,5 +158,9 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     @trtp.aot_impl(split_name)
     def topk_split_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
         return ahead_of_time(TOPK_SPLIT, (scores,), outputs, {"k": k})
+
+    @trtp.autotune(split_name)
+    def topk_split_types(scores: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+        return type_choices(TOPK_SPLIT)
 
     return [merge_name, select_name, split_name]
