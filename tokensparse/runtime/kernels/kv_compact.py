@@ -24,7 +24,7 @@ def kv_compact_reference(cache, kept):
 def _compact(cache_ptr, kept_ptr, length, k, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Tiles of BLOCK_R kept positions in ascending order: a tile is read whole before it is written, and
     later tiles only read rows at or after their own positions, which no earlier tile wrote."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements
     base = cache_ptr + bh * length * dim
     for first in range(0, k, BLOCK_R):
         j = first + tl.arange(0, BLOCK_R)

@@ -3,8 +3,8 @@ output rows. Prefix and unmerged A rows are copies; a B row is its own size-weig
 rows matched to it, divided by the summed sizes. The merged A rows are found by comparing the tile's B rows
 with every match's destination (a 0/1 [rows, matches] tile times the matches' weighted rows), so there are
 no atomics and the sums are deterministic. One launch, in TensorRT's plugin calling convention (inputs, then
-the sizes as int32 scalars, then outputs: tokensparse/export/trt_aot.py). The matching itself (a [N/2, N/2]
-similarity, max and sort) stays in the graph."""
+the sizes as int32 scalars, then outputs: tokensparse/export/trt_aot.py). The matching (a [N/2, N/2]
+similarity and its max; the r best edges are topk_select.py's split) comes before it."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def merge_rows(x_ptr, size_ptr, src_ptr, dst_ptr, unm_ptr, tokens, channels, mat
                BLOCK_C: tl.constexpr):
     """out[b] = [x prefix, x at unmerged A, every B merged]; out_size alike. Indices are A/B slots, as
     bipartite_soft_matching returns them (A token i is row PROTECTED + 2i, B token j row PROTECTED + 2j + 1)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements (long videos, large batches)
     o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     out_tokens = PROTECTED + kept_a + (tokens - PROTECTED) // 2
     valid = o < out_tokens

@@ -76,19 +76,19 @@ def _write_in_order(scores_ptr, b, tokens, k, kept_ptr, rest_ptr, WRITE_REST: tl
 @triton.jit
 def select_rows(scores_ptr, tokens, k, kept_ptr, BLOCK_N: tl.constexpr):
     """kept[b, :k] = indices of the k largest scores of row b, in ascending index order."""
-    _write_in_order(scores_ptr, tl.program_id(0), tokens, k, kept_ptr, kept_ptr, False, BLOCK_N)
+    _write_in_order(scores_ptr, tl.program_id(0).to(tl.int64), tokens, k, kept_ptr, kept_ptr, False, BLOCK_N)
 
 
 @triton.jit
 def split_rows(scores_ptr, tokens, k, kept_ptr, rest_ptr, BLOCK_N: tl.constexpr):
     """select_rows, and rest[b, :tokens - k] = the other indices, in ascending index order."""
-    _write_in_order(scores_ptr, tl.program_id(0), tokens, k, kept_ptr, rest_ptr, True, BLOCK_N)
+    _write_in_order(scores_ptr, tl.program_id(0).to(tl.int64), tokens, k, kept_ptr, rest_ptr, True, BLOCK_N)
 
 
 @triton.jit
 def _gather_rows(x_ptr, kept_ptr, out_ptr, tokens, k, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b, j] = x[b, kept[b, j]] for a tile of BLOCK_R rows."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements
     j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = j < k
     row = tl.load(kept_ptr + b * k + j, mask=valid, other=0)
