@@ -2,7 +2,9 @@
 plugin attributes; the plugins' token arithmetic; a clear error without TensorRT."""
 
 import importlib.util
+import inspect
 import sys
+import typing
 
 import onnx
 import pytest
@@ -55,6 +57,34 @@ class _Desc:
         return copy
 
 
+def _checked(kind: str, name: str, function, registered: dict):
+    """What tensorrt.plugin checks of a decorated function's signature, as its documentation states: the
+    annotations are classes (it tells tensors from attributes by them), register() names the tensors first
+    and declares its outputs, and the other functions take the tensors, some of the attributes in order,
+    then `outputs` (and `stream` for impl, `tactic` for aot_impl)."""
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    assert not any(isinstance(p.annotation, str) for p in parameters.values()), f"{name}: string annotations"
+    if kind == "register":
+        assert signature.return_annotation is not inspect.Signature.empty, f"{name}: register() declares no outputs"
+        tensors = [n for n, p in parameters.items() if p.annotation is _Desc]
+        attributes = [n for n, p in parameters.items() if p.annotation is not _Desc]
+        assert list(parameters) == tensors + attributes, f"{name}: tensors must come before attributes"
+        assert all(parameters[n].annotation in (int, float, bytes, bool, str) for n in attributes)
+        registered[name] = (tensors, attributes)
+        return
+    tensors, attributes = registered[name]
+    tail = {"impl": ["outputs", "stream"], "aot_impl": ["outputs", "tactic"], "autotune": ["outputs"]}[kind]
+    names = list(parameters)
+    if kind == "impl" and names[-1] == "tactic":
+        names = names[:-1]
+    assert names[:len(tensors)] == tensors and names[-len(tail):] == tail, f"{name} {kind}: {names}"
+    middle = names[len(tensors):-len(tail)]
+    assert middle == [n for n in attributes if n in middle], f"{name} {kind}: attributes {middle}"
+    if kind == "aot_impl":
+        assert len(typing.get_args(signature.return_annotation)) == 4, f"{name}: aot_impl declares no results"
+
+
 def _stand_in_tensorrt(monkeypatch) -> dict:
     """Modules named tensorrt and tensorrt.plugin that record what register_plugins() registers, so that its
     own code (descriptors, ahead-of-time implementations) runs here; TensorRT itself cannot be installed."""
@@ -63,10 +93,16 @@ def _stand_in_tensorrt(monkeypatch) -> dict:
 
     import triton
 
-    registry = {}
+    registry, registered = {}, {}
 
     def recorder(kind):
-        return lambda name: (lambda function: registry.setdefault((kind, name), function))
+        def decorator_for(name):
+            def record(function):
+                _checked(kind, name, function, registered)
+                registry[(kind, name)] = function
+                return function
+            return record
+        return decorator_for
 
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
@@ -76,11 +112,11 @@ def _stand_in_tensorrt(monkeypatch) -> dict:
     trtp.register, trtp.impl, trtp.aot_impl = recorder("register"), recorder("impl"), recorder("aot_impl")
     trtp.autotune = recorder("autotune")
     trtp.AutoTuneCombination = lambda io_types, layouts: (io_types, layouts)
-    trtp.TensorDesc, trtp.Tensor = _Desc, object
+    trtp.TensorDesc, trtp.Tensor = _Desc, type("Tensor", (), {})
     trtp.ShapeExprs = types.SimpleNamespace(from_tuple=tuple)
     trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
     trtp.KernelLaunchParams = type("KernelLaunchParams", (types.SimpleNamespace,), {})
-    trtp.SymIntExprs = lambda count: [None] * count
+    trtp.SymIntExprs = type("SymIntExprs", (list,), {"__init__": lambda self, count: list.__init__(self, [None] * count)})
     trtp.SymInt32, trtp.cdiv = int, triton.cdiv
     trt.plugin = trtp
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -113,7 +149,7 @@ def test_kernel_plugins_hand_tensorrt_a_launch_that_computes_the_merge(monkeypat
     descs = [_Desc(t.shape, {torch.float32: "trt.float32", torch.int64: "trt.int64"}[t.dtype]) for t in inputs]
     outputs = registry[("register", "tokensparse::TomeMergeRows")](*descs, 1)
     assert [(o.shape_expr, o.dtype) for o in outputs] == [((2, 28, 70), "trt.float32"), ((2, 28, 1), "trt.float32")]
-    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TomeMergeRows")](*descs, 1, outputs)
+    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TomeMergeRows")](*descs, 1, outputs, 0)
     compiled = MERGE_ROWS.compile([t.dtype for t in inputs], {"protected": 1}, 80)
     assert (name, ptx) == (compiled.name, compiled.ptx) and f".entry {name}" in ptx
     assert (params.block_x, params.shared_mem) == (compiled.threads, compiled.shared_memory)
@@ -131,7 +167,7 @@ def test_topk_select_declares_k_indices_and_launches_one_program_per_row(monkeyp
     scores = _Desc((3, 5000), "trt.float16")
     [kept] = [registry[("register", "tokensparse::TopKSelect")](scores, 4000)]
     assert (kept.shape_expr, kept.dtype) == ((3, 4000), "trt.int64")
-    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TopKSelect")](scores, 4000, (kept,))
+    name, ptx, params, scalars = registry[("aot_impl", "tokensparse::TopKSelect")](scores, 4000, (kept,), 0)
     assert (params.grid_x, params.grid_y, params.grid_z) == (3, 1, 1) and scalars == [5000, 4000]
     [(types, layouts)] = registry[("autotune", "tokensparse::TopKSelect")](scores, (kept,))
     assert (types, layouts) == ("FP32|FP16|BF16,INT64|INT64|INT64", "LINEAR")

@@ -9,10 +9,10 @@ missing.
   (kernel_plugins.py). TensorRT puts the PTX in the engine and launches it itself, so the engine runs from
   C++ (trtexec, the C++ runtime, Triton Inference Server) without Python."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: tensorrt.plugin reads the annotations as classes (TensorDesc, int)
+# to tell tensors from attributes, and strings would not do.
 import importlib.util
-from typing import Tuple
+from typing import Tuple, Union
 
 from tokensparse.export.plugin_nodes import (MERGE_ROWS_PLUGIN, PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN,
                                              TOPK_PRUNE_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN)
@@ -46,7 +46,8 @@ def _register_step_plugins() -> list[str]:
     tome_name, topk_name = f"{PLUGIN_NAMESPACE}::{TOME_MERGE_PLUGIN}", f"{PLUGIN_NAMESPACE}::{TOPK_PRUNE_PLUGIN}"
 
     @trtp.register(tome_name)
-    def tome_merge_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int, protected: int):
+    def tome_merge_desc(x: trtp.TensorDesc, size: trtp.TensorDesc, keys: trtp.TensorDesc, r: int,
+                        protected: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         merged = x.like()
         merged.shape_expr[1] = tome_merge_tokens(x.shape_expr[1], r)
         merged_size = size.like()
@@ -65,7 +66,7 @@ def _register_step_plugins() -> list[str]:
 
     @trtp.register(topk_name)
     def topk_prune_desc(x: trtp.TensorDesc, q: trtp.TensorDesc, k: trtp.TensorDesc, scale: float, keep: int,
-                        protected: int, fuse: int):
+                        protected: int, fuse: int) -> trtp.TensorDesc:
         kept = x.like()
         kept.shape_expr[1] = topk_prune_tokens(keep, protected, fuse)
         return kept
@@ -103,10 +104,8 @@ def _register_kernel_plugins(arch: int) -> list[str]:
         compiled = plugin.compile([torch_dtypes[desc.dtype] for desc in inputs], attributes, arch)
         grid, scalars = plugin.launch([desc.shape_expr for desc in inputs], [desc.shape_expr for desc in outputs],
                                       trtp.cdiv)
-        grid = (*grid, 1, 1)[:3]
         params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = (value if isinstance(value, int) else trtp.SymInt32(value)
-                                                       for value in grid)
+        params.grid_x, params.grid_y, params.grid_z = (*grid, 1, 1)[:3]
         params.block_x = compiled.threads
         params.shared_mem = compiled.shared_memory
         extra = trtp.SymIntExprs(len(scalars))
@@ -116,6 +115,8 @@ def _register_kernel_plugins(arch: int) -> list[str]:
 
     merge_name, select_name = f"{PLUGIN_NAMESPACE}::{MERGE_ROWS_PLUGIN}", f"{PLUGIN_NAMESPACE}::{TOPK_SELECT_PLUGIN}"
     split_name = f"{PLUGIN_NAMESPACE}::{TOPK_SPLIT_PLUGIN}"
+    # What an aot_impl returns: kernel name, PTX, launch parameters, the int32 scalars (tactic: unused)
+    Compiled = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     def type_choices(plugin):
         """The autotune combinations: the kernels compile for float32, float16 and bfloat16 alike, so an
@@ -131,7 +132,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     @trtp.aot_impl(merge_name)
     def merge_rows_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, src_idx: trtp.TensorDesc,
                        dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc, protected: int,
-                       outputs: Tuple[trtp.TensorDesc]):
+                       outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
         return ahead_of_time(MERGE_ROWS, (x, size, src_idx, dst_idx, unm_idx), outputs, {"protected": protected})
 
     @trtp.autotune(merge_name)
@@ -144,7 +145,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
         return described(TOPK_SELECT, (scores,), {"k": k})[0]
 
     @trtp.aot_impl(select_name)
-    def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
+    def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
         return ahead_of_time(TOPK_SELECT, (scores,), outputs, {"k": k})
 
     @trtp.autotune(select_name)
@@ -156,7 +157,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
         return described(TOPK_SPLIT, (scores,), {"k": k})
 
     @trtp.aot_impl(split_name)
-    def topk_split_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc]):
+    def topk_split_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
         return ahead_of_time(TOPK_SPLIT, (scores,), outputs, {"k": k})
 
     @trtp.autotune(split_name)
