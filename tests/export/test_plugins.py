@@ -113,10 +113,10 @@ def _stand_in_tensorrt(monkeypatch) -> dict:
     trtp.autotune = recorder("autotune")
     trtp.AutoTuneCombination = lambda io_types, layouts: (io_types, layouts)
     trtp.TensorDesc, trtp.Tensor = _Desc, type("Tensor", (), {})
-    trtp.ShapeExprs = types.SimpleNamespace(from_tuple=tuple)
     trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
     trtp.KernelLaunchParams = type("KernelLaunchParams", (types.SimpleNamespace,), {})
-    trtp.SymIntExprs = type("SymIntExprs", (list,), {"__init__": lambda self, count: list.__init__(self, [None] * count)})
+    trtp.SymIntExprs = type("SymIntExprs", (list,),
+                            {"__init__": lambda self, count: list.__init__(self, [None] * count)})
     trtp.SymInt32, trtp.cdiv = int, triton.cdiv
     trt.plugin = trtp
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

@@ -97,7 +97,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     def described(plugin, inputs, attributes):
         shapes = plugin.output_shapes([desc.shape_expr for desc in inputs], attributes)
         dtypes = plugin.output_dtypes([torch_dtypes[desc.dtype] for desc in inputs])
-        return tuple(trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=trt_dtypes[dtype])
+        return tuple(trtp.from_shape_expr(tuple(shape), dtype=trt_dtypes[dtype])
                      for shape, dtype in zip(shapes, dtypes))
 
     def ahead_of_time(plugin, inputs, outputs, attributes):
