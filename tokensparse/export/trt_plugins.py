@@ -140,28 +140,22 @@ def _register_kernel_plugins(arch: int) -> list[str]:
                          dst_idx: trtp.TensorDesc, unm_idx: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
         return type_choices(MERGE_ROWS)
 
-    @trtp.register(select_name)
-    def topk_select_desc(scores: trtp.TensorDesc, k: int) -> trtp.TensorDesc:
-        return described(TOPK_SELECT, (scores,), {"k": k})[0]
+    def register_on_scores(name, plugin, declared):
+        """TopKSelect and TopKSplit: one scores input, the attribute k, `declared` outputs."""
 
-    @trtp.aot_impl(select_name)
-    def topk_select_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
-        return ahead_of_time(TOPK_SELECT, (scores,), outputs, {"k": k})
+        @trtp.register(name)
+        def desc(scores: trtp.TensorDesc, k: int) -> declared:
+            outputs = described(plugin, (scores,), {"k": k})
+            return outputs if len(outputs) > 1 else outputs[0]
 
-    @trtp.autotune(select_name)
-    def topk_select_types(scores: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
-        return type_choices(TOPK_SELECT)
+        @trtp.aot_impl(name)
+        def aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
+            return ahead_of_time(plugin, (scores,), outputs, {"k": k})
 
-    @trtp.register(split_name)
-    def topk_split_desc(scores: trtp.TensorDesc, k: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return described(TOPK_SPLIT, (scores,), {"k": k})
+        @trtp.autotune(name)
+        def types(scores: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+            return type_choices(plugin)
 
-    @trtp.aot_impl(split_name)
-    def topk_split_aot(scores: trtp.TensorDesc, k: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Compiled:
-        return ahead_of_time(TOPK_SPLIT, (scores,), outputs, {"k": k})
-
-    @trtp.autotune(split_name)
-    def topk_split_types(scores: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
-        return type_choices(TOPK_SPLIT)
-
+    register_on_scores(select_name, TOPK_SELECT, trtp.TensorDesc)
+    register_on_scores(split_name, TOPK_SPLIT, Tuple[trtp.TensorDesc, trtp.TensorDesc])
     return [merge_name, select_name, split_name]
