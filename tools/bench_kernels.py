@@ -26,6 +26,7 @@ def parse_args(argv=None):
 def cases(dtype):
     """(name, triton call, reference call) on seeded inputs of serving sizes."""
     from tokensparse.policies.tome import bipartite_soft_matching
+    from tokensparse.policies.topk import split_in_order
     from tokensparse.runtime.kernels import (kv_compact, kv_compact_reference, tome_merge_kernel,
                                              tome_merge_reference, topk_gather, topk_gather_reference, topk_split)
 
@@ -41,7 +42,7 @@ def cases(dtype):
     for batch, a_tokens, r in ((64, 98, 13), (4, 4100, 1025)):
         node_max = randn(batch, a_tokens)
         yield (f"ToMe's r best edges and the rest, batch {batch}, {a_tokens} A tokens, r={r}",
-               lambda s=node_max, r=r: topk_split(s, r), lambda s=node_max, r=r: _split_by_sort(s, r))
+               lambda s=node_max, r=r: topk_split(s, r), lambda s=node_max, r=r: split_in_order(s, r))
     for batch, tokens, keep in ((8, 3136, 0.5), (8, 8200, 0.25), (2, 65536, 0.1)):
         tokens_x, scores = randn(batch, tokens, 1024), randn(batch, tokens)
         k = int(keep * tokens)
@@ -53,12 +54,6 @@ def cases(dtype):
     kept = torch.rand(8, 8, 4096, device="cuda", generator=generator).argsort(-1)[..., :1024].sort(-1).values
     yield ("KV compaction in place, [8, 8, 4096, 128] to 1024", lambda: kv_compact(work, kept),
            lambda: kv_compact_reference(cache, kept))
-
-
-def _split_by_sort(scores, k: int):
-    """PyTorch's way to ToMe's edges: a stable sort, then both parts back in token order."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
 
 
 def run(args) -> dict:

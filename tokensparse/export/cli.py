@@ -259,16 +259,23 @@ def _check_against_pytorch(model, config, result, pixels, console) -> int:
     import onnxruntime
     import torch
 
+    session = onnxruntime.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+    [got, *_] = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+    return _report_check(torch.from_numpy(got), _pruned_pytorch_output(model, config, pixels), "pruned PyTorch",
+                         console)
+
+
+def _pruned_pytorch_output(model, config, pixels):
+    """The model's (first) output on `pixels` with the config's policy: the tokensparse backend run eagerly."""
+    import torch
+
     from tokensparse.backend import tokensparse_backend
 
     options = config if config.policy is not None else None
     reference = torch.compile(model, backend=tokensparse_backend, options=_eager(options)) if options else model
-    session = onnxruntime.InferenceSession(result.path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = reference(pixels)
-    want = want if isinstance(want, torch.Tensor) else want[0]
-    [got, *_] = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
-    return _report_check(torch.from_numpy(got), want, "pruned PyTorch", console)
+    return want if isinstance(want, torch.Tensor) else want[0]
 
 
 def _check_kernel_plugins(model, config, result, pixels, console) -> int:
@@ -276,7 +283,6 @@ def _check_kernel_plugins(model, config, result, pixels, console) -> int:
     pruned PyTorch model."""
     import torch
 
-    from tokensparse.backend import tokensparse_backend
     from tokensparse.export.plugin_eval import run_with_kernel_plugins
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -284,13 +290,10 @@ def _check_kernel_plugins(model, config, result, pixels, console) -> int:
         console.print("check skipped: no GPU here, and the plugin kernels run on the CPU only under Triton's "
                       "interpreter: rerun with TRITON_INTERPRET=1")
         return 0
-    reference = torch.compile(model, backend=tokensparse_backend, options=_eager(config)) if result.changed else model
-    with torch.no_grad():
-        want = reference(pixels)
-    want = want if isinstance(want, torch.Tensor) else want[0]
     [got, *_] = run_with_kernel_plugins(result.path, {result.input_names[0]: pixels.numpy()}, device)
-    return _report_check(torch.from_numpy(got), want, "pruned PyTorch", console,
-                         runner=f"the ONNX with its plugin kernels launched as TensorRT would ({device})")
+    runner = f"the ONNX with its plugin kernels launched as TensorRT would ({device})"
+    return _report_check(torch.from_numpy(got), _pruned_pytorch_output(model, config, pixels), "pruned PyTorch",
+                         console, runner=runner)
 
 
 def _check_vlm(model, policy, result, inputs: dict, console) -> int:

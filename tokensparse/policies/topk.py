@@ -87,6 +87,13 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
+def split_in_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, k], [B, N - k]): each row's k best scores' indices and the others, both in token order (ties to the
+    lower index, by a stable sort): ToMe's r best edges as topk_split computes them."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
+
+
 def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool,
                  select=top_k_in_order):
     """Keep the prefix and the `keep` best-scored tokens in their original order; with fuse, append one

@@ -22,7 +22,7 @@ from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import merge_tokens, tome_step
-from tokensparse.policies.topk import topk_step
+from tokensparse.policies.topk import split_in_order, topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 
@@ -107,8 +107,7 @@ def _select_top_k_fake(scores, k):
 def split_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """([B, k], [B, N - k]) int64: each row's k best scores' indices and the others, both in token order
     (ties to the lower index): the TopKSplit plugin."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
+    return split_in_order(scores, k)
 
 
 @split_top_k.register_fake

@@ -112,28 +112,27 @@ def select_constants(block_n: int = 1024) -> dict:
 
 def topk_select(scores, k: int, block_n: int = 1024, launch=None):
     """kept [B, k] int64: the indices of each row's k largest scores, in token order (ties: lower index)."""
-    batch, tokens = scores.shape
-    if not 1 <= k <= tokens:
-        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
-    kept = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
-    grid, scalars = select_launch(scores.shape, k)
-    _launch(launch, select_rows)[grid](scores.contiguous(), *scalars, kept,
-                                       **select_constants(min(block_n, triton.next_power_of_2(tokens))))
-    return kept
+    return _in_token_order(scores, k, False, block_n, launch)[0]
 
 
 def topk_split(scores, k: int, block_n: int = 1024, launch=None):
     """(kept [B, k], rest [B, N - k]), both int64 in token order: the k largest scores' indices (ties: lower
     index) and the others. 1 <= k <= N."""
+    kept, rest = _in_token_order(scores, k, True, block_n, launch)
+    return kept, rest
+
+
+def _in_token_order(scores, k: int, with_rest: bool, block_n: int, launch) -> list:
+    """One launch of select_rows (kept) or split_rows (kept and rest)."""
     batch, tokens = scores.shape
     if not 1 <= k <= tokens:
         raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
-    kept = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
-    rest = torch.empty(batch, tokens - k, dtype=torch.int64, device=scores.device)
+    outputs = [torch.empty(batch, count, dtype=torch.int64, device=scores.device)
+               for count in ((k, tokens - k) if with_rest else (k,))]
     grid, scalars = select_launch(scores.shape, k)
-    _launch(launch, split_rows)[grid](scores.contiguous(), *scalars, kept, rest,
-                                      **select_constants(min(block_n, triton.next_power_of_2(tokens))))
-    return kept, rest
+    _launch(launch, split_rows if with_rest else select_rows)[grid](
+        scores.contiguous(), *scalars, *outputs, **select_constants(min(block_n, triton.next_power_of_2(tokens))))
+    return outputs
 
 
 def topk_gather(x, scores, k: int, block_r: int = 32, block_c: int = 64, block_n: int = 1024, launch=None):
