@@ -104,3 +104,13 @@ def test_an_unknown_plugin_mode_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"plugins='aot' is not one of \('step', 'kernel'\)"):
         to_onnx(model, (pixels,), Config(vision=ToMe(r=2)), str(tmp_path / "m.onnx"), plugins="aot")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_nothing_to_merge_exports_the_unmodified_model(tmp_path):
+    """ToMe r=0 with plugins="kernel": no plugin node, and the unmodified model's output."""
+    model, pixels = build("timm_vit", depth=2, width=32, heads=2, batch=2)
+    result = to_onnx(model, (pixels,), Config(vision=ToMe(r=0)), str(tmp_path / "m.onnx"), plugins="kernel")
+    assert not any(node.domain == "tokensparse" for node in onnx.load(result.path).graph.node)
+    [got] = run_with_kernel_plugins(result.path, {result.input_names[0]: pixels.numpy()}, DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(pixels), rtol=1e-4, atol=1e-5)
