@@ -21,12 +21,16 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
     import torch
 
     from tokensparse.backend import tokensparse_backend
+    from tokensparse.capture import ISOLATED_RECOMPILES
     from tokensparse.runtime.hf import compile_for_generate, is_generative
 
     config = config_from_options(config if config is not None else {})
     if is_generative(model):
         return compile_for_generate(model, config, **torch_compile_kwargs)
-    return torch.compile(model, backend=tokensparse_backend, options=config, **torch_compile_kwargs)
+    # Its own recompile count: other compiled copies of the same model class must not use up dynamo's limit
+    # of 8 per code object and leave this one running eagerly, unpruned.
+    return torch.compile(model, backend=tokensparse_backend, options=config,
+                         **{**ISOLATED_RECOMPILES, **torch_compile_kwargs})
 
 
 def __getattr__(name: str):

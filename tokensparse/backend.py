@@ -6,12 +6,15 @@ import warnings
 
 from tokensparse.config import config_from_options
 from tokensparse.passes.fake import allow_symbolic_token_counts
+from tokensparse.recompile_limit import remember_frame
 from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
 
 
 def tokensparse_backend(gm, example_inputs, options=None, **unused):
     """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13})."""
     config = config_from_options(options)
+    if config.policy is not None or config.kv is not None:
+        remember_frame()
     if config.cudagraphs:
         return _with_cuda_graphs(gm, example_inputs, config)
     result = rewrite_with_kv(gm, example_inputs, config)

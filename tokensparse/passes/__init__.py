@@ -8,6 +8,7 @@ from tokensparse.passes.prune_sequence import prune_sequence_pass
 from tokensparse.passes.prune_tokens import prune_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
 from tokensparse.passes.sliding_positions import sliding_positions_pass
+from tokensparse.passes.stale_counts import stale_token_counts_pass
 from tokensparse.passes.static_slot_masks import static_slot_masks_pass
 from tokensparse.passes.tower_feature_rows import tower_feature_rows_pass
 from tokensparse.passes.verify import verify_cache_pass, verify_pass
@@ -22,6 +23,7 @@ PASSES = (
     prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit, VisionZip: prune a VLM's vision tokens
     proportional_attention_pass,  # ToMe: + log(size) on attention logits
     rederive_sizes_pass,          # token-count literals downstream of the cuts
+    stale_token_counts_pass,      # refuse a token count used as a number after a cut
     verify_pass,                  # FakeTensor propagation over the result
 )
 

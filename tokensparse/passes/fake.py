@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import torch
 
@@ -53,5 +54,19 @@ def fake_propagation(fake_mode):
 
     shape_env = fake_mode.shape_env
     with allow_symbolic_token_counts(fake_mode), fake_mode, enable_python_dispatcher(), \
-            (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()):
+            (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()), \
+            _quiet_meta_failures():
         yield
+
+
+@contextlib.contextmanager
+def _quiet_meta_failures():
+    """FakeTensor logs a traceback for every shape error before raising it; the passes turn those errors
+    into a fallback with its reason, so the traceback would only be noise."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

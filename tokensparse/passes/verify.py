@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tokensparse.passes.context import PassContext
+from tokensparse.passes.fake import fake_propagation
 from tokensparse.passes.sizes import same_size
-from tokensparse.patterns.graph import MatchFailure, output_shapes
-from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION, TOME_MERGE, TOPK_PRUNE
+from tokensparse.patterns.graph import MatchFailure, op_name, output_shapes
+from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION, TOME_MERGE, TOPK_PRUNE, static_token_counts
 
 
 def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -20,6 +21,7 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise RuntimeError("verify_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
     _check_attention_masks(ctx)
     _check_reduced_counts(gm)
+    _check_static_counts(gm, ctx)
     tokens = ctx.tokens
     old = ctx.original_output_shapes
     new = output_shapes(gm)
@@ -70,6 +72,33 @@ def _check_attention_masks(ctx: PassContext) -> None:
             raise MatchFailure(f"{block.path}: its attention mask has {columns} key columns but the keys hold "
                                f"{tokens} tokens after the cut; a mask computed before the cut would have to "
                                f"follow the kept tokens, which is not supported yet")
+
+
+def _check_static_counts(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Run the graph once more on fake tensors whose reduced token counts are the numbers they will be (the
+    sizes pass runs them as fresh symbols, which broadcasting may unify with a tensor sized for the original
+    count): a tensor made for the traced count (`torch.arange(x.shape[1])`) then fails to meet the tokens."""
+    if not ctx.blocks:
+        return              # language-model cuts keep a data-dependent count (the image tokens)
+    interpreter = _NodeTracking(gm)
+    with static_token_counts(), fake_propagation(ctx.fake_mode):
+        try:
+            interpreter.run(*ctx.fake_inputs)
+        except Exception as error:  # noqa: BLE001 - any failure here is a tensor sized for the traced count
+            node = interpreter.last
+            raise MatchFailure(f"a tensor sized for the traced token count meets the reduced tokens at "
+                               f"{node.name} ({op_name(node)}): {type(error).__name__}: "
+                               f"{str(error).splitlines()[0]}") from None
+
+
+class _NodeTracking(fx.Interpreter):
+    """fx.Interpreter that remembers the node it ran last (the one that failed)."""
+
+    last: fx.Node = None
+
+    def run_node(self, node: fx.Node):
+        self.last = node
+        return super().run_node(node)
 
 
 def _check_reduced_counts(gm: fx.GraphModule) -> None:
