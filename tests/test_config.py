@@ -35,7 +35,7 @@ def test_options_build_typed_policies():
     ({"policy": "tome", "cudagraphs": 1}, "cudagraphs=1 must be True or False"),
     ({"policy": "tome", "cudagraphs": True, "inductor": False}, "cudagraphs=True needs inductor=True"),
     ({"policy": "fastv", "cudagraphs": True}, r"cudagraphs=True is for vision-encoder policies \(vision=\) only"),
-    ({"policy": "snapkv", "budget": 16, "cudagraphs": True}, "cudagraphs=True is for vision-encoder policies"),
+    ({"policy": "snapkv", "budget": 64, "cudagraphs": True}, "cudagraphs=True is for vision-encoder policies"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -78,3 +78,50 @@ def test_config_rejects_non_policy():
         Config(vision=FastV())
     with pytest.raises(ValueError, match="llm=ToMe.* must be a language-model policy"):
         Config(llm=ToMe(r=2))
+
+
+def _bool_fields():
+    import dataclasses
+
+    from tokensparse.policies import POLICIES
+
+    for name, cls in sorted(POLICIES.items()):
+        for field in dataclasses.fields(cls):
+            if field.type in (bool, "bool"):
+                yield name, field.name
+
+
+@pytest.mark.parametrize("policy, flag", list(_bool_fields()))
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_every_boolean_option_is_type_checked(policy, flag, value):
+    """proportional_attention="no" must not turn proportional attention on."""
+    options = {"policy": policy, flag: value}
+    if policy == "topk":
+        options["layers"] = (1,)
+    with pytest.raises(ValueError, match=rf"{flag}={value!r} must be True or False"):
+        config_from_options(options)
+
+
+def test_boolean_fields_are_found():
+    assert {("tome", "proportional_attention"), ("topk", "fuse")} <= set(_bool_fields())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TopK(layers=1.0), r"layers=1.0 must be one block index \(an int\) or a list of them"),
+    (lambda: TopK(layers="12"), r"layers='12' must be one block index \(an int\) or a list of them"),
+    (lambda: config_from_options(ToMe(r=2)), r"got the policy ToMe\(r=2.*pass tokensparse.Config\(vision=ToMe"),
+    (lambda: config_from_options(FastV(layer=2)), r"pass tokensparse.Config\(llm=FastV"),
+    (lambda: config_from_options("tome"), r"got the string 'tome' where a Config or an options dict goes"),
+])
+def test_natural_mistakes_get_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_compile_with_a_policy_instead_of_a_config():
+    import torch
+
+    import tokensparse
+
+    with pytest.raises(ValueError, match=r"pass tokensparse.Config\(vision=ToMe"):
+        tokensparse.compile(torch.nn.Linear(2, 2), ToMe(r=2))

@@ -18,10 +18,13 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
     """torch.compile `model` with the tokensparse backend and `config` (a Config or an options dict).
     A Hugging Face generative model comes back as a copy (same weights) whose forward is compiled, so
     that model.generate() runs the pruned prefill and decodes from the pruned KV cache."""
+    import functools
+
     import torch
 
     from tokensparse.backend import tokensparse_backend
     from tokensparse.capture import ISOLATED_RECOMPILES
+    from tokensparse.hooks import hooked_modules
     from tokensparse.runtime.hf import compile_for_generate, is_generative
 
     config = config_from_options(config if config is not None else {})
@@ -29,8 +32,8 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
         return compile_for_generate(model, config, **torch_compile_kwargs)
     # Its own recompile count: other compiled copies of the same model class must not use up dynamo's limit
     # of 8 per code object and leave this one running eagerly, unpruned.
-    return torch.compile(model, backend=tokensparse_backend, options=config,
-                         **{**ISOLATED_RECOMPILES, **torch_compile_kwargs})
+    backend = functools.partial(tokensparse_backend, options=config, hooked=hooked_modules(model))
+    return torch.compile(model, backend=backend, **{**ISOLATED_RECOMPILES, **torch_compile_kwargs})
 
 
 def __getattr__(name: str):

@@ -5,19 +5,24 @@ from __future__ import annotations
 import warnings
 
 from tokensparse.config import config_from_options
+from tokensparse.hooks import warn_hooks_in_rewritten_blocks
 from tokensparse.passes.fake import allow_symbolic_token_counts
 from tokensparse.recompile_limit import remember_frame
 from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
 
 
-def tokensparse_backend(gm, example_inputs, options=None, **unused):
-    """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13})."""
+def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **unused):
+    """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13}). `hooked`: the paths of
+    the model's modules with forward hooks (tokensparse.compile passes them), warned about inside cut blocks."""
     config = config_from_options(options)
     if config.policy is not None or config.kv is not None:
         remember_frame()
     if config.cudagraphs:
         return _with_cuda_graphs(gm, example_inputs, config)
     result = rewrite_with_kv(gm, example_inputs, config)
+    if hooked and result.changed and result.context is not None and result.context.acted_blocks:
+        warn_hooks_in_rewritten_blocks(hooked, result.context.blocks, min(result.context.acted_blocks),
+                                       result.context.blocks[0].tokens)
     if not config.inductor:
         return result.gm.forward
     from torch._inductor.compile_fx import compile_fx

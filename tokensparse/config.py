@@ -75,6 +75,16 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
     """Turn torch.compile(..., options={...}) into a Config, naming any option that is wrong."""
     if isinstance(options, Config):
         return options
+    if isinstance(options, Policy):
+        slot = "llm" if isinstance(options, LanguagePolicy) else "kv" if isinstance(options, KVPolicy) else "vision"
+        raise ValueError(f"got the policy {options!r} where a Config or an options dict goes: pass "
+                         f"tokensparse.Config({slot}={options!r})")
+    if isinstance(options, str):
+        raise ValueError(f"got the string {options!r} where a Config or an options dict goes: pass "
+                         f"{{'policy': {options!r}, ...}} or a tokensparse.Config")
+    if not isinstance(options, Mapping) and options is not None:
+        raise ValueError(f"got {type(options).__name__} {options!r} where a tokensparse.Config or an options dict "
+                         f"goes")
     options = dict(options or {})
     if "policy" not in options:
         raise ValueError(f"options has no 'policy': choose one of {sorted(POLICIES)}")

@@ -111,5 +111,5 @@ def test_a_kv_policy_is_named_as_not_exported(tmp_path):
 
     model, inputs = build_llava(batch=1)
     with pytest.warns(UserWarning, match="kv=snapkv is not exported"):
-        result = to_onnx(model, inputs, Config(kv=SnapKV(budget=8)), str(tmp_path / "kv.onnx"), dynamic=False)
+        result = to_onnx(model, inputs, Config(kv=SnapKV(budget=8, window=4)), str(tmp_path / "kv.onnx"), dynamic=False)
     assert not result.changed

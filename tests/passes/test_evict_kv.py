@@ -319,7 +319,7 @@ def test_fastv_and_a_kv_policy_on_a_padded_batch_need_a_counting_cache():
     from transformers import DynamicCache
 
     model, inputs = build_llava(text_layers=2, image_tokens=16, prompt=(3, 5), batch=2)
-    fast = tokensparse.compile(model, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False))
+    fast = tokensparse.compile(model, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8, window=4), inductor=False))
     with torch.no_grad(), pytest.raises(ValueError, match="need the cache to count the positions that entered each "
                                                           "layer: let generate.. make it"):
         fast.generate(**_padded(inputs, pads=2), **GENERATE, past_key_values=DynamicCache(config=model.config))
@@ -631,7 +631,7 @@ def test_a_static_cache_outside_tokensparse_compile_is_left_unchanged_with_the_r
 
     model, inputs = llama
     compiled = torch.compile(type(model).forward.__get__(model), backend="tokensparse",
-                             options={"policy": "snapkv", "budget": 16, "inductor": False})
+                             options={"policy": "snapkv", "budget": 16, "window": 4, "inductor": False})
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad(), pytest.warns(tokensparse.TokensparseWarning, match="evicting from a StaticCache needs "
                                                                             "tokensparse.compile"):

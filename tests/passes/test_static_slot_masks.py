@@ -122,7 +122,7 @@ def test_a_padded_batch_into_a_static_cache_refuses_what_it_cannot_mask():
     inputs["attention_mask"][0, :3] = 0
     with pytest.raises(ValueError, match="llm=fastv and kv=snapkv together on a padded batch need the StaticCache to "
                                          "count the positions that entered each layer"):
-        _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8), inductor=False),
+        _static_generate(model, inputs, Config(llm=FastV(layer=1, keep=0.5), kv=SnapKV(budget=8, window=4), inductor=False),
                          max_new_tokens=2)
     model, inputs = _padded_llava()             # ToMe in the tower leaves 18 of the 24 positions in layer 0
     with pytest.raises(ValueError, match=r"llm=fastv on a padded batch into a StaticCache needs max_cache_len >= "

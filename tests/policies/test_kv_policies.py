@@ -262,10 +262,28 @@ def test_streaming_step_keep_equals_streaming_keep(sinks, window, short, over, p
     got = streaming_step_keep(length, sinks, window, first_real)
     assert torch.equal(got[:, None, :].expand_as(want), want)
 
+@pytest.mark.parametrize("policy", [lambda: SnapKV(budget=16), lambda: SnapKV(budget=2, window=4),
+                                    lambda: KeyNorm(budget=3, window=4)])
+def test_budget_below_the_window_is_refused(policy):
+    """A count below the window that is always kept is a mistake, never silently raised to the window."""
+    with pytest.raises(ValueError, match=r"budget=\d+ is below window=\d+"):
+        policy()
+
+
+def test_budget_fraction_below_the_window_keeps_exactly_the_budget():
+    """The last positions only: snapkv_keep's short form, no more than the budget."""
+    from tokensparse.policies.snapkv import snapkv_keep
+
+    policy = SnapKV(budget=0.1, window=8)
+    count = policy.kept_count(30)
+    kept = snapkv_keep(torch.randn(1, 2, 30, 4), torch.randn(1, 2, 30, 4), 0.5, count, policy.window)
+    assert count == 3 and torch.equal(kept, torch.arange(27, 30).expand(1, 2, 3))
+
+
 def test_budgets():
     assert SnapKV(budget=16, window=4).kept_count(40) == 16
     assert SnapKV(budget=0.25, window=4).kept_count(40) == 10
-    assert SnapKV(budget=2, window=4).kept_count(40) == 4          # the window is always kept
+    assert SnapKV(budget=0.05, window=4).kept_count(40) == 2       # a fraction below the window: exactly it
     assert SnapKV(budget=64).kept_count(40) == 40
     assert SnapKV(budget=16, window=4).evicts(40, 40) and not SnapKV(budget=16, window=4).evicts(1, 41)
     assert StreamingLLM(sinks=2, window=10).evicts(1, 13) and not StreamingLLM(sinks=2, window=10).evicts(1, 12)

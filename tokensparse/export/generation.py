@@ -333,7 +333,7 @@ def _shortest_prompt(config: Config, traced: int) -> int:
     elif isinstance(policy, (AdaptiveKV, VisionBudget)):
         budget = policy.window
     elif policy is not None and isinstance(getattr(policy, "budget", None), int):
-        budget = max(policy.budget, policy.window)
+        budget = policy.budget
     else:
         return 2
     evicting = budget + 1

@@ -287,7 +287,7 @@ def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSi
         if not isinstance(policy.budget, int):
             raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
                                f"budget given as a count, not the fraction {policy.budget}")
-        return _at_most(graph, point, site, max(policy.budget, policy.window))
+        return _at_most(graph, point, site, policy.budget)
     return None
 
 

@@ -12,10 +12,34 @@ class Policy:
 
     name = "policy"
 
+    def __init_subclass__(cls, **kwargs):
+        # Every policy's boolean options are checked before its own __post_init__ runs ("no" is not False).
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None and hasattr(cls, "__post_init__"):
+            return                                   # inherited: already checks
+
+        def __post_init__(self):
+            check_flags(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__
+
     def options(self) -> dict:
         from dataclasses import asdict
 
         return {"policy": self.name, **asdict(self)}
+
+
+def check_flags(policy) -> None:
+    """Each dataclass field annotated bool holds True or False."""
+    import dataclasses
+
+    for field in dataclasses.fields(policy):
+        value = getattr(policy, field.name)
+        if field.type in (bool, "bool") and not isinstance(value, bool):
+            raise ValueError(f"{field.name}={value!r} must be True or False")
 
 
 def check_int_at_least(option: str, value, low: int) -> None:
@@ -27,7 +51,12 @@ def check_int_at_least(option: str, value, low: int) -> None:
 
 def checked_layers(option: str, layers, low: int, what: str = "layer") -> tuple:
     """One int or a sequence of distinct ints >= low, as a sorted tuple."""
-    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    if isinstance(layers, (list, tuple, range)):
+        layers = tuple(layers)
+    elif isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = (layers,)
+    else:
+        raise ValueError(f"{option}={layers!r} must be one {what} (an int) or a list of them")
     if not layers:
         raise ValueError(f"{option}=() is empty: name at least one {what}")
     for layer in layers:

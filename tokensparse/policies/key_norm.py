@@ -26,6 +26,7 @@ class KeyNorm(PrefillBudget):
     def __post_init__(self):
         check_budget("budget", self.budget, 1)
         check_int_at_least("window", self.window, 0)
+        self.check_window_fits()
 
     def keep(self, query, keys, scale, count, scores=None, padding=None):
         return key_norm_keep(keys, count, self.window, padding)

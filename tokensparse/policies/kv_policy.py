@@ -42,12 +42,21 @@ class KVPolicy(Policy):
 
 
 class PrefillBudget(KVPolicy):
-    """A policy that evicts once, in the prefill (the forward with more than one query), down to `budget`
-    positions per layer and KV head (a count, or a fraction of the prompt), never fewer than its `window`.
-    Subclasses are dataclasses with the fields `budget` (int or float) and `window` (int)."""
+    """A policy that evicts once, in the prefill (the forward with more than one query), down to exactly
+    `budget` positions per layer and KV head (a count, or a fraction of the prompt), the last `window` of them
+    always kept. A count below the window is a ValueError (check_window_fits); a fraction that comes to fewer
+    positions than the window keeps the last positions only. Subclasses are dataclasses with the fields
+    `budget` (int or float) and `window` (int)."""
+
+    def check_window_fits(self) -> None:
+        """A budget given as a count must hold the window that is always kept."""
+        if isinstance(self.budget, numbers.Integral) and self.budget < self.window:
+            raise ValueError(f"budget={self.budget} is below window={self.window}: {self.name} always keeps its "
+                             f"last {self.window} positions, so a budget of {self.budget} cannot hold; give "
+                             f"budget >= {self.window} or a smaller window")
 
     def kept_count(self, cache_length: int) -> int:
-        return min(cache_length, max(budget_count(self.budget, cache_length), self.window))
+        return budget_count(self.budget, cache_length)
 
     def evicts(self, query_length: int, cache_length: int) -> bool:
         return query_length > 1 and self.kept_count(cache_length) < cache_length

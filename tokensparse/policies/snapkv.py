@@ -43,6 +43,7 @@ class SnapKV(PrefillBudget):
     def __post_init__(self):
         check_budget("budget", self.budget, 1)
         check_window_scoring(self.window, self.kernel, self.pooling)
+        self.check_window_fits()
 
     def keep(self, query, keys, scale, count, scores=None, padding=None):
         return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling, padding)
