@@ -254,3 +254,50 @@ def build_llama(*, layers: int = 2, prompt: int = 40, batch: int = 2, seed: int 
     model = T.AutoModelForCausalLM.from_config(config).eval()
     input_ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def build_gemma3(*, batch: int = 2, text_layers: int = 4, window: int = 16, prompt=(5, 8), seed: int = SEED,
+                 vocab: int = 300):
+    """(Gemma3ForConditionalGeneration .eval(), inputs), random weights: every decoder layer a sliding-window
+    one (`window`), one 16-token image between `prompt` text tokens, whose tokens see each other both ways
+    (token_type_ids), as the processor marks them."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image, begin, end = vocab - 1, vocab - 3, vocab - 2
+    text = T.Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                              layer_types=["sliding_attention"] * text_layers, max_position_embeddings=256)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=4)
+    config = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=image,
+                            boi_token_index=begin, eoi_token_index=end)
+    model = T.Gemma3ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    words = [torch.randint(1, vocab - 10, (batch, count), generator=generator) for count in prompt]
+    input_ids = torch.cat([words[0], torch.full((batch, 1), begin), torch.full((batch, 16), image),
+                           torch.full((batch, 1), end), words[1]], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "token_type_ids": (input_ids == image).long(),
+                   "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}
+
+
+def build_paligemma(*, batch: int = 2, text_layers: int = 2, prompt: int = 6, seed: int = SEED, vocab: int = 300):
+    """(PaliGemmaForConditionalGeneration .eval(), inputs), random weights: 16 image tokens, then a text prefix;
+    image and prefix see each other both ways (token_type_ids 0 there), as the processor marks a prompt."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image = vocab - 1
+    text = T.GemmaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=16, patch_size=4, projection_dim=64)
+    config = T.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=image, projection_dim=64)
+    model = T.PaliGemmaForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.cat([torch.full((batch, 16), image), torch.randint(1, vocab - 10, (batch, prompt),
+                                                                          generator=generator)], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "token_type_ids": torch.zeros_like(input_ids),
+                   "pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}

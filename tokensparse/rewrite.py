@@ -60,12 +60,22 @@ def internal_error(error: Exception) -> str:
 def mutates(node: fx.Node) -> bool:
     """Whether dead-code elimination must keep `node` although nothing reads it: FX's own impure nodes, and
     in-place methods and ops (a StaticCache's index_copy_ writes and cumulative_length.add_)."""
-    if node.is_impure():
+    if node.is_impure() or _changes_functorch_state(node):
         return True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("_")
     schema = getattr(node.target, "_schema", None)
     return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+_FUNCTORCH_STATE = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "_jvp_increment_nesting",
+                    "_jvp_decrement_nesting", "_enter_dual_level", "_exit_dual_level")
+
+
+def _changes_functorch_state(node: fx.Node) -> bool:
+    """vmap/jvp level changes that dynamo records when a model builds a mask with vmap (transformers' Gemma3
+    image-block mask): their results go unused, but deleting them unbalances functorch's levels."""
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in _FUNCTORCH_STATE
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

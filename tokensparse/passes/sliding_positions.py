@@ -43,14 +43,24 @@ def site_windows(ctx: PassContext) -> list[int]:
 
 def window_mask(mask, positions: torch.Tensor, q: torch.Tensor, window: int) -> torch.Tensor:
     """The attention's mask [B, 1 or H, Q, L] (bool where allowed, or additive float; None: causal) narrowed to
-    each query's window: keys at positions p - window < position <= p for a query at p. positions [B, H_kv, L]
-    are the keys', the last Q of them the queries' own; q [B, H, Q, d]. Returns [B, H, Q, L]."""
-    allowed = window_allowed(positions, q.shape[2], window).repeat_interleave(q.shape[1] // positions.shape[1], dim=1)
+    each query's window: for a query at p, keys at positions above p - window that the mask lets it see (None:
+    also at most p). positions [B, H_kv, L] are the keys', the last Q of them the queries' own; q [B, H, Q, d].
+    Returns [B, H, Q, L]."""
+    groups = q.shape[1] // positions.shape[1]
     if mask is None:
-        return allowed
+        return window_allowed(positions, q.shape[2], window).repeat_interleave(groups, dim=1)
+    # The model's own mask says which earlier (and, for an image's tokens or a prefix, later) entries each query
+    # sees; the window only takes away those too far back, never adds causality that the model does not have.
+    allowed = within_window(positions, q.shape[2], window).repeat_interleave(groups, dim=1)
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def within_window(positions: torch.Tensor, queries: int, window: int) -> torch.Tensor:
+    """[B, H_kv, Q, L] bool: the keys not too far back for each query: position > p - window for a query at p."""
+    at = positions[..., positions.shape[-1] - queries:, None]
+    return positions[..., None, :] > at - window
 
 
 def window_allowed(positions: torch.Tensor, queries: int, window: int) -> torch.Tensor:

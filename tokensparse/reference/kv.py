@@ -62,9 +62,11 @@ def evicting_attention(module, query, key, value, attention_mask, scaling=None, 
     scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
     keys = key.repeat_interleave(group, dim=1)
     logits = (query.float() @ keys.float().transpose(-1, -2)) * scale                 # [B, H, q, T]
-    causal = torch.arange(total, device=key.device) <= torch.arange(total - queries, total, device=key.device)[:, None]
-    logits = logits.masked_fill(~causal, -math.inf)
-    if attention_mask is not None:
+    if attention_mask is None:              # causal; a model's own mask says what each query sees (an image's
+        causal = torch.arange(total, device=key.device) <= torch.arange(total - queries, total,     # tokens or a
+                                                                        device=key.device)[:, None]  # prefix both
+        logits = logits.masked_fill(~causal, -math.inf)                                             # ways)
+    else:
         logits = logits + attention_mask[..., -total:].float() if attention_mask.dtype != torch.bool \
             else logits.masked_fill(~attention_mask[..., -total:], -math.inf)
     logits = logits.masked_fill(~alive.repeat_interleave(group, dim=1)[:, :, None, :], -math.inf)
