@@ -22,7 +22,9 @@ def _held_positions(batch: int, kv_heads: int, held: int, queries: int, seen: in
     return torch.cat([chosen, own], dim=-1)
 
 
-def _loop_allowed(positions, heads, queries, window):
+def _loop_allowed(positions, heads, queries, window, causal=True):
+    """Keys within each query's window by position; `causal`: and not after it (a mask given by the model says
+    that itself, and may let a query see later keys: an image's tokens both ways)."""
     batch, kv_heads, length = positions.shape
     allowed = torch.zeros(batch, heads, queries, length, dtype=torch.bool)
     for b in range(batch):
@@ -31,7 +33,7 @@ def _loop_allowed(positions, heads, queries, window):
                 at = int(positions[b, h // (heads // kv_heads), length - queries + i])
                 for j in range(length):
                     key = int(positions[b, h // (heads // kv_heads), j])
-                    allowed[b, h, i, j] = at - window < key <= at
+                    allowed[b, h, i, j] = at - window < key and (key <= at or not causal)
     return allowed
 
 
@@ -43,11 +45,14 @@ def test_the_window_mask_equals_a_loop_over_queries_and_keys(batch, group, held,
     q = torch.zeros(batch, 2 * group, queries, 8)
     want = _loop_allowed(positions, 2 * group, queries, window)
     assert torch.equal(window_mask(None, positions, q, window), want)
+    # A model's own mask (here random: padding, two-way blocks) keeps what it hides and what it shows beyond the
+    # query's position; the window only takes away keys too far back.
+    within = _loop_allowed(positions, 2 * group, queries, window, causal=False)
     padding = torch.rand(batch, 1, queries, held + queries, generator=torch.Generator().manual_seed(seed)) < 0.3
-    assert torch.equal(window_mask(~padding, positions, q, window), want & ~padding)
+    assert torch.equal(window_mask(~padding, positions, q, window), within & ~padding)
     additive = torch.zeros(batch, 1, queries, held + queries).masked_fill(padding, torch.finfo(torch.float32).min)
     narrowed = window_mask(additive, positions, q, window)
-    assert torch.equal(narrowed == 0, want & ~padding)
+    assert torch.equal(narrowed == 0, within & ~padding)
 
 
 def _dense_column_sums(q, keys, scale, positions, window):
