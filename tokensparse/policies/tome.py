@@ -6,6 +6,7 @@ into a compiled graph, so there is one source of truth for the math.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -61,12 +62,22 @@ def capped_r(r: int, tokens: int, protected: int) -> int:
     return max(0, min(r, (tokens - protected) // 2, tokens - 2))
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=None):
-    """Match alternate tokens A=even, B=odd (after the protected prefix) and pick the r best edges.
+def tome_partition(protected: int) -> tuple[int, int]:
+    """(tokens left out of the matching, leading A tokens that never merge) for `protected` prefix tokens.
+    ToMe's own partition alternates over all tokens: a single CLS is A[0] and never merges (-inf similarity),
+    so the patches after it start with a B token. With CLS and a distillation token (A[0] and B[0], both
+    -inf) that partition equals leaving the two out. ToMe defines none for other prefixes (registers): they
+    are left out, and the patches after them start with an A token."""
+    return (0, 1) if protected == 1 else (protected, 0)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=None, excluded: int = 0):
+    """Match alternate tokens A=even, B=odd (after the `protected` prefix) and pick the r best edges.
 
     metric: [B, N, c] (keys averaged over heads). Returns (src_idx, dst_idx, unm_idx), each [B, *, 1]:
     src_idx indexes A tokens that merge, dst_idx the B token each merges into, unm_idx the A tokens
-    that stay, in their original order. `split`, given, picks the r best edges instead of a sort:
+    that stay, in their original order. The first `excluded` A tokens never merge (ToMe's -inf for a CLS
+    token inside the partition: tome_partition). `split`, given, picks the r best edges instead of a sort:
     (node_max, r) -> (the r best A tokens, the others), each in token order (ties to the lower index,
     as the stable sort) — the same matches, with src_idx in token order.
     """
@@ -74,6 +85,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=
     m = m / m.norm(dim=-1, keepdim=True)
     a, b = m[:, ::2], m[:, 1::2]
     scores = a @ b.transpose(-1, -2)
+    if excluded:
+        rows = torch.arange(scores.shape[1], device=scores.device)[None, :, None]
+        scores = scores.masked_fill(rows < excluded, -math.inf)
     node_max, node_idx = scores.max(dim=-1)
     if split is None:
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True).unsqueeze(-1)
@@ -114,7 +128,8 @@ def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, p
     if r == 0:
         return x, size
     metric = keys.mean(dim=1)
-    src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected, split)
+    protected, excluded = tome_partition(protected)
+    src_idx, dst_idx, unm_idx = bipartite_soft_matching(metric, r, protected, split, excluded)
     recorder.add("tome", protected, src_idx, dst_idx, unm_idx)
     return merge(x, size, src_idx, dst_idx, unm_idx, protected)
 
