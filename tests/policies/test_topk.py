@@ -47,14 +47,29 @@ def test_prune_keeps_best_in_original_order_and_prefix():
     assert out[1, :, 0].tolist() == [7, 8, 11, 12]
 
 
-def test_fuse_appends_score_weighted_mean_of_dropped():
+def test_fuse_appends_the_dropped_tokens_weighted_by_their_scores():
+    """EViT's fused token: weights as they are (0.1 + 0.1 of the attention), not renormalised to a mean."""
     x = torch.randn(1, 5, 3)
     scores = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
     out = prune_tokens(x, scores, keep=2, protected=1, fuse=True)
     dropped = x[0, [2, 4]]
-    weights = torch.tensor([0.1, 0.1]) / 0.2
-    torch.testing.assert_close(out[0, -1], (weights[:, None] * dropped).sum(0))
+    torch.testing.assert_close(out[0, -1], 0.1 * dropped[0] + 0.1 * dropped[1])
     assert out.shape == (1, 4, 3)
+
+
+def test_fused_token_equals_evit_from_the_attention_probabilities():
+    """From q and k: the CLS row of softmax(q k^T * scale), mean over heads, weights the inattentive tokens."""
+    generator = torch.Generator().manual_seed(3)
+    x, q, k = (torch.randn(2, 9, 4, generator=generator, dtype=torch.float64),
+               torch.randn(2, 2, 9, 4, generator=generator, dtype=torch.float64),
+               torch.randn(2, 2, 9, 4, generator=generator, dtype=torch.float64))
+    out = topk_step(x, q, k, 0.5, keep=4, protected=1, fuse=True)
+    attention = ((q @ k.transpose(-1, -2)) * 0.5).softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)     # [B, 8]
+    for sample in range(2):
+        kept = attention[sample].topk(4).indices
+        dropped = [i for i in range(8) if i not in kept.tolist()]
+        want = sum(attention[sample, i] * x[sample, 1 + i] for i in dropped)
+        torch.testing.assert_close(out[sample, -1], want)
 
 
 def test_keep_all_is_identity():

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "vision token is left (16)")
     policy.add_argument("--query", default="last", choices=["last", "text"], help="fastv: whose attention ranks")
     policy.add_argument("--ratio", type=float, default=0.5, help="pyramiddrop: fraction kept at each stage")
-    policy.add_argument("--fuse", action="store_true", help="topk: append the dropped tokens' weighted mean")
+    policy.add_argument("--fuse", action="store_true", help="topk: append EViT's fused token (the dropped tokens weighted by their attention)")
     policy.add_argument("--dominant", type=int, default=54, help="visionzip: dominant image tokens kept")
     policy.add_argument("--contextual", type=int, default=10, help="visionzip: contextual (merged) image tokens")
     output = parser.add_argument_group("output")

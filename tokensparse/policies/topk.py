@@ -97,7 +97,7 @@ def split_in_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool,
                  select=top_k_in_order):
     """Keep the prefix and the `keep` best-scored tokens in their original order; with fuse, append one
-    token that is the score-weighted mean of the dropped ones. x: [B, N, C], scores: [B, N - p]. `select`:
+    token that is the sum of the dropped ones weighted by their scores (EViT). x: [B, N, C], scores: [B, N - p]. `select`:
     top_k_in_order, or a kernel with its signature."""
     rest = x[:, protected:]
     kept_idx = select(scores, keep)
@@ -107,13 +107,12 @@ def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: in
 
 
 def join_kept(x, rest, kept, kept_idx, scores, protected: int, fuse: bool) -> torch.Tensor:
-    """[prefix, kept tokens, (with fuse) the score-weighted mean of the dropped ones]."""
+    """[prefix, kept tokens, (with fuse) EViT's fused token: the dropped tokens weighted by their scores as they
+    are (the attention they received, summing to less than 1), not renormalised]."""
     parts = [x[:, :protected], kept]
     if fuse:
         dropped_weight = scores.scatter(1, kept_idx, 0.0)
-        norm = dropped_weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        fused = ((dropped_weight / norm).unsqueeze(-1) * rest).sum(dim=1, keepdim=True)
-        parts.append(fused)
+        parts.append((dropped_weight.unsqueeze(-1).to(rest.dtype) * rest).sum(dim=1, keepdim=True))
     return torch.cat(parts, dim=1)
 
 
