@@ -6,6 +6,7 @@ import warnings
 
 from tokensparse.config import config_from_options
 from tokensparse.hooks import warn_hooks_in_rewritten_blocks
+from tokensparse.inline_steps import inline_policy_steps
 from tokensparse.passes.fake import allow_symbolic_token_counts
 from tokensparse.recompile_limit import remember_frame
 from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
@@ -13,7 +14,9 @@ from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_
 
 def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **unused):
     """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13}). `hooked`: the paths of
-    the model's modules with forward hooks (tokensparse.compile passes them), warned about inside cut blocks."""
+    the model's modules with forward hooks (tokensparse.compile passes them), warned about inside cut blocks.
+    The policy steps of a vision encoder enter the compiled graph as their policies' PyTorch functions
+    (inline_steps.py): Inductor fuses them with the model, and autograd runs through them."""
     config = config_from_options(options)
     if config.policy is not None or config.kv is not None:
         remember_frame()
@@ -24,7 +27,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
         warn_hooks_in_rewritten_blocks(hooked, result.context.blocks, min(result.context.acted_blocks),
                                        result.context.blocks[0].tokens)
     if not config.inductor:
-        return result.gm.forward
+        return inline_policy_steps(result.gm).forward
     from torch._inductor.compile_fx import compile_fx
 
     if not result.changed:
@@ -32,9 +35,10 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
     vision_encoder = config.vision is not None and result.match is not None and result.context.language is None
     if config.regional and vision_encoder:
         try:
-            return compile_by_regions(result)
+            return compile_by_regions(result, example_inputs)
         except Exception as error:  # noqa: BLE001 - any failure here has a correct fallback, said once
             _warn_regions_failed(f"{type(error).__name__}: {error}")
+    inline_policy_steps(result.gm)
     with allow_symbolic_token_counts(result.context.fake_mode):
         return compile_fx(result.gm, example_inputs)
 
@@ -52,26 +56,31 @@ def _with_cuda_graphs(gm, example_inputs, config):
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
     with static_token_counts():
         result = rewrite_with_kv(gm, example_inputs, config)
-        return compile_fx(result.gm, example_inputs, config_patches={"triton.cudagraphs": True})
+        return compile_fx(inline_policy_steps(result.gm), example_inputs,
+                          config_patches={"triton.cudagraphs": True})
 
 
-def compile_by_regions(result: RewriteResult):
-    """Inductor once per distinct block (tokensparse.regions); returns the split graph's forward."""
+def compile_by_regions(result: RewriteResult, example_inputs):
+    """Inductor once per distinct block (tokensparse.regions), the policy steps inlined and the token counts
+    backed symbols; returns the split graph's forward."""
     from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx
 
-    from tokensparse.regions import compile_regions, plan_regions
+    from tokensparse.passes.fake import fake_inputs
+    from tokensparse.regions import compile_regions_symbolically, plan_regions
 
     fake_mode = result.context.fake_mode
 
-    def compile_region(region, inputs):
-        # Each region gets its own tracing context (compile_fx keeps per-graph metadata there) over
-        # dynamo's fake mode, whose shape environment knows the token-count symbols in the inputs.
-        with tracing(TracingContext(fake_mode)), allow_symbolic_token_counts(fake_mode):
-            return compile_fx(region, inputs)
+    def compile_region(region, symbolic):
+        # Each region gets its own tracing context (compile_fx keeps per-graph metadata there) over the fake
+        # mode whose shape environment holds the region's symbolic sizes.
+        with tracing(TracingContext(symbolic.fake_mode)):
+            return compile_fx(region, symbolic.inputs)
 
     plan = plan_regions(result.gm, result.match.blocks)
-    return compile_regions(plan, compile_region).forward
+    inline_policy_steps(plan.split)
+    return compile_regions_symbolically(plan, compile_region, fake_inputs(example_inputs, fake_mode),
+                                        fake_mode).forward
 
 
 _failures: set = set()

@@ -64,3 +64,38 @@ def time_side_by_side(variants: dict, inputs: tuple, runs: int, warmup: int = 2,
             if progress is not None:
                 progress()
     return timings
+
+
+# Ops that only make views or allocate: not counted as dispatched work.
+_NOT_WORK = {"view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "transpose", "permute", "expand",
+             "select", "slice", "unsqueeze", "squeeze", "t", "alias", "detach", "empty", "empty_strided",
+             "empty_like", "resize_", "lift_fresh", "unbind", "split", "chunk", "narrow", "contiguous",
+             "set_", "_to_copy_alias", "numpy_T", "expand_as", "view_as", "split_with_sizes"}
+
+
+def eager_ops_per_forward(fn: Callable, *inputs, calls: int = 3) -> float:
+    """The ops dispatched one by one per call of `fn` (torch.profiler): outermost aten ops that do work (views and
+    allocations not counted) and tokensparse ops, outside compiled kernels. The CPU-side proxy for the host time
+    that a GPU would spend launching them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn(*inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn(*inputs)
+    counted = 0
+    for event in prof.events():
+        if not _is_op(event.name) or event.name.split("::", 1)[1] in _NOT_WORK:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _is_op(parent.name):
+            parent = parent.cpu_parent
+        # an aten op that another aten op called is part of that one; inside a tokensparse op each runs eagerly
+        if parent is None or parent.name.startswith("tokensparse::"):
+            counted += 1
+    return counted / calls
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith(("aten::", "tokensparse::"))

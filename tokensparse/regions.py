@@ -140,3 +140,122 @@ def compile_regions(plan: RegionPlan, compile_region: RegionCompiler) -> fx.Grap
             setattr(plan.split, name, CompiledRegion(compiled, name))
     log.info("tokensparse: %d regions compiled as %d", plan.regions, len(plan.groups))
     return plan.split
+
+
+def region_inputs(plan: RegionPlan, inputs: list, fake_mode) -> dict[str, list]:
+    """Each region's inputs as the split graph passes them, from one FakeTensor run of the whole split graph in
+    which the policy steps give their token counts as numbers (their PyTorch functions, inline_steps.py)."""
+    from tokensparse.passes.fake import fake_propagation
+
+    recorded: dict[str, list] = {}
+
+    class Recorder(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            recorded[target] = list(args)
+            return super().call_module(target, args, kwargs)
+
+    with fake_propagation(fake_mode):
+        Recorder(plan.split).run(*inputs)
+    return recorded
+
+
+@dataclass
+class SymbolicInputs:
+    """A region's example inputs whose symbolic sizes (token counts, a dynamic batch) are backed symbols of a
+    fresh shape environment, each with one region's value as its hint."""
+
+    fake_mode: object
+    inputs: list
+    symbols: dict          # sympy symbol -> (input index, dim or None for a SymInt input)
+
+    def values_of(self, concrete: list) -> dict | None:
+        """The symbols' values for another region of the group (its inputs `concrete`), None if they disagree."""
+        values: dict = {}
+        for symbol, (index, dim) in self.symbols.items():
+            value = concrete[index].shape[dim] if dim is not None else concrete[index]
+            value = _hint(value)
+            if values.setdefault(symbol, value) != value:
+                return None
+        return values
+
+    def holds_for(self, concrete: list) -> bool:
+        """Whether every guard the compile recorded holds for a region with inputs `concrete`, so the compiled
+        code (which reads its sizes from its inputs) computes that region too."""
+        values = self.values_of(concrete)
+        if values is None:
+            return False
+        shape_env = self.fake_mode.shape_env
+        checks = [guard.expr for guard in shape_env.guards]
+        checks += [sympy.Eq(symbol, replacement) for symbol, replacement in shape_env.replacements.items()]
+        checks += [assertion.expr for assertions in shape_env.deferred_runtime_asserts.values()
+                   for assertion in assertions]
+        return all(_is_true(check.xreplace(values)) for check in checks)
+
+
+def symbolic_inputs(template: list, concrete: list) -> SymbolicInputs:
+    """Inputs like `concrete` (one region's), whose sizes that are symbolic in `template` (the placeholders'
+    values of the symbolic rewrite: unbacked token counts, dynamo's symbols) are fresh backed symbols."""
+    from torch._dynamo.source import LocalSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv(duck_shape=False)
+    fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    inputs, symbols = [], {}
+    for index, (shape_like, value) in enumerate(zip(template, concrete)):
+        source = LocalSource(f"region_input_{index}")
+        if isinstance(value, torch.Tensor):
+            sizes = [_hint(size) for size in value.shape]
+            dynamic = [DimDynamic.DYNAMIC if isinstance(shape_like, torch.Tensor) and not isinstance(size, int)
+                       else DimDynamic.STATIC for size in shape_like.shape] if isinstance(shape_like, torch.Tensor) \
+                else [DimDynamic.STATIC] * len(sizes)
+            real = torch.empty_strided(sizes, [_hint(stride) for stride in value.stride()], dtype=value.dtype,
+                                       device=value.device)
+            context = StatelessSymbolicContext(dynamic_sizes=dynamic, constraint_sizes=[None] * len(sizes))
+            fake = fake_mode.from_tensor(real, source=source, symbolic_context=context)
+            for dim, size in enumerate(fake.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    symbols[size.node.expr] = (index, dim)
+            inputs.append(fake)
+        elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) and \
+                isinstance(shape_like, torch.SymInt):
+            hint = _hint(value)
+            symbol = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
+            symbols[symbol] = (index, None)
+            inputs.append(shape_env.create_symintnode(symbol, hint=hint, source=source))
+        else:
+            inputs.append(value)
+    return SymbolicInputs(fake_mode, inputs, symbols)
+
+
+def compile_regions_symbolically(plan: RegionPlan, compile_region: Callable, inputs: list, fake_mode) -> fx.GraphModule:
+    """Compile each group once, its token counts as backed symbols (compile_region(region, SymbolicInputs)), and
+    install it for every region of the group whose sizes satisfy the compile's guards; a region that does not is
+    compiled on its own."""
+    concrete = region_inputs(plan, inputs, fake_mode)
+    compiled_count = 0
+    for group in plan.groups:
+        pending = list(group)
+        while pending:
+            first = getattr(plan.split, pending[0])
+            template = [node.meta.get("val") for node in first.graph.nodes if node.op == "placeholder"]
+            symbolic = symbolic_inputs(template, concrete[pending[0]])
+            compiled = compile_region(first, symbolic)
+            compiled_count += 1
+            served = [name for name in pending if name == pending[0] or symbolic.holds_for(concrete[name])]
+            for name in served:
+                setattr(plan.split, name, CompiledRegion(compiled, name))
+            pending = [name for name in pending if name not in served]
+    log.info("tokensparse: %d regions compiled as %d", plan.regions, compiled_count)
+    plan.split.recompile()
+    return plan.split
+
+
+def _hint(value):
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+    return guarding_hint_or_throw(value) if isinstance(value, torch.SymInt) else value
+
+
+def _is_true(expr) -> bool:
+    return expr is sympy.true or (isinstance(expr, (bool, sympy.logic.boolalg.BooleanAtom)) and bool(expr))
