@@ -149,3 +149,17 @@ def test_tome_in_the_tower_then_fastv_under_inductor_equals_the_oracle():
     for got, expected in zip(out.logits, want.logits):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [25, 25, 20, 20]
+
+
+def test_tome_gradients_under_inductor_equal_the_reference():
+    """A training step through the compiled regions: ToMe's merge inside Inductor's joint graph."""
+    from tests.test_gradients import _parameter_gradients, assert_same_gradients
+
+    model, pixels = build("timm_vit", depth=3, width=32, heads=2, batch=2)
+    policy = tokensparse.ToMe(r=3)
+    fast = torch.compile(model, backend="tokensparse", options={"policy": policy})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = _parameter_gradients(model, lambda: fast(pixels).square().sum())
+    want = _parameter_gradients(model, lambda: reference_forward(model, pixels, policy)["logits"].square().sum())
+    assert_same_gradients(got, want)

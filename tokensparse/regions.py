@@ -210,7 +210,7 @@ def symbolic_inputs(template: list, concrete: list) -> SymbolicInputs:
                        else DimDynamic.STATIC for size in shape_like.shape] if isinstance(shape_like, torch.Tensor) \
                 else [DimDynamic.STATIC] * len(sizes)
             real = torch.empty_strided(sizes, [_hint(stride) for stride in value.stride()], dtype=value.dtype,
-                                       device=value.device)
+                                       device=value.device, requires_grad=value.requires_grad)
             context = StatelessSymbolicContext(dynamic_sizes=dynamic, constraint_sizes=[None] * len(sizes))
             fake = fake_mode.from_tensor(real, source=source, symbolic_context=context)
             for dim, size in enumerate(fake.shape):
