@@ -61,6 +61,16 @@ def test_bad_options_raise_value_error_naming_the_option(options, message):
     assert re.search(message, str(error)), str(error)
 
 
+def test_mode_without_options_says_how_to_combine_them():
+    """torch.compile refuses mode= with options=, so mode="reduce-overhead" arrives without a policy."""
+    model, pixels = build("timm_vit", depth=3)
+    compiled = torch.compile(model, backend="tokensparse", mode="reduce-overhead")
+    with pytest.raises(Exception) as info:
+        compiled(pixels)
+    error = _value_error_in(info.value)
+    assert error is not None and "'cudagraphs': True" in str(error), repr(info.value)
+
+
 class NoAttention(torch.nn.Module):
     def __init__(self):
         super().__init__()

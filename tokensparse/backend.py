@@ -17,6 +17,10 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
     the model's modules with forward hooks (tokensparse.compile passes them), warned about inside cut blocks.
     The policy steps of a vision encoder enter the compiled graph as their policies' PyTorch functions
     (inline_steps.py): Inductor fuses them with the model, and autograd runs through them."""
+    if options is None and unused.get("mode") is not None:
+        raise ValueError(f"mode={unused['mode']!r} reached tokensparse without options (torch.compile takes one or "
+                         f"the other), so no policy is set: give options={{'policy': ..., 'cudagraphs': True}} for "
+                         f"what mode='reduce-overhead' does (CUDA graphs)")
     config = config_from_options(options)
     if config.policy is not None or config.kv is not None:
         remember_frame()

@@ -72,7 +72,8 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
-    from tokensparse.benchmark import device_description, first_call_seconds, synchronizer, time_side_by_side
+    from tokensparse.benchmark import (device_description, eager_ops_per_forward, first_call_seconds, synchronizer,
+                                       time_side_by_side)
     from tokensparse.reference import reference_forward
 
     if args.threads:
@@ -138,16 +139,21 @@ def run(args) -> dict:
     ideal = report.flops_ideal_ratio
     where = device_description(args.device)
     table = Table(title=f"{args.model} batch {args.batch}, {args.dtype}, {where}, median of {args.runs} runs")
-    for column in ("variant", "median ms", "speedup vs inductor (alike)", "of FLOPs-ideal", "compile s"):
+    # Ops dispatched one by one per forward (views and allocations aside): the host work a GPU would wait on.
+    ops = {name: eager_ops_per_forward(fn, pixels) for name, (fn, _) in variants.items()
+           if name.startswith(("inductor", "tokensparse"))}
+    for column in ("variant", "median ms", "speedup vs inductor (alike)", "of FLOPs-ideal", "compile s",
+                   "eager ops/forward"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
     for name, timing in timings.items():
         speedup = (graphed_base if name.endswith("cudagraphs") else base) / timing.median_ms
         share = speedup / ideal if name.startswith("tokensparse") else None
         rows[name] = {"median_ms": timing.median_ms, "speedup_vs_inductor": speedup, "of_ideal": share,
-                      "compile_s": timing.compile_s}
+                      "compile_s": timing.compile_s, "eager_ops_per_forward": ops.get(name)}
         table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{share:.2f}" if share else "",
-                      f"{timing.compile_s:.1f}" if timing.compile_s else "")
+                      f"{timing.compile_s:.1f}" if timing.compile_s else "",
+                      f"{ops[name]:.0f}" if name in ops else "")
     console.print(table)
     result = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "runs": args.runs,
               "device": where, "dtype": args.dtype, "triton_kernels": args.triton_kernels,
