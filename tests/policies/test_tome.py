@@ -108,3 +108,23 @@ def test_schedules():
 def test_bad_options_name_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ToMe(**kwargs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(4, 60), r=st.integers(1, 30), prefix=st.sampled_from([0, 1, 2, 5]),
+       seed=st.integers(0, 2 ** 16))
+def test_accumulating_merge_equals_the_scatter_form(tokens, r, prefix, seed):
+    """The merge Inductor compiles (index_put accumulate) and the reference's scatter_reduce: the same sums,
+    with several A tokens merging into one B token (duplicated tokens)."""
+    from tokensparse.policies.tome import accumulating_merge, capped_r, tome_step
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = max(tokens, prefix + 2)
+    x = torch.randn(2, tokens, 5, generator=generator, dtype=torch.float64)
+    x[:, prefix + 2:: 3] = x[:, prefix + 1: prefix + 2]          # many A tokens find the same B token
+    size = torch.randint(1, 4, (2, tokens, 1), generator=generator).double()
+    keys = x[:, None, :, :4].expand(2, 2, tokens, 4).clone()
+    r = capped_r(r, tokens, prefix)
+    want = tome_step(x, size, keys, r, prefix)
+    got = tome_step(x, size, keys, r, prefix, merge=accumulating_merge)
+    torch.testing.assert_close(got, want)

@@ -99,25 +99,36 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=
     return src_idx, dst_idx, unm_idx
 
 
-def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx, protected: int):
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx, protected: int,
+                 accumulate: bool = False):
     """Size-weighted merge: x_b <- (s_a x_a + s_b x_b) / (s_a + s_b), s_b <- s_a + s_b.
 
     x: [B, N, C], size: [B, N, 1]. Output tokens: the protected prefix, the unmerged A tokens in their
-    original order, then every B token.
+    original order, then every B token. The sums go into B by scatter_reduce, or with `accumulate` by an
+    accumulating index_put (the same sums, which Inductor compiles into its own kernel).
     """
     channels = x.shape[-1]
-    weighted = torch.cat([x[:, protected:] * size[:, protected:], size[:, protected:]], dim=-1)
+    weighted, sizes = x[:, protected:] * size[:, protected:], size[:, protected:]
     a, b = weighted[:, ::2], weighted[:, 1::2]
-    width = channels + 1
-    unm = a.gather(1, unm_idx.expand(-1, -1, width))
-    src = a.gather(1, src_idx.expand(-1, -1, width))
-    b = b.scatter_reduce(1, dst_idx.expand(-1, -1, width), src, reduce="sum")
-    merged = torch.cat([unm, b], dim=1)
-    merged_size = merged[..., channels:]
-    merged_x = merged[..., :channels] / merged_size
-    out_x = torch.cat([x[:, :protected], merged_x], dim=1)
-    out_size = torch.cat([size[:, :protected], merged_size], dim=1)
-    return out_x, out_size
+    a_size, b_size = sizes[:, ::2], sizes[:, 1::2]
+    b = _sum_into(b, dst_idx, a.gather(1, src_idx.expand(-1, -1, channels)), accumulate)
+    b_size = _sum_into(b_size, dst_idx, a_size.gather(1, src_idx), accumulate)
+    merged_size = torch.cat([a_size.gather(1, unm_idx), b_size], dim=1)
+    merged_x = torch.cat([a.gather(1, unm_idx.expand(-1, -1, channels)), b], dim=1) / merged_size
+    return torch.cat([x[:, :protected], merged_x], dim=1), torch.cat([size[:, :protected], merged_size], dim=1)
+
+
+def _sum_into(rows: torch.Tensor, index: torch.Tensor, values: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """rows [B, M, W] plus each values[:, i] added at row index[:, i, 0]."""
+    if accumulate:
+        batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
+        return rows.index_put((batch, index[..., 0]), values, accumulate=True)
+    return rows.scatter_reduce(1, index.expand(-1, -1, rows.shape[-1]), values, reduce="sum")
+
+
+def accumulating_merge(x, size, src_idx, dst_idx, unm_idx, protected: int):
+    """merge_tokens with accumulate=True (the form compiled by Inductor)."""
+    return merge_tokens(x, size, src_idx, dst_idx, unm_idx, protected, accumulate=True)
 
 
 def tome_step(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int, protected: int,
