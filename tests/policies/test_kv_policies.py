@@ -229,6 +229,7 @@ def test_vision_budget_needs_equal_image_counts():
        window=st.integers(0, 6), seed=st.integers(0, 1000))
 def test_key_norm_keep_holds_the_lowest_norms_and_the_window(batch, kv_heads, length, budget, window, seed):
     keys = torch.randn(batch, kv_heads, length, 8, generator=torch.Generator().manual_seed(seed))
+    budget = max(budget, window)                  # a count below the window is refused (test below)
     count = KeyNorm(budget=budget, window=window).kept_count(length)
     kept = key_norm_keep(keys, count, window)
     tail = min(window, count)
