@@ -20,8 +20,7 @@ _ARITHMETIC = {"add", "sub", "mul", "truediv", "div", "floordiv", "floor_divide"
 _VALUE_ARGUMENTS = {                       # op -> positions of value arguments (None: every position)
     "full": (1,), "new_full": (2,), "full_like": (1,), "fill": (1,), "fill_": (1,), "masked_fill": (2,),
     "masked_fill_": (2,), "clamp": (1, 2), "clamp_min": (1,), "clamp_max": (1,), "arange": None,
-    "linspace": (0, 1), "select": (2,), "narrow": (2, 3), "index_select": (), "scalar_tensor": (0,),
-    "tensor": (0,),
+    "linspace": (0, 1), "select": (2,), "narrow": (2, 3), "scalar_tensor": (0,), "tensor": (0,),
 }
 _VALUE_KEYWORDS = {"other", "fill_value", "value", "min", "max", "start", "end", "step", "alpha", "index",
                    "length"}
@@ -31,7 +30,7 @@ def stale_token_counts_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMod
     """Fail (with the reason) when a node after a cut takes the traced token count, or the count less some of
     its prefix tokens, as a number: the rewrite cannot tell it from an unrelated constant."""
     if not ctx.blocks or not isinstance(ctx.blocks[0].tokens, int):
-        return gm       # a symbolic count is a node of the graph, read from the pruned tensor after the cut
+        return gm       # a symbolic count is a node of the graph, not a literal (not checked here)
     tokens = ctx.blocks[0].tokens
     stale = {tokens - removed: removed for removed in range(ctx.prefix_tokens + 1) if tokens - removed > 1}
     for node in _after_cuts(gm):
@@ -43,8 +42,8 @@ def stale_token_counts_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMod
                                                       if removed else "")
             raise MatchFailure(f"{node.name} ({op_name(node)}) uses the number {value:g} after the cut, which is "
                                f"{which}: the model reads the token count as a value (dynamo bakes x.shape[1] "
-                               f"into the graph), so it would keep the unpruned count; read it as a tensor "
-                               f"size inside the model (or compile with dynamic=True) to prune it")
+                               f"into the graph), so it would keep the unpruned count there; compute such values "
+                               f"from the tensor (h[:, 1:].mean(1)) to prune this model")
     return gm
 
 
