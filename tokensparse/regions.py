@@ -206,9 +206,8 @@ def symbolic_inputs(template: list, concrete: list) -> SymbolicInputs:
         source = LocalSource(f"region_input_{index}")
         if isinstance(value, torch.Tensor):
             sizes = [_hint(size) for size in value.shape]
-            dynamic = [DimDynamic.DYNAMIC if isinstance(shape_like, torch.Tensor) and not isinstance(size, int)
-                       else DimDynamic.STATIC for size in shape_like.shape] if isinstance(shape_like, torch.Tensor) \
-                else [DimDynamic.STATIC] * len(sizes)
+            traced = shape_like.shape if isinstance(shape_like, torch.Tensor) else sizes
+            dynamic = [DimDynamic.STATIC if isinstance(size, int) else DimDynamic.DYNAMIC for size in traced]
             real = torch.empty_strided(sizes, [_hint(stride) for stride in value.stride()], dtype=value.dtype,
                                        device=value.device, requires_grad=value.requires_grad)
             context = StatelessSymbolicContext(dynamic_sizes=dynamic, constraint_sizes=[None] * len(sizes))

@@ -32,8 +32,6 @@ class TopK(Policy):
     def __post_init__(self):
         object.__setattr__(self, "layers", checked_layers("layers", self.layers, 0, "block index"))
         check_fraction("keep", self.keep)
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"fuse={self.fuse!r} must be True or False")
         if self.prefix_tokens is not None:
             check_int_at_least("prefix_tokens", self.prefix_tokens, 0)
 
