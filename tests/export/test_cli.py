@@ -30,21 +30,68 @@ def test_export_with_checks(vit_config_dir, tmp_path, capsys):
     assert "TensorRT" in err and "compatible" in err
 
 
-def test_rewrite_existing_onnx(vit_config_dir, tmp_path, capsys):
-    plain = tmp_path / "plain.onnx"
+@pytest.fixture(scope="module")
+def plain_onnx(vit_config_dir, tmp_path_factory):
+    plain = tmp_path_factory.mktemp("plain") / "plain.onnx"
     assert main(["--model", vit_config_dir, "--random-init", "--policy", "none", "--onnx", str(plain)]) == 0
+    return plain
+
+
+def test_rewrite_existing_onnx(plain_onnx, tmp_path, capsys):
     pruned = tmp_path / "pruned.onnx"
-    assert main(["--onnx-in", str(plain), "--policy", "topk", "--layers", "1", "--keep", "0.5",
+    assert main(["--onnx-in", str(plain_onnx), "--policy", "topk", "--layers", "1", "--keep", "0.5",
                  "--out", str(pruned)]) == 0
     err = capsys.readouterr().err
     assert pruned.exists() and "tokens entering each block: 17 -> 17 -> 9 -> 9" in err
+    assert "warning" not in err
+
+
+def test_rewrite_that_writes_nothing_exits_4_with_the_reason(plain_onnx, tmp_path, capsys):
+    assert main(["--onnx-in", str(plain_onnx), "--policy", "tome", "--r", "0", "--out", str(tmp_path / "x.onnx")]) == 4
+    assert "not rewritten: nothing to reduce" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_output_linked_to_the_input_is_refused(plain_onnx, tmp_path, capsys):
+    link = tmp_path / "link.onnx"
+    link.symlink_to(plain_onnx)
+    before = plain_onnx.read_bytes()
+    assert main(["--onnx-in", str(plain_onnx), "--policy", "tome", "--r", "2", "--out", str(link)]) == 2
+    assert "or a link to it" in capsys.readouterr().err
+    assert plain_onnx.read_bytes() == before
+
+
+def test_language_model_policy_on_an_onnx_file_is_a_clear_error(plain_onnx, tmp_path, capsys):
+    assert main(["--onnx-in", str(plain_onnx), "--policy", "fastv", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "rewrites vision transformers with ToMe or TopK; the config has fastv" in err and "Traceback" not in err
+
+
+def test_options_a_run_does_not_read_are_named(plain_onnx, tmp_path, capsys):
+    assert main(["--onnx-in", str(plain_onnx), "--policy", "topk", "--layers", "1", "--r", "4", "--batch", "3",
+                 "--out", str(tmp_path / "x.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --r is ignored with --policy topk: it is read by --policy tome" in err
+    assert "warning: --batch is ignored with --onnx-in: it applies to exporting a --model" in err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--onnx-in", "missing.onnx", "--out", "x.onnx"], "no such ONNX file"),
-    (["--onnx-in", "{notes}", "--out", "x.onnx"], "is not an ONNX model"),
-    (["--model", "no_such_model_name", "--random-init", "--onnx", "x.onnx"], "neither a timm model name"),
-    (["--model", "{empty_dir}", "--random-init", "--onnx", "x.onnx"], "without a config.json"),
+    (["--onnx-in", "m.onnx", "--out", "x.onnx"], "--policy is required"),
+    (["--onnx-in", "m.onnx", "--model", "vit_tiny_patch16_224", "--policy", "tome", "--out", "x.onnx"], "not both"),
+])
+def test_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--onnx-in", "missing.onnx", "--policy", "tome", "--out", "x.onnx"], "no such ONNX file"),
+    (["--onnx-in", "{notes}", "--policy", "tome", "--out", "x.onnx"], "is not an ONNX model"),
+    (["--model", "no_such_model_name", "--random-init", "--policy", "tome", "--onnx", "x.onnx"],
+     "neither a timm model name"),
+    (["--model", "{empty_dir}", "--random-init", "--policy", "tome", "--onnx", "x.onnx"], "without a config.json"),
     (["--model", "{config}", "--random-init", "--policy", "topk", "--keep", "1.5", "--onnx", "x.onnx"],
      "keep=1.5 is out of range"),
     (["--model", "{config}", "--random-init", "--policy", "topk", "--layers", "9", "--onnx", "x.onnx"],
@@ -63,7 +110,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(argv, message, vit_config_dir, t
 
 def test_missing_output_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "vit_tiny_patch16_224"])
+        main(["--model", "vit_tiny_patch16_224", "--policy", "tome"])
     assert exit_info.value.code == 2
     assert "--onnx PATH is required" in capsys.readouterr().err
 
@@ -211,5 +258,6 @@ def test_llava_generation_pair_with_checks(llava_config_dir, tmp_path, capsys):
 
 
 def test_generation_pair_of_a_vision_transformer_is_a_clear_error(vit_config_dir, tmp_path, capsys):
-    assert main(["--model", vit_config_dir, "--random-init", "--generation", str(tmp_path / "pair")]) == 2
+    assert main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--generation",
+                 str(tmp_path / "pair")]) == 2
     assert "--generation exports a generative model's prefill and decode step" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 pruned export in ONNX Runtime (batch 1, 2, 5); bad files give clear errors and are never modified."""
 
 import hashlib
+import os
 import warnings
 
 import numpy as np
@@ -100,6 +101,20 @@ def test_input_file_is_never_modified_and_cannot_be_the_output(plain_vit, tmp_pa
     assert _digest(plain_vit) == before
     with pytest.raises(ValueError, match="is the input file"):
         rewrite_onnx(plain_vit, plain_vit, {"policy": "tome", "r": 2})
+    symlink, hardlink = tmp_path / "symlink.onnx", tmp_path / "hardlink.onnx"
+    os.symlink(plain_vit, symlink)
+    os.link(plain_vit, hardlink)
+    for link in (symlink, hardlink):
+        with pytest.raises(ValueError, match=r"is the input file .* \(or a link to it\)"):
+            rewrite_onnx(plain_vit, str(link), {"policy": "tome", "r": 2})
+    assert _digest(plain_vit) == before
+
+
+@pytest.mark.parametrize("options", [{"policy": "fastv"}, {"policy": "visionzip"}, {"policy": "snapkv"}])
+def test_policy_without_onnx_native_rewrite_is_a_clear_error(plain_vit, tmp_path, options):
+    with pytest.raises(ValueError, match="rewrite_onnx rewrites vision transformers with ToMe or TopK; the config has"):
+        rewrite_onnx(plain_vit, str(tmp_path / "out.onnx"), options)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_model_without_attention_is_not_written_and_says_why(tmp_path):

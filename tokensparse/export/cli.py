@@ -19,15 +19,26 @@ EXAMPLES = """examples:
   python tools/export.py --model vit_base_patch16_224 --random-init --onnx out/vit.onnx --engine out/vit.plan --fp16 \
       --compare --triton-repo out/models
 
-exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built here (GPU/TensorRT missing)
+exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built here (GPU/TensorRT missing),
+             4 the ONNX model did not match the rewrite (--onnx-in): nothing written
 """
+
+# The options that only one kind of run or only some policies read; given elsewhere, they are ignored with a warning.
+POLICY_OPTIONS = {"r": ("tome",), "schedule": ("tome",), "no_proportional_attention": ("tome",),
+                  "layers": ("topk", "pyramiddrop"), "keep": ("topk", "fastv"), "layer": ("fastv", "exit"),
+                  "query": ("fastv",), "ratio": ("pyramiddrop",), "fuse": ("topk",), "dominant": ("visionzip",),
+                  "contextual": ("visionzip",)}
+EXPORT_ONLY = ("random_init", "checkpoint", "onnx", "generation", "opset", "batch", "static", "plugins", "check",
+               "engine", "fp16", "bf16", "compare", "max_batch", "triton_repo")
+REWRITE_ONLY = ("out", "explain")
+NOTHING_WRITTEN = 4
 
 
 class UserError(Exception):
     """A problem with the command line or its inputs, printed without a traceback."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/export.py", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("model")
@@ -36,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a state_dict file for a timm model")
     source.add_argument("--onnx-in", help="rewrite this existing ONNX model instead of exporting one")
     policy = parser.add_argument_group("policy")
-    policy.add_argument("--policy", default="tome",
-                        choices=["tome", "topk", "fastv", "pyramiddrop", "exit", "visionzip", "none"],
-                        help="tome/topk: vision transformers; fastv/pyramiddrop/exit/visionzip: a LLaVA model")
+    policy.add_argument("--policy", choices=["tome", "topk", "fastv", "pyramiddrop", "exit", "visionzip", "none"],
+                        help="(required) tome/topk: vision transformers; fastv/pyramiddrop/exit/visionzip: a LLaVA "
+                             "model; none: export unchanged")
     policy.add_argument("--r", type=int, default=13, help="tome: tokens merged per block")
     policy.add_argument("--schedule", default="constant", choices=["constant", "decreasing"])
     policy.add_argument("--no-proportional-attention", action="store_true")
@@ -77,8 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     deploy.add_argument("--compare", action="store_true", help="polygraphy: the engine against ONNX Runtime")
     deploy.add_argument("--max-batch", type=int, default=32, help="largest batch of the engine and the server")
     deploy.add_argument("--triton-repo", help="write a Triton Inference Server model repository here")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to print the command again
+    if args.policy is None:
+        parser.error("--policy is required: tome or topk for a vision transformer, fastv, pyramiddrop, exit or "
+                     "visionzip for a LLaVA model, none to export the model unchanged")
+    if args.onnx_in is not None and args.model is not None:
+        parser.error("give --model (to export) or --onnx-in (to rewrite an existing ONNX model), not both")
     if args.onnx_in is None and args.model is None:
         parser.error("give --model (to export) or --onnx-in (to rewrite an existing ONNX model)")
     if args.onnx_in is None and args.onnx is None and args.generation is None:
@@ -88,7 +109,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "and --plugins")
     if args.onnx_in is not None and args.out is None and not args.explain:
         parser.error("--out PATH is required with --onnx-in (or --explain alone)")
+    from tokensparse.export.onnx_rewrite import is_same_file
+
+    for output in ("out", "onnx", "engine"):
+        for source in ("onnx_in", "checkpoint"):
+            if getattr(args, output) and getattr(args, source) and is_same_file(getattr(args, output),
+                                                                                 getattr(args, source)):
+                parser.error(f"--{output} {getattr(args, output)} is the --{source.replace('_', '-')} file (or a link "
+                             f"to it): write elsewhere")
+    for option in ignored_options(args, argv):
+        print(f"warning: {option}", file=sys.stderr)
     return args
+
+
+def ignored_options(args: argparse.Namespace, argv=None) -> list:
+    """What the command line gives that this run does not read, each with the reason."""
+    explicit, unset = _parser(), object()       # a non-string default: argparse keeps it as it is
+    explicit.set_defaults(**{name: unset for name in vars(args)})
+    given = {name for name, value in vars(explicit.parse_args(argv)).items() if value is not unset}
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    ignored = [f"{flag(name)} is ignored with --policy {args.policy}: it is read by --policy {' and '.join(users)}"
+               for name, users in POLICY_OPTIONS.items() if name in given and args.policy not in users]
+    if args.onnx_in is not None:
+        ignored += [f"{flag(name)} is ignored with --onnx-in: it applies to exporting a --model"
+                    for name in EXPORT_ONLY if name in given]
+    else:
+        ignored += [f"{flag(name)} is ignored with --model: it applies to rewriting an --onnx-in file"
+                    for name in REWRITE_ONLY if name in given]
+    return ignored
 
 
 def policy_from_args(args):
@@ -347,6 +395,8 @@ def _run_onnx_rewrite(args, console) -> int:
 
     result = rewrite_onnx(args.onnx_in, args.out, config_from_policy(policy_from_args(args)), explain=args.explain)
     console.print(str(result))
+    if result.reason is not None:
+        return NOTHING_WRITTEN
     if args.check_trt and args.out:
         return _check_trt(args.out, console)
     return 0

@@ -17,6 +17,7 @@ from tokensparse.export.onnx_passes import ONNX_PASSES
 from tokensparse.export.onnx_passes.attention import find_attention
 from tokensparse.export.onnx_passes.blocks import find_blocks, find_prefix_tokens
 from tokensparse.export.onnx_passes.context import OnnxPassContext
+from tokensparse.export.onnx_passes.insert_policy import ONNX_NATIVE_NAMES, ONNX_NATIVE_POLICIES
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.rewrite import TokensparseWarning
 
@@ -52,6 +53,16 @@ class OnnxRewrite:
         return "\n".join(lines)
 
 
+def is_same_file(path: str, other: str) -> bool:
+    """Whether writing `path` would write `other`: the same path, a symbolic link or a hard link to it."""
+    if os.path.realpath(path) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(path, other)
+    except OSError:     # one of them does not exist: not the same file
+        return False
+
+
 def load_onnx(path: str) -> ir.Model:
     """The model in `path`, or a ValueError/FileNotFoundError that says what is wrong with the file."""
     import onnx
@@ -80,10 +91,13 @@ def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = 
     """Apply config's vision policy to the ONNX model at `in_path` and write it to `out_path`. A model
     that does not match is not written: the result says why (and one TokensparseWarning)."""
     config = config_from_options(config) if not isinstance(config, Config) else config
-    if config.policy is None:
-        raise ValueError("config has no vision policy: choose one of tokensparse.ToMe, tokensparse.TopK")
-    if out_path is not None and os.path.abspath(out_path) == os.path.abspath(in_path):
-        raise ValueError(f"--out {out_path} is the input file: write the rewritten model elsewhere")
+    if not isinstance(config.vision, ONNX_NATIVE_POLICIES):
+        given = config.policy.name if config.policy is not None else "no vision policy"
+        raise ValueError(f"rewrite_onnx rewrites vision transformers with {' or '.join(ONNX_NATIVE_NAMES)}; the config "
+                         f"has {given} (a language model is exported with its policy by tools/export.py --model)")
+    if out_path is not None and is_same_file(out_path, in_path):
+        raise ValueError(f"the output {out_path} is the input file {in_path} (or a link to it): write the rewritten "
+                         f"model elsewhere")
     model = load_onnx(in_path)
     report = OnnxRewrite(in_path)
     try:

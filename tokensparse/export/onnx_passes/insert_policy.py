@@ -10,6 +10,9 @@ from tokensparse.patterns.graph import MatchFailure
 from tokensparse.policies.tome import ToMe, capped_r
 from tokensparse.policies.topk import TopK, kept_count
 
+ONNX_NATIVE_POLICIES = (ToMe, TopK)
+ONNX_NATIVE_NAMES = tuple(policy.__name__ for policy in ONNX_NATIVE_POLICIES)
+
 
 def insert_policy_pass(ctx: OnnxPassContext) -> None:
     """Insert one policy step per acting block and rewire the block's MLP onto the reduced stream."""
