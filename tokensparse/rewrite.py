@@ -18,7 +18,7 @@ from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns import MatchFailure, ModelMatch, match_vision_encoder
 from tokensparse.patterns.graph import is_op, op_name, output_shapes
-from tokensparse.patterns.kv_cache import find_cache_sites
+from tokensparse.patterns.kv_cache import continues_a_cache, find_cache_sites
 from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
 from tokensparse.patterns.vision_features import find_vision_features
 from tokensparse.policies import KVPolicy, LanguagePolicy
@@ -99,6 +99,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     if not language and not has_image_input(gm) and _holds_kv_cache(work):
         # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
         return _without_image(gm, example_inputs, config, "no image in this language-model graph", warn)
+    if language and policy.vision_span is not None and not has_image_input(gm) and continues_a_cache(work):
+        # The explicit span is the prefill's: a decode step has no vision tokens of its own.
+        return _without_image(gm, example_inputs, config, "a decode step (vision_span= is the prompt's)", warn)
     try:
         if language:
             match = match_language_model(work, policy.vision_span)

@@ -41,6 +41,18 @@ def test_every_prompt_length_is_pruned_including_the_dynamic_graph():
         assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [full, full, full - 12, full - 12]
 
 
+def test_explicit_vision_span_holds_through_the_decode_steps():
+    """vision_span= names the prompt's positions: the decode steps (one position each) carry no span and run
+    from the pruned cache, equal to the oracle with the detected span."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5))
+    policy = tokensparse.FastV(layer=2, keep=0.25, vision_span=(3, 19))
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy, inductor=False))
+    settings = dict(max_new_tokens=6, **LOGGED)
+    out = generate_without_warnings(fast, **inputs, **settings)
+    assert_equals_oracle(out, masked_generate(model, inputs, tokensparse.FastV(layer=2, keep=0.25), **settings))
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [29, 29, 17, 17]
+
+
 PADDED_POLICIES = [tokensparse.FastV(layer=2, keep=0.25), tokensparse.FastV(layer=2, keep=0.5, query="text"),
                    tokensparse.PyramidDrop(layers=(1, 3), ratio=0.5), tokensparse.DivPrune(keep=0.3),
                    tokensparse.VisualExit(layer=2), tokensparse.VisionZip(dominant=4, contextual=2)]

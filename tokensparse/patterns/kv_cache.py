@@ -88,6 +88,19 @@ def find_cache_sites(gm: fx.GraphModule) -> list[CacheSite]:
     return sites
 
 
+def continues_a_cache(gm: fx.GraphModule) -> bool:
+    """Whether the graph extends a KV cache that earlier calls filled (a decode step): its cache's past keys are
+    not empty (a DynamicCache prefill concatenates onto an empty tensor), or its StaticCache buffers are inputs."""
+    try:
+        site = find_cache_sites(gm)[0]
+    except MatchFailure:
+        return False
+    if site.static is not None:
+        return not site.static.created
+    past = meta_value(site.keys.args[0][0])
+    return past is not None and past.numel() != 0
+
+
 def _static_sites(attentions, outputs) -> list[CacheSite]:
     """Attentions that read a StaticCache layer's buffers; a prefill's site holds the new keys and values
     (the buffers start empty), a decode step's the buffers."""
