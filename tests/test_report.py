@@ -41,6 +41,19 @@ def test_report_table_and_picture(tome_report, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_reports_of_other_batch_sizes_count_and_draw_their_own(tome_report, tmp_path):
+    """A second explain() of the same model class with another batch is traced for that batch (not with the
+    symbolic sizes dynamo would choose after a first shape), and its picture is drawn into a new directory."""
+    for batch in (3, 1):
+        model, pixels = build("timm_vit", depth=4, batch=batch)
+        report = tokensparse.explain(model, pixels, policy="tome", r=8)
+        assert report.flops_before * 2 == tome_report.flops_before * batch
+        assert [row.tokens_out for row in report.blocks] == [57, 49, 41, 33]
+        path = tmp_path / f"batch{batch}" / "merges.png"
+        report.save_png(path)
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_topk_picture_marks_dropped_patches(tmp_path):
     from tokensparse.viz import token_groups
 

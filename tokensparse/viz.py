@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -61,5 +62,6 @@ def draw_token_groups(report, path) -> None:
         ax.set_title(f"{row.path}: {row.tokens_out} tokens", fontsize=9)
     fig.suptitle(f"{report.options['policy']}: patches per token (black: dropped)", fontsize=10)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
