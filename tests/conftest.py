@@ -19,6 +19,15 @@ def fresh_dynamo():
     yield
 
 
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """tokensparse's warnings forget what they said before this test (they are once per model and reason)."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    monkeypatch.setattr("tokensparse.rewrite._warned", WeakIdKeyDictionary())
+    monkeypatch.setattr("tokensparse.rewrite._warned_without_model", set())
+
+
 def run_eager_backend(model, pixel_values, options):
     """torch.compile with the tokensparse backend, Inductor off: the rewritten graph runs eagerly."""
     compiled = torch.compile(model, backend="tokensparse", options={**options, "inductor": False})

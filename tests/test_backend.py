@@ -94,6 +94,8 @@ def test_model_without_attention_compiles_unchanged_with_one_warning():
     assert len(ours) == 1
     assert "no attention found" in str(ours[0].message) and "compiling the graph unchanged" in str(ours[0].message)
     torch.testing.assert_close(out, model(x), atol=0, rtol=0)
+    with pytest.warns(TokensparseWarning, match="no attention found"):   # another model: its own warning
+        torch.compile(NoAttention().eval(), backend="tokensparse", options={"policy": "tome", "inductor": False})(x)
 
 
 def test_dynamic_batch_rewrite_matches_reference():

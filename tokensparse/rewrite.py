@@ -3,6 +3,8 @@ says why) whenever a pattern does not match or the rewrite cannot be verified.""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import os
@@ -10,7 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tokensparse.config import Config
 from tokensparse.passes import KV_CHECKS, KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
@@ -38,13 +42,32 @@ class RewriteResult:
     notes: list = field(default_factory=list)
 
 
-_warned: set = set()
+# The reasons each model was warned about, by the model's first parameter as a dynamo graph's inputs hold it,
+# else by the model that warnings_for() names (torch.export's graphs, whose inputs are fake).
+_warned = WeakIdKeyDictionary()
+_warned_without_model: set = set()
+_model = contextvars.ContextVar("tokensparse_warned_model", default=None)
+
+UNCHANGED = "compiling the graph unchanged"
 
 
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(f"tokensparse: {message}; compiling the graph unchanged", TokensparseWarning, stacklevel=3)
+@contextlib.contextmanager
+def warnings_for(model):
+    """Inside, warn_once counts what it says against `model` when the graph's inputs do not name it."""
+    token = _model.set(model)
+    try:
+        yield
+    finally:
+        _model.reset(token)
+
+
+def warn_once(message: str, example_inputs=(), consequence: str = UNCHANGED) -> None:
+    """One TokensparseWarning per model and reason: `message`, then what follows from it."""
+    owner = next((value for value in example_inputs if isinstance(value, torch.nn.Parameter)), _model.get())
+    seen = _warned_without_model if owner is None else _warned.setdefault(owner, set())
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(f"tokensparse: {message}; {consequence}", TokensparseWarning, stacklevel=3)
 
 
 def internal_error(error: Exception) -> str:
@@ -93,6 +116,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     policy = config.policy
     if policy is None:
         return RewriteResult(gm, False, "no policy configured")
+    # With kv= beside it, the KV policy may still change this graph.
+    consequence = UNCHANGED if config.kv is None else f"{policy.name} is not applied to this graph"
     work = copy_graph_module(gm)
     language = isinstance(policy, LanguagePolicy)
     tower = None
@@ -115,7 +140,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
             return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn)
-        return _unchanged(gm, failure.reason, warn)
+        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence)
     if hasattr(policy, "check_depth"):
         try:
             policy.check_depth(match.depth)
@@ -141,11 +166,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         for rewrite_pass in PASSES:
             work = rewrite_pass(work, ctx)
     except MatchFailure as failure:
-        return _unchanged(gm, failure.reason, warn, match)
+        return _unchanged(gm, example_inputs, failure.reason, warn, match, consequence)
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
-        return _unchanged(gm, internal_error(error), warn, match)
+        return _unchanged(gm, example_inputs, internal_error(error), warn, match, consequence)
     work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, match, ctx, match.notes)
@@ -169,7 +194,7 @@ def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: s
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
-        return _unchanged(gm, internal_error(error), warn)
+        return _unchanged(gm, example_inputs, internal_error(error), warn)
     work.recompile()
     return RewriteResult(work, True, None, None, ctx)
 
@@ -226,11 +251,12 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
     StaticCache's can be rebuilt over the buffer's slots and a padded batch's cut to each evicted cache.
     `pruned`: a language-model policy pruned the layers first (tokensparse.compile() manages those masks too).
     `sliding_windows`: each decoder layer's sliding window (0: full), as Config.sliding_windows says."""
+    consequence = f"kv={policy.name} is not applied to this graph"
     work = copy_graph_module(gm)
     try:
         sites = find_cache_sites(work)
     except MatchFailure as failure:
-        return _unchanged(gm, failure.reason, warn)
+        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
                       decode_masks_follow_cache=kv_masks_follow_cache, pruned_and_evicted=pruned,
@@ -244,18 +270,21 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
         for check in KV_CHECKS:
             work = check(work, ctx)
     except MatchFailure as failure:
-        return _unchanged(gm, failure.reason, warn)
+        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence)
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 (a bug in a pass must not break the user's program)
-        return _unchanged(gm, internal_error(error), warn)
+        return _unchanged(gm, example_inputs, internal_error(error), warn, consequence=consequence)
     work.graph.eliminate_dead_code(is_impure_node=mutates)
     work.recompile()
     return RewriteResult(work, True, None, None, ctx)
 
 
-def _unchanged(gm, reason: str, warn: bool, match=None) -> RewriteResult:
+def _unchanged(gm, example_inputs, reason: str, warn: bool, match=None,
+               consequence: str = UNCHANGED) -> RewriteResult:
+    """The graph as it was, with the reason (warned about once per model, which the example inputs' parameters
+    name)."""
     if warn:
-        warn_once(reason)
+        warn_once(reason, example_inputs, consequence)
     return RewriteResult(gm, False, reason, match)
 

@@ -110,6 +110,18 @@ def test_a_kv_policy_is_named_as_not_exported(tmp_path):
     from tokensparse import SnapKV
 
     model, inputs = build_llava(batch=1)
-    with pytest.warns(UserWarning, match="kv=snapkv is not exported"):
+    with pytest.warns(UserWarning, match="kv=snapkv is not exported") as caught:
         result = to_onnx(model, inputs, Config(kv=SnapKV(budget=8, window=4)), str(tmp_path / "kv.onnx"), dynamic=False)
     assert not result.changed
+    assert all("unchanged" not in str(warning.message) for warning in caught)
+
+
+def test_a_dropped_kv_policy_does_not_say_the_vision_policy_was_dropped(tmp_path):
+    from tests.models import build
+    from tokensparse import SnapKV, ToMe
+
+    model, pixels = build("timm_vit")
+    with pytest.warns(UserWarning, match="kv=snapkv is not exported.*; exporting the rest of the config"):
+        result = to_onnx(model, (pixels,), Config(vision=ToMe(r=2), kv=SnapKV(budget=8, window=4)),
+                         str(tmp_path / "vit.onnx"))
+    assert result.changed

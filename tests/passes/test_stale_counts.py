@@ -38,8 +38,7 @@ def vit():
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("head", HEADS)
-def test_count_used_as_a_value_falls_back(vit, head, policy, monkeypatch):
-    monkeypatch.setattr("tokensparse.rewrite._warned", set())
+def test_count_used_as_a_value_falls_back(vit, head, policy, fresh_warnings):
     model, pixels = CountingHead(vit[0], HEADS[head]), vit[1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -50,8 +49,7 @@ def test_count_used_as_a_value_falls_back(vit, head, policy, monkeypatch):
     assert reasons and any("token count" in reason for reason in reasons), reasons
 
 
-def test_reason_names_the_number(vit, monkeypatch):
-    monkeypatch.setattr("tokensparse.rewrite._warned", set())
+def test_reason_names_the_number(vit, fresh_warnings):
     model = CountingHead(vit[0], HEADS["mean_of_patches"])
     with pytest.warns(tokensparse.TokensparseWarning, match="uses the number 64 after the cut, which is the 65 "
                                                             "traced tokens less 1 prefix token"):
@@ -74,10 +72,9 @@ def test_count_read_from_the_tensor_still_prunes(vit):
     torch.testing.assert_close(out, tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
 
 
-def test_to_onnx_falls_back(vit, tmp_path, monkeypatch):
+def test_to_onnx_falls_back(vit, tmp_path, fresh_warnings):
     from tokensparse.export.onnx import to_onnx
 
-    monkeypatch.setattr("tokensparse.rewrite._warned", set())
     model = CountingHead(vit[0], HEADS["mean_of_patches"])
     with pytest.warns(tokensparse.TokensparseWarning, match="uses the number 64"):
         export = to_onnx(model, (vit[1],), {"policy": "tome", "r": 4}, str(tmp_path / "m.onnx"))

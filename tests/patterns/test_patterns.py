@@ -62,3 +62,31 @@ def test_attention_outside_a_block_list_is_reported():
     (gm, _), = capture_graphs(Single(), torch.randn(2, 5, 4))
     with pytest.raises(MatchFailure, match="not inside a repeated block"):
         match_vision_encoder(gm)
+
+
+def test_windowed_attention_is_refused_by_its_name():
+    import timm
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1), embed_dim=16,
+                             num_heads=(1, 1, 1, 1), num_classes=5, img_size=64, window_size=4).eval()
+    (gm, _), = capture_graphs(swin, torch.randn(1, 3, 64, 64))
+    with pytest.raises(MatchFailure, match=r"its tokens enter as a \[1, 16, 16, 16\] grid and attention runs over "
+                                           r"windows of 16 tokens inside the block \(windowed attention, as in Swin\)"):
+        match_vision_encoder(gm)
+
+
+def test_blocks_compiled_one_at_a_time_name_the_graph_break():
+    """A graph break in a block's forward makes dynamo compile each block's frame on its own: the reason says
+    so instead of a bare 'no attention'."""
+    model, pixels = build("timm_vit")
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda x, forward=forward: forward(torch._dynamo.graph_break() or x)
+    reasons = set()
+    for gm, _ in capture_graphs(model, pixels):
+        try:
+            match_vision_encoder(gm)
+        except MatchFailure as failure:
+            reasons.add(failure.reason)
+    assert any("as when a graph break makes dynamo compile the blocks one at a time" in reason for reason in reasons)

@@ -19,7 +19,7 @@ from tokensparse.export.lowering import DECOMPOSITIONS, KERNEL_PLUGIN_CODE, inli
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.hf import is_generative
 from tokensparse.runtime.ops import static_token_counts
-from tokensparse.rewrite import RewriteResult, rewrite_with_kv, warn_once
+from tokensparse.rewrite import RewriteResult, rewrite_with_kv, warn_once, warnings_for
 
 DEFAULT_OPSET = 18
 
@@ -57,7 +57,8 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     exported = _export(model, args, kwargs, dynamic_shapes)
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
-    result = rewrite_with_kv(graph, fakes, config)
+    with warnings_for(model):
+        result = rewrite_with_kv(graph, fakes, config)
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
     try:
@@ -68,7 +69,8 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     except Exception as error:  # noqa: BLE001 - the unpruned export is correct; say why pruning is missing
         reason = error.reason if isinstance(error, MatchFailure) else (
             f"re-exporting the rewritten graph failed ({type(error).__name__}: {str(error).splitlines()[0]})")
-        warn_once(reason)
+        with warnings_for(model):
+            warn_once(reason, consequence="exporting the model unpruned")
         return exported.run_decompositions(DECOMPOSITIONS), RewriteResult(graph, False, reason, result.match)
     return pruned.run_decompositions(DECOMPOSITIONS), result
 
@@ -90,8 +92,9 @@ def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: 
     config = Config() if config is None else config_from_options(config)
     mode = plugin_mode(plugins)
     if config.kv is not None:
-        warn_once(f"kv={config.kv.name} is not exported: the ONNX computes the prefill without a KV cache, which "
-                  f"eviction does not change")
+        with warnings_for(model):
+            warn_once(f"kv={config.kv.name} is not exported: the ONNX computes the prefill without a KV cache, which "
+                      f"eviction does not change", consequence="exporting the rest of the config")
         config = dataclasses.replace(config, kv=None)
     program, result = export_pruned(model, example_inputs, config, dynamic, mode)
     translations = {**TRANSLATIONS, **plugin_translations(mode)}

@@ -46,8 +46,7 @@ def block_path(site: AttentionSite) -> Optional[str]:
 def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> BlockMatch:
     """Group attention sites into blocks of one repeated list; raise MatchFailure with the reason."""
     if not sites:
-        raise MatchFailure("no attention found (neither scaled_dot_product_attention nor "
-                           "matmul-softmax-matmul)")
+        raise MatchFailure(_no_attention_reason(gm))
     by_path: dict[str, list[AttentionSite]] = {}
     skipped = []
     for site in sites:
@@ -57,7 +56,10 @@ def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> BlockMatch:
             continue
         by_path.setdefault(path, []).append(site)
     if not by_path:
-        raise MatchFailure("attention found, but none inside a repeated block list: " + "; ".join(skipped))
+        raise MatchFailure("attention found, but none inside a repeated block list (" + "; ".join(skipped) + "): "
+                           "this graph holds single blocks or attention modules, as when a graph break makes dynamo "
+                           "compile the blocks one at a time (torch._dynamo.explain(model)(inputs) lists the breaks); "
+                           "the rewrite needs the block list in one graph")
     lists: dict[str, list[str]] = {}
     for path in by_path:
         lists.setdefault(_INDEXED.match(path).group("list"), []).append(path)
@@ -73,6 +75,20 @@ def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> BlockMatch:
             raise MatchFailure(f"block {path} holds {len(by_path[path])} attentions; one was expected")
         blocks.append(_match_block(index, path, by_path[path][0], nodes_by_path[path], order))
     return BlockMatch(blocks, list_path, skipped)
+
+
+_ATTENTION_MODULE = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*$", re.IGNORECASE)
+
+
+def _no_attention_reason(gm: fx.GraphModule) -> str:
+    """Why a graph holds no attention: none in the model, or a graph break that left an attention module's
+    code partly in this graph and partly in another."""
+    inside = sorted({path for node in gm.graph.nodes for path in module_paths(node) if _ATTENTION_MODULE.search(path)})
+    if inside:
+        return (f"no attention found in this graph although it holds code of {inside[0]}: a graph break inside a "
+                f"block splits it across graphs, and the rewrite needs each block whole in one graph "
+                f"(torch._dynamo.explain(model)(inputs) lists the graph breaks)")
+    return "no attention found (neither scaled_dot_product_attention nor matmul-softmax-matmul)"
 
 
 def _nodes_by_block(gm: fx.GraphModule, paths: set) -> dict[str, set]:
@@ -94,6 +110,13 @@ def _match_block(index: int, path: str, site: AttentionSite, nodes: set, order: 
             if (inp not in nodes and inp not in outside and inp.op not in ("get_attr",)
                     and shape is not None and len(shape) == 3 and shape[1] == tokens):
                 outside.append(inp)
+    grids = [inp for node in nodes for inp in node.all_input_nodes
+             if inp not in nodes and shape_of(inp) is not None and len(shape_of(inp)) == 4 and inp.op != "get_attr"]
+    if not outside and grids:
+        grid = list(shape_of(grids[0]))
+        raise MatchFailure(f"block {path}: its tokens enter as a {grid} grid and attention runs over windows of "
+                           f"{tokens} tokens inside the block (windowed attention, as in Swin); merging and "
+                           f"pruning need the tokens as one [B, N, D] sequence between blocks")
     if len(outside) != 1:
         names = [n.name for n in outside]
         raise MatchFailure(f"block {path}: expected one [B, {tokens}, D] stream entering the block, "
