@@ -7,7 +7,7 @@ import inspect
 import torch
 
 # torch >= 2.14: the capture's graphs stay apart from the model's other compiled code (its own recompile
-# count). Older torch (a GPU machine's own build, say) captures without it.
+# count). Older torch captures without it.
 ISOLATED_RECOMPILES = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 

@@ -4,8 +4,8 @@ the CPU or a GPU.
     .venv/bin/python tools/bench_vlm.py --runs 20
     python tools/bench_vlm.py --device cuda --dtype bfloat16 --batch 8 --runs 50     # a GPU (torch >= 2.14)
 
-(Not run on a GPU yet: the one GPU session had torch 2.11, whose Inductor cannot compile the pruned prefill;
-see the README's "What has run on a GPU".)
+(Not yet run on a GPU: the GPU run so far used torch 2.11, whose Inductor cannot compile the pruned prefill;
+see "GPU and TensorRT status" in the README.)
 
 The model: a small CLIP tower (576 image tokens) and a Llama text model (hidden 1024, 8 layers, GQA 16/8
 heads, MLP 2816) on a prompt of 32 + 576 + 32 tokens. Prefill is forward(..., logits_to_keep=1), as

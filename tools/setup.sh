@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# All the set-up on a fresh machine: .venv in the repo root, torch/torchvision pinned first (they
-# install from this machine's disk), then tokensparse with its model, onnx, deploy and test extras. Idempotent.
+# All the set-up on a fresh machine: .venv in the repo root, torch/torchvision pinned first, then
+# tokensparse with its model, onnx, deploy and test extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

@@ -377,7 +377,7 @@ def is_tokensparse_target(target) -> bool:
 
 
 # CUDA implementations from the Triton kernels (tokensparse/runtime/triton_ops.py), opt-in:
-# TOKENSPARSE_TRITON_KERNELS=1. They pass their tests on an H100, but there the ToMe merge kernel is slower
-# than PyTorch's own ops (README), so by default the plain PyTorch implementations serve CUDA too.
+# TOKENSPARSE_TRITON_KERNELS=1. They pass their tests on an H100, where the ToMe merge kernel measured slower
+# than PyTorch's own ops (docs/deploy.md), so by default the plain PyTorch implementations serve CUDA too.
 if os.environ.get("TOKENSPARSE_TRITON_KERNELS") == "1" and torch.cuda.is_available():
     import tokensparse.runtime.triton_ops  # noqa: F401

@@ -1,5 +1,5 @@
 """Triton kernels for the steps TensorRT lacks or does badly, each with a plain PyTorch reference. They
-run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them here)."""
+run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests run them)."""
 
 from tokensparse.runtime.kernels.kv_compact import kv_compact, kv_compact_reference
 from tokensparse.runtime.kernels.tome_merge import tome_merge_kernel, tome_merge_reference
