@@ -1,5 +1,6 @@
 """tokensparse.export.rewrite_onnx: token reduction for an ONNX model exported without tokensparse.
-The input file is only read; the result is verified with ONNX Runtime before it is written."""
+The input file is only read (a model below opset 18 is upgraded in memory and written at 18); the result
+is verified with ONNX Runtime before it is written."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from tokensparse.export.onnx_passes.attention import find_attention
 from tokensparse.export.onnx_passes.blocks import find_blocks, find_prefix_tokens
 from tokensparse.export.onnx_passes.context import OnnxPassContext
 from tokensparse.export.onnx_passes.insert_policy import ONNX_NATIVE_NAMES, ONNX_NATIVE_POLICIES
+from tokensparse.export.onnx_passes.prepare import TARGET_OPSET, drop_no_op_casts, infer_shapes, upgrade_opset
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.rewrite import TokensparseWarning
 
-MIN_OPSET = 18
+MIN_OPSET = TARGET_OPSET      # older models are upgraded to it first
 
 
 @dataclass
@@ -64,7 +66,14 @@ def is_same_file(path: str, other: str) -> bool:
 
 
 def load_onnx(path: str) -> ir.Model:
-    """The model in `path`, or a ValueError/FileNotFoundError that says what is wrong with the file."""
+    """The model in `path` with its shapes annotated (as exported: no opset upgrade), or a
+    ValueError/FileNotFoundError that says what is wrong with the file."""
+    proto, _ = infer_shapes(_read_onnx(path))
+    return ir.serde.deserialize_model(proto)
+
+
+def _read_onnx(path: str):
+    """The checked ModelProto in `path`, or a ValueError/FileNotFoundError that says what is wrong."""
     import onnx
 
     if not os.path.isfile(path):
@@ -79,17 +88,15 @@ def load_onnx(path: str) -> ir.Model:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         raise ValueError(f"{path} is not a valid ONNX model: {str(error).splitlines()[0]}") from error
-    try:  # annotate every value's shape (exporters leave some out); the rewrite reads them
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - the model is valid; the passes say which shape they miss
-        pass
-    return ir.serde.deserialize_model(proto)
+    return proto
 
 
 def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = False,
                  verify: bool = True) -> OnnxRewrite:
     """Apply config's vision policy to the ONNX model at `in_path` and write it to `out_path`. A model
-    that does not match is not written: the result says why (and one TokensparseWarning)."""
+    below opset 18 is upgraded in memory with onnx's version converter and written at opset 18; sizes the
+    exporter left symbolic are inferred. A model that does not match is not written: the result says why
+    (and one TokensparseWarning)."""
     config = config_from_options(config) if not isinstance(config, Config) else config
     if not isinstance(config.vision, ONNX_NATIVE_POLICIES):
         given = config.policy.name if config.policy is not None else "no vision policy"
@@ -98,12 +105,17 @@ def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = 
     if out_path is not None and is_same_file(out_path, in_path):
         raise ValueError(f"the output {out_path} is the input file {in_path} (or a link to it): write the rewritten "
                          f"model elsewhere")
-    model = load_onnx(in_path)
+    proto = _read_onnx(in_path)
     report = OnnxRewrite(in_path)
     try:
+        upgraded, report.notes = upgrade_opset(proto)
+        annotated, notes = infer_shapes(upgraded)
+        report.notes += notes
+        model = ir.serde.deserialize_model(annotated)
+        report.notes += drop_no_op_casts(model)
         _rewrite(model, config.policy, report)
         if verify:
-            _verify(in_path, model)
+            _verify(in_path, model, upgraded if upgraded is not proto else None)
     except MatchFailure as failure:
         report.reason = failure.reason
         if not explain:
@@ -122,7 +134,7 @@ def _rewrite(model: ir.Model, policy, report: OnnxRewrite) -> None:
     if opset < MIN_OPSET:
         raise MatchFailure(f"the model uses opset {opset}; the ONNX-native rewrite needs opset >= {MIN_OPSET}")
     attentions, notes = find_attention(model)
-    report.attentions, report.notes = len(attentions), notes
+    report.attentions, report.notes = len(attentions), report.notes + notes
     if not attentions:
         raise MatchFailure("no attention found (MatMul-Softmax-MatMul with optional scale, mask and NaN guard)")
     blocks, skipped = find_blocks(attentions)
@@ -160,9 +172,10 @@ def _forget_stale_shapes(ctx: OnnxPassContext) -> None:
                 value.shape = None
 
 
-def _verify(in_path: str, model: ir.Model) -> None:
+def _verify(in_path: str, model: ir.Model, upgraded=None) -> None:
     """Run the original and the rewritten model in ONNX Runtime on one random batch of two: the rewrite
-    must run, give finite outputs, and change output shapes only where the original had the token count."""
+    must run, give finite outputs, and change output shapes only where the original had the token count.
+    An opset upgrade (`upgraded`, before the rewrite) must give the original's outputs."""
     import onnxruntime
 
     original = onnxruntime.InferenceSession(in_path, providers=["CPUExecutionProvider"])
@@ -175,6 +188,9 @@ def _verify(in_path: str, model: ir.Model) -> None:
         dtype = np.float32 if "float" in value.type else np.int64
         feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     want = original.run(None, feeds)
+    if upgraded is not None:
+        _check_upgrade(want, onnxruntime.InferenceSession(upgraded.SerializeToString(),
+                                                          providers=["CPUExecutionProvider"]).run(None, feeds))
     try:
         got = rewritten.run(None, feeds)
     except Exception as error:  # noqa: BLE001 - report ORT's failure as the reason
@@ -183,3 +199,14 @@ def _verify(in_path: str, model: ir.Model) -> None:
         if a.ndim != b.ndim or not np.all(np.isfinite(b)):
             raise MatchFailure(f"output {index}: the rewritten model gives shape {b.shape} (original {a.shape}) "
                                f"or non-finite values")
+
+
+def _check_upgrade(want: list, got: list) -> None:
+    """The upgraded copy must compute what the original does: a converter error would be silent."""
+    for index, (a, b) in enumerate(zip(want, got)):
+        if a.shape != b.shape:
+            raise MatchFailure(f"output {index}: the model upgraded by onnx's version converter gives shape "
+                               f"{b.shape}, the original {a.shape}")
+        if np.issubdtype(a.dtype, np.floating) and not np.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise MatchFailure(f"output {index}: the model upgraded by onnx's version converter differs from the "
+                               f"original by up to {np.nanmax(np.abs(a - b)):.3g}")

@@ -83,9 +83,9 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             kwargs["attention_mask"] = handed.decode_mask(kwargs)
         elif config.kv is not None and _is_2d(kwargs.get("attention_mask")):
             kwargs["attention_mask"] = evicted_cache_mask(fast, config, evicted_masks, kwargs)
-        # The image merge counts image tokens with .item(); without this it splits the graph there.
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return compiled(*args, **kwargs)
+        # No global dynamo flags: capture_scalar_outputs breaks models (Mistral3's patch merger splits its
+        # features by sizes read with .item()), and the image merge is found without it.
+        return compiled(*args, **kwargs)
 
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
