@@ -307,6 +307,10 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
         raise ValueError(f"kv={config.kv.name} has no ONNX form in the generation export yet: it takes kv= "
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
+    if isinstance(config.kv, StreamingLLM) and config.kv.at_cache_positions:
+        raise ValueError("kv=streamingllm(positions='cache') has no ONNX form in the generation export yet (its "
+                         "decode graph would store keys before RoPE and take positions within the cache): export "
+                         "positions='original'")
 
 
 def _check_model(model) -> Optional[int]:

@@ -3,10 +3,12 @@ et al., ICLR 2024; H2O, Zhang et al., NeurIPS 2023; ZipVL, He et al., 2024; GUI-
 norm, Devoto et al., EMNLP 2024):
 the attention of this forward reads the full cache, the cache kept for the next steps holds only the kept
 positions (and, for H2O, their accumulated scores; with a PositionedCache, their positions, of which a sliding-
-window layer keeps the last window - 1)."""
+window layer keeps the last window - 1). StreamingLLM(positions="cache") stores its keys before RoPE and its
+attention reads them rotated to their cache slots (runtime/cache_positions.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -25,6 +27,7 @@ from tokensparse.policies.fastv import attended
 from tokensparse.policies.key_norm import key_norm_keep
 from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
 from tokensparse.policies.streamingllm import streaming_keep
+from tokensparse.runtime.cache_positions import keys_at_cache_slots, keys_before_rope
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, H2O_STEP_KEEP,
                                      HEAVY_AND_RECENT, KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import gather_tokens, vision_mask_2d
@@ -40,6 +43,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     output = gm.graph.find_nodes(op="output")[0]
     queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
+    at_slots = _at_cache_positions(ctx)
     if ctx.cache_sites[0].static is not None:
         return _evict_static(gm, ctx, output, queries)
     sliding = next((site.path for site in ctx.cache_sites if site.windows is not None), None)
@@ -48,6 +52,12 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                            f"Mistral's sliding_window), whose evicted positions stay right only while every position "
                            f"fits the window: evict through tokensparse.compile(model, config), which checks that")
     for site, window in zip(ctx.cache_sites, site_windows(ctx)):
+        if at_slots:
+            if window or site.windows is not None or site.positions is not None:
+                raise ValueError(f"kv={ctx.policy.name}(positions='cache') on a model with sliding-window layers is "
+                                 f"not supported ({site.path}): use positions='original'")
+            site = _read_at_cache_slots(gm.graph, output, site, ctx.policy.rope)
+            ctx.record("evict_kv", f"{site.path}: the cache holds keys before RoPE, read at their cache slots")
         padding = _padding(gm.graph, output, site, ctx, window)
         scores = _accumulated_scores(gm.graph, output, ctx.policy, site, padding, window)
         count = _kept_count(gm.graph, output, ctx.policy, site, queries)
@@ -77,7 +87,44 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: a sliding-window layer, whose cache keeps at most its last "
                                    f"{window - 1} entries (the others left the window of every later query)")
+        if at_slots and site.path not in ctx.acted_blocks:      # every graph stores keys before RoPE, evicting or not
+            ctx.acted_blocks.append(site.path)
     return gm
+
+
+def _at_cache_positions(ctx: PassContext) -> bool:
+    """Whether the policy is StreamingLLM(positions="cache"); ValueError where its positions are not assigned."""
+    policy = ctx.policy
+    if not (isinstance(policy, StreamingLLM) and policy.at_cache_positions):
+        return False
+    if not policy.rope:
+        raise ValueError(f"kv={policy.name}(positions='cache') needs tokensparse.compile(model, config), whose forward "
+                         f"gives the new tokens their cache positions and whose policy carries the model's RoPE "
+                         f"frequencies (torch.compile(backend='tokensparse') and the ONNX exports do not)")
+    if ctx.cache_sites[0].static is not None:
+        raise ValueError(f"kv={policy.name}(positions='cache') with a StaticCache is not supported: use a DynamicCache "
+                         f"(generate()'s default)")
+    return True
+
+
+def _read_at_cache_slots(graph: fx.Graph, output: fx.Node, site: CacheSite, rope: tuple) -> CacheSite:
+    """The site whose graph stores cat([held, new]) with the new keys rotated back from their slots (keys before
+    RoPE), and whose attention reads cat([held rotated to slots 0..n-1, new]) in place of cat([held, new])."""
+    grown = site.keys
+    if not (is_op(grown, "cat") and len(grown.args[0]) == 2):
+        raise ValueError(f"kv=streamingllm(positions='cache'): {site.path}'s cache update is not cat([held, new]) (a "
+                         f"DynamicCache's), whose keys it stores before RoPE")
+    held, new = grown.args[0]
+    read = insert_call(graph, grown.next, keys_at_cache_slots, (held, new, rope))
+    stored = insert_call(graph, output, keys_before_rope, (held, new, rope))
+    for node in (read, stored):
+        node.meta.update({key: grown.meta[key] for key in ("val", "example_value") if key in grown.meta})
+    grown.replace_all_uses_with(read, delete_user_cb=lambda user: user is not output)
+    output.replace_input_with(grown, stored)
+    attention = site.attention
+    if attention.k is grown:
+        attention = dataclasses.replace(attention, k=read)
+    return dataclasses.replace(site, keys=stored, attention=attention)
 
 
 def _replace_returned(graph: fx.Graph, output: fx.Node, returned: fx.Node, fn, args: tuple) -> fx.Node:

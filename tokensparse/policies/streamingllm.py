@@ -1,9 +1,13 @@
 """StreamingLLM (Xiao et al., ICLR 2024): keep the first `sinks` positions (attention sinks) and the most
-recent `window` positions of every layer's cache; evict the middle, at every step."""
+recent `window` positions of every layer's cache; evict the middle, at every step. Positions are either each entry's
+original one (positions="original") or its place in the cache (positions="cache", as the paper does: the cache holds
+keys before RoPE, rotated to their slots 0..L-1 at every step, the new tokens at the next slots;
+runtime/cache_positions.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,19 +16,45 @@ from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.kv_policy import KVPolicy, all_but_one, best_and_recent
 
 
+POSITIONS = ("original", "cache")
+
+
 @dataclass(frozen=True)
 class StreamingLLM(KVPolicy):
     """StreamingLLM (Xiao et al., ICLR 2024): keep `sinks` first and `window` most recent cache positions.
-    Kept keys keep their original rotations and new tokens their original positions."""
+
+    positions="original" (the default): kept keys keep their original rotations and new tokens their original
+    positions. positions="cache" (the paper's Sec. 3.2): positions within the cache. The cache holds its keys
+    before RoPE; each forward reads them rotated to their slots 0..L-1, and its new tokens take the next slots
+    (a decode step's query sits at the cache's length), so no position exceeds sinks + window however long
+    generation runs, past the model's max_position_embeddings. "cache" needs tokensparse.compile(model, config)
+    (which assigns the positions) on a model with rotate-half RoPE (Llama, Qwen2, ...), a DynamicCache
+    and prompts of one length (no padding); anything else is a ValueError that names it."""
 
     sinks: int = 4
     window: int = 1020
+    positions: str = "original"
+    # Set by tokensparse.compile() for positions="cache": the inverse frequencies of the model's rotary embedding,
+    # with which the graph rotates the stored keys to their slots.
+    rope: tuple = field(default=(), repr=False)
 
     name = "streamingllm"
 
     def __post_init__(self):
         check_int_at_least("sinks", self.sinks, 0)
         check_int_at_least("window", self.window, 1)
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r} is unknown: choose one of {list(POSITIONS)} (\"original\": "
+                             f"each entry keeps its original RoPE position; \"cache\": positions within the cache, as "
+                             f"the paper assigns them)")
+        if not (isinstance(self.rope, tuple)
+                and all(isinstance(value, numbers.Real) and not isinstance(value, bool) for value in self.rope)):
+            raise ValueError(f"rope={self.rope!r} must be a tuple of the rotary embedding's inverse frequencies (set by "
+                             f"tokensparse.compile(); leave it out)")
+
+    @property
+    def at_cache_positions(self) -> bool:
+        return self.positions == "cache"
 
     def kept_count(self, cache_length: int) -> int:
         return min(cache_length, self.sinks + self.window)

@@ -174,3 +174,103 @@ def evicted_generate(model, inputs: dict, policy: KVPolicy, **generate_kwargs):
     padding = None if mask is None or bool(mask.bool().all()) else ~mask.bool()
     with torch.no_grad(), evicting(model, policy, image_mask, padding) as log:
         return model.generate(**inputs, **generate_kwargs), log
+
+
+# StreamingLLM with positions within the cache (positions="cache"), as the paper computes it (Xiao et al., ICLR 2024,
+# Sec. 3.2 and its code's pos-shift attention): each layer keeps its keys before RoPE; every step rotates all of them
+# to their places in the cache, 0..L-1, and the step's queries to the last of those places; then it keeps the first
+# `sinks` and the last `window` entries. Written from the math, independently of runtime/cache_positions.py: the
+# rotations here are complex products in float64 with the frequencies computed from the config, and the model runs
+# with every position_id 0, at which its own RoPE is the identity, so that its attention sees unrotated q and k.
+STREAMING = "tokensparse_streaming_cache_positions"
+
+
+class _StreamingState:
+    def __init__(self, sinks: int, window: int, frequencies: torch.Tensor):
+        self.sinks, self.window, self.frequencies = sinks, window, frequencies
+        self.keys: dict[int, torch.Tensor] = {}          # per layer, [B, H_kv, L, d] float64, before RoPE
+        self.values: dict[int, torch.Tensor] = {}
+        self.longest = 0                                 # the most entries any attention read (positions 0..longest-1)
+
+
+_streams: list[_StreamingState] = []
+
+
+def _rope_at(x: torch.Tensor, positions: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, d] (float64) rotated to positions [L]: the pairs (x_i, x_{i+d/2}) as complex numbers, times
+    exp(1j * position * frequency_i) (the rotate-half layout of Llama's RoPE)."""
+    half = x.shape[-1] // 2
+    pairs = torch.complex(x[..., :half], x[..., half:])
+    turned = pairs * torch.polar(torch.ones_like(frequencies), positions[:, None].double() * frequencies)
+    return torch.cat([turned.real, turned.imag], dim=-1)
+
+
+def _streaming_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over this layer's kept entries and the new ones, all rotated to their cache places (the model's
+    q and k arrive unrotated), causal; then the eviction."""
+    state = _streams[-1]
+    layer = module.layer_idx
+    keys, values = key.double(), value.double()
+    if layer in state.keys:
+        keys, values = torch.cat([state.keys[layer], keys], dim=2), torch.cat([state.values[layer], values], dim=2)
+    batch, heads, queries, dim = query.shape
+    total = keys.shape[2]
+    state.longest = max(state.longest, total)
+    places = torch.arange(total, device=key.device)
+    q = _rope_at(query.double(), places[total - queries:], state.frequencies)
+    k = _rope_at(keys, places, state.frequencies).repeat_interleave(heads // keys.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
+    logits = q @ k.transpose(-1, -2) * scale
+    logits = logits.masked_fill(places > places[total - queries:, None], -math.inf)
+    output = logits.softmax(dim=-1) @ values.repeat_interleave(heads // keys.shape[1], dim=1)
+    if total > state.sinks + state.window:
+        kept = torch.cat([places[: state.sinks], places[total - state.window:]])
+        keys, values = keys[:, :, kept], values[:, :, kept]
+    state.keys[layer], state.values[layer] = keys, values
+    return output.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def streaming_cache_positions_generate(model, input_ids: torch.Tensor, sinks: int, window: int,
+                                       max_new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """(sequences [B, S + T], each step's logits [B, V] (float32), the most positions any attention read): greedy
+    decoding of an unpadded batch with StreamingLLM at positions within the cache, as above; rows that emit an end
+    token continue with the pad token, and decoding stops when every row has ended, as generate() does. For a text
+    model with the default (unscaled) rotate-half RoPE."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    config = model.config.get_text_config(decoder=True)
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type", "default") != "default":
+        raise ValueError(f"this reference rotates with the default RoPE, not {parameters.get('rope_type')!r}")
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    frequencies = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=input_ids.device) / dim)
+    AttentionInterface.register(STREAMING, _streaming_attention)
+    AttentionMaskInterface.register(STREAMING, eager_mask)
+    state = _StreamingState(sinks, window, frequencies)
+    previous = config._attn_implementation
+    _streams.append(state)
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+    pad = model.generation_config.pad_token_id
+    pad = int(eos[0]) if pad is None and len(eos) else pad
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    sequences, logits, step = input_ids, [], input_ids
+    try:
+        config._attn_implementation = STREAMING
+        with torch.no_grad():
+            for _ in range(max_new_tokens):     # as generate(): a finished row continues with the pad token
+                out = model(input_ids=step, position_ids=torch.zeros_like(step), use_cache=False)
+                logits.append(out.logits[:, -1].float())
+                chosen = logits[-1].argmax(dim=-1)
+                chosen = chosen.masked_fill(finished, pad) if pad is not None else chosen
+                finished |= torch.isin(chosen, eos)
+                step = chosen[:, None]
+                sequences = torch.cat([sequences, step], dim=1)
+                if bool(finished.all()):
+                    break
+    finally:
+        _streams.pop()
+        config._attn_implementation = previous
+    return sequences, logits, state.longest

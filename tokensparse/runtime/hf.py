@@ -42,6 +42,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     `config`; the model passed in is not changed."""
     from tokensparse.backend import tokensparse_backend
     from tokensparse.capture import ISOLATED_RECOMPILES
+    from tokensparse.runtime.cache_positions import at_cache_positions, cache_positions_config
     from tokensparse.runtime.positioned_cache import records_positions
     from tokensparse.runtime.sliding_window import (check_forward_within_window, layer_windows,
                                                     refuse_generation_past_window, sliding_window)
@@ -63,6 +64,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     evicted_masks = config.kv_masks_follow_cache
     handed = _hand_static_decode_masks(fast, config)
     window = sliding_window(model) if config.kv is not None else None
+    config, cache_positions = cache_positions_config(model, config, prunes_sequence, window)   # StreamingLLM's
     positioned = window is not None and not prunes_sequence      # sliding windows over recorded positions
     if positioned:
         config = dataclasses.replace(config, sliding_windows=layer_windows(model, window))
@@ -74,6 +76,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
+        if cache_positions:         # the new tokens at the cache's next slots
+            kwargs = at_cache_positions(config.kv, args, kwargs)
         if prunes_sequence and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
         if window is not None and not (positioned and records_positions(kwargs.get("past_key_values"))):
