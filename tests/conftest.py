@@ -24,8 +24,8 @@ def fresh_warnings(monkeypatch):
     """tokensparse's warnings forget what they said before this test (they are once per model and reason)."""
     from torch.utils.weak import WeakIdKeyDictionary
 
-    monkeypatch.setattr("tokensparse.rewrite._warned", WeakIdKeyDictionary())
-    monkeypatch.setattr("tokensparse.rewrite._warned_without_model", set())
+    monkeypatch.setattr("tokensparse.warn._warned", WeakIdKeyDictionary())
+    monkeypatch.setattr("tokensparse.warn._warned_without_model", set())
 
 
 def run_eager_backend(model, pixel_values, options):

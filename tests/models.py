@@ -301,3 +301,26 @@ def build_paligemma(*, batch: int = 2, text_layers: int = 2, prompt: int = 6, se
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "token_type_ids": torch.zeros_like(input_ids),
                    "pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}
+
+
+def build_mistral3(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed: int = SEED, vocab: int = 300):
+    """(Mistral3ForConditionalGeneration .eval(), inputs), random weights: a Pixtral tower (8x8 patches of a
+    32x32 image) whose patch merger joins 2x2 patches into 16 image tokens, between `prompt` text tokens."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image = vocab - 1
+    text = T.MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=None)
+    vision = T.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=4, head_dim=16)
+    config = T.Mistral3Config(text_config=text, vision_config=vision, image_token_index=image, spatial_merge_size=2,
+                              vision_feature_layer=-1)
+    model = T.Mistral3ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    words = [torch.randint(1, vocab - 10, (batch, count), generator=generator) for count in prompt]
+    input_ids = torch.cat([words[0], torch.full((batch, 16), image), words[1]], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator),
+                   "image_sizes": torch.tensor([[32, 32]] * batch)}

@@ -10,6 +10,7 @@ from tokensparse.inline_steps import inline_policy_steps
 from tokensparse.passes.fake import allow_symbolic_token_counts
 from tokensparse.recompile_limit import remember_frame
 from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
+from tokensparse.warn import note_found
 
 
 def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **unused):
@@ -27,6 +28,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
     if config.cudagraphs:
         return _with_cuda_graphs(gm, example_inputs, config)
     result = rewrite_with_kv(gm, example_inputs, config)
+    note_found(result.changed or result.match is not None)
     if hooked and result.changed and result.context is not None and result.context.acted_blocks:
         warn_hooks_in_rewritten_blocks(hooked, result.context.blocks, min(result.context.acted_blocks),
                                        result.context.blocks[0].tokens)
@@ -60,6 +62,7 @@ def _with_cuda_graphs(gm, example_inputs, config):
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
     with static_token_counts():
         result = rewrite_with_kv(gm, example_inputs, config)
+        note_found(result.changed or result.match is not None)
         return compile_fx(inline_policy_steps(result.gm), example_inputs,
                           config_patches={"triton.cudagraphs": True})
 

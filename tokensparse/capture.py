@@ -20,8 +20,7 @@ def capture_graphs(model, *args, **kwargs) -> list:
     # dynamic=False: the graphs of these inputs' shapes, also after captures with other shapes (which would make
     # dynamo's automatic dynamic shapes trace symbolic sizes that a report cannot run or count).
     compiled = torch.compile(model, backend=record, dynamic=False, **ISOLATED_RECOMPILES)
-    # capture_scalar_outputs: a VLM's image merge counts image tokens with .item().
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+    with torch.no_grad():       # no global dynamo flags: the graphs tokensparse.compile would see
         compiled(*args, **kwargs)
     return graphs
 
@@ -37,7 +36,7 @@ def capture_prefill_graphs(model, inputs: dict) -> list:
     prefill = own_copy(model)
     prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, dynamic=False,
                                     **ISOLATED_RECOMPILES)
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+    with torch.no_grad():
         prefill.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     return graphs
 

@@ -3,18 +3,13 @@ says why) whenever a pattern does not match or the rewrite cannot be verified.""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 import torch.fx as fx
-from torch.utils.weak import WeakIdKeyDictionary
 
 from tokensparse.config import Config
 from tokensparse.passes import KV_CHECKS, KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
@@ -26,10 +21,7 @@ from tokensparse.patterns.kv_cache import continues_a_cache, find_cache_sites
 from tokensparse.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
 from tokensparse.patterns.vision_features import find_vision_features
 from tokensparse.policies import KVPolicy, LanguagePolicy
-
-
-class TokensparseWarning(UserWarning):
-    """tokensparse compiled a graph unchanged; the message says why."""
+from tokensparse.warn import UNCHANGED, TokensparseWarning, warn_once, warnings_for  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -40,34 +32,6 @@ class RewriteResult:
     match: Optional[ModelMatch | LanguageModelMatch] = None
     context: Optional[PassContext] = None
     notes: list = field(default_factory=list)
-
-
-# The reasons each model was warned about, by the model's first parameter as a dynamo graph's inputs hold it,
-# else by the model that warnings_for() names (torch.export's graphs, whose inputs are fake).
-_warned = WeakIdKeyDictionary()
-_warned_without_model: set = set()
-_model = contextvars.ContextVar("tokensparse_warned_model", default=None)
-
-UNCHANGED = "compiling the graph unchanged"
-
-
-@contextlib.contextmanager
-def warnings_for(model):
-    """Inside, warn_once counts what it says against `model` when the graph's inputs do not name it."""
-    token = _model.set(model)
-    try:
-        yield
-    finally:
-        _model.reset(token)
-
-
-def warn_once(message: str, example_inputs=(), consequence: str = UNCHANGED) -> None:
-    """One TokensparseWarning per model and reason: `message`, then what follows from it."""
-    owner = next((value for value in example_inputs if isinstance(value, torch.nn.Parameter)), _model.get())
-    seen = _warned_without_model if owner is None else _warned.setdefault(owner, set())
-    if message not in seen:
-        seen.add(message)
-        warnings.warn(f"tokensparse: {message}; {consequence}", TokensparseWarning, stacklevel=3)
 
 
 def internal_error(error: Exception) -> str:
@@ -140,7 +104,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
             return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn)
-        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence)
+        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence, unmatched=True)
     if hasattr(policy, "check_depth"):
         try:
             policy.check_depth(match.depth)
@@ -256,7 +220,7 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
     try:
         sites = find_cache_sites(work)
     except MatchFailure as failure:
-        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence)
+        return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence, unmatched=True)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
                       decode_masks_follow_cache=kv_masks_follow_cache, pruned_and_evicted=pruned,
@@ -280,11 +244,11 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
     return RewriteResult(work, True, None, None, ctx)
 
 
-def _unchanged(gm, example_inputs, reason: str, warn: bool, match=None,
-               consequence: str = UNCHANGED) -> RewriteResult:
-    """The graph as it was, with the reason (warned about once per model, which the example inputs' parameters
-    name)."""
+def _unchanged(gm, example_inputs, reason: str, warn: bool, match=None, consequence: str = UNCHANGED,
+               unmatched: bool = False) -> RewriteResult:
+    """The graph as it was, with the reason (warn_once: once per model; `unmatched`, the graph holds nothing the
+    policy acts on, quiet when another graph of the same call was rewritten)."""
     if warn:
-        warn_once(reason, example_inputs, consequence)
+        warn_once(reason, example_inputs, consequence, unmatched)
     return RewriteResult(gm, False, reason, match)
 

@@ -90,8 +90,7 @@ def run(args) -> dict:
     compiled, ideal, kept = {}, {}, {}
     console.print("compiling unpruned (Inductor) ...")
     plain = torch.compile(model.forward)
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill)))
+    compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill)))
     for name, policy in policies.items():
         report = tokensparse.explain(model, inputs, config=tokensparse.Config(llm=policy))
         ideal[name] = report.flops_ideal_ratio

@@ -221,9 +221,8 @@ def run(args) -> dict:
     compiled, ideal = {}, {}
     console.print("compiling unpruned (Inductor) ...")
     plain = torch.compile(model.forward)
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill),
-                                                                                             synchronize=synchronize))
+    compiled["inductor (unpruned)"] = (lambda: plain(**prefill), first_call_seconds(lambda: plain(**prefill),
+                                                                                         synchronize=synchronize))
     for name, config in policies.items():
         report = tokensparse.explain(model, prefill, config=config)
         ideal[name] = report.flops_ideal_ratio

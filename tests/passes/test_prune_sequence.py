@@ -35,7 +35,7 @@ def llava():
 
 def run_pruned(model, inputs, policy, **options):
     compiled = torch.compile(model, backend="tokensparse", options={"policy": policy, "inductor": False, **options})
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", TokensparseWarning)
         return compiled(**inputs)
 
@@ -102,7 +102,7 @@ def assert_refused_unchanged(model, inputs, layer, reason):
     """One TokensparseWarning naming `reason`, and outputs equal to the unmodified model's."""
     compiled = torch.compile(model, backend="tokensparse",
                              options={"policy": "fastv", "layer": layer, "keep": 0.5, "inductor": False})
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+    with torch.no_grad():
         with pytest.warns(TokensparseWarning, match=reason):
             got = compiled(**inputs).logits
         want = model(**inputs).logits
@@ -162,7 +162,7 @@ def test_visionzip_on_features_from_two_encoder_layers_refuses_with_the_reason()
     model.model.multi_modal_projector.linear_1 = torch.nn.Linear(64, 64)
     compiled = torch.compile(model, backend="tokensparse", options={"policy": "visionzip", "dominant": 4,
                                                                       "inductor": False})
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+    with torch.no_grad():
         with pytest.warns(TokensparseWarning, match="the image features come from 2 vision-encoder tensors"):
             got = compiled(**inputs).logits
         want = model(**inputs).logits

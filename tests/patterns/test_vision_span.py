@@ -13,8 +13,7 @@ def test_llava_forward_is_one_graph_with_one_vision_span():
     model, inputs = build_llava(image_tokens=16, prompt=(3, 5))
     with torch.no_grad():
         model(**inputs)        # transformers installs its output hooks on the first call
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        [(gm, _)] = capture_graphs(model, **inputs)
+    [(gm, _)] = capture_graphs(model, **inputs)
     span = find_vision_span(gm)
     assert span.sequence == 3 + 16 + 5
     assert tuple(span.features.meta["example_value"].shape)[-1] == 64

@@ -44,6 +44,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     from tokensparse.capture import ISOLATED_RECOMPILES
     from tokensparse.runtime.cache_positions import at_cache_positions, cache_positions_config
     from tokensparse.runtime.positioned_cache import records_positions
+    from tokensparse.warn import warnings_per_call
     from tokensparse.runtime.sliding_window import (check_forward_within_window, layer_windows,
                                                     refuse_generation_past_window, sliding_window)
 
@@ -88,8 +89,10 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         elif config.kv is not None and _is_2d(kwargs.get("attention_mask")):
             kwargs["attention_mask"] = evicted_cache_mask(fast, config, evicted_masks, kwargs)
         # No global dynamo flags: capture_scalar_outputs breaks models (Mistral3's patch merger splits its
-        # features by sizes read with .item()), and the image merge is found without it.
-        return compiled(*args, **kwargs)
+        # features by sizes read with .item()), and the image merge is found without it. The warnings are about
+        # the graphs that matter: a graph break's fragments are quiet when the prefill was rewritten.
+        with warnings_per_call(model):
+            return compiled(*args, **kwargs)
 
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
