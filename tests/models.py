@@ -324,3 +324,27 @@ def build_mistral3(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed:
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator),
                    "image_sizes": torch.tensor([[32, 32]] * batch)}
+
+
+def build_llama4(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed: int = SEED, vocab: int = 300):
+    """(Llama4ForConditionalGeneration .eval(), inputs), random weights: chunked attention in all but the last
+    decoder layer (attention_chunk_size 16), two experts per MoE layer, and a vision tower whose pixel shuffle
+    turns 16 patches into 4 image tokens, between `prompt` text tokens."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image = vocab - 1
+    text = T.Llama4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                              num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=256, attention_chunk_size=16, num_local_experts=2,
+                              num_experts_per_tok=1, interleave_moe_layer_step=1)
+    vision = T.Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8, vision_output_dim=64, projector_input_dim=64,
+                                  projector_output_dim=64, pixel_shuffle_ratio=0.5)
+    model = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=text, vision_config=vision,
+                                                             image_token_index=image)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    words = [torch.randint(1, vocab - 10, (batch, count), generator=generator) for count in prompt]
+    input_ids = torch.cat([words[0], torch.full((batch, 4), image), words[1]], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}

@@ -68,3 +68,16 @@ def test_rewrite_that_breaks_shapes_falls_back_with_reason():
     with pytest.warns(tokensparse.TokensparseWarning, match="cannot tell which size is the token count"):
         result = rewrite_graph(gm, example, tokensparse.Config(vision=tokensparse.ToMe(r=2)))
     assert not result.changed and result.gm is gm
+
+
+def test_a_flattened_token_axis_viewed_back_takes_the_symbolic_count():
+    """An MoE layer's view(B, N, D) of its [B*N, D] tokens: after a cut to a symbolic count the literal N
+    becomes -1; ambiguous literals are left to the refusal."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from tokensparse.passes.sizes import _unflattened
+
+    count = ShapeEnv().create_unbacked_symint()
+    assert _unflattened([2, 12, 64], (24, 64), (2 * count, 64), 12) == [2, -1, 64]
+    assert _unflattened([12, 12, 64], (144, 64), (12 * count, 64), 12) is None       # which 12 is the count?
+    assert _unflattened([2, 12, 64], (24, 64), (2 * count, 64), None) is None

@@ -22,9 +22,10 @@ class _SizeRederiver(fx.Interpreter):
     """Runs the graph on fake tensors; before each shape op whose input changed, rewrites the literal
     sizes from the input's old and new shapes, then stores the fresh value in the node's meta."""
 
-    def __init__(self, gm: fx.GraphModule, old_shapes: dict):
+    def __init__(self, gm: fx.GraphModule, old_shapes: dict, tokens=None):
         super().__init__(gm)
         self.old_shapes = old_shapes
+        self.tokens = tokens            # the traced token count entering the first block or decoder layer
         self.patched: list[str] = []
 
     def run_node(self, node: fx.Node):
@@ -56,6 +57,8 @@ class _SizeRederiver(fx.Interpreter):
         # size that an earlier rewrite already reads from this input (sym_size) follows it as it is.
         traced = [_input_dim(size, source) or _traced_size(size) for size in sizes]
         patched = _rederive(traced, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
+        if patched is None and _SHAPE_OPS[op_name(node)]:
+            patched = _unflattened(traced, old_in, new_in, self.tokens)
         if patched is None:
             raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(traced)}): cannot tell which size is the "
                                f"token count after its input changed from {list(old_in)} to {list(new_in)}")
@@ -157,6 +160,19 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
     return mapped if _keeps_numel(mapped, old_in, new_in, preserve_numel) else None
 
 
+def _unflattened(sizes: list, old_in: tuple, new_in: tuple, tokens) -> Optional[list]:
+    """A view that splits a flattened token axis back out (an MoE layer's [B*N, D] -> view(B, N, D)) after the
+    cut made N a symbolic count: the one literal equal to the traced count N, inside the one changed input dim's
+    old size, becomes -1 (the view infers it). None when that is not unambiguous."""
+    changed = [dim for dim, (old, new) in enumerate(zip(old_in, new_in)) if not same_size(old, new)]
+    if tokens is None or -1 in sizes or len(changed) != 1 or not isinstance(old_in[changed[0]], int):
+        return None
+    matches = [i for i, size in enumerate(sizes) if isinstance(size, int) and size == tokens]
+    if len(matches) != 1 or old_in[changed[0]] % tokens != 0:
+        return None
+    return [-1 if i == matches[0] else size for i, size in enumerate(sizes)]
+
+
 def same_size(a, b) -> bool:
     """Equal sizes, comparing symbolic sizes by expression (never by bool(), which adds guards)."""
     if isinstance(a, int) and isinstance(b, int):
@@ -183,7 +199,7 @@ def _keeps_numel(sizes: list, old_in: tuple, new_in: tuple, preserve_numel: bool
 def rederive_sizes_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Fix token-count literals downstream of every cut, checking each node with fake tensors."""
     old_shapes = {node: shape_of(node) for node in gm.graph.nodes}
-    rederiver = _SizeRederiver(gm, old_shapes)
+    rederiver = _SizeRederiver(gm, old_shapes, ctx.tokens if ctx.language is not None or ctx.blocks else None)
     with fake_propagation(ctx.fake_mode):
         rederiver.run(*ctx.fake_inputs)
     ctx.propagated = True

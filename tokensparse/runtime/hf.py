@@ -46,8 +46,11 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     from tokensparse.runtime.positioned_cache import records_positions
     from tokensparse.warn import warnings_per_call
     from tokensparse.runtime.sliding_window import (check_forward_within_window, layer_windows,
-                                                    refuse_generation_past_window, sliding_window)
+                                                    refuse_chunked_attention, refuse_generation_past_window,
+                                                    sliding_window)
 
+    if config.kv is not None:
+        refuse_chunked_attention(model, config.kv.name)
     install_output_hooks(model)
     fast = own_copy(model)
     if getattr(model, "generation_config", None) is not None:

@@ -28,6 +28,19 @@ def sliding_window(model) -> Optional[int]:
     return int(window)
 
 
+def refuse_chunked_attention(model, policy_name: str) -> None:
+    """A KV policy on a model with chunked-attention layers (Llama4's attention_chunk_size): each such layer
+    attends within fixed chunks of positions, which its cache keeps apart from eviction; refused by name."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    chunked = [index for index, kind in enumerate(layer_types) if kind == "chunked_attention"]
+    if chunked:
+        raise ValueError(f"kv={policy_name}: decoder layers {chunked} use chunked attention (attention_chunk_size="
+                         f"{getattr(config, 'attention_chunk_size', None)}, as in Llama4), whose queries attend within "
+                         f"fixed chunks of positions; KV-cache eviction does not support chunked layers. Use the "
+                         f"language-model policies alone (llm=), or a model without chunked attention")
+
+
 def layer_windows(model, window: int) -> tuple[int, ...]:
     """Each decoder layer's sliding window, 0 for a full-attention layer (layer_types, else every layer slides)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
