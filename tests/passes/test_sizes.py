@@ -65,7 +65,8 @@ def test_rewrite_that_breaks_shapes_falls_back_with_reason():
 
     model = GridMixer().eval()
     (gm, example), = capture_graphs(model, torch.randn(2, 3, 16, 16))
-    with pytest.warns(tokensparse.TokensparseWarning, match="cannot tell which size is the token count"):
+    with pytest.warns(tokensparse.TokensparseWarning, match=r"blocks lays the tokens out as a grid \(reshape_\d+: "
+                                                            r"\[2, 16, 8\] -> \[2, 4, 4, 8\]\)"):
         result = rewrite_graph(gm, example, tokensparse.Config(vision=tokensparse.ToMe(r=2)))
     assert not result.changed and result.gm is gm
 
@@ -81,3 +82,10 @@ def test_a_flattened_token_axis_viewed_back_takes_the_symbolic_count():
     assert _unflattened([2, 12, 64], (24, 64), (2 * count, 64), 12) == [2, -1, 64]
     assert _unflattened([12, 12, 64], (144, 64), (12 * count, 64), 12) is None       # which 12 is the count?
     assert _unflattened([2, 12, 64], (24, 64), (2 * count, 64), None) is None
+
+
+def test_a_token_axis_laid_out_as_a_grid_is_named():
+    from tokensparse.passes.sizes import _lays_out_a_grid
+
+    assert _lays_out_a_grid((2, 32, 64), (2, 32, 52), (2, 32, 8, 8))          # Gemma3's pooling connector
+    assert not _lays_out_a_grid((2, 64, 32), (2, 52, 32), (2, 64, 4, 8))      # heads split off the channels

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from tokensparse.passes.context import STANDS_FOR, PassContext
 from tokensparse.passes.fake import fake_propagation
-from tokensparse.patterns.graph import MatchFailure, op_name, shape_of
+from tokensparse.patterns.graph import MatchFailure, module_paths, op_name, shape_of
 
 # Ops whose arguments after the input tensor spell a shape, and whether numel must be preserved.
 _SHAPE_OPS = {"reshape": True, "view": True, "_unsafe_view": True, "expand": False}
@@ -59,6 +59,13 @@ class _SizeRederiver(fx.Interpreter):
         patched = _rederive(traced, old_in, new_in, old_out, preserve_numel=_SHAPE_OPS[op_name(node)])
         if patched is None and _SHAPE_OPS[op_name(node)]:
             patched = _unflattened(traced, old_in, new_in, self.tokens)
+        if patched is None and _lays_out_a_grid(old_in, new_in, old_out):
+            where = module_paths(node)
+            raise MatchFailure(f"{where[0] if where else node.name} lays the tokens out as a grid "
+                               f"({node.name}: {list(old_in)} -> {list(old_out)}), as a pooling or pixel-shuffle "
+                               f"layer does (a VLM connector such as Gemma3's multi_modal_projector, or a grid token "
+                               f"mixer); merged or dropped tokens do not fill the grid, so the tokens cannot be reduced "
+                               f"before it (in a VLM, language-model policies, llm=, prune after the connector)")
         if patched is None:
             raise MatchFailure(f"{node.name} ({op_name(node)}{tuple(traced)}): cannot tell which size is the "
                                f"token count after its input changed from {list(old_in)} to {list(new_in)}")
@@ -158,6 +165,16 @@ def _rederive(sizes: list, old_in: tuple, new_in: tuple, old_out: tuple, preserv
                 mapped[i] = math.prod(new_in[:k])
                 break
     return mapped if _keeps_numel(mapped, old_in, new_in, preserve_numel) else None
+
+
+def _lays_out_a_grid(old_in: tuple, new_in: tuple, old_out: tuple) -> bool:
+    """A view that splits the token axis (the input axis whose size the cut changed) into two grid axes of the
+    output: N -> (h, w) with h * w = N."""
+    if len(old_out) != len(old_in) + 1 or not all(isinstance(d, int) for d in old_in + old_out):
+        return False
+    return any(old_in[:d] == old_out[:d] and old_out[d] * old_out[d + 1] == old_in[d] and old_out[d] > 1
+               and old_out[d + 1] > 1 and old_in[d + 1:] == old_out[d + 2:] and not same_size(old_in[d], new_in[d])
+               for d in range(len(old_in)))
 
 
 def _unflattened(sizes: list, old_in: tuple, new_in: tuple, tokens) -> Optional[list]:
