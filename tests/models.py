@@ -348,3 +348,24 @@ def build_llama4(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed: i
     input_ids = torch.cat([words[0], torch.full((batch, 4), image), words[1]], dim=1)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}
+
+
+def build_idefics3(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed: int = SEED, vocab: int = 300):
+    """(Idefics3ForConditionalGeneration .eval(), inputs), random weights: a SigLIP-style tower over one 32x32
+    image (64 patches) whose pixel-shuffle connector (scale factor 2) makes 16 image tokens, between `prompt`
+    text tokens. Its image merge reads the image-token count with .item() (capture_scalar_outputs)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image = vocab - 1
+    text = T.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    vision = T.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=32, patch_size=4)
+    model = T.Idefics3ForConditionalGeneration(T.Idefics3Config(text_config=text, vision_config=vision,
+                                                                 image_token_id=image, scale_factor=2)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    words = [torch.randint(1, vocab - 10, (batch, count), generator=generator) for count in prompt]
+    input_ids = torch.cat([words[0], torch.full((batch, 16), image), words[1]], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "pixel_values": torch.randn(batch, 1, 3, 32, 32, generator=generator)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
+
+from tokensparse.scalar_outputs import ScalarOutputs
 
 # torch >= 2.14: the capture's graphs stay apart from the model's other compiled code (its own recompile
 # count). Older torch captures without it.
@@ -20,8 +23,8 @@ def capture_graphs(model, *args, **kwargs) -> list:
     # dynamic=False: the graphs of these inputs' shapes, also after captures with other shapes (which would make
     # dynamo's automatic dynamic shapes trace symbolic sizes that a report cannot run or count).
     compiled = torch.compile(model, backend=record, dynamic=False, **ISOLATED_RECOMPILES)
-    with torch.no_grad():       # no global dynamo flags: the graphs tokensparse.compile would see
-        compiled(*args, **kwargs)
+    with torch.no_grad():       # the graphs tokensparse.compile would see
+        ScalarOutputs()(compiled, *args, **kwargs)
     return graphs
 
 
@@ -36,6 +39,9 @@ def capture_prefill_graphs(model, inputs: dict) -> list:
     prefill = own_copy(model)
     prefill.forward = torch.compile(type(model).forward.__get__(prefill), backend=record, dynamic=False,
                                     **ISOLATED_RECOMPILES)
+    scalar_outputs = ScalarOutputs()
+    forward = prefill.forward
+    prefill.forward = functools.wraps(forward)(lambda *args, **kwargs: scalar_outputs(forward, *args, **kwargs))
     with torch.no_grad():
         prefill.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     return graphs

@@ -24,7 +24,7 @@ from tokensparse.reference._common import run_blocks, self_attn_mlp, self_attn_o
 
 def language_layers(model):
     inner = getattr(model, "model", model)
-    language = getattr(inner, "language_model", None)
+    language = getattr(inner, "language_model", getattr(inner, "text_model", None))    # Idefics3: text_model
     if language is not None and not hasattr(language, "layers"):     # Llama4: language_model.model.layers
         language = getattr(language, "model", None)
     if language is None or not hasattr(language, "layers"):

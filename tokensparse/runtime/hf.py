@@ -44,6 +44,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     from tokensparse.capture import ISOLATED_RECOMPILES
     from tokensparse.runtime.cache_positions import at_cache_positions, cache_positions_config
     from tokensparse.runtime.positioned_cache import records_positions
+    from tokensparse.scalar_outputs import ScalarOutputs
     from tokensparse.warn import warnings_per_call
     from tokensparse.runtime.sliding_window import (check_forward_within_window, layer_windows,
                                                     refuse_chunked_attention, refuse_generation_past_window,
@@ -73,6 +74,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     if positioned:
         config = dataclasses.replace(config, sliding_windows=layer_windows(model, window))
     backend = functools.partial(tokensparse_backend, options=config)
+    scalar_outputs = ScalarOutputs()
     # Each compiled copy counts its own recompiles: another copy of the same model class (another config, the
     # unmodified model) must not use up dynamo's limit of 8 per code object and leave this one running eagerly.
     compiled = torch.compile(type(model).forward.__get__(fast), backend=backend,
@@ -91,11 +93,10 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             kwargs["attention_mask"] = handed.decode_mask(kwargs)
         elif config.kv is not None and _is_2d(kwargs.get("attention_mask")):
             kwargs["attention_mask"] = evicted_cache_mask(fast, config, evicted_masks, kwargs)
-        # No global dynamo flags: capture_scalar_outputs breaks models (Mistral3's patch merger splits its
-        # features by sizes read with .item()), and the image merge is found without it. The warnings are about
-        # the graphs that matter: a graph break's fragments are quiet when the prefill was rewritten.
+        # The warnings are about the graphs that matter: a graph break's fragments are quiet when the prefill was
+        # rewritten. capture_scalar_outputs only while this model's code traces with it (scalar_outputs.py).
         with warnings_per_call(model):
-            return compiled(*args, **kwargs)
+            return scalar_outputs(compiled, *args, **kwargs)
 
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
