@@ -26,7 +26,7 @@ def parse_args(argv=None):
 def cases(dtype):
     """(name, triton call, reference call) on seeded inputs of serving sizes."""
     from tokensparse.policies.tome import bipartite_soft_matching
-    from tokensparse.policies.topk import split_in_order
+    from tokensparse.policies.selection import split_in_order
     from tokensparse.runtime.kernels import (kv_compact, kv_compact_reference, tome_merge_kernel,
                                              tome_merge_reference, topk_gather, topk_gather_reference, topk_split)
 

@@ -15,8 +15,8 @@ from tokensparse.export import to_onnx
 from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT, launch_like_tensorrt
 from tokensparse.export.plugin_eval import run_with_kernel_plugins
 from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.policies.selection import top_k_in_order
 from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
-from tokensparse.policies.topk import top_k_in_order
 from tokensparse.reference import reference_forward
 
 

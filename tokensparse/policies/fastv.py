@@ -13,6 +13,7 @@ import torch
 
 from tokensparse.policies.base import check_fraction, check_int_at_least
 from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
+from tokensparse.policies.selection import rank_order
 
 QUERIES = ("last", "text")
 
@@ -133,7 +134,7 @@ def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> t
     image tokens. Data-dependent only through nonzero, so that torch.export and ONNX trace it."""
     if not _traced(image_mask):
         image_count(image_mask)                                  # unequal counts: a clear error, eagerly
-    order = scores.float().masked_fill(~image_mask, -math.inf).sort(dim=-1, descending=True, stable=True).indices
+    order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
     return first_ranked_positions(order, image_mask, kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep))
 
 

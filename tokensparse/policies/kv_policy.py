@@ -10,6 +10,7 @@ from typing import Union
 import torch
 
 from tokensparse.policies.base import Policy, check_int_at_least
+from tokensparse.policies.selection import rank_order, top_k_in_order
 
 QUERY_CHUNK = 256       # queries per q K^T block in the column sums: bounds memory to [B, H, 256, L]
 
@@ -78,7 +79,7 @@ def score_ranks(scores: torch.Tensor, kind: torch.Tensor | None = None) -> torch
     rank among the positions of its kind, the other positions ranked after them."""
     if kind is not None:
         scores = scores.masked_fill(~kind[:, None, :], -math.inf)
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    order = rank_order(scores)
     positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, positions)
 
@@ -133,8 +134,7 @@ def best_and_recent(scores_before: torch.Tensor, length: int, count: int, recent
     scores_before = scores_before[..., : length - recent]
     if padding is not None:
         scores_before = scores_before.masked_fill(padding[:, None, : length - recent], -math.inf)
-    best = scores_before.sort(dim=-1, descending=True, stable=True).indices
-    return torch.cat([best[..., : count - recent].sort(dim=-1).values, tail], dim=-1)
+    return torch.cat([top_k_in_order(scores_before, count - recent), tail], dim=-1)
 
 
 def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float, padding: torch.Tensor | None = None,

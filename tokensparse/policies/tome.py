@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from tokensparse.policies.base import Policy, check_int_at_least, recorder
+from tokensparse.policies.selection import rank_order
 
 SCHEDULES = ("constant", "decreasing")
 
@@ -90,7 +91,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=
         scores = scores.masked_fill(rows < excluded, -math.inf)
     node_max, node_idx = scores.max(dim=-1)
     if split is None:
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True).unsqueeze(-1)
+        edge_idx = rank_order(node_max).unsqueeze(-1)
         src_idx = edge_idx[:, :r]
         unm_idx = edge_idx[:, r:].sort(dim=1).values
     else:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, checked_layers, recorder
+from tokensparse.policies.selection import top_k_in_order
 
 QUERY_CHUNK = 128
 
@@ -78,18 +79,6 @@ def _mask_rows(attn_mask, start: int, stop: int, dtype) -> torch.Tensor:
     if rows.dtype == torch.bool:
         return torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill(~rows, -math.inf)
     return rows
-
-
-def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, k]: the indices of each row's k best scores, in token order."""
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
-
-
-def split_in_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, k], [B, N - k]): each row's k best scores' indices and the others, both in token order (ties to the
-    lower index, by a stable sort): ToMe's r best edges as topk_split computes them."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
 
 
 def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, protected: int, fuse: bool,

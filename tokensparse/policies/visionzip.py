@@ -11,6 +11,7 @@ import torch
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.language import LanguagePolicy, Stage, check_positions
+from tokensparse.policies.selection import rank_order, top_k_in_order
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def visionzip_select(hidden: torch.Tensor, scores: torch.Tensor, keys: torch.Ten
     if not 0 <= dominant <= patches or not 0 <= contextual <= patches - dominant:
         raise ValueError(f"dominant={dominant}, contextual={contextual} do not fit {patches} patch tokens after "
                          f"{protected} prefix tokens")
-    kept = scores.topk(dominant, dim=-1).indices.sort(dim=-1).values                         # [B, dominant]
+    kept = top_k_in_order(scores, dominant)                                                  # [B, dominant]
     rows = [torch.arange(protected, device=hidden.device).expand(batch, -1), kept + protected]
     if contextual:
         targets, merged = _contextual_tokens(hidden[:, protected:], keys[:, protected:], kept, contextual)
@@ -80,7 +81,7 @@ def _contextual_tokens(hidden, keys, kept, count: int) -> tuple[torch.Tensor, to
     batch, patches, channels = hidden.shape
     left = patches - kept.shape[1]
     remaining_mask = torch.ones(batch, patches, dtype=torch.int8, device=hidden.device).scatter(1, kept, 0)
-    remaining = remaining_mask.sort(dim=1, descending=True, stable=True).indices[:, :left]     # [B, R] ascending
+    remaining = rank_order(remaining_mask)[:, :left]                                           # [B, R] ascending
     stride = left // count
     is_target = [slot % stride == 0 and slot // stride < count for slot in range(left)]
     targets = remaining[:, [slot for slot in range(left) if is_target[slot]]]

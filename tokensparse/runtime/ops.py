@@ -22,7 +22,8 @@ from tokensparse.policies.snapkv import snapkv_keep
 from tokensparse.runtime.static_cache import heavy_and_recent_, keep_sinks_and_window_
 from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import merge_tokens, tome_step
-from tokensparse.policies.topk import split_in_order, topk_step
+from tokensparse.policies.selection import split_in_order, top_k_in_order
+from tokensparse.policies.topk import topk_step
 from tokensparse.policies.vision_budget import vision_budget_keep
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
 
@@ -95,7 +96,7 @@ def _merge_matches_fake(x, size, src_idx, dst_idx, unm_idx, protected):
 def select_top_k(scores: Tensor, k: int) -> Tensor:
     """[B, k] int64: each row's k best scores' indices in token order (ties to the lower index, as ONNX TopK
     and the kernel): the TopKSelect plugin."""
-    return scores.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(dim=-1).values
+    return top_k_in_order(scores, k)
 
 
 @select_top_k.register_fake

@@ -48,10 +48,9 @@ def test_topk_gather_matches_reference(batch, tokens, channels, keep, ties, bloc
     kept, gathered = topk_gather(x, scores, k, block_n=block_n)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values
     assert torch.equal(kept, order)
-    if not ties:
-        want_kept, want = topk_gather_reference(x, scores, k)
-        assert torch.equal(kept, want_kept)
-        torch.testing.assert_close(gathered, want, rtol=0, atol=0)
+    want_kept, want = topk_gather_reference(x, scores, k)      # ties too: the reference is top_k_in_order
+    assert torch.equal(kept, want_kept)
+    torch.testing.assert_close(gathered, want, rtol=0, atol=0)
     torch.testing.assert_close(gathered, x.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)), rtol=0, atol=0)
 
 

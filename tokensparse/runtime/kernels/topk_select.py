@@ -2,7 +2,9 @@
 high-resolution inputs hold more tokens). Per row, a radix select finds the k-th largest score (32 counting
 passes over the row, one bit of the threshold each), then one pass in token order writes the indices above
 it and the first ties at it, so the kept indices come out in token order with no sort. Ties go to the lower
-index, as in ONNX TopK. Every pass walks the row in tiles, so any token count compiles to one small kernel.
+index, as in ONNX TopK and tokensparse.policies.selection.top_k_in_order (the reference: the same indices for
+every input, -0 == +0 and NaN above +inf included; half and bfloat16 scores compare exactly as float32).
+Every pass walks the row in tiles, so any token count compiles to one small kernel.
 The selection is one launch in TensorRT's plugin calling convention (inputs, then the sizes as int32
 scalars, then outputs: tokensparse/export/trt_aot.py)."""
 
@@ -12,21 +14,25 @@ import torch
 import triton
 import triton.language as tl
 
+from tokensparse.policies.selection import top_k_in_order
 from tokensparse.runtime.kernels.launch import launch as _launch
 
 
 def topk_gather_reference(x, scores, k: int):
-    """kept [B, k] (ascending token order) and x gathered at them [B, k, C]."""
-    kept = scores.topk(k, dim=-1, sorted=True).indices.sort(dim=-1).values
+    """kept [B, k] (ascending token order, ties to the lower index: top_k_in_order) and x gathered at them
+    [B, k, C]."""
+    kept = top_k_in_order(scores, k)
     return kept, x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 @triton.jit
 def _ordered_keys(scores_ptr, row, tokens, offsets):
-    """Scores as int64 keys in [0, 2^32) with the float order (-0 == +0); -1 past the row's end."""
+    """Scores as int64 keys in [0, 2^32) with torch.sort's order: -0 == +0, every NaN equal and above +inf;
+    -1 past the row's end."""
     valid = offsets < tokens
     score = tl.load(scores_ptr + row * tokens + offsets, mask=valid, other=0.0).to(tl.float32) + 0.0
     bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits)      # NaN: one positive quiet NaN
     ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32).to(tl.int64)
     return tl.where(valid, ordered, -1)
 
