@@ -369,3 +369,35 @@ def build_idefics3(*, batch: int = 2, text_layers: int = 4, prompt=(3, 5), seed:
     input_ids = torch.cat([words[0], torch.full((batch, 16), image), words[1]], dim=1)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(batch, 1, 3, 32, 32, generator=generator)}
+
+
+def build_qwen3_vl(*, batch: int = 2, text_layers: int = 4, patches: int = 8, prompt=(4, 5), seed: int = SEED,
+                   vocab: int = 300):
+    """(Qwen3VLForConditionalGeneration .eval(), inputs), random weights: one image of `patches` x `patches`
+    patches (merged 2x2 into image tokens) between `prompt` text tokens, deepstack features from the tower's
+    blocks 0 and 1 added into the first decoder layers, interleaved M-RoPE."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import transformers as T
+
+    torch.manual_seed(seed)
+    image, start, end = vocab - 1, vocab - 3, vocab - 4
+    vision = dict(depth=3, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3, intermediate_size=64, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    config = T.Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=image, video_token_id=vocab - 2,
+                             vision_start_token_id=start, vision_end_token_id=end)
+    model = T.Qwen3VLForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    words = [torch.randint(0, vocab - 10, (batch, count), generator=generator) for count in prompt]
+    input_ids = torch.cat([words[0], torch.full((batch, 1), start), torch.full((batch, patches * patches // 4), image),
+                           torch.full((batch, 1), end), words[1]], dim=1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "mm_token_type_ids": (input_ids == image).long(),
+                   "pixel_values": torch.randn(batch * patches * patches, 3 * 2 * 4 * 4, generator=generator),
+                   "image_grid_thw": torch.tensor([[1, patches, patches]] * batch)}

@@ -65,6 +65,11 @@ def match_language_model(gm: fx.GraphModule, vision_span: Optional[tuple] = None
         candidates = [name for name, entries in lists.items() if entries[0][1].q in after]
     else:
         candidates = list(lists)[-1:]
+    if not candidates and span is not None and not any(site.q in after for site in sites):
+        raise MatchFailure("no decoder layers in the graph of the image merge: no attention reads the merged "
+                           "embeddings in it, so a graph break splits them off (Qwen3-VL's deepstack step, which "
+                           "indexes the hidden states with a boolean mask in the first decoder layers, makes one; "
+                           "torch._dynamo.explain(model)(**inputs) lists the breaks)")
     if not candidates:
         raise MatchFailure("no decoder layers: no repeated block of attention reads the merged embeddings")
     list_path = candidates[0]
