@@ -20,7 +20,6 @@ from tokensparse.policies.token_sources import features_at_source_rows
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import topk_step
 from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_attention
-from tokensparse.patterns.graph import MatchFailure
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
                                      H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, MERGE_MATCHES,
                                      SELECT_TOP_K, SNAPKV_KEEP, SPLIT_TOP_K, TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP,
@@ -53,10 +52,6 @@ def topk_step_with_select_plugin(x, q, k, scale: float, keep: int, protected: in
 KERNEL_PLUGIN_CODE = {TOME_MERGE: tome_step_with_merge_plugin, TOPK_PRUNE: topk_step_with_select_plugin}
 
 
-# Ops whose policy code has no ONNX form yet, with the reason.
-NOT_LOWERED: dict = {}
-
-
 def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset(), code=None) -> fx.GraphModule:
     """Replace tokensparse:: op calls (except those in `keep_ops`, which become plugin nodes) by their
     policy functions (`code` takes precedence over POLICY_CODE), then views by reshapes."""
@@ -64,8 +59,6 @@ def inline_policy_code(gm: fx.GraphModule, keep_ops=frozenset(), code=None) -> f
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target in keep_ops:
             continue
-        if node.target in NOT_LOWERED:
-            raise MatchFailure(f"{node.name}: {NOT_LOWERED[node.target]}")
         if node.target in code:
             node.target = code[node.target]
     return keep_views_as_reshapes(gm)

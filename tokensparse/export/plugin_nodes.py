@@ -10,7 +10,6 @@ Two ways to cut a policy step into plugins:
 
 from __future__ import annotations
 
-import torch
 from onnxscript import values
 
 from tokensparse.runtime.ops import MERGE_MATCHES, SELECT_TOP_K, SPLIT_TOP_K, TOME_MERGE, TOPK_PRUNE
@@ -131,8 +130,3 @@ def plugin_mode(plugins) -> str | None:
 def plugin_translations(mode) -> dict:
     """The ONNX translations that write a mode's plugin nodes."""
     return {None: {}, "step": PLUGIN_TRANSLATIONS, "kernel": KERNEL_PLUGIN_TRANSLATIONS}[mode]
-
-
-def plugin_ops_in(program: torch.export.ExportedProgram) -> int:
-    ops = {**PLUGIN_TRANSLATIONS, **KERNEL_PLUGIN_TRANSLATIONS}
-    return sum(1 for node in program.graph.nodes if node.target in ops)

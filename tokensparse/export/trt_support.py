@@ -8,14 +8,9 @@ file of the same onnx-tensorrt commit (or from the ONNX spec) the comment next t
 
 TRT_VERSION = "10.15"
 OPSET_RANGE = (9, 24)          # inclusive
-SOURCE_COMMIT = "fa5aa9f61e7781d2ca8f5351d42c1f19525a6124"
 
-# ONNX element types the parser accepts. The quantized ones are only reachable by quantizing from a wider
-# floating-point type; UINT8 is accepted only on network inputs and outputs; DOUBLE is narrowed to FLOAT.
-DATA_TYPES = frozenset({"DOUBLE", "FP32", "FP16", "BF16", "FP8", "FP4", "INT32", "INT64", "INT8", "INT4",
-                        "UINT8", "BOOL"})
-QUANTIZED_TYPES = frozenset({"INT8", "INT4", "FP8", "FP4"})
-IO_ONLY_TYPES = frozenset({"UINT8"})
+# The parser accepts the element types DOUBLE (narrowed to FLOAT), FP32, FP16, BF16, INT32, INT64, BOOL, UINT8
+# (network inputs and outputs only), and INT8, INT4, FP8, FP4 (only by quantizing from a wider float type).
 
 # ---------------------------------------------------------------------------------------------------------
 # Element types per supported operator (the doc's "Supported Types" column).
@@ -55,41 +50,25 @@ SUPPORTED_TYPES: dict[str, tuple[str, ...]] = {
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-operator data limits (numbers and allowed attribute values).
-TOPK_MAX_K = 3840              # the doc's bound on TopK's K input: K has to stay strictly below this number
-TOPK_K_BOUND_EXCLUSIVE = True  # the doc words it as "less than", so K == TOPK_MAX_K is already out of range
+TOPK_MAX_K = 3840              # the doc's bound on TopK's K input: "less than", so K == TOPK_MAX_K is out of range
 TOPK_SORTED_VALUES = frozenset({1})   # only sorted=1; there is no ONNX Sort op, TopK is the sorting primitive
 
 SCATTER_ELEMENTS_REDUCTIONS = frozenset({"none", "add", "mul", "max", "min"})
 # ^ the matrix puts no restriction on ScatterElements; reduction support was added in 10.0 (docs/Changelog.md)
 #   and 10.3 moved the importer onto an updated plugin, so every ONNX reduction value is accepted.
-SCATTER_ND_REDUCTIONS = frozenset({"none"})
 TENSOR_SCATTER_RANK = 4        # past_cache and update
 TENSOR_SCATTER_AXIS = -2
 
 # ArgMax/ArgMin: the matrix lists no restriction. importerUtils.cpp (argMinMaxHelper, same commit) lowers them
 # to a k=1 TopK and handles select_last_index=1 by reversing the reduced axis, so both values import.
-ARG_SELECT_LAST_INDEX_VALUES = frozenset({0, 1})
 
 REDUCE_OPS = frozenset({"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
                         "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare"})
-REDUCE_AXES_MUST_BE_INITIALIZER = True
 
-LAYER_NORMALIZATION_MAX_OUTPUTS = 1   # Mean / InvStdDev outputs are not produced
-
-ATTENTION_MIN_OPSET = 23       # from the ONNX spec (Attention first appears in opset 23); the doc names no opset
+# Attention first appears in opset 23 (the ONNX spec; the doc names no opset).
 ATTENTION_RANK = 4             # Q, K, V and attn_mask
-ATTENTION_UNSUPPORTED_INPUTS = frozenset({"past_key", "past_value", "nonpad_kv_seqlen"})
-ATTENTION_UNSUPPORTED_OUTPUTS = frozenset({"present_key", "present_value", "qk_matmul_output"})
-ATTENTION_UNSUPPORTED_ATTRIBUTES = frozenset({"qk_matmul_output_mode", "softcap"})
 
 POOL_DILATIONS = "empty or all ones"  # AveragePool, MaxPool, LpPool
-RESIZE_COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
-                                     "align_corners"})
-RESIZE_MODES = frozenset({"nearest", "linear"})
-RESIZE_NEAREST_MODES = frozenset({"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"})
-RESIZE_ASPECT_RATIO_POLICIES = frozenset({"stretch"})
-LSTM_INPUT_FORGET_VALUES = frozenset({0})
-LSTM_LAYOUT_VALUES = frozenset({0})
 GRID_SAMPLE_RANK = 4
 
 # ---------------------------------------------------------------------------------------------------------

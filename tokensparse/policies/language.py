@@ -35,6 +35,10 @@ class Stage:
     score: str
     query: str = "last"
 
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"Stage score={self.score!r} is unknown: choose one of {list(SCORES)}")
+
 
 class LanguagePolicy(Policy):
     """A policy that prunes vision tokens of a vision-language model's sequence (stage "llm")."""

@@ -10,7 +10,7 @@ from torch.library import triton_op, wrap_triton
 
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import attention_received, join_kept
-from tokensparse.runtime.kernels import kv_compact, tome_merge_kernel, topk_gather, topk_select, topk_split
+from tokensparse.runtime.kernels import tome_merge_kernel, topk_gather, topk_select, topk_split
 
 
 @triton_op("tokensparse::tome_merge_rows", mutates_args={})
@@ -24,12 +24,6 @@ def tome_merge_rows(x: Tensor, size: Tensor, src_idx: Tensor, dst_idx: Tensor, u
 def topk_gather_op(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Indices of the k best scores in token order, and x gathered at them (Triton; any k)."""
     return topk_gather(x, scores, k, launch=wrap_triton)
-
-
-@triton_op("tokensparse::kv_compact_", mutates_args={"cache"})
-def kv_compact_op(cache: Tensor, kept: Tensor) -> None:
-    """Move the kept positions to the front of the cache, in place (Triton)."""
-    kv_compact(cache, kept, launch=wrap_triton)
 
 
 def tome_merge_triton(x, size, keys, r: int, protected: int):

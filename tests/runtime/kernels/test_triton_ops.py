@@ -6,7 +6,6 @@ import torch
 
 import tokensparse.runtime.triton_ops as triton_ops
 from tests.devices import KERNEL_DEVICE as DEVICE
-from tokensparse.runtime.kernels import kv_compact_reference
 from tokensparse.runtime.ops import TOME_MERGE, TOPK_PRUNE
 
 
@@ -36,15 +35,6 @@ def test_topk_prune_triton_matches_the_op():
         torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_kv_compact_op_mutates_in_place():
-    generator = torch.Generator().manual_seed(2)
-    cache = torch.randn(2, 3, 20, 8, generator=generator).to(DEVICE)
-    kept = torch.rand(2, 3, 20, generator=generator).argsort(-1)[..., :9].sort(-1).values.to(DEVICE)
-    want = kv_compact_reference(cache, kept)
-    torch.ops.tokensparse.kv_compact_(cache, kept)
-    torch.testing.assert_close(cache, want, rtol=0, atol=0)
-
-
 def _opcheck_samples():
     generator = torch.Generator().manual_seed(5)
     x, size = torch.randn(2, 13, 8, generator=generator), torch.rand(2, 13, 1, generator=generator) + 1
@@ -52,13 +42,11 @@ def _opcheck_samples():
                      torch.tensor([[[1], [3], [4], [5]], [[0], [2], [3], [5]]]))
     yield torch.ops.tokensparse.tome_merge_rows, (x, size, src, dst, unm, 1)
     yield torch.ops.tokensparse.topk_gather, (x, torch.randn(2, 13, generator=generator), 5)
-    cache = torch.randn(2, 3, 20, 8, generator=generator)
-    yield torch.ops.tokensparse.kv_compact_, (cache, torch.arange(3, 12).expand(2, 3, -1).contiguous())
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="opcheck runs the triton_op on FakeTensors, whose data the Triton "
                                             "interpreter reads; it runs on a GPU")
-@pytest.mark.parametrize("op, args", list(_opcheck_samples()), ids=["tome_merge_rows", "topk_gather", "kv_compact_"])
+@pytest.mark.parametrize("op, args", list(_opcheck_samples()), ids=["tome_merge_rows", "topk_gather"])
 def test_triton_ops_pass_opcheck(op, args):
     """Schema, fake (meta) implementation, autograd registration and torch.compile tracing of each
     triton_op."""
