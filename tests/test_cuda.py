@@ -84,7 +84,8 @@ def test_cuda_graphs_replay_the_reference_on_fresh_inputs(options, policy):
     compiled = torch.compile(model, backend="tokensparse", options={**options, "cudagraphs": True})
     for seed in range(4):
         pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
-        got = _no_warnings(lambda: compiled(pixels)).clone()     # a replay's output is overwritten by the next
+        # a replay's output is overwritten by the next
+        got = _no_warnings(lambda pixels=pixels: compiled(pixels)).clone()
         torch.testing.assert_close(got, reference_forward(model, pixels, policy)["logits"], rtol=1e-4, atol=1e-4)
 
 

@@ -38,7 +38,7 @@ def test_rewrite_matches_reference(family, policy_name):
         got = main_outputs(run_eager_backend(model, pixels, _options(policy)))
     want = reference_forward(model, pixels, policy)
     for key, value in got.items():
-        torch.testing.assert_close(value, want[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(value, want[key], atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("policy", [ToMe(r=0), TopK(layers=(0, 1), keep=1.0)], ids=["tome_r0", "topk_keep1"])

@@ -19,7 +19,7 @@ DEPTH = 3
 PATCHES = 64  # 32x32 images, patch 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(name: str, batch: int):
     return build(name, depth=DEPTH, batch=batch)
 

@@ -7,7 +7,6 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Optional
 
 EXAMPLES = """examples:
   python tools/export.py --model vit_base_patch16_224 --random-init --policy tome --r 13 --onnx out/vit.onnx --check

@@ -81,7 +81,7 @@ def _is_constexpr(annotation) -> bool:
     return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(module: str, kernel_name: str, signature: tuple, constants: tuple, arch: int,
              parameters: int) -> CompiledKernel:
     from triton import knobs

@@ -214,7 +214,8 @@ def _store(graph: fx.Graph, output: fx.Node, site: CacheSite, keys: fx.Node, val
         return
     for window, grown, evicted in zip(site.windows, (site.keys, site.values), (keys, values)):
         with graph.inserting_before(output):
-            sliced = graph.node_copy(window, lambda node: evicted if node is grown else node)
+            sliced = graph.node_copy(window, lambda node, grown=grown, evicted=evicted:
+                                     evicted if node is grown else node)
         output.replace_input_with(window, sliced)
 
 

@@ -35,7 +35,7 @@ class _SizeRederiver(fx.Interpreter):
             result = super().run_node(node)
         except Exception as error:  # any fake-tensor failure means the rewrite is not consistent
             raise MatchFailure(f"shapes do not agree after the rewrite at {node.name} "
-                               f"({op_name(node)}): {type(error).__name__}: {str(error).splitlines()[0]}")
+                               f"({op_name(node)}): {type(error).__name__}: {str(error).splitlines()[0]}") from error
         if node.op != "output":
             node.meta["val"] = result
             if "example_value" in node.meta:
@@ -94,7 +94,7 @@ def _traced_size(size):
     return size
 
 
-def _input_dim(size, source: fx.Node) -> Optional["InputDim"]:
+def _input_dim(size, source: fx.Node) -> Optional[InputDim]:
     """InputDim(d) for a size node that reads dim d of the op's own input, else None."""
     if isinstance(size, fx.Node) and size.target is torch.ops.aten.sym_size.int and size.args[0] is source:
         return InputDim(size.args[1])

@@ -55,7 +55,7 @@ def _export(module: torch.nn.Module, examples: tuple, names: list[str]) -> ir.Mo
     return onnx_program.model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tome_graph(tokens: int, channels: int, heads: int, head_dim: int, r: int, protected: int, first: bool,
                dtype: torch.dtype = torch.float32) -> ir.Model:
     """(x [B, N, C], keys_t [B, H, d, N][, size [B, N, 1]]) -> (x', size')."""
@@ -66,13 +66,13 @@ def tome_graph(tokens: int, channels: int, heads: int, head_dim: int, r: int, pr
     return _export(ToMeStep(r, protected, first), examples, names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def size_bias_graph(tokens: int, dtype: torch.dtype = torch.float32) -> ir.Model:
     """size [B, N, 1] -> bias [B, 1, 1, N]."""
     return _export(SizeBias(), (torch.ones(2, tokens, 1, dtype=dtype),), ["size"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def topk_graph(tokens: int, channels: int, heads: int, keep: int, protected: int, fuse: bool,
                dtype: torch.dtype = torch.float32) -> ir.Model:
     """(x [B, N, C], probabilities [B, H, N, N]) -> x'."""
