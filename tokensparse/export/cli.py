@@ -15,8 +15,8 @@ EXAMPLES = """examples:
   python tools/export.py --onnx-in model.onnx --policy tome --r 8 --out pruned.onnx
   python tools/export.py --model path/to/llava_config_dir --random-init --policy fastv --keep 0.25 --static \
       --generation out/llava_fastv --check      # prefill.onnx + decode.onnx, the KV cache in and out
-  python tools/export.py --model vit_base_patch16_224 --random-init --onnx out/vit.onnx --engine out/vit.plan --fp16 \
-      --compare --triton-repo out/models
+  python tools/export.py --model vit_base_patch16_224 --random-init --policy tome --onnx out/vit.onnx --engine out/vit.plan \
+      --fp16 --compare --triton-repo out/models
 
 exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built here (GPU/TensorRT missing),
              4 the ONNX model did not match the rewrite (--onnx-in): nothing written
