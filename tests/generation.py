@@ -38,3 +38,16 @@ def assert_backend_alone_changes_nothing(model, inputs: dict, options: dict, rea
         want = model(**inputs, past_key_values=DynamicCache(config=model.config))
     torch.testing.assert_close(got.logits, want.logits)
     assert got.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1]
+
+
+def assert_keep_all_equals_the_model(model, inputs: dict, **settings) -> None:
+    """tokensparse.compile with FastV(keep=1.0) (nothing to prune): generate() bit-equal to the unmodified model's,
+    tokens and every step's logits, without a warning."""
+    import tokensparse
+
+    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=1.0), inductor=False))
+    out = generate_without_warnings(fast, **inputs, **settings)
+    with torch.no_grad():
+        want = model.generate(**inputs, **settings)
+    assert torch.equal(out.sequences, want.sequences)
+    assert torch.equal(torch.stack(out.logits), torch.stack(want.logits))

@@ -65,7 +65,7 @@ def test_rewrite_that_breaks_shapes_falls_back_with_reason():
 
     model = GridMixer().eval()
     (gm, example), = capture_graphs(model, torch.randn(2, 3, 16, 16))
-    with pytest.warns(tokensparse.TokensparseWarning, match=r"blocks lays the tokens out as a grid \(reshape_\d+: "
+    with pytest.warns(tokensparse.TokensparseWarning, match=r"blocks.0 lays the tokens out as a grid \(reshape_\d+: "
                                                             r"\[2, 16, 8\] -> \[2, 4, 4, 8\]\)"):
         result = rewrite_graph(gm, example, tokensparse.Config(vision=tokensparse.ToMe(r=2)))
     assert not result.changed and result.gm is gm

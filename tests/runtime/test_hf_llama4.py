@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokensparse
-from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
+from tests.generation import LOGGED, assert_equals_oracle, assert_keep_all_equals_the_model
 from tests.models import build_llama4
 
 SETTINGS = dict(max_new_tokens=4, **LOGGED)
@@ -32,13 +32,7 @@ def test_a_language_model_policy_falls_back_with_the_reason(llama4):
 
 
 def test_keep_all_equals_the_unmodified_model(llama4):
-    model, inputs = llama4
-    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=1.0), inductor=False))
-    out = generate_without_warnings(fast, **inputs, **SETTINGS)
-    with torch.no_grad():
-        want = model.generate(**inputs, **SETTINGS)
-    assert torch.equal(out.sequences, want.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(want.logits))
+    assert_keep_all_equals_the_model(*llama4, **SETTINGS)
 
 
 def test_a_kv_policy_is_refused_by_the_name_of_chunked_attention(llama4):

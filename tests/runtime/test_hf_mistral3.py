@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensparse
-from tests.generation import LOGGED, assert_equals_oracle, generate_without_warnings
+from tests.generation import LOGGED, assert_equals_oracle, assert_keep_all_equals_the_model, generate_without_warnings
 from tests.models import build_mistral3
 from tokensparse.reference.kv import evicted_generate
 from tokensparse.reference.llava import masked_generate
@@ -31,13 +31,7 @@ def test_policy_equals_the_masking_oracle(mistral3, policy):
 
 
 def test_keep_all_equals_the_unmodified_model(mistral3):
-    model, inputs = mistral3
-    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=1.0), inductor=False))
-    out = generate_without_warnings(fast, **inputs, **SETTINGS)
-    with torch.no_grad():
-        want = model.generate(**inputs, **SETTINGS)
-    assert torch.equal(out.sequences, want.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(want.logits))
+    assert_keep_all_equals_the_model(*mistral3, **SETTINGS)
 
 
 def test_snapkv_equals_the_evicting_reference(mistral3):

@@ -61,7 +61,7 @@ class _SizeRederiver(fx.Interpreter):
             patched = _unflattened(traced, old_in, new_in, self.tokens)
         if patched is None and _lays_out_a_grid(old_in, new_in, old_out):
             where = module_paths(node)
-            raise MatchFailure(f"{where[0] if where else node.name} lays the tokens out as a grid "
+            raise MatchFailure(f"{where[-1] if where else node.name} lays the tokens out as a grid "
                                f"({node.name}: {list(old_in)} -> {list(old_out)}), as a pooling or pixel-shuffle "
                                f"layer does (a VLM connector such as Gemma3's multi_modal_projector, or a grid token "
                                f"mixer); merged or dropped tokens do not fill the grid, so the tokens cannot be reduced "

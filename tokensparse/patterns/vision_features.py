@@ -64,11 +64,39 @@ def find_vision_features(gm: fx.GraphModule, lm: LanguageModelMatch) -> VisionFe
         raise MatchFailure(f"{output.name}, the output of {path}, is not [B, N, C]")
     if shape[0] != prompts:
         raise MatchFailure(f"{shape[0]} images for {prompts} prompts: one image per sample is supported")
+    _refuse_grid_connector(output, seen | {lm.span.features}, path)
     users = [user for user in output.users if user in seen or user is lm.span.features]
     if len(users) != 1:
         raise MatchFailure(f"{output.name} reaches the projector through {len(users)} paths; one was expected")
     return VisionFeatures(output, path, encoder_sites[path], find_prefix_tokens(output, shape[1]),
                           _rows_cut(users[0], output), users[0])
+
+
+_GRID_OPS = ("avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "max_pool2d",
+             "adaptive_max_pool2d", "pixel_shuffle", "pixel_unshuffle", "unfold", "im2col")
+
+
+def _refuse_grid_connector(output: fx.Node, between: set, layer_path: str) -> None:
+    """The connector between the encoder layer and the language model must keep one image token per encoder
+    row: one that lays the rows out as a grid to pool or pixel-shuffle them (Gemma3's average pooling, Idefics3's
+    pixel shuffle) makes each image token from several rows, so the rows a tower policy keeps say nothing about
+    which image tokens remain."""
+    todo, reached = [output], set()
+    while todo:
+        for user in todo.pop().users:
+            if user in reached or user not in between:
+                continue
+            reached.add(user)
+            todo.append(user)
+            shape = shape_of(user)
+            grid = is_op(user, "reshape", "view", "_unsafe_view") and shape is not None and len(shape) >= 4
+            if grid or is_op(user, *_GRID_OPS):
+                where = module_paths(user)
+                raise MatchFailure(f"{where[-1] if where else user.name} lays the image rows out as a grid "
+                                   f"({user.name}{': ' + str(list(shape)) if grid else ''}) between {layer_path} and "
+                                   f"the language model, as a pooling or pixel-shuffle connector does: each image "
+                                   f"token is made from several rows, so the vision tower cannot be reduced in this "
+                                   f"model (language-model policies, llm=, prune after the connector)")
 
 
 def _layer_of(node: fx.Node, encoder_sites: dict):
