@@ -148,3 +148,9 @@ def test_nothing_to_reduce_writes_nothing_and_says_so(plain_vit, tmp_path):
     with pytest.warns(TokensparseWarning, match="nothing to reduce"):
         report = rewrite_onnx(plain_vit, str(tmp_path / "same.onnx"), {"policy": "tome", "r": 0})
     assert not report.changed and not (tmp_path / "same.onnx").exists()
+
+
+def test_prefix_tokens_past_the_models_prefix_is_a_value_error(plain_vit, tmp_path):
+    with pytest.raises(ValueError, match=r"prefix_tokens=3 is more than the model's 1 prefix token\(s\)"):
+        rewrite_onnx(plain_vit, str(tmp_path / "out.onnx"), {"policy": "tome", "r": 2, "prefix_tokens": 3})
+    assert not (tmp_path / "out.onnx").exists()

@@ -48,7 +48,10 @@ def test_hf_eager_attention_is_matched():
 
 def test_prefix_override_and_range():
     gm = _graph("timm_vit")
-    assert match_vision_encoder(gm, prefix_tokens=3).prefix_tokens == 3
+    assert match_vision_encoder(gm, prefix_tokens=0).prefix_tokens == 0           # CLS may merge too
+    with pytest.raises(ValueError, match=r"prefix_tokens=3 is more than the model's 1 prefix token\(s\) \(65 tokens "
+                                         r"enter its first block, 64 of them patches\)"):
+        match_vision_encoder(gm, prefix_tokens=3)
     with pytest.raises(ValueError, match="prefix_tokens=65 is out of range"):
         match_vision_encoder(gm, prefix_tokens=65)
 

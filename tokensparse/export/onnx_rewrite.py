@@ -20,6 +20,7 @@ from tokensparse.export.onnx_passes.blocks import find_blocks, find_prefix_token
 from tokensparse.export.onnx_passes.context import OnnxPassContext
 from tokensparse.export.onnx_passes.insert_policy import ONNX_NATIVE_NAMES, ONNX_NATIVE_POLICIES
 from tokensparse.export.onnx_passes.prepare import TARGET_OPSET, drop_no_op_casts, infer_shapes, upgrade_opset
+from tokensparse.patterns import check_prefix_override
 from tokensparse.patterns.graph import MatchFailure
 from tokensparse.rewrite import TokensparseWarning
 
@@ -144,6 +145,13 @@ def _rewrite(model: ir.Model, policy, report: OnnxRewrite) -> None:
     prefix = policy.prefix_tokens
     if prefix is None:
         prefix = find_prefix_tokens(model.graph, blocks[0].tokens)
+    else:
+        try:
+            model_prefix = find_prefix_tokens(model.graph, blocks[0].tokens)
+        except MatchFailure:
+            model_prefix = None         # no grid to count patches by: the override stands as given
+        if model_prefix is not None:
+            check_prefix_override(prefix, model_prefix, blocks[0].tokens)
     report.prefix_tokens = prefix
     if policy.is_identity(len(blocks)):
         raise MatchFailure("nothing to reduce with these options")

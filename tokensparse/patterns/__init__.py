@@ -29,6 +29,16 @@ class ModelMatch:
         return len(self.blocks)
 
 
+def check_prefix_override(prefix_tokens: int, model_prefix: int, tokens: int) -> None:
+    """prefix_tokens= may protect fewer tokens than the model's prefix (0 lets CLS merge), never more: the extra
+    ones would be patch tokens kept out of the policy."""
+    if prefix_tokens > model_prefix:
+        raise ValueError(f"prefix_tokens={prefix_tokens} is more than the model's {model_prefix} prefix token(s) "
+                         f"({tokens} tokens enter its first block, {tokens - model_prefix} of them patches): it would "
+                         f"keep {prefix_tokens - model_prefix} patch token(s) out of the policy; give at most "
+                         f"{model_prefix} (0 lets the prefix tokens merge too) or leave it out")
+
+
 def match_vision_encoder(gm: fx.GraphModule, prefix_tokens=None) -> ModelMatch:
     """Attention sites, the block list, and the prefix tokens of a vision transformer graph."""
     sites, notes = find_attention_sites(gm)
@@ -40,6 +50,8 @@ def match_vision_encoder(gm: fx.GraphModule, prefix_tokens=None) -> ModelMatch:
         raise ValueError(f"prefix_tokens={prefix_tokens} is out of range: the model has {first.tokens} tokens "
                          f"entering its first block")
     grid = patch_grid(first.input)
+    if grid is not None and isinstance(first.tokens, int):
+        check_prefix_override(prefix_tokens, first.tokens - grid[0] * grid[1], first.tokens)
     return ModelMatch(sites, found.blocks, found.list_path, prefix_tokens, grid, notes + found.skipped)
 
 

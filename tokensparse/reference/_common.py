@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tokensparse.patterns import check_prefix_override
 from tokensparse.policies import ToMe, TopK
 from tokensparse.policies.tome import capped_r, size_bias, tome_step
 from tokensparse.policies.topk import kept_count, topk_step
@@ -32,6 +33,7 @@ class PolicyState:
         if self.prefix_tokens >= tokens:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} is out of range: the model has {tokens} tokens "
                              "in its first block")
+        check_prefix_override(self.prefix_tokens, model_prefix_tokens, tokens)
         self.size: Optional[torch.Tensor] = None
         self.schedule = policy.r_per_block(depth) if isinstance(policy, ToMe) else None
         if isinstance(policy, TopK):
