@@ -18,7 +18,7 @@ EXAMPLES = """examples:
   python tools/export.py --model vit_base_patch16_224 --random-init --policy tome --onnx out/vit.onnx --engine out/vit.plan \
       --fp16 --compare --triton-repo out/models
 
-exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built here (GPU/TensorRT missing),
+exit status: 0 done, 1 a check failed, 2 bad input, 3 no TensorRT engine could be built (no GPU or no TensorRT on the machine),
              4 the ONNX model did not match the rewrite (--onnx-in): nothing written
 """
 
