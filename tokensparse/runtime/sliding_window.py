@@ -18,7 +18,7 @@ from tokensparse.runtime.positioned_cache import records_positions
 
 def sliding_window(model) -> Optional[int]:
     """The window of the model's sliding-window attention layers, or None for a model without them."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return None
@@ -28,10 +28,15 @@ def sliding_window(model) -> Optional[int]:
     return int(window)
 
 
+def _text_config(model):
+    """The config of the model's language model: a VLM's text config, else the model's own."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def refuse_chunked_attention(model, policy_name: str) -> None:
     """A KV policy on a model with chunked-attention layers (Llama4's attention_chunk_size): each such layer
     attends within fixed chunks of positions, which its cache keeps apart from eviction; refused by name."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     layer_types = getattr(config, "layer_types", None) or ()
     chunked = [index for index, kind in enumerate(layer_types) if kind == "chunked_attention"]
     if chunked:
@@ -43,7 +48,7 @@ def refuse_chunked_attention(model, policy_name: str) -> None:
 
 def layer_windows(model, window: int) -> tuple[int, ...]:
     """Each decoder layer's sliding window, 0 for a full-attention layer (layer_types, else every layer slides)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
         return (window,) * config.num_hidden_layers
