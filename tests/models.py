@@ -143,7 +143,7 @@ def build_llava_onevision(*, batch: int = 2, text_layers: int = 4, prompt=(4, 5)
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     import transformers as T
 
-    from tokensparse.runtime.hf import install_output_hooks
+    from tokensparse.runtime.hf_model import install_output_hooks
 
     torch.manual_seed(seed)
     vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

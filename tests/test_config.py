@@ -80,6 +80,23 @@ def test_config_rejects_non_policy():
         Config(llm=ToMe(r=2))
 
 
+@pytest.mark.parametrize("facts, message", [
+    ({"decode_masks_follow_cache": 1}, "decode_masks_follow_cache=1 must be True or False"),
+    ({"kv_masks_follow_cache": "yes"}, "kv_masks_follow_cache='yes' must be True or False"),
+    ({"sliding_windows": [4, 0]}, r"sliding_windows=\[4, 0\] must be a tuple of each decoder layer's window"),
+    ({"sliding_windows": (4, -1)}, r"sliding_windows=\(4, -1\) must be a tuple"),
+])
+def test_caller_facts_are_checked(facts, message):
+    """What tokensparse.compile() hands the backend beside the Config; the Config itself does not take them."""
+    from tokensparse.config import CallerFacts
+
+    with pytest.raises(ValueError, match=message):
+        CallerFacts(**facts)
+    assert CallerFacts(True, True, (4, 0)).sliding_windows == (4, 0)
+    with pytest.raises(TypeError):
+        Config(**facts)
+
+
 def _bool_fields():
     import dataclasses
 

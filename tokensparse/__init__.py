@@ -25,7 +25,8 @@ def compile(model, config: Config | None = None, **torch_compile_kwargs):
     from tokensparse.backend import tokensparse_backend
     from tokensparse.capture import ISOLATED_RECOMPILES
     from tokensparse.hooks import hooked_modules
-    from tokensparse.runtime.hf import compile_for_generate, is_generative
+    from tokensparse.runtime.generate import compile_for_generate
+    from tokensparse.runtime.hf_model import is_generative
 
     config = config_from_options(config if config is not None else {})
     if is_generative(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from tokensparse.config import config_from_options
+from tokensparse.config import NO_FACTS, CallerFacts, config_from_options
 from tokensparse.hooks import warn_hooks_in_rewritten_blocks
 from tokensparse.inline_steps import inline_policy_steps
 from tokensparse.passes.fake import allow_symbolic_token_counts
@@ -13,9 +13,10 @@ from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_
 from tokensparse.warn import note_found
 
 
-def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **unused):
+def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), facts: CallerFacts = NO_FACTS, **unused):
     """torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13}). `hooked`: the paths of
     the model's modules with forward hooks (tokensparse.compile passes them), warned about inside cut blocks.
+    `facts`: what tokensparse.compile()'s forward and generate() do around the graphs (config.CallerFacts).
     The policy steps of a vision encoder enter the compiled graph as their policies' PyTorch functions
     (inline_steps.py): Inductor fuses them with the model, and autograd runs through them."""
     if options is None and unused.get("mode") is not None:
@@ -26,8 +27,8 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
     if config.policy is not None or config.kv is not None:
         remember_frame()
     if config.cudagraphs:
-        return _with_cuda_graphs(gm, example_inputs, config)
-    result = rewrite_with_kv(gm, example_inputs, config)
+        return _with_cuda_graphs(gm, example_inputs, config, facts)
+    result = rewrite_with_kv(gm, example_inputs, config, facts)
     note_found(result.changed or result.match is not None)
     if hooked and result.changed and result.context is not None and result.context.acted_blocks:
         warn_hooks_in_rewritten_blocks(hooked, result.context.blocks, min(result.context.acted_blocks),
@@ -49,7 +50,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), **
         return compile_fx(result.gm, example_inputs)
 
 
-def _with_cuda_graphs(gm, example_inputs, config):
+def _with_cuda_graphs(gm, example_inputs, config, facts: CallerFacts):
     """Static token counts (each op's fake output has its true size), the whole graph, and Inductor with
     CUDA graphs: one replay per call instead of a launch per kernel. Graphs that are not on a GPU, or that
     Inductor cannot capture, run without (Inductor says why in its log)."""
@@ -61,7 +62,7 @@ def _with_cuda_graphs(gm, example_inputs, config):
 
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
     with static_token_counts():
-        result = rewrite_with_kv(gm, example_inputs, config)
+        result = rewrite_with_kv(gm, example_inputs, config, facts)
         note_found(result.changed or result.match is not None)
         return compile_fx(inline_policy_steps(result.gm), example_inputs,
                           config_patches={"triton.cudagraphs": True})

@@ -16,7 +16,7 @@ ISOLATED_RECOMPILES = {"isolate_recompiles": True} if "isolate_recompiles" in in
 
 def capture_graphs(model, *args, **kwargs) -> list:
     """Run `model(*args, **kwargs)` under dynamo once and return [(GraphModule, example_inputs)]."""
-    from tokensparse.runtime.hf import install_output_hooks
+    from tokensparse.runtime.hf_model import install_output_hooks
 
     graphs, record = _recorder()
     install_output_hooks(model)
@@ -32,7 +32,8 @@ def capture_prefill_graphs(model, inputs: dict) -> list:
     """The graphs of the prefill that `model.generate(**inputs)` runs, as [(GraphModule, example_inputs)]:
     for models whose generate() prepares what forward reads (Qwen2-VL: the vision tower's features and the
     3-D M-RoPE positions, which forward alone computes with graph breaks between the merge and the layers)."""
-    from tokensparse.runtime.hf import install_output_hooks, own_copy
+    from tokensparse.runtime.hf_model import install_output_hooks
+    from tokensparse.runtime.model_copy import own_copy
 
     graphs, record = _recorder()
     install_output_hooks(model)

@@ -1,4 +1,5 @@
-"""Options -> typed policy. Every bad option is a ValueError that names it and its allowed values."""
+"""Options -> typed policy. Every bad option is a ValueError that names it and its allowed values. Beside the Config, the
+CallerFacts that tokensparse.compile() hands the backend."""
 
 from __future__ import annotations
 
@@ -25,18 +26,6 @@ class Config:
     # GPU serving: static token counts, one whole graph, replayed as a CUDA graph (Inductor's
     # triton.cudagraphs) without the per-kernel launch cost that a pruned ViT's small ops add.
     cudagraphs: bool = False
-    # Set by tokensparse.compile(), whose decoder layers cut each decode step's padding mask to their own
-    # (pruned) cache length: then prompts with left padding can be pruned in graphs that return the cache.
-    decode_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
-    # Set by tokensparse.compile(), whose forward refuses padded batches with a StaticCache and hands each decode
-    # step of a padded batch a padding mask over every position seen, which each decoder layer cuts to the last
-    # columns, as long as its evicted cache: then the KV policies may evict from a StaticCache (whose decode
-    # masks they rebuild over the buffer's slots) and from padded batches.
-    kv_masks_follow_cache: bool = dataclasses.field(default=False, repr=False)
-    # Set by tokensparse.compile() for a KV policy on a model with sliding-window layers, whose generate() caches
-    # record the positions of their entries: each decoder layer's sliding window (0 for a full-attention layer),
-    # by which the layer's attention sees the entries it holds (passes/sliding_positions.py).
-    sliding_windows: tuple = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self):
         if self.vision is not None and (not isinstance(self.vision, Policy)
@@ -50,13 +39,7 @@ class Config:
         if self.vision is not None and self.llm is not None and self.llm.stage_in_tower:
             raise ValueError(f"vision={self.vision.name} and llm={self.llm.name} together are not supported: both "
                              f"choose the tokens at the vision tower's output; use one of them")
-        for name in ("inductor", "regional", "cudagraphs", "decode_masks_follow_cache", "kv_masks_follow_cache"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if not (isinstance(self.sliding_windows, tuple) and all(isinstance(window, int) and window >= 0
-                                                               for window in self.sliding_windows)):
-            raise ValueError(f"sliding_windows={self.sliding_windows!r} must be a tuple of each decoder layer's "
-                             f"window (0 for a full-attention layer)")
+        _check_flags(self, ("inductor", "regional", "cudagraphs"))
         if self.cudagraphs and not self.inductor:
             raise ValueError("cudagraphs=True needs inductor=True: the CUDA graphs are Inductor's")
         if self.cudagraphs and (self.llm is not None or self.kv is not None):
@@ -69,6 +52,53 @@ class Config:
         """The token policy this config applies first (vision=, else llm=); in a VLM's graph llm= follows vision=,
         and kv= is applied after both."""
         return self.vision if self.vision is not None else self.llm
+
+
+def sequence_policy(config: Config) -> Optional[Policy]:
+    """The policy that shortens the language model's sequence: llm=, else vision= (in a VLM's tower), or None."""
+    return config.llm if config.llm is not None else config.vision
+
+
+def sequence_option(config: Config) -> str:
+    """How the user named that policy: "llm=fastv", "vision=tome"."""
+    return f"{'llm' if config.llm is not None else 'vision'}={sequence_policy(config).name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallerFacts:
+    """What the caller of the backend does around the graphs it compiles, beside the Config: tokensparse.compile()'s
+    forward and generate() (runtime/generate.py), or the ONNX generation export. The passes read them from
+    PassContext; the backend alone (torch.compile(backend="tokensparse")) gets none of them."""
+
+    # The decoder layers cut each decode step's padding mask to their own (pruned) cache length: then prompts with
+    # left padding can be pruned in graphs that return the cache.
+    decode_masks_follow_cache: bool = False
+    # The forward refuses padded batches with a StaticCache and hands each decode step of a padded batch a padding
+    # mask over every position seen, which each decoder layer cuts to the last columns, as long as its evicted
+    # cache: then the KV policies may evict from a StaticCache (whose decode masks they rebuild over the buffer's
+    # slots) and from padded batches.
+    kv_masks_follow_cache: bool = False
+    # For a KV policy on a model with sliding-window layers, whose generate() caches record the positions of their
+    # entries: each decoder layer's sliding window (0 for a full-attention layer), by which the layer's attention
+    # sees the entries it holds (passes/sliding_positions.py).
+    sliding_windows: tuple = ()
+
+    def __post_init__(self):
+        _check_flags(self, ("decode_masks_follow_cache", "kv_masks_follow_cache"))
+        if not (isinstance(self.sliding_windows, tuple) and all(isinstance(window, int) and window >= 0
+                                                               for window in self.sliding_windows)):
+            raise ValueError(f"sliding_windows={self.sliding_windows!r} must be a tuple of each decoder layer's "
+                             f"window (0 for a full-attention layer)")
+
+
+def _check_flags(settings, names: tuple) -> None:
+    for name in names:
+        if not isinstance(getattr(settings, name), bool):
+            raise ValueError(f"{name}={getattr(settings, name)!r} must be True or False")
+
+
+# What a caller that does nothing around the graphs hands the backend (torch.compile(backend="tokensparse") alone).
+NO_FACTS = CallerFacts()
 
 
 def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:

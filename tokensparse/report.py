@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tokensparse.capture import capture_graphs, capture_prefill_graphs
-from tokensparse.config import Config, config_from_options
+from tokensparse.config import CallerFacts, Config, config_from_options
 from tokensparse.flops import flops_by_block, flops_by_block_running
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.patterns.language_model import LanguageModelMatch
 from tokensparse.rewrite import RewriteResult, rewrite_graph
-from tokensparse.runtime.hf import is_generative, tower_splits_graph
+from tokensparse.runtime.hf_model import is_generative, tower_splits_graph
 
 
 @dataclass
@@ -112,17 +112,16 @@ def explain(model, *inputs, config: Optional[Config] = None, **options) -> Repor
     """Report what `options` (or `config`) would do to `model` on `inputs`, without compiling. A single dict
     of inputs is passed as keyword arguments (a VLM's input_ids and pixel_values)."""
     config = config_from_options(config if config is not None else options)
-    if is_generative(model) and config.policy is not None:
-        # What tokensparse.compile does: its decode steps follow the pruned cache, so a prompt with an attention
-        # mask (padded or not) is pruned too.
-        config = dataclasses.replace(config, decode_masks_follow_cache=True)
+    # What tokensparse.compile does: its decode steps follow the pruned cache, so a prompt with an attention mask
+    # (padded or not) is pruned too.
+    facts = CallerFacts(decode_masks_follow_cache=is_generative(model) and config.policy is not None)
     if len(inputs) == 1 and isinstance(inputs[0], dict) and is_generative(model) and tower_splits_graph(model):
         graphs = capture_prefill_graphs(model, inputs[0])
     elif len(inputs) == 1 and isinstance(inputs[0], dict):
         graphs = capture_graphs(model, **inputs[0])
     else:
         graphs = capture_graphs(model, *inputs)
-    results = [(rewrite_graph(gm, example, config, warn=False), gm, example) for gm, example in graphs]
+    results = [(rewrite_graph(gm, example, config, warn=False, facts=facts), gm, example) for gm, example in graphs]
     matched = [entry for entry in results if entry[0].match is not None]
     result, original, example = (matched or results)[0]
     report = Report(type(model).__name__, config.policy.options(), result.changed, result.reason,

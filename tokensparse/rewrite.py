@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from tokensparse.config import Config
+from tokensparse.config import NO_FACTS, CallerFacts, Config
 from tokensparse.passes import KV_CHECKS, KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.fake import detect_fake_mode, fake_inputs
@@ -74,9 +74,11 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool = True) -> RewriteResult:
+def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool = True,
+                  facts: CallerFacts = NO_FACTS) -> RewriteResult:
     """Apply config's policy to a dynamo or torch.export graph. Bad options raise ValueError; anything
-    that does not match returns the original graph with the reason."""
+    that does not match returns the original graph with the reason. `facts`: what the caller does around the
+    graph (config.CallerFacts)."""
     policy = config.policy
     if policy is None:
         return RewriteResult(gm, False, "no policy configured")
@@ -103,7 +105,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         language_policy = policy if language else config.llm
         if language_policy is not None and language_policy.vision_span is None and not has_image_input(gm):
             # Text-only prompts and decode steps of a VLM: nothing to prune, nothing to warn about.
-            return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn)
+            return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn,
+                                  facts)
         return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence, unmatched=True)
     if hasattr(policy, "check_depth"):
         try:
@@ -117,12 +120,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         config.llm.check_depth(tower[0].depth)
     if policy.is_identity(match.depth):
         if tower is not None and config.llm is not None:
-            return rewrite_graph(gm, example_inputs, dataclasses.replace(config, vision=None), warn)
+            return rewrite_graph(gm, example_inputs, dataclasses.replace(config, vision=None), warn, facts)
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
                       fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None,
-                      decode_masks_follow_cache=config.decode_masks_follow_cache)
+                      decode_masks_follow_cache=facts.decode_masks_follow_cache)
     if tower is not None:
         ctx.language, ctx.tower_features, ctx.llm = tower[0], tower[1], config.llm
     ctx.original_output_shapes = output_shapes(work)
@@ -140,10 +143,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     return RewriteResult(work, True, None, match, ctx, match.notes)
 
 
-def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str, warn: bool) -> RewriteResult:
+def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: str, warn: bool,
+                   facts: CallerFacts) -> RewriteResult:
     """A VLM graph without an image (a decode step, a text-only prompt): unchanged, except decode steps into a
     StaticCache under tokensparse.compile(), whose pruned layers' slots no longer follow positions."""
-    if not config.decode_masks_follow_cache or not any(is_op(node, "index_copy_") for node in gm.graph.nodes):
+    if not facts.decode_masks_follow_cache or not any(is_op(node, "index_copy_") for node in gm.graph.nodes):
         return RewriteResult(gm, False, reason)             # no StaticCache write: nothing to mask
     work = copy_graph_module(gm)
     fake_mode = detect_fake_mode(example_inputs)
@@ -192,14 +196,16 @@ def _tower_blocks(match: ModelMatch, lm: LanguageModelMatch, features) -> ModelM
     return dataclasses.replace(match, blocks=blocks, notes=notes)
 
 
-def rewrite_with_kv(gm: fx.GraphModule, example_inputs, config: Config) -> RewriteResult:
-    """The token policy's rewrite (rewrite_graph), then the KV policy's (rewrite_kv_cache)."""
-    result = rewrite_graph(gm, example_inputs, config)
+def rewrite_with_kv(gm: fx.GraphModule, example_inputs, config: Config,
+                    facts: CallerFacts = NO_FACTS) -> RewriteResult:
+    """The token policy's rewrite (rewrite_graph), then the KV policy's (rewrite_kv_cache); `facts`: what the
+    caller does around the graph (config.CallerFacts)."""
+    result = rewrite_graph(gm, example_inputs, config, facts=facts)
     if config.kv is not None:
         # tokensparse.compile() manages the decode masks of a pruned cache too (and refuses what it cannot)
-        follows = config.kv_masks_follow_cache or config.decode_masks_follow_cache
+        follows = facts.kv_masks_follow_cache or facts.decode_masks_follow_cache
         evicted = rewrite_kv_cache(result.gm, example_inputs, config.kv, kv_masks_follow_cache=follows,
-                                   pruned=config.decode_masks_follow_cache, sliding_windows=config.sliding_windows)
+                                   pruned=facts.decode_masks_follow_cache, sliding_windows=facts.sliding_windows)
         if evicted.changed:
             result = RewriteResult(evicted.gm, True, None, result.match, result.context or evicted.context,
                                    result.notes)
@@ -211,10 +217,10 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
                      sliding_windows: tuple = ()) -> RewriteResult:
     """Apply a KV-cache policy to a decoder graph (the result of rewrite_graph, or a plain one). A forward
     whose cache is still within the budget comes back unchanged without a warning. `kv_masks_follow_cache`:
-    the caller manages the decode masks as Config.kv_masks_follow_cache says (tokensparse.compile does), so a
+    the caller manages the decode masks as CallerFacts.kv_masks_follow_cache says (tokensparse.compile does), so a
     StaticCache's can be rebuilt over the buffer's slots and a padded batch's cut to each evicted cache.
     `pruned`: a language-model policy pruned the layers first (tokensparse.compile() manages those masks too).
-    `sliding_windows`: each decoder layer's sliding window (0: full), as Config.sliding_windows says."""
+    `sliding_windows`: each decoder layer's sliding window (0: full), as CallerFacts.sliding_windows says."""
     consequence = f"kv={policy.name} is not applied to this graph"
     work = copy_graph_module(gm)
     try:

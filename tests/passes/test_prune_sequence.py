@@ -11,7 +11,7 @@ import tokensparse
 from tests.models import build_llava
 from tokensparse import TokensparseWarning
 from tokensparse.reference.llava import masked_forward
-from tokensparse.runtime.hf import install_output_hooks
+from tokensparse.runtime.hf_model import install_output_hooks
 
 POLICIES = [
     (tokensparse.FastV(layer=2, keep=0.25), [24, 24, 12, 12, 12, 12]),

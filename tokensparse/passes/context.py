@@ -33,9 +33,9 @@ class PassContext:
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
     language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
     cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
-    decode_masks_follow_cache: bool = False   # Config.decode_masks_follow_cache (padded prompts can be pruned)
+    decode_masks_follow_cache: bool = False   # the caller's masks follow the cache (config.CallerFacts)
     pruned_and_evicted: bool = False          # a language-model policy's pruned layers, then a KV policy's eviction
-    sliding_windows: tuple = ()               # Config.sliding_windows: each decoder layer's window (0: full)
+    sliding_windows: tuple = ()               # CallerFacts.sliding_windows: each decoder layer's window (0: full)
     feature_rows: Optional[tuple] = None  # VisionZip: (kept encoder rows node, rows cut before the projector, features)
     # A vision-encoder policy (ToMe, TopK) in a VLM's tower: the features it hands the projector
     # (patterns.vision_features.VisionFeatures), and the language-model policy applied after it (or None).
