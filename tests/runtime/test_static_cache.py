@@ -10,8 +10,9 @@ from tokensparse.runtime.static_cache import slot_causal_mask, slot_padding
 
 
 def _handed_mask(pads: list[int], seen: int, width: int, additive: bool) -> torch.Tensor:
-    """The decode step's [B, 1, 1, width] mask over positions (runtime/hf.py): positions 0..width-1, or the last
-    `width` of the `seen` positions once they outnumber the slots; padding and positions not seen yet hidden."""
+    """The decode step's [B, 1, 1, width] mask over positions (runtime/static_decode_masks.py): positions
+    0..width-1, or the last `width` of the `seen` positions once they outnumber the slots; padding and positions not
+    seen yet hidden."""
     first = max(0, seen - width)
     positions = torch.arange(first, first + width)
     allowed = (positions[None, :] >= torch.tensor(pads)[:, None]) & (positions[None, :] < seen)

@@ -48,10 +48,10 @@ def decode_slot_padding(graph: fx.Graph, attention: fx.Node, slots, buffer: fx.N
 
 
 def handed_position_mask(attention: fx.Node):
-    """The 4-D mask over positions that tokensparse.compile() hands a padded batch's decode step (runtime/hf.py:
-    _StaticDecodeMasks; a graph input, which the model may slice: followed back through that slice, and through
-    the slot mask of an earlier pass), or None when the attention's mask is built inside the graph (generate()'s
-    own, for an unpadded batch)."""
+    """The 4-D mask over positions that tokensparse.compile() hands a padded batch's decode step
+    (runtime/static_decode_masks.py: StaticDecodeMasks; a graph input, which the model may slice: followed back
+    through that slice, and through the slot mask of an earlier pass), or None when the attention's mask is built
+    inside the graph (generate()'s own, for an unpadded batch)."""
     mask = arg(attention, 3, "attn_mask")
     if isinstance(mask, fx.Node) and mask.target is slot_causal_mask:    # the slot mask an earlier pass gave it
         padding = mask.args[2]

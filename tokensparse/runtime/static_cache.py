@@ -31,9 +31,9 @@ def slot_causal_mask(slots: torch.Tensor, buffer: torch.Tensor, padding: torch.T
 def slot_padding(slots: torch.Tensor, buffer: torch.Tensor, position_mask: torch.Tensor, evicted: bool,
                  entered: torch.Tensor | None = None) -> torch.Tensor:
     """[B, max_len] bool: which slots of a StaticCache layer hold a left-padded batch's padding, from a causal mask
-    over positions [B, 1, q, max_len] (bool, True where allowed, or additive float; runtime/hf.py hands decode
-    steps one) whose last row is the last query's (slots[-1]). Padding comes first in every layer: the policies
-    keep positions in order.
+    over positions [B, 1, q, max_len] (bool, True where allowed, or additive float; runtime/static_decode_masks.py
+    hands decode steps one) whose last row is the last query's (slots[-1]). Padding comes first in every layer: the
+    policies keep positions in order.
     - A pruned layer (FastV and the other language-model policies never drop padding; `evicted` False) holds
       all of it: as many slots as the positions before the first one the last query may see (the mask covers
       positions from 0).
