@@ -12,7 +12,7 @@ from tests.models import build_llama, build_llava
 from tokensparse import H2O, AdaptiveKV, Config, KeyNorm, SnapKV, StreamingLLM, VisionBudget
 from tokensparse.export.generation import to_onnx_generation
 from tokensparse.export.onnx_generate import generate_onnx
-from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.deploy.trt_check import check_tensorrt
 from tokensparse.policies import FastV, PyramidDrop
 from tokensparse.reference.kv import evicted_generate
 from tokensparse.reference.llava import masked_generate

@@ -10,7 +10,7 @@ import torch
 from tests.models import build_llava
 from tokensparse import Config
 from tokensparse.export import to_onnx
-from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.deploy.trt_check import check_tensorrt
 from tokensparse.policies import DivPrune, FastV, PyramidDrop, ToMe, VisionZip, VisualExit
 from tokensparse.reference.llava import masked_forward
 

@@ -45,7 +45,7 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     a sequence of positional inputs or a dict of keyword inputs. `dynamic`: a dynamic batch axis;
     `shortest_prompt`: a dynamic prompt length from that many tokens up (axis 1 of the keyword inputs
     input_ids and attention_mask). `dynamic_shapes`, given, replaces both (the inputs are then traced as given)."""
-    from tokensparse.export.plugin_nodes import plugin_mode
+    from tokensparse.deploy.plugin_nodes import plugin_mode
 
     config = Config() if config is None else config_from_options(config)
     mode = plugin_mode(plugins)
@@ -84,7 +84,7 @@ def to_onnx(model: torch.nn.Module, example_inputs, config, path: str, dynamic: 
     instead of standard operators: "step" (or True) one per policy step, run from Python; "kernel" one per
     Triton kernel, with ahead-of-time implementations that run from C++ (plugin_nodes.py). Returns what was
     written and whether pruning is built in."""
-    from tokensparse.export.plugin_nodes import plugin_mode, plugin_translations
+    from tokensparse.deploy.plugin_nodes import plugin_mode, plugin_translations
     from tokensparse.export.translations import TRANSLATIONS
 
     if not isinstance(opset, int) or opset < 18:
@@ -124,7 +124,7 @@ def output_names(program: torch.export.ExportedProgram) -> list[str]:
 
 def plugin_ops() -> frozenset:
     """The tokensparse ops that plugins=True writes as TensorRT plugin nodes; the others become standard ops."""
-    from tokensparse.export.plugin_nodes import PLUGIN_TRANSLATIONS
+    from tokensparse.deploy.plugin_nodes import PLUGIN_TRANSLATIONS
 
     return frozenset(PLUGIN_TRANSLATIONS)
 
@@ -173,7 +173,7 @@ def _raise_constraint_violation(model, error):
     """A batch axis that the model fixes while traced (LLaVA), said plainly; any other violation as it is."""
     if "batch" in str(error).split("!")[0]:
         raise ValueError(f"{type(model).__name__} fixes the batch size while it is traced, so it cannot be "
-                         f"exported with a dynamic batch axis: export with dynamic=False (tools/export.py "
+                         f"exported with a dynamic batch axis: export with dynamic=False (tokensparse export "
                          f"--static) and one example batch per batch size") from error
     raise error
 

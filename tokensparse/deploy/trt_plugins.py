@@ -14,9 +14,9 @@ missing.
 import importlib.util
 from typing import Tuple, Union
 
-from tokensparse.export.plugin_nodes import (MERGE_ROWS_PLUGIN, PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN,
+from tokensparse.deploy.plugin_nodes import (MERGE_ROWS_PLUGIN, PLUGIN_NAMESPACE, TOME_MERGE_PLUGIN,
                                              TOPK_PRUNE_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN)
-from tokensparse.export.trt_aot import DEFAULT_ARCH
+from tokensparse.deploy.trt_aot import DEFAULT_ARCH
 
 
 def tome_merge_tokens(tokens: int, r: int) -> int:
@@ -88,7 +88,7 @@ def _register_kernel_plugins(arch: int) -> list[str]:
     import tensorrt.plugin as trtp
     import torch
 
-    from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
+    from tokensparse.deploy.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
 
     torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                     trt.int64: torch.int64, trt.int32: torch.int32}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokensparse.export.kernel_plugins import KERNEL_PLUGINS, launch_like_tensorrt
-from tokensparse.export.plugin_nodes import DOMAIN
+from tokensparse.deploy.kernel_plugins import KERNEL_PLUGINS, launch_like_tensorrt
+from tokensparse.deploy.plugin_nodes import DOMAIN
 
 
 def _plugin_op(plugin, device: str):

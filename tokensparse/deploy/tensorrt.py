@@ -38,7 +38,7 @@ def build_engine(onnx_path: str, engine_path: str, input_name: str, input_shape:
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     if plugins:
-        from tokensparse.export.trt_plugins import register_plugins
+        from tokensparse.deploy.trt_plugins import register_plugins
 
         major, minor = torch.cuda.get_device_capability()
         register_plugins(arch=10 * major + minor)

@@ -150,7 +150,7 @@ def _without_scratch_parameters(ptx: str, name: str, parameters: int, metadata):
 
 
 def _serve_one_request() -> None:
-    """python -m tokensparse.export.trt_aot: compile the kernel a JSON request on stdin names; JSON out."""
+    """python -m tokensparse.deploy.trt_aot: compile the kernel a JSON request on stdin names; JSON out."""
     request = json.load(sys.stdin)
     kernel = getattr(importlib.import_module(request["module"]), request["kernel"])
     signature = tuple(tuple(pair) for pair in request["signature"])

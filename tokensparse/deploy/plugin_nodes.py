@@ -1,5 +1,5 @@
 """ONNX plugin nodes for the policy ops, in the "tokensparse" domain, carrying plugin_namespace and
-plugin_version, which TensorRT's ONNX parser resolves to a registered plugin (tokensparse/export/trt_plugins.py).
+plugin_version, which TensorRT's ONNX parser resolves to a registered plugin (tokensparse/deploy/trt_plugins.py).
 Two ways to cut a policy step into plugins:
 - "step": one node per policy step (TomeMerge, TopKPrune). Its TensorRT plugin runs the step's CUDA op
   from Python, so the engine needs Python at run time.

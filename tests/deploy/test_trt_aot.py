@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from triton.backends.nvidia.compiler import get_ptxas
 
-from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
-from tokensparse.export.trt_aot import AotCompileError, _without_scratch_parameters, compile_for_tensorrt
+from tokensparse.deploy.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT
+from tokensparse.deploy.trt_aot import AotCompileError, _without_scratch_parameters, compile_for_tensorrt
 
 INDEX = torch.int64
 

@@ -13,8 +13,8 @@ from onnx import helper
 from tests.models import build
 from tokensparse import Config, ToMe, TopK
 from tokensparse.export import to_onnx
-from tokensparse.export.trt_check import check_tensorrt
-from tokensparse.export.trt_plugins import register_plugins, tome_merge_tokens, topk_prune_tokens
+from tokensparse.deploy.trt_check import check_tensorrt
+from tokensparse.deploy.trt_plugins import register_plugins, tome_merge_tokens, topk_prune_tokens
 
 
 @pytest.mark.parametrize("policy, op_type, count", [(ToMe(r=3), "TomeMerge", 3),
@@ -130,7 +130,7 @@ def test_kernel_plugins_hand_tensorrt_a_launch_that_computes_the_merge(monkeypat
     those values (under the interpreter here) gives the policy's merge."""
     import torch
 
-    from tokensparse.export.kernel_plugins import MERGE_ROWS
+    from tokensparse.deploy.kernel_plugins import MERGE_ROWS
     from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
 
     registry = _stand_in_tensorrt(monkeypatch)

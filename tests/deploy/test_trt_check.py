@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 from tests.models import build
 from tokensparse import Config, ToMe, TopK
 from tokensparse.export import to_onnx
-from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.deploy.trt_check import check_tensorrt
 
 
 @pytest.mark.parametrize("policy", [ToMe(r=3), TopK(layers=(1,), keep=0.5, fuse=True)], ids=["tome", "topk"])

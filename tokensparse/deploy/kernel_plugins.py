@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 import triton
 
-from tokensparse.export.plugin_nodes import MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN
-from tokensparse.export.trt_aot import DEFAULT_ARCH, CompiledKernel, compile_for_tensorrt
+from tokensparse.deploy.plugin_nodes import MERGE_ROWS_PLUGIN, TOPK_SELECT_PLUGIN, TOPK_SPLIT_PLUGIN
+from tokensparse.deploy.trt_aot import DEFAULT_ARCH, CompiledKernel, compile_for_tensorrt
 from tokensparse.runtime.kernels.tome_merge import merge_constants, merge_launch, merge_rows
 from tokensparse.runtime.kernels.topk_select import select_constants, select_launch, select_rows, split_rows
 

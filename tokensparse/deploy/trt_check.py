@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokensparse.export import trt_support
-from tokensparse.export.plugin_nodes import KERNEL_PLUGINS, STEP_PLUGINS
+from tokensparse.deploy import trt_support
+from tokensparse.deploy.plugin_nodes import KERNEL_PLUGINS, STEP_PLUGINS
 
 
 _CHECKED = {"TopK", "ScatterElements", "Squeeze", "Unsqueeze", "CumSum", *trt_support.REDUCE_OPS}
@@ -70,7 +70,7 @@ def _check_node(node, constants: dict) -> list[Finding]:
         runs = ("an ahead-of-time kernel: the engine runs from C++" if node.op_type in KERNEL_PLUGINS else
                 "its implementation runs from Python")
         return [Finding(name, node.op_type, f"tokensparse plugin node: register the plugin before building "
-                                            f"(tokensparse.export.trt_plugins.register_plugins()); {runs}",
+                                            f"(tokensparse.deploy.trt_plugins.register_plugins()); {runs}",
                         fatal=False)]
     if node.domain not in ("", "ai.onnx"):
         return [Finding(name, node.op_type, f"custom domain {node.domain!r}: needs a TensorRT plugin")]

@@ -12,9 +12,9 @@ from tests.devices import KERNEL_DEVICE as DEVICE
 from tests.models import build
 from tokensparse import Config, ToMe, TopK
 from tokensparse.export import to_onnx
-from tokensparse.export.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT, launch_like_tensorrt
-from tokensparse.export.plugin_eval import run_with_kernel_plugins
-from tokensparse.export.trt_check import check_tensorrt
+from tokensparse.deploy.kernel_plugins import MERGE_ROWS, TOPK_SELECT, TOPK_SPLIT, launch_like_tensorrt
+from tokensparse.deploy.plugin_eval import run_with_kernel_plugins
+from tokensparse.deploy.trt_check import check_tensorrt
 from tokensparse.policies.selection import top_k_in_order
 from tokensparse.policies.tome import bipartite_soft_matching, merge_tokens
 from tokensparse.reference import reference_forward
