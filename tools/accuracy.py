@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -191,8 +190,7 @@ def measure(model, policies: list, x, runs: int, progress=None) -> dict:
 
 
 def warm_up_inductor() -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench import warm_up_inductor as warm
+    from tokensparse.cli.bench import warm_up_inductor as warm
 
     warm()
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tokensparse-bench-"))
+# tests.models (models built from configs) is not part of the installed package: import it from the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402

@@ -4,11 +4,9 @@ CPU: eager vs Inductor vs tokensparse ToMe r=13, a speedup table, and the merge 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench  # noqa: E402
+from tokensparse.cli import main
 
 if __name__ == "__main__":
     Path("out").mkdir(exist_ok=True)
-    bench.run(bench.parse_args(["--policy", "tome", "--r", "13", "--batch", "8", "--runs", "10",
-                                "--png", "out/tome_merges.png", "--json", "out/demo.json", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--policy", "tome", "--r", "13", "--batch", "8", "--runs", "10",
+                   "--png", "out/tome_merges.png", "--json", "out/demo.json", *sys.argv[1:]]))

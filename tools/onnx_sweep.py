@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+# tests.models (models built from configs) is not part of the installed package: import it from the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402

@@ -1,4 +1,4 @@
-"""tools/export.py: export with --check and --check-trt from a Hugging Face config directory, rewrite an
+"""`tokensparse export`: export with --check and --check-trt from a Hugging Face config directory, rewrite an
 existing ONNX file, and a clear message with exit status 2 for every bad input."""
 
 import json
@@ -6,7 +6,11 @@ import json
 import pytest
 import transformers
 
-from tokensparse.export.cli import main
+from tokensparse.cli import main as tokensparse_main
+
+
+def main(argv):
+    return tokensparse_main(["export", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,7 @@ def test_config_json_is_read_not_written(vit_config_dir):
 
 
 def test_engine_without_tensorrt_stops_after_the_onnx_with_the_gpu_command(vit_config_dir, tmp_path, capsys):
-    from tokensparse.export.tensorrt import missing_for_tensorrt
+    from tokensparse.deploy.tensorrt import missing_for_tensorrt
 
     if missing_for_tensorrt() is None:
         pytest.skip("TensorRT and a GPU are present: the engine would be built")
@@ -142,7 +146,7 @@ def test_kernel_plugins_export_checks_through_the_plugin_kernels(vit_config_dir,
     """--plugins kernel: --check runs the ONNX with each plugin launched as TensorRT would (Triton's interpreter
     here); without TensorRT the engine stops with the command to rerun, and no server repository is written
     (ONNX Runtime cannot run the plugin nodes)."""
-    from tokensparse.export.tensorrt import missing_for_tensorrt
+    from tokensparse.deploy.tensorrt import missing_for_tensorrt
 
     if missing_for_tensorrt() is None:
         pytest.skip("TensorRT and a GPU are present: the engine would be built")
@@ -158,7 +162,7 @@ def test_kernel_plugins_export_checks_through_the_plugin_kernels(vit_config_dir,
 
 
 def test_repository_of_a_kernel_plugin_engine_says_it_needs_no_python(tmp_path):
-    from tokensparse.export.triton_server import check_model_config, write_model_repository
+    from tokensparse.deploy.triton_server import check_model_config, write_model_repository
 
     onnx_path = tmp_path / "vit.onnx"
     result = main(["--model", _vit_dir(tmp_path), "--random-init", "--policy", "tome", "--r", "2",
@@ -183,7 +187,7 @@ def _vit_dir(tmp_path) -> str:
 
 
 def test_triton_repository_parses_as_a_model_config(vit_config_dir, tmp_path, capsys):
-    from tokensparse.export.triton_server import check_model_config
+    from tokensparse.deploy.triton_server import check_model_config
 
     out = tmp_path / "vit.onnx"
     repo = tmp_path / "models"
@@ -197,7 +201,7 @@ def test_triton_repository_parses_as_a_model_config(vit_config_dir, tmp_path, ca
 
 
 def test_static_export_keeps_the_batch_axis_in_the_server_config(vit_config_dir, tmp_path):
-    from tokensparse.export.triton_server import check_model_config
+    from tokensparse.deploy.triton_server import check_model_config
 
     repo = tmp_path / "models"
     assert main(["--model", vit_config_dir, "--random-init", "--policy", "tome", "--r", "2", "--static",
@@ -231,7 +235,7 @@ def test_llava_export_with_checks(policy, llava_config_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--policy", "fastv"], "cannot be exported with a dynamic batch axis: export with dynamic=False (tools/export.py "
+    (["--policy", "fastv"], "cannot be exported with a dynamic batch axis: export with dynamic=False (tokensparse export "
                             "--static)"),
     (["--policy", "fastv", "--layer", "9", "--static"], "layer 9 is out of range: fastv needs 1 <= layer < 4"),
     (["--policy", "pyramiddrop", "--ratio", "0", "--static"], "ratio=0.0 is out of range"),

@@ -100,9 +100,9 @@ def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = 
     (and one TokensparseWarning)."""
     config = config_from_options(config) if not isinstance(config, Config) else config
     if not isinstance(config.vision, ONNX_NATIVE_POLICIES):
-        given = config.policy.name if config.policy is not None else "no vision policy"
+        given = next((policy.name for policy in (config.policy, config.kv) if policy is not None), "no vision policy")
         raise ValueError(f"rewrite_onnx rewrites vision transformers with {' or '.join(ONNX_NATIVE_NAMES)}; the config "
-                         f"has {given} (a language model is exported with its policy by tools/export.py --model)")
+                         f"has {given} (a language model is exported with its policy by tokensparse export --model)")
     if out_path is not None and is_same_file(out_path, in_path):
         raise ValueError(f"the output {out_path} is the input file {in_path} (or a link to it): write the rewritten "
                          f"model elsewhere")

@@ -1,5 +1,5 @@
-"""The models that tools/export.py builds: a timm name, a Hugging Face vision config or checkpoint
-directory, or a Hugging Face LLaVA config directory (exported as its prefill, with an example prompt)."""
+"""The models that `tokensparse export` and `tokensparse explain` build: a timm name, a Hugging Face vision config
+or checkpoint directory, or a Hugging Face LLaVA config directory (with an example prompt)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from tokensparse.export.cli import UserError
+from tokensparse.cli.errors import UserError
 
 TEXT_AROUND_IMAGE = (8, 8)        # example prompt: text tokens before and after the image tokens
 

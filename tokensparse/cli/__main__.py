@@ -1,0 +1,7 @@
+"""python -m tokensparse.cli: the `tokensparse` command."""
+
+import sys
+
+from tokensparse.cli import main
+
+sys.exit(main())
