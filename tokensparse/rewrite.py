@@ -89,10 +89,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     tower = None
     if not language and not has_image_input(gm) and _holds_kv_cache(work):
         # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
-        return _without_image(gm, example_inputs, config, "no image in this language-model graph", warn)
+        return _without_image(gm, example_inputs, config, "no image in this language-model graph", warn, facts)
     if language and policy.vision_span is not None and not has_image_input(gm) and continues_a_cache(work):
         # The explicit span is the prefill's: a decode step has no vision tokens of its own.
-        return _without_image(gm, example_inputs, config, "a decode step (vision_span= is the prompt's)", warn)
+        return _without_image(gm, example_inputs, config, "a decode step (vision_span= is the prompt's)", warn,
+                              facts)
     try:
         if language:
             match = match_language_model(work, policy.vision_span)
