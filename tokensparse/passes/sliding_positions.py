@@ -30,8 +30,9 @@ def sliding_positions_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModu
 
 
 def site_windows(ctx: PassContext) -> list[int]:
-    """The sliding window of each cache site's layer (0 for a full-attention layer): Config.sliding_windows, one
-    per decoder layer, which tokensparse.compile() sets for a model with sliding-window layers; all 0 without."""
+    """The sliding window of each cache site's layer (0 for a full-attention layer): CallerFacts.sliding_windows,
+    one per decoder layer, which tokensparse.compile() hands over for a model with sliding-window layers; all 0
+    without."""
     windows = ctx.sliding_windows
     if not windows:
         return [0] * len(ctx.cache_sites)
