@@ -171,7 +171,7 @@ def _run_export(args, console) -> int:
 
 def _run_generation_export(args, model, inputs, policy, config, progress, task, console) -> int:
     from tokensparse.export.generation import to_onnx_generation
-    from tokensparse.runtime.hf import is_generative
+    from tokensparse.runtime.hf_model import is_generative
 
     if not isinstance(inputs, dict) or not is_generative(model):
         raise UserError(f"--generation exports a generative model's prefill and decode step; {args.model} is not "

@@ -21,7 +21,6 @@ entered layer i, which a padded batch's masks need; runtime/counted_cache.py).""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -29,19 +28,16 @@ from typing import Optional
 
 import torch
 
-from tokensparse.config import Config, config_from_options
+from tokensparse.config import CallerFacts, Config, config_from_options
 from tokensparse.export.onnx import DEFAULT_OPSET, OnnxExport, _export, export_pruned, prompt_lengths
 from tokensparse.export.lowering import DECOMPOSITIONS
-from tokensparse.policies.adaptive_kv import AdaptiveKV
 from tokensparse.policies.fastv import additive
-from tokensparse.policies.h2o import H2O
 from tokensparse.policies.kv_policy import evict_positions
-from tokensparse.policies.streamingllm import StreamingLLM, streaming_step_keep
-from tokensparse.policies.vision_budget import VisionBudget
 from tokensparse.runtime.counted_cache import held_padding
 from tokensparse.passes.evict_kv import last_entries
 from tokensparse.passes.sliding_positions import window_allowed
-from tokensparse.runtime.hf import hook_decoder_layers, is_generative, own_copy
+from tokensparse.runtime.hf_model import is_generative
+from tokensparse.runtime.model_copy import hook_decoder_layers, own_copy
 from tokensparse.runtime.sliding_window import layer_windows
 
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
@@ -166,7 +162,7 @@ class DecodeStep(torch.nn.Module):
         super().__init__()
         self.model = own_copy(model)
         self.scored, self.counted, self.windows = scored, counted, tuple(windows)
-        self.streaming = streaming        # a StreamingLLM policy: evict after every step's attention
+        self.streaming = streaming        # a policy with step_keep (StreamingLLM): evicts after every step
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._group = text.num_attention_heads // getattr(text, "num_key_value_heads", text.num_attention_heads)
         self._real = {}                   # the running forward's count of real positions per sample (incl. this one)
@@ -229,7 +225,7 @@ class DecodeStep(torch.nn.Module):
             keys, values = layer["key"], layer["value"]
             length = keys.shape[2]
             first_real = held_padding(total - real, layer["entered"], length) if self.counted else length - real
-            kept = streaming_step_keep(length, self.streaming.sinks, self.streaming.window, first_real)
+            kept = self.streaming.step_keep(length, first_real)
             kept = kept[:, None, :].expand(-1, keys.shape[1], -1)
             positions = [layer["positions"].gather(2, kept)] if "positions" in layer else []
             evicted += [*evict_positions(keys, values, kept), *positions,
@@ -265,24 +261,25 @@ def to_onnx_generation(model: torch.nn.Module, example_inputs: dict, config, dir
     inputs = dict(example_inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     inputs = {"input_ids": inputs.pop("input_ids"), "attention_mask": inputs.pop("attention_mask"), **inputs}
-    follows = dataclasses.replace(config, decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None,
-                                  sliding_windows=windows)
+    facts = CallerFacts(decode_masks_follow_cache=prunes, kv_masks_follow_cache=config.kv is not None,
+                        sliding_windows=windows)
     scored = config.kv is not None and config.kv.scored
     counted = prunes and config.kv is not None
     prefill_program, result = export_pruned(PrefillWithCache(model, scored, counted, positioned).eval(), inputs,
-                                            follows, dynamic,
+                                            config, dynamic, facts=facts,
                                             shortest_prompt=_shortest_prompt(config, inputs["input_ids"].shape[1]))
     parts = cache_parts(scored, counted, positioned)
     layers = (prefill_program.call_spec.out_spec.num_leaves - 1) // len(parts)
     cache_names = [f"present.{index}.{part}" for index in range(layers) for part in parts]
     groups = length_groups(prefill_program, len(parts))
-    streaming = config.kv if isinstance(config.kv, StreamingLLM) else None
+    # a policy that evicts after every step without scores (StreamingLLM): the decode graph calls its step_keep
+    streaming = config.kv if config.kv is not None and config.kv.evicts_each_step and not scored else None
     step = DecodeStep(model, evicted=config.kv is not None, streaming=streaming, scored=scored, counted=counted,
                       windows=windows).eval()
     decode_args, decode_shapes = _decode_example(prefill_program, inputs, groups, parts,
                                                  fixed_lengths=(streaming is not None or scored) and not counted)
     if scored:      # H2O: the step's attention row accumulates into the scores, then the cache evicts
-        decode_program, decoded = export_pruned(step, decode_args, follows, dynamic=False,
+        decode_program, decoded = export_pruned(step, decode_args, config, dynamic=False, facts=facts,
                                                 dynamic_shapes=decode_shapes)
         if not decoded.changed:
             raise ValueError(f"kv={config.kv.name}'s decode step could not be rewritten ({decoded.reason})")
@@ -307,7 +304,7 @@ def _check_supported(config: Config) -> None:
     if config.kv is not None and config.kv.name not in EXPORTED_KV_POLICIES:
         raise ValueError(f"kv={config.kv.name} has no ONNX form in the generation export yet: it takes kv= "
                          f"{', '.join(EXPORTED_KV_POLICIES)}")
-    if isinstance(config.kv, StreamingLLM) and config.kv.at_cache_positions:
+    if config.kv is not None and config.kv.at_cache_positions:
         raise ValueError("kv=streamingllm(positions='cache') has no ONNX form in the generation export yet (its "
                          "decode graph would store keys before RoPE and take positions within the cache): export "
                          "positions='original'")
@@ -317,7 +314,7 @@ def _check_model(model) -> Optional[int]:
     """Models whose positions or caches the two graphs do not reproduce yet, named; else the window of a
     sliding-window model (its graphs hold full layers: with a KV policy alone they carry positions, else they are
     its model only while every position fits the window, prefill.onnx's tokensparse.max_positions), or None."""
-    from tokensparse.runtime.hf import tower_splits_graph
+    from tokensparse.runtime.hf_model import tower_splits_graph
     from tokensparse.runtime.sliding_window import sliding_window
 
     if tower_splits_graph(model):
@@ -330,15 +327,8 @@ def _shortest_prompt(config: Config, traced: int) -> int:
     """The shortest prompt the prefill graph takes: 2, or for a KV budget of a count (its branches on the length
     are what the graph keeps), the first length it evicts from, if the traced prompt is one."""
     policy = config.kv
-    if isinstance(policy, StreamingLLM):
-        budget = policy.sinks + policy.window
-    elif isinstance(policy, H2O):
-        budget = policy.heavy + policy.recent
-    elif isinstance(policy, (AdaptiveKV, VisionBudget)):
-        budget = policy.window
-    elif policy is not None and isinstance(getattr(policy, "budget", None), int):
-        budget = policy.budget
-    else:
+    budget = None if policy is None else policy.keeps_all_up_to()
+    if budget is None:
         return 2
     evicting = budget + 1
     if traced < evicting:

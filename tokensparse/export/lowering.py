@@ -23,7 +23,8 @@ from tokensparse.policies.visionzip import image_rows_keep, visionzip_from_atten
 from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, FEATURES_AT_SOURCE_ROWS, H2O_KEEP,
                                      H2O_STEP_KEEP, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION, KV_EVICT, MERGE_MATCHES,
                                      SELECT_TOP_K, SNAPKV_KEEP, SPLIT_TOP_K, TOME_MERGE, TOPK_PRUNE, VISION_BUDGET_KEEP,
-                                     VISIONZIP, vision_budget_keep_call)
+                                     VISIONZIP)
+from tokensparse.policies.vision_budget import vision_budget_keep_call
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

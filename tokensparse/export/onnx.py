@@ -14,10 +14,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
-from tokensparse.config import Config, config_from_options
+from tokensparse.config import NO_FACTS, CallerFacts, Config, config_from_options
 from tokensparse.export.lowering import DECOMPOSITIONS, KERNEL_PLUGIN_CODE, inline_policy_code
 from tokensparse.patterns.graph import MatchFailure
-from tokensparse.runtime.hf import is_generative
+from tokensparse.runtime.hf_model import is_generative
 from tokensparse.runtime.ops import static_token_counts
 from tokensparse.rewrite import RewriteResult, rewrite_with_kv, warn_once, warnings_for
 
@@ -37,14 +37,15 @@ class OnnxExport:
 
 
 def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool = True,
-                  plugins=False, shortest_prompt: Optional[int] = None, dynamic_shapes=None
-                  ) -> tuple[torch.export.ExportedProgram, RewriteResult]:
+                  plugins=False, shortest_prompt: Optional[int] = None, dynamic_shapes=None,
+                  facts: CallerFacts = NO_FACTS) -> tuple[torch.export.ExportedProgram, RewriteResult]:
     """The model as an ExportedProgram with the config's policy built in: in plain aten ops, or with the
     ops that become plugin nodes (`plugins`: "step" or True, each policy step one tokensparse:: op; "kernel",
     each kernel one op, the rest in aten ops) kept whole (static token counts). `example_inputs` is
     a sequence of positional inputs or a dict of keyword inputs. `dynamic`: a dynamic batch axis;
     `shortest_prompt`: a dynamic prompt length from that many tokens up (axis 1 of the keyword inputs
-    input_ids and attention_mask). `dynamic_shapes`, given, replaces both (the inputs are then traced as given)."""
+    input_ids and attention_mask). `dynamic_shapes`, given, replaces both (the inputs are then traced as given).
+    `facts`: what the caller does around the graph (the generation pair's decode masks, config.CallerFacts)."""
     from tokensparse.deploy.plugin_nodes import plugin_mode
 
     config = Config() if config is None else config_from_options(config)
@@ -58,7 +59,7 @@ def export_pruned(model: torch.nn.Module, example_inputs, config, dynamic: bool 
     graph = exported.module()
     fakes = [node.meta["val"] for node in graph.graph.find_nodes(op="placeholder")]
     with warnings_for(model):
-        result = rewrite_with_kv(graph, fakes, config)
+        result = rewrite_with_kv(graph, fakes, config, facts)
     if not result.changed:
         return exported.run_decompositions(DECOMPOSITIONS), result
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tokensparse.export.generation import DECODE_FILE, MAX_POSITIONS_KEY, PREFILL_FILE, PROMPT_LENGTHS_KEY
-from tokensparse.runtime.hf import check_left_padding
+from tokensparse.runtime.padding_checks import check_left_padding
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tokensparse.export.onnx_passes import ONNX_PASSES
 from tokensparse.export.onnx_passes.attention import find_attention
 from tokensparse.export.onnx_passes.blocks import find_blocks, find_prefix_tokens
 from tokensparse.export.onnx_passes.context import OnnxPassContext
-from tokensparse.export.onnx_passes.insert_policy import ONNX_NATIVE_NAMES, ONNX_NATIVE_POLICIES
+from tokensparse.export.onnx_passes.insert_policy import ONNX_NATIVE_NAMES
 from tokensparse.export.onnx_passes.prepare import TARGET_OPSET, drop_no_op_casts, infer_shapes, upgrade_opset
 from tokensparse.patterns import check_prefix_override
 from tokensparse.patterns.graph import MatchFailure
@@ -99,7 +99,7 @@ def rewrite_onnx(in_path: str, out_path: Optional[str], config, explain: bool = 
     exporter left symbolic are inferred. A model that does not match is not written: the result says why
     (and one TokensparseWarning)."""
     config = config_from_options(config) if not isinstance(config, Config) else config
-    if not isinstance(config.vision, ONNX_NATIVE_POLICIES):
+    if config.vision is None:
         given = next((policy.name for policy in (config.policy, config.kv) if policy is not None), "no vision policy")
         raise ValueError(f"rewrite_onnx rewrites vision transformers with {' or '.join(ONNX_NATIVE_NAMES)}; the config "
                          f"has {given} (a language model is exported with its policy by tokensparse export --model)")

@@ -2,10 +2,9 @@
 
 from tokensparse.passes.all_pass_masks import drop_all_pass_masks_pass
 from tokensparse.passes.evict_kv import evict_kv_pass
-from tokensparse.passes.merge_tokens import merge_tokens_pass
 from tokensparse.passes.proportional_attention import proportional_attention_pass
 from tokensparse.passes.prune_sequence import prune_sequence_pass
-from tokensparse.passes.prune_tokens import prune_tokens_pass
+from tokensparse.passes.reduce_tokens import reduce_tokens_pass
 from tokensparse.passes.sizes import rederive_sizes_pass
 from tokensparse.passes.sliding_positions import sliding_positions_pass
 from tokensparse.passes.stale_counts import stale_token_counts_pass
@@ -16,8 +15,7 @@ from tokensparse.passes.zip_vision_features import zip_vision_features_pass
 
 PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
-    merge_tokens_pass,            # ToMe: merge after each block's attention residual
-    prune_tokens_pass,            # TopK: prune after the chosen blocks' attention residual
+    reduce_tokens_pass,           # ToMe, TopK: the policy's token step after each block's attention residual
     tower_feature_rows_pass,      # ToMe, TopK in a VLM's tower: the patch rows its surviving tokens fill
     zip_vision_features_pass,     # VisionZip: dominant and contextual tokens at the vision encoder's feature layer
     prune_sequence_pass,          # FastV, PyramidDrop, DivPrune, exit, VisionZip: prune a VLM's vision tokens

@@ -13,7 +13,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false, guard_or_true
 
 from tokensparse.passes.context import PassContext
 from tokensparse.passes.sizes import same_size
@@ -22,24 +21,19 @@ from tokensparse.passes.static_slot_masks import attend_over_filled_slots, decod
 from tokensparse.patterns.graph import MatchFailure, insert_call, is_op, shape_of
 from tokensparse.patterns.kv_cache import CacheSite, entered_count, static_write
 from tokensparse.patterns.vision_span import find_vision_span
-from tokensparse.policies import H2O, AdaptiveKV, KeyNorm, KVPolicy, SnapKV, StreamingLLM, VisionBudget
+from tokensparse.policies import KVPolicy
 from tokensparse.policies.fastv import attended
-from tokensparse.policies.key_norm import key_norm_keep
-from tokensparse.policies.kv_policy import PrefillBudget, padded_positions
-from tokensparse.policies.streamingllm import streaming_keep
+from tokensparse.policies.kv_policy import (ATTENTION_COLUMN_SUMS, KV_EVICT, NotApplicable, SiteInputs, is_prefill,
+                                            padded_positions)
 from tokensparse.runtime.cache_positions import keys_at_cache_slots, keys_before_rope
-from tokensparse.runtime.ops import (ADAPTIVE_KEEP, ATTENTION_COLUMN_SUMS, H2O_KEEP, H2O_STEP_KEEP,
-                                     HEAVY_AND_RECENT, KEEP_SINKS_AND_WINDOW, KV_EVICT, SNAPKV_KEEP, VISION_BUDGET_KEEP)
 from tokensparse.runtime.sequence import gather_tokens, vision_mask_2d
 from tokensparse.runtime.static_cache import filled_length, refill_buffer
-
-DATA_DEPENDENT = "a data-dependent number"
 
 
 def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Before the graph returns each layer's grown keys and values, choose the kept positions per KV head
     and return the evicted cache in their place; a scored policy (H2O) also returns the accumulated scores."""
-    if not isinstance(ctx.policy, KVPolicy):
+    if ctx.policy.stage != "kv":
         return gm
     output = gm.graph.find_nodes(op="output")[0]
     queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
@@ -95,7 +89,7 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 def _at_cache_positions(ctx: PassContext) -> bool:
     """Whether the policy is StreamingLLM(positions="cache"); ValueError where its positions are not assigned."""
     policy = ctx.policy
-    if not (isinstance(policy, StreamingLLM) and policy.at_cache_positions):
+    if not policy.at_cache_positions:
         return False
     if not policy.rope:
         raise ValueError(f"kv={policy.name}(positions='cache') needs tokensparse.compile(model, config), whose forward "
@@ -148,10 +142,10 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     their count, so decode steps write after them; every decode step's attention sees the filled slots up
     to its own (generate()'s mask follows positions, which no longer equal slots)."""
     policy = ctx.policy
-    if isinstance(policy, H2O) and any(site.static.scores is None for site in ctx.cache_sites):
+    if policy.scored and any(site.static.scores is None for site in ctx.cache_sites):
         raise MatchFailure(f"{policy.name} accumulates attention per cached slot and this StaticCache carries no "
                            f"scores: pass past_key_values=tokensparse.ScoredStaticCache(model.config, max_cache_len)")
-    if not isinstance(policy, (PrefillBudget, AdaptiveKV, VisionBudget, StreamingLLM, H2O)):
+    if not policy.static_cache_form:
         raise MatchFailure(f"{policy.name} has no StaticCache form yet (use a DynamicCache)")
     if not ctx.decode_masks_follow_cache:
         raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), whose decode steps "
@@ -166,20 +160,14 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
             ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots"
                                    f"{' but its padding' if padding is not None else ''}")
-            if isinstance(policy, StreamingLLM):
-                insert_call(gm.graph, site.attention.node.next, KEEP_SINKS_AND_WINDOW,
-                            (buffers.keys, buffers.values, buffers.length, policy.sinks, policy.window, padding))
-                ctx.record("evict_kv", f"{site.path}: then keeps {policy.sinks} sinks and the last {policy.window} "
-                                       f"filled slots")
-            elif isinstance(policy, H2O):
-                insert_call(gm.graph, site.attention.node.next, HEAVY_AND_RECENT,
-                            (buffers.keys, buffers.values, buffers.scores, buffers.length, site.attention.q,
-                             _scale(site), policy.heavy + policy.recent, policy.recent, padding))
-                ctx.record("evict_kv", f"{site.path}: then accumulates the step's attention and keeps "
-                                       f"{policy.heavy} heavy and {policy.recent} recent slots")
+            step = policy.static_decode_step(buffers, _site_inputs(gm.graph, output, site, padding=padding))
+            if step is not None:
+                target, arguments, does = step
+                insert_call(gm.graph, site.attention.node.next, target, arguments)
+                ctx.record("evict_kv", f"{site.path}: then {does}")
             continue
         scores, padding = None, _prefill_padding(gm.graph, output, site)
-        if isinstance(policy, H2O):     # the prefill's attention, summed per key: the slots' first scores
+        if policy.scored:       # the prefill's attention, summed per key: the slots' first scores
             scores = insert_call(gm.graph, output, ATTENTION_COLUMN_SUMS, (site.attention.q, site.keys, _scale(site),
                                                                            padding))
         count = _kept_count(gm.graph, output, policy, site, queries)
@@ -314,35 +302,10 @@ def _zeros_sized_like_the_new_keys(graph: fx.Graph, zeros: fx.Node) -> None:
 def _kept_count(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, queries):
     """How many positions this site keeps (an int, or a node when the cache length is data-dependent, as
     after FastV; DATA_DEPENDENT when the selection decides), or None when it keeps them all."""
-    length = site.cache_length
-    if isinstance(policy, (AdaptiveKV, VisionBudget)):
-        evicts = policy.evicts(queries, length) if isinstance(length, int) else _is_prefill(queries) and \
-            not policy.is_identity(0)
-        return DATA_DEPENDENT if evicts else None
-    if isinstance(length, int):
-        return policy.kept_count(length) if policy.evicts(queries, length) else None
-    if isinstance(policy, StreamingLLM):
-        if free_unbacked_symbols(length):       # after FastV: min(L, sinks + window), decided at run time
-            return _at_most(graph, point, site, policy.sinks + policy.window)
-        return policy.kept_count(length) if guard_or_false(length > policy.sinks + policy.window) else None
-    if isinstance(policy, H2O):
-        budget = policy.heavy + policy.recent
-        if free_unbacked_symbols(length) or not _is_prefill(queries):
-            # after FastV, or a decode step's symbolic length: min(L, budget), decided at run time, unguarded
-            return _at_most(graph, point, site, budget)
-        return budget if guard_or_false(length > budget) else None
-    if isinstance(policy, PrefillBudget) and _is_prefill(queries) and not policy.is_identity(0):
-        if not isinstance(policy.budget, int):
-            raise MatchFailure(f"{site.path}: its cache length {length} is data-dependent, so {policy.name} needs a "
-                               f"budget given as a count, not the fraction {policy.budget}")
-        return _at_most(graph, point, site, policy.budget)
-    return None
-
-
-def _is_prefill(queries) -> bool:
-    """More than one new token; a data-dependent count is a prefill whose tokens a policy pruned (a vision-encoder
-    policy's cut before layer 0), never a decode step."""
-    return guard_or_true(queries > 1)
+    try:
+        return policy.graph_count(queries, site.cache_length, lambda budget: _at_most(graph, point, site, budget))
+    except NotApplicable as reason:
+        raise MatchFailure(f"{site.path}: {reason}") from None
 
 
 def _at_most(graph: fx.Graph, point: fx.Node, site: CacheSite, budget: int) -> fx.Node:
@@ -360,28 +323,20 @@ def _scale(site: CacheSite) -> float:
 
 def _kept(graph: fx.Graph, point: fx.Node, policy: KVPolicy, site: CacheSite, count, scores,
           padding, queries) -> fx.Node:
-    if isinstance(policy, SnapKV):
-        return insert_call(graph, point, SNAPKV_KEEP, (site.attention.q, site.keys, _scale(site), count,
-                                                       policy.window, policy.kernel, policy.pooling, padding))
-    if isinstance(policy, StreamingLLM):
-        return insert_call(graph, point, streaming_keep, (site.keys, policy.sinks, policy.window, padding, count))
-    if isinstance(policy, KeyNorm):
-        return insert_call(graph, point, key_norm_keep, (site.keys, count, policy.window, padding))
-    if isinstance(policy, H2O):
-        keep = H2O_KEEP if _is_prefill(queries) else H2O_STEP_KEEP       # a decode step drops at most one
-        return insert_call(graph, point, keep, (scores, count, policy.recent, padding))
-    if isinstance(policy, AdaptiveKV):
-        return insert_call(graph, point, ADAPTIVE_KEEP, (site.attention.q, site.keys, _scale(site), policy.tau,
-                                                         policy.window, padding))
-    if isinstance(policy, VisionBudget):
-        hidden = _attention_input(site) if policy.alpha else None
-        budgets = (float(policy.vision), isinstance(policy.vision, int), float(policy.text),
-                   isinstance(policy.text, int))
-        return insert_call(graph, point, VISION_BUDGET_KEEP, (
-            site.attention.q, site.keys, _scale(site), _image_mask(graph, point, site), hidden, *budgets,
-            policy.window, policy.kernel, policy.pooling, float(policy.alpha), float(policy.temperature), padding,
-            policy.temporal_rank))
-    raise MatchFailure(f"policy {policy.name!r} has no cache selection")
+    """The kept positions [B, H_kv, count]: the policy's selection step, inserted before `point`."""
+    inputs = _site_inputs(graph, point, site, count, scores, padding, is_prefill(queries))
+    try:
+        target, arguments = policy.graph_selection(inputs)
+    except NotApplicable as reason:
+        raise MatchFailure(f"{site.path}: {reason}") from None
+    return insert_call(graph, point, target, arguments)
+
+
+def _site_inputs(graph: fx.Graph, point: fx.Node, site: CacheSite, count=None, scores=None, padding=None,
+                 prefill: bool = True) -> SiteInputs:
+    """What a policy's graph step may read at this site, the image mask and hidden states found only if read."""
+    return SiteInputs(site.attention.q, site.keys, lambda: _scale(site), count, scores, padding, prefill,
+                      lambda: _image_mask(graph, point, site), lambda: _attention_input(site))
 
 
 def _image_mask(graph: fx.Graph, point: fx.Node, site: CacheSite):

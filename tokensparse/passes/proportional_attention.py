@@ -11,7 +11,6 @@ import torch.fx as fx
 
 from tokensparse.passes.context import PassContext
 from tokensparse.patterns.graph import arg, insert_call, set_arg
-from tokensparse.policies import ToMe
 from tokensparse.policies.tome import size_bias
 
 
@@ -27,7 +26,7 @@ def mask_with_size_bias(mask, size: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 def proportional_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Bias every attention after the first merge with log(size) of its keys."""
-    if not isinstance(ctx.policy, ToMe) or not ctx.policy.proportional_attention:
+    if not ctx.policy.sizes_bias_attention:
         return gm
     for block in ctx.blocks:
         size = ctx.size_nodes.get(block.index)

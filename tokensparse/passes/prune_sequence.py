@@ -16,7 +16,6 @@ from tokensparse.passes.static_slot_masks import attend_over_filled_slots
 from tokensparse.patterns.graph import MatchFailure, arg, downstream, insert_call, is_op, meta_value, shape_of
 from tokensparse.patterns.kv_cache import static_write
 from tokensparse.patterns.language_model import DecoderLayer, LanguageModelMatch
-from tokensparse.policies import LanguagePolicy
 from tokensparse.policies.fastv import fastv_scores
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
@@ -32,7 +31,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cos/sin, attention masks. Kept tokens keep their original positions, or with positions="compact" take
     consecutive ones (the RoPE tables' last rows)."""
     policy = ctx.llm if ctx.tower_features is not None else ctx.policy
-    stages = _tower_stage(ctx) + (policy.stages() if isinstance(policy, LanguagePolicy) else [])
+    stages = _tower_stage(ctx) + (policy.stages() if policy is not None and policy.stage == "llm" else [])
     if not stages:
         return gm
     lm: LanguageModelMatch = ctx.language

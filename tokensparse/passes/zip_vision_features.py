@@ -11,14 +11,13 @@ import torch.fx as fx
 from tokensparse.passes.context import PassContext, replace_uses_except
 from tokensparse.patterns.graph import MatchFailure, insert_call
 from tokensparse.patterns.vision_features import find_vision_features
-from tokensparse.policies import VisionZip
 from tokensparse.runtime.ops import VISIONZIP
 
 
 def zip_vision_features_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Insert tokensparse::visionzip on the feature layer's output, on the projector's side only (later
     encoder layers still read the original), and leave its kept rows for the language-model pass."""
-    if not isinstance(ctx.policy, VisionZip):
+    if ctx.policy.stage != "llm" or not ctx.policy.stage_in_tower:
         return gm
     features = find_vision_features(gm, ctx.language)
     tokens = features.tokens

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.base import check_fraction, check_int_at_least
 from tokensparse.policies.kv_policy import KVPolicy, attention_column_sums, kept_positions, score_ranks
+from tokensparse.policies.op_shapes import data_dependent_count
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class AdaptiveKV(KVPolicy):
     window: int = 32
 
     name = "adaptive"
+    count_from_selection = True
 
     def __post_init__(self):
         check_fraction("tau", self.tau)
@@ -38,6 +41,12 @@ class AdaptiveKV(KVPolicy):
 
     def keep(self, query, keys, scale, count=None, scores=None, padding=None):
         return adaptive_keep(query, keys, scale, self.tau, self.window, padding)
+
+    def keeps_all_up_to(self) -> int:
+        return self.window
+
+    def graph_selection(self, site):
+        return ADAPTIVE_KEEP, (site.query, site.keys, site.scale(), self.tau, self.window, site.padding)
 
     def is_identity(self, depth: int) -> bool:
         return self.tau == 1.0
@@ -68,3 +77,19 @@ def adaptive_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, tau: float,
         before = before.masked_fill(padding[:, None, : length - window], -math.inf)
     kept = score_ranks(before) < needed_before_window(mass, window, tau)
     return kept_positions(torch.cat([kept, kept.new_ones(batch, kv_heads, window)], dim=-1))
+
+
+@torch.library.custom_op("tokensparse::adaptive_keep", mutates_args=())
+def adaptive_keep_op(q: Tensor, keys: Tensor, scale: float, tau: float, window: int,
+                     padding: Optional[Tensor] = None) -> Tensor:
+    """ZipVL's kept cache positions [B, H_kv, p]: p, data-dependent, is the fewest that hold `tau` of the last
+    `window` queries' attention mass in every KV head (padding [B, L] holds none and is kept last)."""
+    return adaptive_keep(q, keys, scale, tau, window, padding)
+
+
+@adaptive_keep_op.register_fake
+def _adaptive_keep_fake(q, keys, scale, tau, window, padding=None):
+    return keys.new_empty(keys.shape[0], keys.shape[1], data_dependent_count(), dtype=torch.int64)
+
+
+ADAPTIVE_KEEP = torch.ops.tokensparse.adaptive_keep.default

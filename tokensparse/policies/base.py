@@ -11,6 +11,7 @@ class Policy:
     """A token-reduction method: a frozen dataclass of options plus plain-PyTorch step functions."""
 
     name = "policy"
+    stage = "vision"        # where it acts: "vision" (a vision encoder's blocks), "llm" or "kv"
 
     def __init_subclass__(cls, **kwargs):
         # Every policy's boolean options are checked before its own __post_init__ runs ("no" is not False).
@@ -25,6 +26,17 @@ class Policy:
                 own(self)
 
         cls.__post_init__ = __post_init__
+
+    sizes_bias_attention = False     # whether the attention after a step adds log(size) of its keys (ToMe)
+
+    def check_depth(self, depth: int) -> None:
+        """ValueError where an option names a block past the model's `depth`."""
+
+    def tower_step(self, index: int, depth: int, tokens: int, prefix: int):
+        """The token step after block `index` (of `depth`) of a vision encoder whose stream holds `tokens` tokens,
+        the first `prefix` of them protected: a tower_step.TowerStep, or None where it takes none. Only
+        vision-encoder policies (Config(vision=...)) take one."""
+        return None
 
     def options(self) -> dict:
         from dataclasses import asdict

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.base import check_fraction
 from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
+from tokensparse.policies.op_shapes import kept_sequence_positions
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,18 @@ def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, 
     start = torch.zeros((), dtype=torch.int64, device=features.device)
     _, chosen, _ = while_loop(more, pick, (start, chosen, to_set))
     return _ascending_positions(text | chosen)
+
+
+@torch.library.custom_op("tokensparse::keep_diverse_vision_tokens", mutates_args=())
+def keep_diverse_vision_tokens_op(features: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and `keep` of the image tokens by DivPrune's greedy
+    max-min cosine distance of their features [B, S, D]."""
+    return divprune_keep(features, image_mask, keep)
+
+
+@keep_diverse_vision_tokens_op.register_fake
+def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
+    return kept_sequence_positions(image_mask)
+
+
+KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default

@@ -11,8 +11,10 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.language import LanguagePolicy, Stage
+from tokensparse.policies.op_shapes import kept_sequence_positions
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,18 @@ def dtd_keep(features: torch.Tensor, vision_mask: torch.Tensor, positions: torch
     count = (vision_mask & (similarity <= tau)).sum(dim=1).max()
     order = similarity.masked_fill(~vision_mask, math.inf).sort(dim=1, stable=True).indices
     return first_ranked_positions(order, vision_mask, count)
+
+
+@torch.library.custom_op("tokensparse::keep_changed_video_tokens", mutates_args=())
+def keep_changed_video_tokens_op(features: Tensor, vision_mask: Tensor, positions: Tensor, tau: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and the vision tokens whose features [B, S, D] are not within
+    cosine similarity `tau` of the same patch in the previous frame, found from the M-RoPE ids [3, B, S] (DTD)."""
+    return dtd_keep(features, vision_mask, positions, tau)
+
+
+@keep_changed_video_tokens_op.register_fake
+def _keep_changed_video_tokens_fake(features, vision_mask, positions, tau):
+    return kept_sequence_positions(vision_mask)
+
+
+KEEP_CHANGED_VIDEO = torch.ops.tokensparse.keep_changed_video_tokens.default

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.base import check_fraction, check_int_at_least
 from tokensparse.policies.language import LanguagePolicy, Stage, check_positions, check_vision_span
+from tokensparse.policies.op_shapes import kept_sequence_positions
 from tokensparse.policies.selection import rank_order
 
 QUERIES = ("last", "text")
@@ -162,3 +164,18 @@ def _traced(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(tensor, FakeTensor) or torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("tokensparse::keep_vision_tokens", mutates_args=())
+def keep_vision_tokens_op(scores: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+    """Positions [B, S'] kept: every text token and `keep` of the image tokens by score (FastV,
+    PyramidDrop; keep=0 drops every image token). The count depends on the data (the image tokens)."""
+    return fastv_keep(scores, image_mask, keep)
+
+
+@keep_vision_tokens_op.register_fake
+def _keep_vision_tokens_fake(scores, image_mask, keep):
+    return kept_sequence_positions(image_mask)
+
+
+KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default

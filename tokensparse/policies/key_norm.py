@@ -31,6 +31,9 @@ class KeyNorm(PrefillBudget):
     def keep(self, query, keys, scale, count, scores=None, padding=None):
         return key_norm_keep(keys, count, self.window, padding)
 
+    def graph_selection(self, site):
+        return key_norm_keep, (site.keys, site.count, self.window, site.padding)
+
 
 def key_norm_keep(keys: torch.Tensor, count, window: int, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions [B, H_kv, count], ascending, of keys [B, H_kv, L, d]: the last min(window, count)

@@ -5,21 +5,58 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from tokensparse.policies.base import Policy, check_int_at_least
 from tokensparse.policies.selection import rank_order, top_k_in_order
 
 QUERY_CHUNK = 256       # queries per q K^T block in the column sums: bounds memory to [B, H, 256, L]
+DATA_DEPENDENT = "a data-dependent number"     # a kept count that the selection itself decides
+
+
+class NotApplicable(Exception):
+    """The policy's graph step cannot act on this graph; the message says why (the compiler names the site)."""
+
+
+def is_prefill(queries) -> bool:
+    """More than one new token; a data-dependent count is a prefill whose tokens a policy pruned (a vision-encoder
+    policy's cut before layer 0), never a decode step."""
+    return guard_or_true(queries > 1)
+
+
+@dataclass
+class SiteInputs:
+    """What a KV policy's graph step reads at one layer's cache: graph values (fx nodes) or constants. The
+    lazy ones are functions, called only by a policy that reads them."""
+
+    query: Any                                   # the forward's queries [B, H, S, d]
+    keys: Any                                    # the grown cache's keys [B, H_kv, L, d]
+    scale: Callable[[], float]                   # the attention's scale (fails where it is not a constant)
+    count: Any = None                            # the kept count from graph_count
+    scores: Any = None                           # a scored policy's accumulated scores [B, H_kv, L]
+    padding: Any = None                          # [B, L] bool: a padded batch's padding, or None
+    prefill: bool = True
+    image_mask: Callable[[], Any] = lambda: None  # [B, L] bool: which cached positions are image tokens
+    hidden: Callable[[], Any] = lambda: None      # the hidden states [B, L, D] the attention reads
 
 
 class KVPolicy(Policy):
-    """A policy that shrinks a decoder's KV cache (Config(kv=...))."""
+    """A policy that shrinks a decoder's KV cache (Config(kv=...)). Besides its plain-PyTorch selection
+    (keep), it declares the steps the compiler inserts: graph_count and graph_selection for every cache, and
+    for a StaticCache static_decode_step."""
 
     stage = "kv"
-    scored = False      # whether it accumulates a score per cached position (needs a ScoredCache)
+    scored = False          # whether it accumulates a score per cached position (needs a ScoredCache)
+    count_from_selection = False    # whether the kept count depends on the data (the selection decides it)
+    evicts_each_step = False        # whether it evicts at decode steps too, not only after the prefill
+    static_cache_form = True        # whether it evicts from a StaticCache's buffers
+    at_cache_positions = False      # whether the cache holds keys before RoPE, read at their cache slots
+    context_inputs: tuple = ()      # keep()'s extra keyword inputs, of SiteInputs' lazy ones
 
     def evicts(self, query_length: int, cache_length: int) -> bool:
         """Whether a forward with this many new queries, whose cache then holds `cache_length` positions,
@@ -40,6 +77,34 @@ class KVPolicy(Policy):
 
     def is_identity(self, depth: int) -> bool:
         return False
+
+    def keeps_all_up_to(self) -> Optional[int]:
+        """The longest cache this policy never evicts from (what a prefill graph branches on), or None where it may
+        evict from any length (a budget given as a fraction)."""
+        return None
+
+    def graph_count(self, queries, length, at_most: Callable[[int], Any]):
+        """How many positions a forward with `queries` new tokens keeps of a cache of `length` (ints, or sizes
+        symbolic in the graph): an int; at_most(n), min(cache length, n) as a graph value; DATA_DEPENDENT where the
+        selection decides; None where it keeps every position. NotApplicable where it cannot say."""
+        if self.count_from_selection:
+            evicts = self.evicts(queries, length) if isinstance(length, int) else \
+                is_prefill(queries) and not self.is_identity(0)
+            return DATA_DEPENDENT if evicts else None
+        if isinstance(length, int):
+            return self.kept_count(length) if self.evicts(queries, length) else None
+        return None
+
+    def graph_selection(self, site: SiteInputs) -> tuple[Callable, tuple]:
+        """The op (or traceable function) the compiler inserts for the kept positions [B, H_kv, count] at a
+        cache site, and its arguments."""
+        raise NotApplicable(f"policy {self.name!r} has no cache selection")
+
+    def static_decode_step(self, buffers, site: SiteInputs) -> Optional[tuple[Callable, tuple, str]]:
+        """For a StaticCache layer (buffers: its keys, values, scores and length), the in-place op that evicts after
+        each decode step's attention, its arguments and what it does in words; None where the policy evicts only
+        after the prefill."""
+        return None
 
 
 class PrefillBudget(KVPolicy):
@@ -64,6 +129,19 @@ class PrefillBudget(KVPolicy):
 
     def is_identity(self, depth: int) -> bool:
         return isinstance(self.budget, float) and self.budget == 1.0
+
+    def keeps_all_up_to(self) -> Optional[int]:
+        return self.budget if isinstance(self.budget, numbers.Integral) else None
+
+    def graph_count(self, queries, length, at_most):
+        if isinstance(length, int):
+            return super().graph_count(queries, length, at_most)
+        if not is_prefill(queries) or self.is_identity(0):
+            return None
+        if not isinstance(self.budget, int):
+            raise NotApplicable(f"its cache length {length} is data-dependent, so {self.name} needs a budget given "
+                                f"as a count, not the fraction {self.budget}")
+        return at_most(self.budget)
 
 
 def evict_positions(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,3 +246,35 @@ def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float, pad
         real_queries = ~padding[:, rows_at]                                              # [B, rows]
         sums += probabilities.nan_to_num(0.0).mul(real_queries[:, None, None, :, None]).sum(dim=-2)
     return sums.mean(dim=2)
+
+
+@torch.library.custom_op("tokensparse::attention_column_sums", mutates_args=())
+def attention_column_sums_op(q: Tensor, keys: Tensor, scale: float, padding: Optional[Tensor] = None,
+                             positions: Optional[Tensor] = None, window: int = 0) -> Tensor:
+    """[B, H_kv, L] float32: the attention the forward's queries q [B, H, S, d] (causal, the last S positions)
+    give each cached key [B, H_kv, L, d], summed over the queries and averaged over each KV group (padding
+    [B, L]: positions that neither draw nor ask attention; positions [B, H_kv, L] with a sliding window: each
+    query sees the keys within the window of its position)."""
+    return attention_column_sums(q, keys, scale, padding, positions, window)
+
+
+@attention_column_sums_op.register_fake
+def _attention_column_sums_fake(q, keys, scale, padding=None, positions=None, window=0):
+    return keys.new_empty(keys.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tokensparse::kv_evict", mutates_args=())
+def kv_evict_op(keys: Tensor, values: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """The cache reduced to the kept positions kept [B, H_kv, K] (per layer and KV head): new keys and
+    values [B, H_kv, K, d]. DynamicCache stores these in place of the grown cache."""
+    return evict_positions(keys, values, kept)
+
+
+@kv_evict_op.register_fake
+def _kv_evict_fake(keys, values, kept):
+    batch, heads, count = kept.shape
+    return keys.new_empty(batch, heads, count, keys.shape[-1]), values.new_empty(batch, heads, count, values.shape[-1])
+
+
+ATTENTION_COLUMN_SUMS = torch.ops.tokensparse.attention_column_sums.default
+KV_EVICT = torch.ops.tokensparse.kv_evict.default

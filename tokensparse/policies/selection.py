@@ -8,6 +8,7 @@ compiles aten.sort.stable; torch.onnx exports it as TopK over the whole axis (ex
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def rank_order(scores: torch.Tensor) -> torch.Tensor:
@@ -27,3 +28,32 @@ def split_in_order(scores: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]
     (ToMe's r best edges, as the TopKSplit kernel computes them)."""
     order = rank_order(scores)
     return order[..., :k].sort(dim=-1).values, order[..., k:].sort(dim=-1).values
+
+
+@torch.library.custom_op("tokensparse::select_top_k", mutates_args=())
+def select_top_k_op(scores: Tensor, k: int) -> Tensor:
+    """[B, k] int64: each row's k best scores' indices in token order (ties to the lower index, as ONNX TopK
+    and the kernel): the TopKSelect plugin."""
+    return top_k_in_order(scores, k)
+
+
+@select_top_k_op.register_fake
+def _select_top_k_fake(scores, k):
+    return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::split_top_k", mutates_args=())
+def split_top_k_op(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """([B, k], [B, N - k]) int64: each row's k best scores' indices and the others, both in token order
+    (ties to the lower index): the TopKSplit plugin."""
+    return split_in_order(scores, k)
+
+
+@split_top_k_op.register_fake
+def _split_top_k_fake(scores, k):
+    batch, tokens = scores.shape
+    return scores.new_empty(batch, k, dtype=torch.int64), scores.new_empty(batch, tokens - k, dtype=torch.int64)
+
+
+SELECT_TOP_K = torch.ops.tokensparse.select_top_k.default
+SPLIT_TOP_K = torch.ops.tokensparse.split_top_k.default

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from tokensparse.policies.base import check_int_at_least
@@ -48,6 +49,10 @@ class SnapKV(PrefillBudget):
     def keep(self, query, keys, scale, count, scores=None, padding=None):
         return snapkv_keep(query, keys, scale, count, self.window, self.kernel, self.pooling, padding)
 
+    def graph_selection(self, site):
+        return SNAPKV_KEEP, (site.query, site.keys, site.scale(), site.count, self.window, self.kernel, self.pooling,
+                             site.padding)
+
 
 def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, scale: float, kernel: int = 5,
                   pooling: str = "avg", padding: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -79,3 +84,19 @@ def snapkv_keep(q: torch.Tensor, keys: torch.Tensor, scale: float, count: int, w
         return torch.arange(length - count, length, device=keys.device).expand(*keys.shape[:2], count).contiguous()
     scores = snapkv_scores(q[:, :, -window:], keys, scale, kernel, pooling, padding)
     return best_and_recent(scores, length, count, window, padding)
+
+
+@torch.library.custom_op("tokensparse::snapkv_keep", mutates_args=())
+def snapkv_keep_op(q: Tensor, keys: Tensor, scale: float, count: int, window: int, kernel: int,
+                   pooling: str, padding: Optional[Tensor] = None) -> Tensor:
+    """SnapKV's kept cache positions [B, H_kv, count] from the forward's queries q [B, H, S, d] and the
+    cache's keys [B, H_kv, L, d] (padding [B, L]: a padded batch's padding, kept last)."""
+    return snapkv_keep(q, keys, scale, count, window, kernel, pooling, padding)
+
+
+@snapkv_keep_op.register_fake
+def _snapkv_keep_fake(q, keys, scale, count, window, kernel, pooling, padding=None):
+    return keys.new_empty(keys.shape[0], keys.shape[1], count, dtype=torch.int64)
+
+
+SNAPKV_KEEP = torch.ops.tokensparse.snapkv_keep.default

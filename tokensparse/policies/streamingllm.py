@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false
+from torch import Tensor
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.kv_policy import KVPolicy, all_but_one, best_and_recent
-
+from tokensparse.runtime.static_cache import keep_sinks_and_window_
 
 POSITIONS = ("original", "cache")
 
@@ -52,9 +54,14 @@ class StreamingLLM(KVPolicy):
             raise ValueError(f"rope={self.rope!r} must be a tuple of the rotary embedding's inverse frequencies (set by "
                              f"tokensparse.compile(); leave it out)")
 
+    evicts_each_step = True
+
     @property
     def at_cache_positions(self) -> bool:
         return self.positions == "cache"
+
+    def keeps_all_up_to(self) -> int:
+        return self.sinks + self.window
 
     def kept_count(self, cache_length: int) -> int:
         return min(cache_length, self.sinks + self.window)
@@ -64,6 +71,25 @@ class StreamingLLM(KVPolicy):
 
     def keep(self, query, keys, scale, count, scores=None, padding=None):
         return streaming_keep(keys, self.sinks, self.window, padding)
+
+    def graph_count(self, queries, length, at_most):
+        if isinstance(length, int):
+            return super().graph_count(queries, length, at_most)
+        if free_unbacked_symbols(length):       # after FastV: min(L, sinks + window), decided at run time
+            return at_most(self.sinks + self.window)
+        return self.kept_count(length) if guard_or_false(length > self.sinks + self.window) else None
+
+    def graph_selection(self, site):
+        return streaming_keep, (site.keys, self.sinks, self.window, site.padding, site.count)
+
+    def static_decode_step(self, buffers, site):
+        return KEEP_SINKS_AND_WINDOW, (buffers.keys, buffers.values, buffers.length, self.sinks, self.window,
+                                       site.padding), \
+            f"keeps {self.sinks} sinks and the last {self.window} filled slots"
+
+    def step_keep(self, length, first_real: torch.Tensor) -> torch.Tensor:
+        """A decode step's kept positions [B, min(length, sinks + window)] without a score (streaming_step_keep)."""
+        return streaming_step_keep(length, self.sinks, self.window, first_real)
 
 
 def streaming_keep(keys: torch.Tensor, sinks: int, window: int, padding: Optional[torch.Tensor] = None,
@@ -90,3 +116,19 @@ def streaming_step_keep(length, sinks: int, window: int, first_real: torch.Tenso
     position among the first sinks + 1, else position `sinks`."""
     dropped = torch.where(first_real > 0, first_real.clamp(max=sinks + 1) - 1, sinks)
     return all_but_one(torch.sym_min(length, sinks + window), length, dropped)
+
+
+@torch.library.custom_op("tokensparse::keep_sinks_and_window", mutates_args=("keys", "values", "length"))
+def keep_sinks_and_window_op(keys: Tensor, values: Tensor, length: Tensor, sinks: int, window: int,
+                             padding: Optional[Tensor] = None) -> None:
+    """StreamingLLM's eviction on a StaticCache layer's buffers [B, H_kv, max_len, d] and its filled length, in
+    place, after a decode step's attention has read them (padding [B, max_len]: the slots holding padding)."""
+    keep_sinks_and_window_(keys, values, length, sinks, window, padding)
+
+
+@keep_sinks_and_window_op.register_fake
+def _keep_sinks_and_window_fake(keys, values, length, sinks, window, padding=None):
+    return None
+
+
+KEEP_SINKS_AND_WINDOW = torch.ops.tokensparse.keep_sinks_and_window.default

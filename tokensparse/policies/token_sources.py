@@ -5,6 +5,7 @@ source patches, and the token then fills the image position of its first source 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def token_sources(x: torch.Tensor) -> torch.Tensor:
@@ -28,3 +29,19 @@ def features_at_source_rows(hidden: torch.Tensor, sources: torch.Tensor) -> tupl
     ordered = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, channels))
     full = hidden.new_zeros(batch, sources.shape[2], channels)
     return full.scatter(1, rows.unsqueeze(-1).expand(-1, -1, channels), ordered), rows
+
+
+@torch.library.custom_op("tokensparse::features_at_source_rows", mutates_args=())
+def features_at_source_rows_op(hidden: Tensor, sources: Tensor) -> tuple[Tensor, Tensor]:
+    """A vision-encoder policy's output tokens hidden [B, N', C] written at their first source rows (sources
+    [B, N', N]) of a [B, N, C] zero tensor, and those rows ascending [B, N']."""
+    return features_at_source_rows(hidden, sources)
+
+
+@features_at_source_rows_op.register_fake
+def _features_at_source_rows_fake(hidden, sources):
+    batch, tokens, channels = hidden.shape
+    return hidden.new_empty(batch, sources.shape[2], channels), hidden.new_empty(batch, tokens, dtype=torch.int64)
+
+
+FEATURES_AT_SOURCE_ROWS = torch.ops.tokensparse.features_at_source_rows.default

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+from torch import Tensor
+from torch.utils import flop_counter
 
 from tokensparse.policies.base import Policy, check_int_at_least, recorder
+from tokensparse.policies.op_shapes import token_count
 from tokensparse.policies.selection import rank_order
+from tokensparse.policies.tower_step import KEYS, SIZE, X, TowerStep
 
 SCHEDULES = ("constant", "decreasing")
 
@@ -56,6 +60,17 @@ class ToMe(Policy):
 
     def is_identity(self, depth: int) -> bool:
         return all(r == 0 for r in self.r_per_block(depth))
+
+    @property
+    def sizes_bias_attention(self) -> bool:
+        return self.proportional_attention
+
+    def tower_step(self, index: int, depth: int, tokens: int, prefix: int) -> Optional[TowerStep]:
+        r = capped_r(self.r_per_block(depth)[index], tokens, prefix)
+        if r == 0:
+            return None
+        return TowerStep("merge_tokens", TOME_MERGE, tome_step, (X, SIZE, KEYS, r, prefix), tokens - r, sized=True,
+                         note=f"merge {r} of {tokens} tokens")
 
 
 def capped_r(r: int, tokens: int, protected: int) -> int:
@@ -150,3 +165,48 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention: + log(s_j) on the logits of key j, as an additive [B, 1, 1, N] mask."""
     return size.log().transpose(1, 2).unsqueeze(1)
 
+
+@torch.library.custom_op("tokensparse::tome_merge", mutates_args=())
+def tome_merge_op(x: Tensor, size: Tensor, keys: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor]:
+    """ToMe step: merge r tokens of x [B, N, C] (sizes [B, N, 1]) by the block's keys [B, H, N, d]."""
+    if r == 0:
+        return x.clone(), size.clone()
+    return tome_step(x, size, keys, r, protected)
+
+
+@tome_merge_op.register_fake
+def _tome_merge_fake(x, size, keys, r, protected):
+    batch, tokens, channels = x.shape
+    out = token_count(tokens - r)
+    return x.new_empty(batch, out, channels), size.new_empty(batch, out, 1)
+
+
+@flop_counter.register_flop_formula(torch.ops.tokensparse.tome_merge)
+def _tome_merge_flops(x_shape, size_shape, keys_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, dim = keys_shape
+    half = (tokens + 1) // 2
+    return batch * heads * tokens * dim + 2 * batch * half * (tokens // 2) * dim
+
+
+@torch.library.custom_op("tokensparse::merge_matches", mutates_args=())
+def merge_matches_op(x: Tensor, size: Tensor, src_idx: Tensor, dst_idx: Tensor, unm_idx: Tensor,
+                     protected: int) -> tuple[Tensor, Tensor]:
+    """ToMe's size-weighted merge for matches already made (indices [B, *, 1]): the TomeMergeRows plugin."""
+    return merge_tokens(x, size, src_idx, dst_idx, unm_idx, protected)
+
+
+@merge_matches_op.register_fake
+def _merge_matches_fake(x, size, src_idx, dst_idx, unm_idx, protected):
+    batch, tokens, channels = x.shape
+    out = protected + unm_idx.shape[1] + (tokens - protected) // 2
+    return x.new_empty(batch, out, channels), size.new_empty(batch, out, 1)
+
+
+def tome_merge_step(x, size, keys, r: int, protected: int):
+    """tokensparse::tome_merge as the function Inductor compiles with the model (r = 0 changes nothing), its sums
+    into B tokens by an accumulating index_put (Inductor leaves scatter_reduce to an eager call)."""
+    return tome_step(x, size, keys, r, protected, merge=accumulating_merge)
+
+
+TOME_MERGE = torch.ops.tokensparse.tome_merge.default
+MERGE_MATCHES = torch.ops.tokensparse.merge_matches.default

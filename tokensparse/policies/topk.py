@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
+from torch.utils import flop_counter
 
 from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, checked_layers, recorder
+from tokensparse.policies.op_shapes import token_count
 from tokensparse.policies.selection import top_k_in_order
+from tokensparse.policies.tower_step import KEYS, MASK, QUERY, SCALE, X, TowerStep
 
 QUERY_CHUNK = 128
 
@@ -44,6 +48,14 @@ class TopK(Policy):
 
     def is_identity(self, depth: int) -> bool:
         return self.keep == 1.0 and not self.fuse
+
+    def tower_step(self, index: int, depth: int, tokens: int, prefix: int) -> Optional[TowerStep]:
+        if index not in self.layers:
+            return None
+        keep = kept_count(tokens, prefix, self.keep)
+        after = prefix + keep + int(self.fuse)
+        return TowerStep("prune_tokens", TOPK_PRUNE, topk_step, (X, QUERY, KEYS, SCALE, keep, prefix, self.fuse, MASK),
+                         after, sized=False, note=f"keep {after} of {tokens} tokens")
 
 
 def kept_count(tokens: int, protected: int, keep: float) -> int:
@@ -116,3 +128,25 @@ def scores_from_probabilities(probs: torch.Tensor, protected: int) -> torch.Tens
     rows = probs[:, :, :1] if protected > 0 else probs
     scores = rows.sum(dim=2).mean(dim=1) / rows.shape[2]
     return scores[:, protected:]
+
+
+@torch.library.custom_op("tokensparse::topk_prune", mutates_args=())
+def topk_prune_op(x: Tensor, q: Tensor, k: Tensor, scale: float, keep: int, protected: int, fuse: bool,
+                  attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Attention-rank step: keep the prefix and the `keep` most-attended tokens of x (+ a fused one)."""
+    return topk_step(x, q, k, scale, keep, protected, fuse, attn_mask)
+
+
+@topk_prune_op.register_fake
+def _topk_prune_fake(x, q, k, scale, keep, protected, fuse, attn_mask=None):
+    batch, _, channels = x.shape
+    return x.new_empty(batch, token_count(protected + keep + int(fuse)), channels)
+
+
+@flop_counter.register_flop_formula(torch.ops.tokensparse.topk_prune)
+def _topk_prune_flops(x_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, dim = q_shape
+    return 2 * batch * heads * tokens * tokens * dim if args[2] == 0 else 2 * batch * heads * tokens * dim
+
+
+TOPK_PRUNE = torch.ops.tokensparse.topk_prune.default

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.fastv import _traced
 from tokensparse.policies.kv_policy import KVPolicy, check_budget, kept_positions, score_ranks
+from tokensparse.policies.op_shapes import data_dependent_count
 from tokensparse.policies.screenshot_redundancy import current_screenshot, redundant_positions
 from tokensparse.policies.snapkv import check_window_scoring, snapkv_scores
 
@@ -36,6 +38,8 @@ class VisionBudget(KVPolicy):
     temporal_rank: int = 0
 
     name = "vision_budget"
+    count_from_selection = True
+    context_inputs = ("image_mask", "hidden")
 
     def __post_init__(self):
         check_budget("vision", self.vision, 0)
@@ -60,6 +64,16 @@ class VisionBudget(KVPolicy):
 
     def is_identity(self, depth: int) -> bool:
         return all(isinstance(b, float) and b == 1.0 for b in (self.vision, self.text))
+
+    def keeps_all_up_to(self) -> int:
+        return self.window
+
+    def graph_selection(self, site):
+        budgets = (float(self.vision), isinstance(self.vision, int), float(self.text), isinstance(self.text, int))
+        return VISION_BUDGET_KEEP, (site.query, site.keys, site.scale(), site.image_mask(),
+                                    site.hidden() if self.alpha else None, *budgets, self.window, self.kernel,
+                                    self.pooling, float(self.alpha), float(self.temperature), site.padding,
+                                    self.temporal_rank)
 
 
 def vision_saliency(hidden: torch.Tensor, image_mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -119,3 +133,32 @@ def _budget_count(budget: Union[int, float], available: torch.Tensor) -> torch.T
     if isinstance(budget, numbers.Integral):
         return available.clamp(max=int(budget))
     return torch.round(budget * available).long().clamp(max=available)
+
+
+@torch.library.custom_op("tokensparse::vision_budget_keep", mutates_args=())
+def vision_budget_keep_op(q: Tensor, keys: Tensor, scale: float, image_mask: Optional[Tensor], hidden: Optional[Tensor],
+                          vision: float, vision_is_count: bool, text: float, text_is_count: bool, window: int,
+                          kernel: int, pooling: str, alpha: float, temperature: float,
+                          padding: Optional[Tensor] = None, temporal_rank: int = 0) -> Tensor:
+    """Kept cache positions [B, H_kv, K] under separate vision and text budgets (a count, or a fraction of
+    that kind's positions); K depends on how many positions are vision tokens (padding [B, L] is text, kept
+    last; temporal_rank > 0: earlier screenshots' redundant positions evicted first)."""
+    return vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
+                                   window, kernel, pooling, alpha, temperature, padding, temporal_rank)
+
+
+def vision_budget_keep_call(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count, window,
+                            kernel, pooling, alpha, temperature, padding=None, temporal_rank=0):
+    """vision_budget_keep called with the op's arguments (each budget a float and whether it is a count)."""
+    return vision_budget_keep(q, keys, scale, image_mask, hidden, int(vision) if vision_is_count else vision,
+                              int(text) if text_is_count else text, window, kernel, pooling, alpha, temperature,
+                              padding, temporal_rank)
+
+
+@vision_budget_keep_op.register_fake
+def _vision_budget_keep_fake(q, keys, scale, image_mask, hidden, vision, vision_is_count, text, text_is_count,
+                             window, kernel, pooling, alpha, temperature, padding=None, temporal_rank=0):
+    return keys.new_empty(keys.shape[0], keys.shape[1], data_dependent_count(), dtype=torch.int64)
+
+
+VISION_BUDGET_KEEP = torch.ops.tokensparse.vision_budget_keep.default

@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from tokensparse.policies.base import check_int_at_least
 from tokensparse.policies.language import LanguagePolicy, Stage, check_positions
+from tokensparse.policies.op_shapes import kept_sequence_positions
 from tokensparse.policies.selection import rank_order, top_k_in_order
 
 
@@ -129,3 +131,34 @@ def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, f
             raise ValueError(f"each sample holds {count} image tokens but its image has {features} features: "
                              f"VisionZip maps one image per sample")
     return image_positions_of_rows(image_mask, rows, offset)
+
+
+@torch.library.custom_op("tokensparse::visionzip", mutates_args=())
+def visionzip_op(hidden: Tensor, q: Tensor, k: Tensor, scale: float, dominant: int, contextual: int,
+                 protected: int) -> tuple[Tensor, Tensor]:
+    """VisionZip at an encoder layer's output hidden [B, N, C] from that layer's q, k [B, H, N, d]: (hidden'
+    [B, N, C] with the contextual tokens at their targets' rows, kept rows [B, p + dominant + contextual])."""
+    zipped, rows = visionzip_from_attention(hidden, q, k, scale, dominant, contextual, protected)
+    return (zipped.clone() if zipped is hidden else zipped), rows          # outputs must not alias inputs
+
+
+@visionzip_op.register_fake
+def _visionzip_fake(hidden, q, k, scale, dominant, contextual, protected):
+    return torch.empty_like(hidden), hidden.new_empty(hidden.shape[0], protected + dominant + contextual,
+                                                      dtype=torch.int64)
+
+
+@torch.library.custom_op("tokensparse::keep_image_rows", mutates_args=())
+def keep_image_rows_op(image_mask: Tensor, rows: Tensor, offset: int, features: int) -> Tensor:
+    """Positions [B, S'] kept: every text token and the image positions filled by the kept encoder rows
+    `rows` (VisionZip). Each sample holds `features` image tokens, one per encoder row from `offset` on."""
+    return image_rows_keep(image_mask, rows, offset, features)
+
+
+@keep_image_rows_op.register_fake
+def _keep_image_rows_fake(image_mask, rows, offset, features):
+    return kept_sequence_positions(image_mask)
+
+
+VISIONZIP = torch.ops.tokensparse.visionzip.default
+KEEP_IMAGE_ROWS = torch.ops.tokensparse.keep_image_rows.default

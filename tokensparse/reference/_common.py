@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensparse.patterns import check_prefix_override
-from tokensparse.policies import ToMe, TopK
-from tokensparse.policies.tome import capped_r, size_bias, tome_step
-from tokensparse.policies.topk import kept_count, topk_step
+from tokensparse.policies.tome import size_bias
 
 # qkv(block, x) -> (q, k, v, scale): the block's SDPA inputs [B, H, N, d] from the stream x.
 QKV = Callable[[torch.nn.Module, torch.Tensor], tuple]
@@ -22,12 +20,15 @@ MLP = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 class PolicyState:
-    """Per-forward state of a policy (mirrors passes/merge_tokens, proportional_attention, prune_tokens)."""
+    """Per-forward state of a vision-encoder policy: its declared tower steps (policy.tower_step) run eagerly,
+    as passes/reduce_tokens.py and passes/proportional_attention.py splice them into graphs."""
 
     def __init__(self, policy, depth: int, tokens: int, model_prefix_tokens: int):
-        if policy is not None and not isinstance(policy, (ToMe, TopK)):
-            raise TypeError(f"reference_forward supports ToMe and TopK policies, not {type(policy).__name__}")
+        if policy is not None and getattr(policy, "stage", None) != "vision":
+            raise TypeError(f"reference_forward supports the vision-encoder policies (ToMe and TopK), not "
+                            f"{type(policy).__name__}")
         self.policy = policy
+        self.depth = depth
         prefix = getattr(policy, "prefix_tokens", None)
         self.prefix_tokens = model_prefix_tokens if prefix is None else prefix
         if self.prefix_tokens >= tokens:
@@ -35,29 +36,30 @@ class PolicyState:
                              "in its first block")
         check_prefix_override(self.prefix_tokens, model_prefix_tokens, tokens)
         self.size: Optional[torch.Tensor] = None
-        self.schedule = policy.r_per_block(depth) if isinstance(policy, ToMe) else None
-        if isinstance(policy, TopK):
+        if policy is not None:
             policy.check_depth(depth)
 
     def attn_mask(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """ToMe proportional attention: + log(size) on the keys once any block has merged."""
-        if isinstance(self.policy, ToMe) and self.policy.proportional_attention and self.size is not None:
+        if self.policy is not None and self.policy.sizes_bias_attention and self.size is not None:
             return size_bias(self.size).to(dtype)
         return None
 
     def step(self, index: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Reduce the stream right after block `index`'s attention residual add, before its MLP."""
-        p = self.prefix_tokens
-        if isinstance(self.policy, ToMe):
-            r = capped_r(self.schedule[index], x.shape[1], p)
-            if r > 0:
-                if self.size is None:
-                    self.size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
-                x, self.size = tome_step(x, self.size, k, r, p)
-        elif isinstance(self.policy, TopK) and index in self.policy.layers:
-            keep = kept_count(x.shape[1], p, self.policy.keep)
-            x = topk_step(x, q, k, scale, keep, p, self.policy.fuse, attn_mask=None)
-        return x
+        if self.policy is None:
+            return x
+        step = self.policy.tower_step(index, self.depth, x.shape[1], self.prefix_tokens)
+        if step is None:
+            return x
+        if step.sized and self.size is None:
+            self.size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+        values = {"x": x, "size": self.size, "query": q, "keys": k, "scale": scale, "mask": None}
+        out = step.function(*step.arguments(values))
+        if step.sized:
+            x, self.size = out
+            return x
+        return out
 
 
 def attention(q, k, v, scale: float, attn_mask=None) -> torch.Tensor:

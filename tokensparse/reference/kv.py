@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from tokensparse.policies import KVPolicy, VisionBudget
+from tokensparse.policies import KVPolicy
 from tokensparse.policies.kv_policy import padded_positions
 
 ORACLE = "tokensparse_kv_oracle"
@@ -106,8 +106,9 @@ def _evict(log: EvictionLog, layer: int, query, key, scale: float, alive: torch.
     context = {}
     if log.padding is not None:                         # the positions alive are in order: padding first, alike
         context["padding"] = padding.gather(1, where[:, 0])
-    if isinstance(policy, VisionBudget):                # the prompt's positions, alive in every head alike
+    if "image_mask" in policy.context_inputs:           # the prompt's positions, alive in every head alike
         context["image_mask"] = None if log.image_mask is None else log.image_mask.gather(1, where[:, 0])
+    if "hidden" in policy.context_inputs:
         hidden = log.hidden[layer]
         context["hidden"] = hidden.gather(1, where[:, 0, :, None].expand(-1, -1, hidden.shape[-1]))
     kept = policy.keep(query, stored, scale, policy.kept_count(present), scores.gather(2, where), **context)

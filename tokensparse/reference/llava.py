@@ -18,7 +18,7 @@ from tokensparse.policies.base import recorder
 from tokensparse.policies.divprune import divprune_select
 from tokensparse.policies.fastv import attended, kept_image_count, text_row_mean
 from tokensparse.policies.language import Stage
-from tokensparse.policies.visionzip import VisionZip, image_positions_of_rows, visionzip_select
+from tokensparse.policies.visionzip import image_positions_of_rows, visionzip_select
 from tokensparse.reference._common import run_blocks, self_attn_mlp, self_attn_out, self_attn_qkv
 
 
@@ -57,10 +57,10 @@ def _applied(model, inputs, policy: LanguagePolicy | None, vision=None):
     projector_input, columns = None, {}
     if vision is not None:
         columns, projector_input = _vision_encoder_policy(model, inputs, vision)
-    elif isinstance(policy, VisionZip):
+    elif policy is not None and policy.stage_in_tower:
         columns, projector_input = _visionzip(model, inputs, policy)
     with _replacing_projector_input(model, projector_input):
-        if policy is not None and not isinstance(policy, VisionZip):
+        if policy is not None and not policy.stage_in_tower:
             columns = _surviving_by_stage(model, inputs, policy, layers, rotary, columns)
         with _masking(layers, columns, rotary):
             yield columns

@@ -51,7 +51,7 @@ def at_cache_positions(policy, args: tuple, kwargs: dict) -> dict:
     """A forward's keywords with its new tokens at the cache's next slots: position_ids = held + 0..S-1, where held
     is the number of entries the cache holds (every layer holds as many under StreamingLLM alone). Refuses what
     positions="cache" does not cover, naming it."""
-    from tokensparse.runtime.hf import is_static_cache
+    from tokensparse.runtime.cache_kind import is_static_cache
 
     option = f"kv={policy.name}(positions='cache')"
     if args:
@@ -81,10 +81,8 @@ def at_cache_positions(policy, args: tuple, kwargs: dict) -> dict:
 def cache_positions_config(model, config, prunes_sequence: bool, window):
     """(config, whether its forward assigns cache positions): for StreamingLLM(positions="cache"), the config whose
     policy carries the model's RoPE frequencies; ValueError for what it does not cover, naming it."""
-    from tokensparse.policies import StreamingLLM
-
     policy = config.kv
-    if not isinstance(policy, StreamingLLM) or not policy.at_cache_positions:
+    if policy is None or not policy.at_cache_positions:
         return config, False
     option = f"kv={policy.name}(positions='cache')"
     if prunes_sequence:

@@ -8,12 +8,11 @@ import onnx_ir as ir
 from tokensparse.export.onnx_passes.context import OnnxPassContext
 from tokensparse.export.onnx_passes.policy_graphs import size_bias_graph
 from tokensparse.export.onnx_passes.splice import inline_graph
-from tokensparse.policies.tome import ToMe
 
 
 def proportional_attention_pass(ctx: OnnxPassContext) -> None:
     """Softmax(logits) -> Softmax(logits + log(size)) in blocks that follow a merge."""
-    if not isinstance(ctx.policy, ToMe) or not ctx.policy.proportional_attention:
+    if not ctx.policy.sizes_bias_attention:
         return
     size = None
     for block in ctx.blocks:
