@@ -6,7 +6,7 @@ import torch
 from tests.models import build
 from tokensparse import Config, ToMe, TopK
 from tokensparse.reference import reference_forward
-from tokensparse.rewrite import rewrite_graph
+from tokensparse.fx.rewrite import rewrite_graph
 
 
 @pytest.mark.parametrize("family", ["timm_vit", "hf_clip", "hf_vit", "hf_dinov2"])

@@ -12,7 +12,7 @@ from tests.models import VISION_FAMILIES, build
 from tokensparse import Config, ToMe, TokensparseWarning, TopK
 from tokensparse.capture import capture_graphs
 from tokensparse.reference import reference_forward
-from tokensparse.rewrite import rewrite_graph
+from tokensparse.fx.rewrite import rewrite_graph
 
 
 def _rewritten(family, policy, depth=5):

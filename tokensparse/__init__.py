@@ -3,6 +3,7 @@
     torch.compile(model, backend="tokensparse", options={"policy": "tome", "r": 13})
     tokensparse.compile(model, tokensparse.Config(vision=tokensparse.ToMe(r=13)))
     print(tokensparse.explain(model, images, policy="topk", layers=[3, 6, 9], keep=0.7))
+    print(tokensparse.passes())     # every pass list of both front ends (tokensparse.fx, tokensparse.onnx), in order
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from tokensparse.config import Config, config_from_options
 from tokensparse.policies import (DTD, H2O, AdaptiveKV, DivPrune, FastV, KeyNorm, PyramidDrop, SnapKV, StreamingLLM, ToMe,
                                   TopK, VisionBudget, VisionZip, VisualExit)
+from tokensparse.pipeline import passes
 from tokensparse.report import Report, explain
-from tokensparse.rewrite import TokensparseWarning
+from tokensparse.warn import TokensparseWarning
 
 
 def compile(model, config: Config | None = None, **torch_compile_kwargs):
@@ -56,4 +58,4 @@ def __getattr__(name: str):
 __all__ = ["DTD", "H2O", "AdaptiveKV", "Config", "CountedCache", "CountedStaticCache", "DivPrune", "FastV", "KeyNorm",
            "PositionedCache", "PositionedScoredCache", "PyramidDrop", "Report", "ScoredCache", "ScoredStaticCache",
            "SnapKV", "StreamingLLM", "ToMe", "TokensparseWarning", "TopK", "VisionBudget", "VisionZip", "VisualExit",
-           "compile", "explain"]
+           "compile", "explain", "passes"]

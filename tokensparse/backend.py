@@ -7,9 +7,9 @@ import warnings
 from tokensparse.config import NO_FACTS, CallerFacts, config_from_options
 from tokensparse.hooks import warn_hooks_in_rewritten_blocks
 from tokensparse.inline_steps import inline_policy_steps
-from tokensparse.passes.fake import allow_symbolic_token_counts
+from tokensparse.fx.passes.fake import allow_symbolic_token_counts
 from tokensparse.recompile_limit import remember_frame
-from tokensparse.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
+from tokensparse.fx.rewrite import RewriteResult, TokensparseWarning, rewrite_with_kv
 from tokensparse.warn import note_found
 
 
@@ -74,7 +74,7 @@ def compile_by_regions(result: RewriteResult, example_inputs):
     from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx
 
-    from tokensparse.passes.fake import fake_inputs
+    from tokensparse.fx.passes.fake import fake_inputs
     from tokensparse.regions import compile_regions_symbolically, plan_regions
 
     fake_mode = result.context.fake_mode

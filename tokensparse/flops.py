@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 from torch.utils import flop_counter
 
-from tokensparse.patterns.graph import module_paths
+from tokensparse.fx.patterns.graph import module_paths
 from tokensparse.runtime.ops import is_tokensparse_target, static_token_counts
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

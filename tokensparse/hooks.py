@@ -16,7 +16,7 @@ def hooked_modules(model: torch.nn.Module) -> tuple[str, ...]:
 
 def warn_hooks_in_rewritten_blocks(hooked: tuple[str, ...], blocks: list, first_cut: int, tokens: int) -> None:
     """One TokensparseWarning naming the hooked modules inside blocks from the first cut on."""
-    from tokensparse.rewrite import TokensparseWarning
+    from tokensparse.warn import TokensparseWarning
 
     paths = [block.path for block in blocks if block.index >= first_cut]
     inside = [name for name in hooked if any(name == path or name.startswith(path + ".") for path in paths)]

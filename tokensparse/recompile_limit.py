@@ -36,7 +36,7 @@ class _RecompileLimitFilter(logging.Filter):
             return True
         _warned.add(compile_id.frame_id)
         limit_type, limit, function = record.args[:3]
-        from tokensparse.rewrite import TokensparseWarning
+        from tokensparse.warn import TokensparseWarning
 
         warnings.warn(f"tokensparse: dynamo reached its {limit_type} ({limit}) for {function}; from now on a call "
                       f"that needs a new compile runs eagerly and unpruned. tokensparse.compile() gives each "

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
-from tokensparse.patterns.blocks import Block
+from tokensparse.fx.patterns.blocks import Block
 
 log = logging.getLogger("tokensparse")
 
@@ -145,7 +145,7 @@ def compile_regions(plan: RegionPlan, compile_region: RegionCompiler) -> fx.Grap
 def region_inputs(plan: RegionPlan, inputs: list, fake_mode) -> dict[str, list]:
     """Each region's inputs as the split graph passes them, from one FakeTensor run of the whole split graph in
     which the policy steps give their token counts as numbers (their PyTorch functions, inline_steps.py)."""
-    from tokensparse.passes.fake import fake_propagation
+    from tokensparse.fx.passes.fake import fake_propagation
 
     recorded: dict[str, list] = {}
 

@@ -11,9 +11,9 @@ from typing import Optional
 from tokensparse.capture import capture_graphs, capture_prefill_graphs
 from tokensparse.config import CallerFacts, Config, config_from_options
 from tokensparse.flops import flops_by_block, flops_by_block_running
-from tokensparse.passes.fake import detect_fake_mode, fake_inputs
-from tokensparse.patterns.language_model import LanguageModelMatch
-from tokensparse.rewrite import RewriteResult, rewrite_graph
+from tokensparse.fx.passes.fake import detect_fake_mode, fake_inputs
+from tokensparse.fx.patterns.language_model import LanguageModelMatch
+from tokensparse.fx.rewrite import RewriteResult, rewrite_graph
 from tokensparse.runtime.hf_model import is_generative, tower_splits_graph
 
 

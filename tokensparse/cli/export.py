@@ -86,7 +86,7 @@ def parse_args(argv=None, prog: str = "tokensparse export") -> argparse.Namespac
                       "and --plugins")
     if args.onnx_in is not None and args.out is None and not args.explain:
         command.error("--out PATH is required with --onnx-in (or --explain alone)")
-    from tokensparse.export.onnx_rewrite import is_same_file
+    from tokensparse.onnx.rewrite import is_same_file
 
     for output in ("out", "onnx", "engine"):
         for source in ("onnx_in", "checkpoint"):

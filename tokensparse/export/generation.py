@@ -34,8 +34,8 @@ from tokensparse.export.lowering import DECOMPOSITIONS
 from tokensparse.policies.fastv import additive
 from tokensparse.policies.kv_policy import evict_positions
 from tokensparse.runtime.counted_cache import held_padding
-from tokensparse.passes.evict_kv import last_entries
-from tokensparse.passes.sliding_positions import window_allowed
+from tokensparse.fx.passes.evict_kv import last_entries
+from tokensparse.fx.passes.sliding_positions import window_allowed
 from tokensparse.runtime.hf_model import is_generative
 from tokensparse.runtime.model_copy import hook_decoder_layers, own_copy
 from tokensparse.runtime.sliding_window import layer_windows

@@ -16,10 +16,10 @@ from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fix
 
 from tokensparse.config import NO_FACTS, CallerFacts, Config, config_from_options
 from tokensparse.export.lowering import DECOMPOSITIONS, KERNEL_PLUGIN_CODE, inline_policy_code
-from tokensparse.patterns.graph import MatchFailure
+from tokensparse.pipeline import MatchFailure
 from tokensparse.runtime.hf_model import is_generative
 from tokensparse.runtime.ops import static_token_counts
-from tokensparse.rewrite import RewriteResult, rewrite_with_kv, warn_once, warnings_for
+from tokensparse.fx.rewrite import RewriteResult, rewrite_with_kv, warn_once, warnings_for
 
 DEFAULT_OPSET = 18
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tokensparse.patterns import check_prefix_override
+from tokensparse.pipeline import check_prefix_override
 from tokensparse.policies.tome import size_bias
 
 # qkv(block, x) -> (q, k, v, scale): the block's SDPA inputs [B, H, N, d] from the stream x.
