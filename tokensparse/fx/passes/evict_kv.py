@@ -32,8 +32,9 @@ from tokensparse.runtime.static_cache import filled_length, refill_buffer
 
 
 def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Before the graph returns each layer's grown keys and values, choose the kept positions per KV head
-    and return the evicted cache in their place; a scored policy (H2O) also returns the accumulated scores."""
+    """Return each layer's cache evicted to the kept positions (SnapKV, Li et al. 2024; H2O; see above)."""
+    # Before the graph returns each layer's grown keys and values, choose the kept positions per KV head and return
+    # the evicted cache in their place; a scored policy (H2O) also returns the accumulated scores.
     if ctx.policy.stage != "kv":
         return gm
     output = gm.graph.find_nodes(op="output")[0]

@@ -25,7 +25,8 @@ def mask_with_size_bias(mask, size: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def proportional_attention_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Bias every attention after the first merge with log(size) of its keys."""
+    """ToMe's proportional attention (Bolya et al. 2023): + log(size) after the first merge."""
+    # Bias every attention after the first merge with log(size) of its keys.
     if not ctx.policy.sizes_bias_attention:
         return gm
     for block in ctx.blocks:

@@ -27,10 +27,11 @@ _VIEWS = ("to", "view", "reshape", "expand", "unsqueeze", "contiguous", "_to_cop
 
 
 def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Before each stage's decoder layer, choose the kept positions (every text token and some vision
-    tokens) and gather every token-indexed tensor that the later layers read: the residual stream, RoPE
-    cos/sin, attention masks. Kept tokens keep their original positions, or with positions="compact" take
-    consecutive ones (the RoPE tables' last rows)."""
+    """Prune a VLM's vision tokens before chosen decoder layers (FastV, Chen et al. 2024; see above)."""
+    # Before each stage's decoder layer, choose the kept positions (every text token and some vision tokens) and
+    # gather every token-indexed tensor that the later layers read: the residual stream, RoPE cos/sin, attention
+    # masks. Kept tokens keep their original positions, or with positions="compact" take consecutive ones (the RoPE
+    # tables' last rows).
     policy = ctx.llm if ctx.tower_features is not None else ctx.policy
     stages = _tower_stage(ctx) + (policy.stages() if policy is not None and policy.stage == "llm" else [])
     if not stages:

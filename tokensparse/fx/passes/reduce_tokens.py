@@ -19,7 +19,9 @@ def initial_sizes(x: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """policy.tower_step(block) after each block's attention residual; the MLP and later blocks read its output."""
+    """policy.tower_step after each attention residual (ToMe, Bolya et al. 2023; EViT, Liang et al. 2022)."""
+    # policy.tower_step(block) after each block's attention residual; the MLP and later blocks read its output. The
+    # MLP and later blocks read the step's output.
     if not ctx.blocks:
         return gm
     graph, prefix, depth = gm.graph, ctx.prefix_tokens, len(ctx.blocks)

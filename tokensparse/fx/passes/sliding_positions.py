@@ -15,7 +15,8 @@ from tokensparse.fx.patterns.kv_cache import CacheSite
 
 
 def sliding_positions_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Narrow each sliding-window layer's attention mask to the window over its entries' positions."""
+    """Mask each sliding-window layer (Jiang et al. 2023) by its entries' positions, not cache slots."""
+    # Narrow each sliding-window layer's attention mask to the window over its entries' positions.
     for site, window in zip(ctx.cache_sites, site_windows(ctx)):
         if not window or site.positions is None:
             continue                # a full layer, or a cache without positions (refused past the window)

@@ -28,8 +28,9 @@ _VALUE_KEYWORDS = {"other", "fill_value", "value", "min", "max", "start", "end",
 
 
 def stale_token_counts_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Fail (with the reason) when a node after a cut takes the traced token count, or the count less some of
-    its prefix tokens, as a number: the rewrite cannot tell it from an unrelated constant."""
+    """Refuse a node after a cut that takes the traced token count as a number."""
+    # Fail (with the reason) when a node after a cut takes the traced token count, or the count less some of its
+    # prefix tokens, as a number: the rewrite cannot tell it from an unrelated constant.
     if not ctx.blocks or not isinstance(ctx.blocks[0].tokens, int):
         return gm       # a symbolic count is a node of the graph, not a literal (not checked here)
     tokens = ctx.blocks[0].tokens

@@ -16,7 +16,9 @@ from tokensparse.runtime.static_cache import slot_causal_mask, slot_padding
 
 
 def static_slot_masks_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Replace every StaticCache decode attention's mask by slot_causal_mask over its layer's buffer."""
+    """Mask each StaticCache decode attention by its layer's filled slots (slot_causal_mask)."""
+    # Replace every StaticCache decode attention's mask by slot_causal_mask over its layer's buffer. generate() masks
+    # by position, which a pruned layer's slots no longer equal.
     sites = [site for site in find_cache_sites(gm) if site.static is not None and not site.static.created]
     if not sites:
         raise MatchFailure("no StaticCache decode step in this graph")

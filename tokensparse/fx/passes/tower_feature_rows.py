@@ -16,8 +16,9 @@ from tokensparse.runtime.ops import FEATURES_AT_SOURCE_ROWS, TOME_MERGE, TOPK_PR
 
 
 def tower_feature_rows_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """After each ToMe merge or TopK prune in the tower, the same step on a [B, N, N] identity (the tokens'
-    source rows); at the feature layer, tokensparse::features_at_source_rows on the projector's side only."""
+    """A VLM tower's ToMe/TopK steps (Bolya et al. 2023; Liang et al. 2022) on its tokens' patch rows."""
+    # After each ToMe merge or TopK prune in the tower, the same step on a [B, N, N] identity (the tokens' source
+    # rows); at the feature layer, tokensparse::features_at_source_rows on the projector's side only.
     features = ctx.tower_features
     if features is None:
         return gm

@@ -14,8 +14,9 @@ from tokensparse.runtime.ops import KEEP_DIVERSE, KEEP_VISION, TOME_MERGE, TOPK_
 
 
 def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """The rewritten graph lints, every node was run on fake tensors (by the sizes pass, which runs
-    first and fails on any shape mismatch), and outputs change only along token axes."""
+    """The rewritten graph lints, ran on fake tensors, and its outputs change only along token axes."""
+    # The rewritten graph lints, every node was run on fake tensors (by the sizes pass, which runs first and fails on
+    # any shape mismatch), and outputs change only along token axes.
     gm.graph.lint()
     gm.recompile()
     if not ctx.propagated:
@@ -42,8 +43,9 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def verify_cache_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """After a KV-cache eviction: the graph lints, ran on fake tensors, and its outputs changed only along
-    the cache axis (dim 2) of the stored keys and values [B, H_kv, L, d] and scores [B, H_kv, L]."""
+    """After a KV eviction: the graph lints, ran on fake tensors, outputs change only along the cache axis."""
+    # After a KV-cache eviction: the graph lints, ran on fake tensors, and its outputs changed only along the cache
+    # axis (dim 2) of the stored keys and values [B, H_kv, L, d] and scores [B, H_kv, L].
     gm.graph.lint()
     gm.recompile()
     if not ctx.propagated:

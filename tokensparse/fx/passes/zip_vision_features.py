@@ -16,8 +16,9 @@ from tokensparse.runtime.ops import VISIONZIP
 
 
 def zip_vision_features_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Insert tokensparse::visionzip on the feature layer's output, on the projector's side only (later
-    encoder layers still read the original), and leave its kept rows for the language-model pass."""
+    """VisionZip (Yang et al. 2024): tokensparse::visionzip on the feature layer's output."""
+    # Insert tokensparse::visionzip on the feature layer's output, on the projector's side only (later encoder layers
+    # still read the original), and leave its kept rows for the language-model pass.
     if ctx.policy.stage != "llm" or not ctx.policy.stage_in_tower:
         return gm
     features = find_vision_features(gm, ctx.language)
