@@ -80,7 +80,7 @@ class CallerFacts:
     kv_masks_follow_cache: bool = False
     # For a KV policy on a model with sliding-window layers, whose generate() caches record the positions of their
     # entries: each decoder layer's sliding window (0 for a full-attention layer), by which the layer's attention
-    # sees the entries it holds (passes/sliding_positions.py).
+    # sees the entries it holds (fx/passes/sliding_positions.py).
     sliding_windows: tuple = ()
 
     def __post_init__(self):

@@ -14,7 +14,7 @@ every step (StreamingLLM, H2O) keeps L_i at most the budget (fixed, without a la
 carries present.{i}.scores [B, H_kv, L_i] (float32). A sliding-window model's graphs hold full layers. With a KV
 policy they also carry present.{i}.positions [B, H_kv, L_i] (int64: the position each entry came from, padding
 counted), by which each sliding-window layer's attention sees its window, and such a layer keeps the last
-window - 1 of its entries (passes/sliding_positions.py). Without a KV policy, or with a language-model policy,
+window - 1 of its entries (fx/passes/sliding_positions.py). Without a KV policy, or with a language-model policy,
 they are its model only while every position fits the window (prefill.onnx metadata tokensparse.max_positions).
 A language-model policy with a KV policy also carries present.{i}.entered (a 0-d int64: the positions that ever
 entered layer i, which a padded batch's masks need; runtime/counted_cache.py)."""
@@ -155,7 +155,7 @@ class DecodeStep(torch.nn.Module):
     (`counted`), a layer holds max(0, padding - evicted), evicted = its entered count - what it holds.
     `windows`: each layer's sliding window (0: full) for a PositionedCache, whose layers carry their positions:
     a sliding-window layer then sees the window by position, and keeps the last window - 1 of its entries (H2O's
-    rewritten step does both in the graph, passes/sliding_positions.py and passes/evict_kv.py)."""
+    rewritten step does both in the graph, fx/passes/sliding_positions.py and fx/passes/evict_kv.py)."""
 
     def __init__(self, model: torch.nn.Module, evicted: bool, streaming=None, scored: bool = False,
                  counted: bool = False, windows: tuple = ()):

@@ -1,6 +1,6 @@
 """DivPrune (Alvar et al., CVPR 2025): keep the k most diverse visual tokens by greedy max-min cosine
 distance among the projected visual tokens, before the language model. Plain PyTorch step functions,
-which the language-model pass (passes/prune_sequence.py) splices in before decoder layer 0."""
+which the language-model pass (fx/passes/prune_sequence.py) splices in before decoder layer 0."""
 
 from __future__ import annotations
 

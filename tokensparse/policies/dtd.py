@@ -2,7 +2,7 @@
 video patch whose feature lies within cosine similarity `tau` of the same patch in the previous frame.
 The same patch of the previous frame is found from Qwen2-VL's 3-D M-RoPE position ids: the vision token
 with equal height and width ids and the next smaller temporal id. Plain PyTorch step functions, which the
-language-model pass (passes/prune_sequence.py) splices in before decoder layer 0."""
+language-model pass (fx/passes/prune_sequence.py) splices in before decoder layer 0."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """FastV (Chen et al., ECCV 2024): at decoder layer K keep every text token and the image tokens that
 received the most attention in layer K-1 (mean over heads), from the last prompt token (the authors'
 code) or from all text tokens (the paper). Plain PyTorch step functions, which the language-model pass
-(passes/prune_sequence.py) splices into the graph."""
+(fx/passes/prune_sequence.py) splices into the graph."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """VisionZip (Yang et al., 2024): at the vision encoder's feature layer keep the dominant tokens (most
 attended by CLS, or most attended overall without CLS) and merge the rest into a few contextual tokens.
-Plain PyTorch step functions; passes/zip_vision_features.py splices them into a VLM's graph and the
+Plain PyTorch step functions; fx/passes/zip_vision_features.py splices them into a VLM's graph and the
 language-model pass drops the other image positions before decoder layer 0."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ MLP = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 class PolicyState:
     """Per-forward state of a vision-encoder policy: its declared tower steps (policy.tower_step) run eagerly,
-    as passes/reduce_tokens.py and passes/proportional_attention.py splice them into graphs."""
+    as fx/passes/reduce_tokens.py and fx/passes/proportional_attention.py splice them into graphs."""
 
     def __init__(self, policy, depth: int, tokens: int, model_prefix_tokens: int):
         if policy is not None and getattr(policy, "stage", None) != "vision":

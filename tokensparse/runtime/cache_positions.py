@@ -4,7 +4,7 @@ ones rotated here, the new ones as the model rotated them), and the forward's ne
 held ones: tokensparse.compile()'s forward hands the model position_ids = held + 0..S-1 (a decode step's query sits
 at the cache's length). So no position exceeds sinks + window, however long generation runs: past the model's
 max_position_embeddings. The cache stores each new key rotated back from its slot (once, on entry), so the stored
-keys never accumulate rounding from step to step; passes/evict_kv.py splices both functions into the graph."""
+keys never accumulate rounding from step to step; fx/passes/evict_kv.py splices both functions into the graph."""
 
 from __future__ import annotations
 

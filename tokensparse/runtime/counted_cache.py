@@ -13,7 +13,7 @@ from tokensparse.runtime.scored_cache import ScoredCache, ScoredLayer, ScoredSta
 def appended_count(key_states: torch.Tensor) -> torch.Tensor:
     """0-d int64: how many positions the new keys [B, H_kv, S, d] append, read from their data flow, not their
     traced size (a language-model policy's pass cuts the sequence after dynamo traced the update).
-    patterns/kv_cache.py: entered_count finds this in a StaticCache graph."""
+    fx/patterns/kv_cache.py: entered_count finds this in a StaticCache graph."""
     return torch.ones_like(key_states[0, 0, :, 0], dtype=torch.int64).sum()
 
 

@@ -45,7 +45,7 @@ def _cut_decode_masks(fast, cut) -> bool:
 def _cut_mask_to_cache(cut, index: int, module, args, kwargs):
     mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or cache is None or is_static_cache(cache):
-        return None                     # a StaticCache's mask spans its buffers' slots (passes/evict_kv.py)
+        return None                     # a StaticCache's mask spans its buffers' slots (fx/passes/evict_kv.py)
     hidden = args[0] if args else kwargs["hidden_states"]
     keys = _held(cache, index) + hidden.shape[1]
     if mask.shape[-1] <= keys:

@@ -2,7 +2,7 @@
 [B, H_kv, L] int64: its column in the whole sequence, a padded batch's padding included, as generate()'s
 cache_position counts) and how many positions have entered the layer (`seen`, 0-d int64). An evicted layer
 holds positions the policy chose, so a sliding window (Mistral's sliding_window, Gemma's local layers) can
-follow its entries only by these positions (passes/sliding_positions.py), not by their place in the cache."""
+follow its entries only by these positions (fx/passes/sliding_positions.py), not by their place in the cache."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tokensparse.runtime.scored_cache import BesideKeys, ScoredLayer
 
 def appended_positions(key_states: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """[B, H_kv, S] int64: the positions of the new keys [B, H_kv, S, d], seen, seen + 1, ..., read from their
-    data flow (patterns/kv_cache.py finds them through the ones_like of the new keys)."""
+    data flow (fx/patterns/kv_cache.py finds them through the ones_like of the new keys)."""
     return torch.ones_like(key_states[:, :, :, 0], dtype=torch.int64).cumsum(-1) + (seen - 1)
 
 

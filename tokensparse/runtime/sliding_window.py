@@ -2,7 +2,7 @@
 policy. An evicted sliding-window layer holds positions the policy chose, not the last ones. transformers masks
 it by the places of its entries in the cache, which follow positions only while every position fits the window.
 So tokensparse.compile() gives generate() a PositionedCache, whose full layers record their entries' positions,
-by which each sliding-window layer's attention sees its window (passes/sliding_positions.py) however long the
+by which each sliding-window layer's attention sees its window (fx/passes/sliding_positions.py) however long the
 generation. A cache without positions (a sliding-window DynamicCache or a StaticCache passed in), and a language-
 model policy with the KV policy, stay within the window: a generation or a forward that would pass it is refused."""
 

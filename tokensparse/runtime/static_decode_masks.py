@@ -13,7 +13,7 @@ from tokensparse.runtime.padding_checks import check_left_padding
 
 class StaticDecodeMasks:
     """The masks of decode steps into a StaticCache. Its slots stop following positions once a policy prunes or
-    evicts, so every decode graph's attention gets a mask over its own layer's slots (passes/static_slot_masks.py).
+    evicts, so every decode graph's attention gets a mask over its own layer's slots (fx/passes/static_slot_masks.py).
     For a padded batch that mask also needs the padding, which generate()'s own 4-D mask, built over layer 0's
     slots as if they were positions, no longer tells. So a padded batch's decode step gets the causal mask over
     positions instead, as wide as the buffer: positions 0..max_len-1, or, once the positions seen outnumber the

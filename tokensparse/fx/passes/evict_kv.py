@@ -363,7 +363,7 @@ def _image_mask(graph: fx.Graph, point: fx.Node, site: CacheSite):
 
 def _stage_kept_positions(graph: fx.Graph) -> list[fx.Node]:
     """The kept positions [B, S'] of each stage of a language-model policy, in order: what its pass gathers the
-    tokens by (passes/prune_sequence.py), each relative to the stage before."""
+    tokens by (fx/passes/prune_sequence.py), each relative to the stage before."""
     stages = []
     for node in graph.nodes:
         kept = node.args[1] if node.target is gather_tokens else None

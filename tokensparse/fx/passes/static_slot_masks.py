@@ -1,5 +1,5 @@
 """Decode steps into a StaticCache that a language-model policy (FastV, Chen et al., ECCV 2024, and the others
-of passes/prune_sequence.py) pruned at prefill: each attention sees its layer's filled slots up to its own,
+of fx/passes/prune_sequence.py) pruned at prefill: each attention sees its layer's filled slots up to its own,
 since a pruned layer's slots no longer equal positions and generate() masks by position."""
 
 from __future__ import annotations

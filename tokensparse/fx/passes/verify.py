@@ -20,7 +20,7 @@ def verify_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     if not ctx.propagated:
-        raise RuntimeError("verify_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
+        raise RuntimeError("verify_pass needs rederive_sizes_pass to run before it (see fx/passes/__init__.py)")
     _check_attention_masks(ctx)
     _check_reduced_counts(gm)
     _check_static_counts(gm, ctx)
@@ -49,7 +49,7 @@ def verify_cache_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     if not ctx.propagated:
-        raise RuntimeError("verify_cache_pass needs rederive_sizes_pass to run before it (see passes/__init__.py)")
+        raise RuntimeError("verify_cache_pass needs rederive_sizes_pass to run before it (see fx/passes/__init__.py)")
     old, new = ctx.original_output_shapes, output_shapes(gm)
     if len(old) != len(new):
         raise MatchFailure(f"the rewritten graph returns {len(new)} outputs instead of {len(old)}")

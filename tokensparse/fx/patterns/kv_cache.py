@@ -111,7 +111,7 @@ def _static_sites(attentions, outputs) -> list[CacheSite]:
         if keys is None or values is None:
             continue
         slots = keys.args[2]
-        # a layer that a language-model policy pruned writes the first of those slots (passes/prune_sequence.py)
+        # a layer that a language-model policy pruned writes the first of those slots (fx/passes/prune_sequence.py)
         base = slots.args[0] if slots.op == "call_function" and slots.target is first_slots else slots
         if not (is_op(base, "add") and len(base.args) == 2 and isinstance(base.args[1], fx.Node)):
             raise MatchFailure(f"{attention.module_path}: its StaticCache slots are not arange(S) + cumulative_length")
