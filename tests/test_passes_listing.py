@@ -39,3 +39,23 @@ def test_lists_in_front_end_order():
     assert modules == [("tokensparse.fx.passes", "PASSES"), ("tokensparse.fx.passes", "KV_PASSES"),
                        ("tokensparse.fx.passes", "KV_CHECKS"), ("tokensparse.fx.passes", "PRUNED_STATIC_DECODE_PASSES"),
                        ("tokensparse.onnx.passes", "ONNX_PASSES")]
+
+
+def test_run_passes_applies_in_order_and_raises_match_failure_through():
+    from tokensparse.pipeline import MatchFailure, run_passes
+
+    def add_one(target, ctx):
+        """Append 1."""
+        ctx.append("add_one")
+        return target + [1]
+
+    def refuse(target, ctx):
+        """Refuse."""
+        raise MatchFailure("no match here")
+
+    ran = []
+    assert run_passes((add_one, add_one), [], ran) == [1, 1]
+    assert ran == ["add_one", "add_one"]
+    with pytest.raises(MatchFailure, match="no match here"):
+        run_passes((add_one, refuse, add_one), [], ran)
+    assert ran == ["add_one"] * 3
