@@ -128,3 +128,14 @@ def test_accumulating_merge_equals_the_scatter_form(tokens, r, prefix, seed):
     want = tome_step(x, size, keys, r, prefix)
     got = tome_step(x, size, keys, r, prefix, merge=accumulating_merge)
     torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=50, deadline=None)
+@given(tokens=st.integers(2, 60), batch=st.integers(1, 3), seed=st.integers(0, 2**16), data=st.data())
+def test_the_unmerged_tokens_come_out_in_token_order_as_a_sort_gives_them(tokens, batch, seed, data):
+    from tokensparse.policies.tome import _unranked_in_order
+
+    r = data.draw(st.integers(0, tokens))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.stack([torch.randperm(tokens, generator=generator) for _ in range(batch)])
+    assert torch.equal(_unranked_in_order(order, r), order[:, r:].sort(dim=1).values)

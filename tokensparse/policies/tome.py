@@ -106,13 +106,28 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=
         scores = scores.masked_fill(rows < excluded, -math.inf)
     node_max, node_idx = scores.max(dim=-1)
     if split is None:
-        edge_idx = rank_order(node_max).unsqueeze(-1)
-        src_idx = edge_idx[:, :r]
-        unm_idx = edge_idx[:, r:].sort(dim=1).values
+        order = rank_order(node_max)
+        src_idx = order[:, :r].unsqueeze(-1)
+        unm_idx = _unranked_in_order(order, r).unsqueeze(-1)
     else:
         src_idx, unm_idx = (index.unsqueeze(-1) for index in split(node_max, r))
     dst_idx = node_idx.unsqueeze(-1).gather(1, src_idx)
     return src_idx, dst_idx, unm_idx
+
+
+def _unranked_in_order(order: torch.Tensor, r: int) -> torch.Tensor:
+    """[B, M - r]: the indices that a ranking order [B, M] places after its first r, ascending, without a sort: a
+    token's rank is where the order holds it; those ranked r and later are compacted in token order by a
+    running count (one scatter, whose surplus writes go to a slot cut off)."""
+    batch, tokens = order.shape
+    positions = torch.arange(tokens, device=order.device).expand(batch, tokens)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    kept = rank >= r
+    # kept tokens up to each one: a masked sum over the positions before it (a reduction every compiler fuses,
+    # where a cumsum is a scan that Inductor's CPU backend leaves to an eager call), M^2 per sample for M ~ N/2
+    before = positions[0, None, :] <= positions[0, :, None]
+    slot = torch.where(kept, (kept[:, None, :] & before).sum(dim=-1) - 1, tokens - r)
+    return order.new_zeros(batch, tokens - r + 1).scatter_(1, slot, positions)[:, : tokens - r]
 
 
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx, protected: int,
