@@ -39,7 +39,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), fa
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
-    vision_encoder = config.vision is not None and result.match is not None and result.context.language is None
+    vision_encoder = config.vision is not None and result.match is not None and result.context.vlm.language is None
     if config.regional and vision_encoder:
         try:
             return compile_by_regions(result, example_inputs)

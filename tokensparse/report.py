@@ -133,10 +133,10 @@ def explain(model, *inputs, config: Optional[Config] = None, **options) -> Repor
     report.notes += result.match.notes
     if isinstance(result.match, LanguageModelMatch):
         return _explain_language_model(report, result, original, example)
-    if result.context is not None and result.context.language is not None:   # vision= in a VLM's tower
+    if result.context is not None and result.context.vlm.language is not None:   # vision= in a VLM's tower
         report.found += [f"vision tower: {message}" for name, message in result.context.changes
                          if name in ("merge_tokens", "prune_tokens", "tower_feature_rows")]
-        tower_result = dataclasses.replace(result, match=result.context.language)
+        tower_result = dataclasses.replace(result, match=result.context.vlm.language)
         return _explain_language_model(report, tower_result, original, example)
     paths = [block.path for block in result.match.blocks]
     fake_mode = detect_fake_mode(example)
@@ -167,7 +167,7 @@ def _explain_language_model(report: Report, result: RewriteResult, original, exa
     after, shapes = (flops_by_block_running(result.gm, example, paths, queries) if result.changed
                      else (before, {q: (0, 0, match.sequence) for q in queries}))
     tokens = [shapes[q][2] for q in queries] + [None]
-    acted = set(result.context.acted_layers) if result.context else set()
+    acted = set(result.context.vlm.acted_layers) if result.context else set()
     for layer in match.layers:
         site = layer.site
         report.blocks.append(BlockRow(layer.index, layer.path, site.module_path, site.kind, match.sequence,

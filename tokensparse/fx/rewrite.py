@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from tokensparse.config import NO_FACTS, CallerFacts, Config
 from tokensparse.fx.passes import KV_CHECKS, KV_PASSES, PASSES, PRUNED_STATIC_DECODE_PASSES
-from tokensparse.fx.passes.context import PassContext
+from tokensparse.fx.passes.context import CacheState, CallerSide, LanguageModelState, PassContext
 from tokensparse.fx.passes.fake import detect_fake_mode, fake_inputs
 from tokensparse.fx.patterns import ModelMatch, match_vision_encoder
 from tokensparse.pipeline import MatchFailure, run_passes
@@ -143,10 +143,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
         return RewriteResult(gm, False, "nothing to reduce with these options", match)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
-                      fake_inputs(example_inputs, fake_mode), fake_mode, language=match if language else None,
-                      decode_masks_follow_cache=facts.decode_masks_follow_cache)
+                      fake_inputs(example_inputs, fake_mode), fake_mode,
+                      CallerSide(masks_follow_cache=facts.decode_masks_follow_cache),
+                      LanguageModelState(language=match if language else None))
     if tower is not None:
-        ctx.language, ctx.tower_features, ctx.llm = tower[0], tower[1], config.llm
+        ctx.vlm.language, ctx.vlm.tower_features, ctx.vlm.llm = tower[0], tower[1], config.llm
     ctx.original_output_shapes = output_shapes(work)
     try:
         work = run_fx_passes(PASSES, work, ctx)
@@ -166,7 +167,7 @@ def _without_image(gm: fx.GraphModule, example_inputs, config: Config, reason: s
     work = copy_graph_module(gm)
     fake_mode = detect_fake_mode(example_inputs)
     ctx = PassContext(config.policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode,
-                      decode_masks_follow_cache=True)
+                      CallerSide(masks_follow_cache=True))
     ctx.original_output_shapes = output_shapes(work)
     try:
         work = run_fx_passes(PRUNED_STATIC_DECODE_PASSES, work, ctx)
@@ -239,9 +240,8 @@ def rewrite_kv_cache(gm: fx.GraphModule, example_inputs, policy: KVPolicy, warn:
     except MatchFailure as failure:
         return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence, unmatched=True)
     fake_mode = detect_fake_mode(example_inputs)
-    ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode, cache_sites=sites,
-                      decode_masks_follow_cache=kv_masks_follow_cache, pruned_and_evicted=pruned,
-                      sliding_windows=sliding_windows)
+    ctx = PassContext(policy, [], 0, fake_inputs(example_inputs, fake_mode), fake_mode,
+                      CallerSide(kv_masks_follow_cache, sliding_windows, pruned), kv=CacheState(sites))
     ctx.original_output_shapes = output_shapes(work)
     try:
         work = run_fx_passes(KV_PASSES, work, ctx)

@@ -17,30 +17,57 @@ STANDS_FOR = "tokensparse_stands_for"
 
 
 @dataclass
+class CallerSide:
+    """What the caller does around the graph, as the passes read it (config.CallerFacts): whether the decode masks
+    follow each layer's pruned or evicted cache (tokensparse.compile() and the ONNX generation pair cut them), each
+    decoder layer's sliding window, and whether a language-model policy pruned the layers a KV policy evicts."""
+
+    masks_follow_cache: bool = False
+    sliding_windows: tuple = ()                # each decoder layer's window (0: full)
+    pruned_and_evicted: bool = False
+
+
+@dataclass
+class LanguageModelState:
+    """A vision-language model's graph: its language model, and what the tower and sequence passes found and cut."""
+
+    language: Optional[object] = None          # patterns.language_model.LanguageModelMatch
+    acted_layers: list = field(default_factory=list)     # decoder layers that a cut comes before
+    feature_rows: Optional[tuple] = None       # VisionZip: (kept encoder rows node, rows cut before the projector,
+    #                                            features)
+    # A vision-encoder policy (ToMe, TopK) in a VLM's tower: the features it hands the projector
+    # (patterns.vision_features.VisionFeatures), and the language-model policy applied after it (or None).
+    tower_features: Optional[object] = None
+    llm: Optional[Policy] = None
+
+
+@dataclass
+class CacheState:
+    """A decoder graph's KV cache, for a KV-cache policy."""
+
+    sites: Optional[list] = None               # patterns.kv_cache.CacheSite per attention
+
+
+@dataclass
 class PassContext:
+    """What the passes share, by concern: the policy and the matched blocks, the caller's side, a VLM's language
+    model, a decoder's cache, and what the passes changed."""
+
     policy: Policy
     blocks: list[Block]
     prefix_tokens: int
     fake_inputs: list
     fake_mode: object
+    caller: CallerSide = field(default_factory=CallerSide)
+    vlm: LanguageModelState = field(default_factory=LanguageModelState)
+    kv: CacheState = field(default_factory=CacheState)
     # Filled by the passes:
     tokens_in: dict = field(default_factory=dict)        # block index -> tokens entering it after rewrite
     size_nodes: dict = field(default_factory=dict)       # block index -> ToMe size node its attention sees
-    acted_blocks: list = field(default_factory=list)    # block indices where a policy step was inserted
-    acted_layers: list = field(default_factory=list)    # decoder layers of a VLM that a cut comes before
+    acted_blocks: list = field(default_factory=list)    # block indices (or layer paths) where a step was inserted
     changes: list = field(default_factory=list)
     original_output_shapes: Optional[list] = None
     propagated: bool = False        # every node's meta["val"] is fresh from a FakeTensor run
-    language: Optional[object] = None   # patterns.language_model.LanguageModelMatch for a VLM's language model
-    cache_sites: Optional[list] = None  # patterns.kv_cache.CacheSite per attention, for a KV-cache policy
-    decode_masks_follow_cache: bool = False   # the caller's masks follow the cache (config.CallerFacts)
-    pruned_and_evicted: bool = False          # a language-model policy's pruned layers, then a KV policy's eviction
-    sliding_windows: tuple = ()               # CallerFacts.sliding_windows: each decoder layer's window (0: full)
-    feature_rows: Optional[tuple] = None  # VisionZip: (kept encoder rows node, rows cut before the projector, features)
-    # A vision-encoder policy (ToMe, TopK) in a VLM's tower: the features it hands the projector
-    # (patterns.vision_features.VisionFeatures), and the language-model policy applied after it (or None).
-    tower_features: Optional[object] = None
-    llm: Optional[Policy] = None
 
     def record(self, pass_name: str, message: str) -> None:
         self.changes.append((pass_name, message))
@@ -48,12 +75,12 @@ class PassContext:
 
     @property
     def depth(self) -> int:
-        return len(self.language.layers) if self.language is not None else len(self.blocks)
+        return len(self.vlm.language.layers) if self.vlm.language is not None else len(self.blocks)
 
     @property
     def tokens(self):
         """The token count entering the first block (or decoder layer) as traced."""
-        return self.language.sequence if self.language is not None else self.blocks[0].tokens
+        return self.vlm.language.sequence if self.vlm.language is not None else self.blocks[0].tokens
 
 
 def replace_uses_except(node: fx.Node, replacement: fx.Node, keep: Optional[set] = None) -> None:

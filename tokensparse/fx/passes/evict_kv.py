@@ -38,16 +38,16 @@ def evict_kv_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.policy.stage != "kv":
         return gm
     output = gm.graph.find_nodes(op="output")[0]
-    queries = ctx.cache_sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
+    queries = ctx.kv.sites[0].query_length        # layer 0 sees every new token: > 1 in a prefill
     at_slots = _at_cache_positions(ctx)
-    if ctx.cache_sites[0].static is not None:
+    if ctx.kv.sites[0].static is not None:
         return _evict_static(gm, ctx, output, queries)
-    sliding = next((site.path for site in ctx.cache_sites if site.windows is not None), None)
-    if sliding is not None and not ctx.decode_masks_follow_cache:
+    sliding = next((site.path for site in ctx.kv.sites if site.windows is not None), None)
+    if sliding is not None and not ctx.caller.masks_follow_cache:
         raise MatchFailure(f"{sliding}: its cache keeps a sliding window of the keys (a sliding-window layer, such as "
                            f"Mistral's sliding_window), whose evicted positions stay right only while every position "
                            f"fits the window: evict through tokensparse.compile(model, config), which checks that")
-    for site, window in zip(ctx.cache_sites, site_windows(ctx)):
+    for site, window in zip(ctx.kv.sites, site_windows(ctx)):
         if at_slots:
             if window or site.windows is not None or site.positions is not None:
                 raise ValueError(f"kv={ctx.policy.name}(positions='cache') on a model with sliding-window layers is "
@@ -97,7 +97,7 @@ def _at_cache_positions(ctx: PassContext) -> bool:
         raise ValueError(f"kv={policy.name}(positions='cache') needs tokensparse.compile(model, config), whose forward "
                          f"gives the new tokens their cache positions and whose policy carries the model's RoPE "
                          f"frequencies (torch.compile(backend='tokensparse') and the ONNX exports do not)")
-    if ctx.cache_sites[0].static is not None:
+    if ctx.kv.sites[0].static is not None:
         raise ValueError(f"kv={policy.name}(positions='cache') with a StaticCache is not supported: use a DynamicCache "
                          f"(generate()'s default)")
     return True
@@ -144,16 +144,16 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
     their count, so decode steps write after them; every decode step's attention sees the filled slots up
     to its own (generate()'s mask follows positions, which no longer equal slots)."""
     policy = ctx.policy
-    if policy.scored and any(site.static.scores is None for site in ctx.cache_sites):
+    if policy.scored and any(site.static.scores is None for site in ctx.kv.sites):
         raise MatchFailure(f"{policy.name} accumulates attention per cached slot and this StaticCache carries no "
                            f"scores: pass past_key_values=tokensparse.ScoredStaticCache(model.config, max_cache_len)")
     if not policy.static_cache_form:
         raise MatchFailure(f"{policy.name} has no StaticCache form yet (use a DynamicCache)")
-    if not ctx.decode_masks_follow_cache:
+    if not ctx.caller.masks_follow_cache:
         raise MatchFailure("evicting from a StaticCache needs tokensparse.compile(model, config), whose decode steps "
                            "attend over each layer's filled slots (with a padded batch's padding from the mask over "
                            "positions it hands them)")
-    for site in ctx.cache_sites:
+    for site in ctx.kv.sites:
         buffers = site.static
         if not buffers.created:
             padding = decode_slot_padding(gm.graph, site.attention.node, buffers.slots, buffers.keys, True,
@@ -216,7 +216,7 @@ def _padding(graph: fx.Graph, point: fx.Node, site: CacheSite, ctx: PassContext,
     positions, the positions no query sees (its last query does not see those before its window)."""
     if site.attention.mask is None:
         return None
-    if not ctx.decode_masks_follow_cache:
+    if not ctx.caller.masks_follow_cache:
         raise MatchFailure(f"{site.path}: its attention has a mask (a padded batch), and generate() would build the "
                            f"decode masks for the full-length cache: evict from padded batches through "
                            f"tokensparse.compile(model, config), which gives each layer the mask of its evicted cache")
@@ -229,7 +229,7 @@ def _entered(site: CacheSite, ctx: PassContext):
     """A counting StaticCache layer's count of entered positions, which a padded batch's decode masks need
     after a language-model policy pruned the layer (runtime/static_cache.py: slot_padding); None otherwise (a
     KV policy alone reads the real positions from the mask, which may cover only the last max_len positions)."""
-    if not ctx.pruned_and_evicted:
+    if not ctx.caller.pruned_and_evicted:
         return None
     entered = entered_count(static_write(site.attention.k))
     if entered is None and handed_position_mask(site.attention.node) is not None:

@@ -32,14 +32,14 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     # gather every token-indexed tensor that the later layers read: the residual stream, RoPE cos/sin, attention
     # masks. Kept tokens keep their original positions, or with positions="compact" take consecutive ones (the RoPE
     # tables' last rows).
-    policy = ctx.llm if ctx.tower_features is not None else ctx.policy
+    policy = ctx.vlm.llm if ctx.vlm.tower_features is not None else ctx.policy
     stages = _tower_stage(ctx) + (policy.stages() if policy is not None and policy.stage == "llm" else [])
     if not stages:
         return gm
-    lm: LanguageModelMatch = ctx.language
+    lm: LanguageModelMatch = ctx.vlm.language
     graph = gm.graph
     static = any(is_op(node, "index_copy_") for layer in lm.layers for node in layer.nodes)
-    if static and not ctx.decode_masks_follow_cache:
+    if static and not ctx.caller.masks_follow_cache:
         raise MatchFailure("the decoder layers write a StaticCache, whose decode masks follow positions that the "
                            "pruned layers no longer hold; prune into a StaticCache through tokensparse.compile(model, "
                            "config), whose decode steps attend over each layer's filled slots")
@@ -54,11 +54,11 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
         order = {node: position for position, node in enumerate(graph.nodes)}
         point = min(layer.nodes, key=order.__getitem__)
-        riders = _riders(graph, inside, lm.sequence, lm.returns_cache and not ctx.decode_masks_follow_cache)
+        riders = _riders(graph, inside, lm.sequence, lm.returns_cache and not ctx.caller.masks_follow_cache)
         stream = _stream_into(layer, riders)
         if mask is None:
             mask = _vision_mask(graph, point, lm, getattr(policy, "vision_span", None), stream)
-        kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.feature_rows)
+        kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.vlm.feature_rows)
         rotary = _rotary_tables(riders) if compact else set()
         for rider, axes in riders:
             follow = last_tokens if rider in rotary else gather_tokens
@@ -66,7 +66,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             replace_uses_except(rider, moved, keep={user for user in rider.users if user not in inside})
         mask = insert_call(graph, point, gather_tokens, (mask, kept, (1,)))
         ctx.acted_blocks.append(stage.layer)
-        ctx.acted_layers.append(stage.layer)
+        ctx.vlm.acted_layers.append(stage.layer)
         kept_what = {"encoder_attention": "the encoder's kept rows",
                      "temporal": f"those not within cosine {stage.keep:g} of their previous frame"}
         renumbered = f"; compact positions from {', '.join(node.name for node in rotary)}" if compact else ""
@@ -111,7 +111,7 @@ def _write_first_slots(graph: fx.Graph, layer: DecoderLayer) -> None:
 
 def _tower_stage(ctx: PassContext) -> list[Stage]:
     """Before layer 0, the image positions that the tokens left by a vision-encoder policy in the tower fill."""
-    return [Stage(0, 1.0, "encoder_attention")] if ctx.tower_features is not None else []
+    return [Stage(0, 1.0, "encoder_attention")] if ctx.vlm.tower_features is not None else []
 
 
 def _riders(graph: fx.Graph, inside: set, sequence, refuse_padding: bool) -> list[tuple[fx.Node, tuple]]:

@@ -217,7 +217,7 @@ def _keeps_numel(sizes: list, old_in: tuple, new_in: tuple, preserve_numel: bool
 def rederive_sizes_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Fix token-count literals downstream of every cut, checking each node with fake tensors."""
     old_shapes = {node: shape_of(node) for node in gm.graph.nodes}
-    rederiver = _SizeRederiver(gm, old_shapes, ctx.tokens if ctx.language is not None or ctx.blocks else None)
+    rederiver = _SizeRederiver(gm, old_shapes, ctx.tokens if ctx.vlm.language is not None or ctx.blocks else None)
     with fake_propagation(ctx.fake_mode):
         rederiver.run(*ctx.fake_inputs)
     ctx.propagated = True

@@ -17,7 +17,7 @@ from tokensparse.fx.patterns.kv_cache import CacheSite
 def sliding_positions_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Mask each sliding-window layer (Jiang et al. 2023) by its entries' positions, not cache slots."""
     # Narrow each sliding-window layer's attention mask to the window over its entries' positions.
-    for site, window in zip(ctx.cache_sites, site_windows(ctx)):
+    for site, window in zip(ctx.kv.sites, site_windows(ctx)):
         if not window or site.positions is None:
             continue                # a full layer, or a cache without positions (refused past the window)
         before = _mask_reader(site)
@@ -35,12 +35,12 @@ def site_windows(ctx: PassContext) -> list[int]:
     """The sliding window of each cache site's layer (0 for a full-attention layer): CallerFacts.sliding_windows,
     one per decoder layer, which tokensparse.compile() hands over for a model with sliding-window layers; all 0
     without."""
-    windows = ctx.sliding_windows
+    windows = ctx.caller.sliding_windows
     if not windows:
-        return [0] * len(ctx.cache_sites)
-    if len(windows) != len(ctx.cache_sites):
+        return [0] * len(ctx.kv.sites)
+    if len(windows) != len(ctx.kv.sites):
         raise MatchFailure(f"the model has {len(windows)} decoder layers with sliding windows {list(windows)} but this "
-                           f"graph has {len(ctx.cache_sites)} cache sites, so they cannot be paired")
+                           f"graph has {len(ctx.kv.sites)} cache sites, so they cannot be paired")
     return list(windows)
 
 

@@ -19,7 +19,7 @@ def tower_feature_rows_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMod
     """A VLM tower's ToMe/TopK steps (Bolya et al. 2023; Liang et al. 2022) on its tokens' patch rows."""
     # After each ToMe merge or TopK prune in the tower, the same step on a [B, N, N] identity (the tokens' source
     # rows); at the feature layer, tokensparse::features_at_source_rows on the projector's side only.
-    features = ctx.tower_features
+    features = ctx.vlm.tower_features
     if features is None:
         return gm
     graph = gm.graph
@@ -41,7 +41,7 @@ def tower_feature_rows_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMod
     rows = insert_call(graph, features.user, operator.getitem, (placed, 1))
     replace_uses_except(features.output, full, keep={user for user in features.output.users
                                                      if user is not features.user})
-    ctx.feature_rows = (rows, features.offset, features.tokens - features.offset)
+    ctx.vlm.feature_rows = (rows, features.offset, features.tokens - features.offset)
     ctx.record("tower_feature_rows", f"{features.layer_path}: each of its tokens fills the image position of its "
                                      f"first source patch")
     return gm

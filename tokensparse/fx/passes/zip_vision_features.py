@@ -21,7 +21,7 @@ def zip_vision_features_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMo
     # still read the original), and leave its kept rows for the language-model pass.
     if ctx.policy.stage != "llm" or not ctx.policy.stage_in_tower:
         return gm
-    features = find_vision_features(gm, ctx.language)
+    features = find_vision_features(gm, ctx.vlm.language)
     tokens = features.tokens
     prefix_in_features = features.offset < features.prefix
     if features.offset not in (0, features.prefix):
@@ -36,7 +36,7 @@ def zip_vision_features_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphMo
     rows = insert_call(graph, features.user, operator.getitem, (zipped, 1))
     replace_uses_except(features.output, hidden, keep={user for user in features.output.users
                                                        if user is not features.user})
-    ctx.feature_rows = (rows, features.offset, tokens - features.offset)
+    ctx.vlm.feature_rows = (rows, features.offset, tokens - features.offset)
     ctx.record("zip_vision_features", f"{features.layer_path}: {dominant} dominant + {ctx.policy.contextual} "
                                       f"contextual of {tokens - features.prefix} patch tokens")
     return gm

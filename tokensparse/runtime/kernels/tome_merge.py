@@ -3,7 +3,7 @@ output rows. Prefix and unmerged A rows are copies; a B row is its own size-weig
 rows matched to it, divided by the summed sizes. The merged A rows are found by comparing the tile's B rows
 with every match's destination (a 0/1 [rows, matches] tile times the matches' weighted rows), so there are
 no atomics and the sums are deterministic. One launch, in TensorRT's plugin calling convention (inputs, then
-the sizes as int32 scalars, then outputs: tokensparse/export/trt_aot.py). The matching (a [N/2, N/2]
+the sizes as int32 scalars, then outputs: tokensparse/deploy/trt_aot.py). The matching (a [N/2, N/2]
 similarity and its max; the r best edges are topk_select.py's split) comes before it."""
 
 from __future__ import annotations

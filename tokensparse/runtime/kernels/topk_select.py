@@ -6,7 +6,7 @@ index, as in ONNX TopK and tokensparse.policies.selection.top_k_in_order (the re
 every input, -0 == +0 and NaN above +inf included; half and bfloat16 scores compare exactly as float32).
 Every pass walks the row in tiles, so any token count compiles to one small kernel.
 The selection is one launch in TensorRT's plugin calling convention (inputs, then the sizes as int32
-scalars, then outputs: tokensparse/export/trt_aot.py)."""
+scalars, then outputs: tokensparse/deploy/trt_aot.py)."""
 
 from __future__ import annotations
 
