@@ -28,13 +28,12 @@ class Config:
     cudagraphs: bool = False
 
     def __post_init__(self):
-        if self.vision is not None and (not isinstance(self.vision, Policy)
-                                        or isinstance(self.vision, (LanguagePolicy, KVPolicy))):
+        if self.vision is not None and (not isinstance(self.vision, Policy) or self.vision.stage != "vision"):
             raise ValueError(f"vision={self.vision!r} must be a vision-encoder policy such as tokensparse.ToMe(r=8)")
-        if self.llm is not None and not isinstance(self.llm, LanguagePolicy):
+        if self.llm is not None and (not isinstance(self.llm, Policy) or self.llm.stage != "llm"):
             raise ValueError(f"llm={self.llm!r} must be a language-model policy such as "
                              f"tokensparse.FastV(layer=2, keep=0.25)")
-        if self.kv is not None and not isinstance(self.kv, KVPolicy):
+        if self.kv is not None and (not isinstance(self.kv, Policy) or self.kv.stage != "kv"):
             raise ValueError(f"kv={self.kv!r} must be a KV-cache policy such as tokensparse.SnapKV(budget=512)")
         if self.vision is not None and self.llm is not None and self.llm.stage_in_tower:
             raise ValueError(f"vision={self.vision.name} and llm={self.llm.name} together are not supported: both "
@@ -106,7 +105,7 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
     if isinstance(options, Config):
         return options
     if isinstance(options, Policy):
-        slot = "llm" if isinstance(options, LanguagePolicy) else "kv" if isinstance(options, KVPolicy) else "vision"
+        slot = options.stage
         raise ValueError(f"got the policy {options!r} where a Config or an options dict goes: pass "
                          f"tokensparse.Config({slot}={options!r})")
     if isinstance(options, str):
@@ -133,8 +132,4 @@ def config_from_options(options: Optional[Mapping[str, Any]]) -> Config:
         allowed = sorted({f.name for f in dataclasses.fields(type(policy))} | set(BACKEND_OPTIONS))
         raise ValueError(f"option {sorted(options)[0]!r} is unknown for policy {policy.name!r}: "
                          f"allowed options are {allowed}")
-    if isinstance(policy, LanguagePolicy):
-        return Config(llm=policy, **backend_options)
-    if isinstance(policy, KVPolicy):
-        return Config(kv=policy, **backend_options)
-    return Config(vision=policy, **backend_options)
+    return Config(**{policy.stage: policy}, **backend_options)

@@ -13,14 +13,13 @@ def check_generation(model, policy, result, inputs: dict, console, new_tokens: i
     import torch
 
     from tokensparse.export.onnx_generate import generate_onnx
-    from tokensparse.policies import KVPolicy
     from tokensparse.reference.kv import evicted_generate
     from tokensparse.reference.llava import masked_generate
 
     got = generate_onnx(result.directory, {name: value.numpy() for name, value in inputs.items()}, new_tokens)
     greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
-    if isinstance(policy, KVPolicy):
+    if policy is not None and policy.stage == "kv":
         want, _ = evicted_generate(model, inputs, policy, **greedy)
         against = "generate() with the evicting reference"
     else:

@@ -22,7 +22,7 @@ from tokensparse.fx.patterns.graph import is_op, op_name, output_shapes
 from tokensparse.fx.patterns.kv_cache import continues_a_cache, find_cache_sites
 from tokensparse.fx.patterns.language_model import LanguageModelMatch, has_image_input, match_language_model
 from tokensparse.fx.patterns.vision_features import find_vision_features
-from tokensparse.policies import KVPolicy, LanguagePolicy
+from tokensparse.policies import KVPolicy
 from tokensparse.warn import UNCHANGED, TokensparseWarning, warn_once, warnings_for  # noqa: F401 (re-exported)
 
 
@@ -103,7 +103,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     # With kv= beside it, the KV policy may still change this graph.
     consequence = UNCHANGED if config.kv is None else f"{policy.name} is not applied to this graph"
     work = copy_graph_module(gm)
-    language = isinstance(policy, LanguagePolicy)
+    language = policy.stage == "llm"
     tower = None
     if not language and not has_image_input(gm) and _holds_kv_cache(work):
         # Decode steps and text-only prompts of a VLM: no vision encoder here, nothing to warn about.
