@@ -127,14 +127,13 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
             return _without_image(gm, example_inputs, config, f"no image in this graph ({failure.reason})", warn,
                                   facts)
         return _unchanged(gm, example_inputs, failure.reason, warn, consequence=consequence, unmatched=True)
-    if hasattr(policy, "check_depth"):
-        try:
-            policy.check_depth(match.depth)
-        except ValueError as error:
-            if tower is None:
-                raise
-            raise ValueError(f"{error}: the vision tower's blocks up to {tower[1].layer_path}, whose output the "
-                             f"language model receives") from None
+    try:
+        policy.check_depth(match.depth)
+    except ValueError as error:
+        if tower is None:
+            raise
+        raise ValueError(f"{error}: the vision tower's blocks up to {tower[1].layer_path}, whose output the "
+                         f"language model receives") from None
     if tower is not None and config.llm is not None:
         config.llm.check_depth(tower[0].depth)
     if policy.is_identity(match.depth):

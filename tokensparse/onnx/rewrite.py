@@ -140,8 +140,7 @@ def _rewrite(model: ir.Model, policy, report: OnnxRewrite) -> None:
         raise MatchFailure("no attention found (MatMul-Softmax-MatMul with optional scale, mask and NaN guard)")
     blocks, skipped = find_blocks(attentions)
     report.blocks, report.notes = len(blocks), report.notes + skipped
-    if hasattr(policy, "check_depth"):
-        policy.check_depth(len(blocks))
+    policy.check_depth(len(blocks))
     prefix = policy.prefix_tokens
     if prefix is None:
         prefix = find_prefix_tokens(model.graph, blocks[0].tokens)

@@ -42,7 +42,3 @@ class TowerStep:
     def arguments(self, values: dict) -> tuple:
         """The op's (or function's) arguments, the block's values taken from `values` by name."""
         return tuple(values[item.name] if isinstance(item, BlockValue) else item for item in self.inputs)
-
-    def reads(self, name: str) -> bool:
-        """Whether the step reads the block value `name`."""
-        return any(isinstance(item, BlockValue) and item.name == name for item in self.inputs)

@@ -162,7 +162,8 @@ def _evict_static(gm: fx.GraphModule, ctx: PassContext, output: fx.Node, queries
             ctx.acted_blocks.append(site.path)
             ctx.record("evict_kv", f"{site.path}: attends over the StaticCache's filled slots"
                                    f"{' but its padding' if padding is not None else ''}")
-            step = policy.static_decode_step(buffers, _site_inputs(gm.graph, output, site, padding=padding))
+            step = policy.static_decode_step(buffers, _site_inputs(gm.graph, output, site, padding=padding,
+                                                                   prefill=False))
             if step is not None:
                 target, arguments, does = step
                 insert_call(gm.graph, site.attention.node.next, target, arguments)
