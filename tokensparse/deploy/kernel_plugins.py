@@ -2,7 +2,7 @@
 kernel's pointer parameters are inputs and which outputs, the output shapes, and how the kernel is
 launched from the shapes: the grid and the int32 scalars TensorRT passes between the inputs and the
 outputs. trt_plugins.py hands this to TensorRT's AOT plugin API; launch_like_tensorrt runs the same launch
-on any device Triton runs on (the CPU under TRITON_INTERPRET=1), which is how it is tested here."""
+on any device Triton runs on (the CPU under TRITON_INTERPRET=1, as the tests run it)."""
 
 from __future__ import annotations
 
