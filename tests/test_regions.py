@@ -41,9 +41,26 @@ def test_split_graph_equals_rewritten_graph(family):
 def test_tome_blocks_after_the_first_share_one_compile():
     result, _ = _rewritten("timm_vit", ToMe(r=2), depth=5)
     plan = regions.plan_regions(result.gm, result.match.blocks)
-    # Block 0 sees the static token count, the last block returns no sizes: both differ from 1..3.
+    # Block 0 sees the static token count; the last block returns no sizes (nothing reads them), so it runs the
+    # compile of blocks 1..3 and keeps its first output.
     assert plan.groups == [["submod_0"], ["submod_1"], ["submod_2", "submod_3", "submod_4"], ["submod_5"],
                            ["submod_6"]]
+    assert plan.lenders == {3: (2, regions.OutputSelection((0,), single=True))}
+    assert plan.compiles == 4
+
+
+def test_a_region_returning_fewer_values_borrows_only_an_equal_graph():
+    def traced(fn):
+        gm = torch.fx.symbolic_trace(fn)
+        gm.graph.find_nodes(op="placeholder")[0].meta["val"] = torch.empty(3, 4)
+        return gm
+
+    both = traced(lambda x: (x.relu() + 1, x.sum(-1)))
+    assert regions.outputs_served_by(both, traced(lambda x: x.relu() + 1)) == regions.OutputSelection((0,), True)
+    assert regions.outputs_served_by(both, traced(lambda x: (x.sum(-1),))) == regions.OutputSelection((1,), False)
+    assert regions.outputs_served_by(both, traced(lambda x: x.relu() + 2)) is None
+    assert regions.outputs_served_by(both, traced(lambda x: (x.relu() + 1, x.sum(-1)))) is None
+    assert regions.OutputSelection((1,), True).pick(("a", "b")) == "b"
 
 
 def test_topk_groups_plain_and_pruning_blocks_apart():
@@ -91,7 +108,7 @@ def test_backend_compiles_one_region_per_group(compile_fx_eager):
         warnings.simplefilter("error", TokensparseWarning)
         with torch.no_grad():
             got = main_outputs(compiled(pixels))
-    assert len(compile_fx_eager) == 5          # before, block 0, blocks 1-3, block 4, after
+    assert len(compile_fx_eager) == 4          # before, block 0, blocks 1-4 (block 4 keeps one output), after
     want = reference_forward(model, pixels, policy)
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], atol=1e-5, rtol=1e-5)

@@ -39,6 +39,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), fa
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
+    from tokensparse.inductor_cache import cacheable
     vision_encoder = config.vision is not None and result.match is not None and result.context.vlm.language is None
     if config.regional and vision_encoder:
         try:
@@ -46,7 +47,7 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), fa
         except Exception as error:  # noqa: BLE001 - any failure here has a correct fallback, said once
             _warn_regions_failed(f"{type(error).__name__}: {error}")
     inline_policy_steps(result.gm)
-    with allow_symbolic_token_counts(result.context.fake_mode):
+    with allow_symbolic_token_counts(result.context.fake_mode), cacheable(result.gm):
         return compile_fx(result.gm, example_inputs)
 
 
@@ -61,11 +62,14 @@ def _with_cuda_graphs(gm, example_inputs, config, facts: CallerFacts):
     from tokensparse.runtime.ops import static_token_counts
 
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
+    from tokensparse.inductor_cache import cacheable
+
     with static_token_counts():
         result = rewrite_with_kv(gm, example_inputs, config, facts)
         note_found(result.changed or result.match is not None)
-        return compile_fx(inline_policy_steps(result.gm), example_inputs,
-                          config_patches={"triton.cudagraphs": True})
+        inline_policy_steps(result.gm)
+        with cacheable(result.gm):
+            return compile_fx(result.gm, example_inputs, config_patches={"triton.cudagraphs": True})
 
 
 def compile_by_regions(result: RewriteResult, example_inputs):
@@ -75,6 +79,7 @@ def compile_by_regions(result: RewriteResult, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
     from tokensparse.fx.passes.fake import fake_inputs
+    from tokensparse.inductor_cache import cacheable
     from tokensparse.regions import compile_regions_symbolically, plan_regions
 
     fake_mode = result.context.fake_mode
@@ -82,7 +87,7 @@ def compile_by_regions(result: RewriteResult, example_inputs):
     def compile_region(region, symbolic):
         # Each region gets its own tracing context (compile_fx keeps per-graph metadata there) over the fake
         # mode whose shape environment holds the region's symbolic sizes.
-        with tracing(TracingContext(symbolic.fake_mode)):
+        with tracing(TracingContext(symbolic.fake_mode)), cacheable(region):
             return compile_fx(region, symbolic.inputs)
 
     plan = plan_regions(result.gm, result.match.blocks)

@@ -5,12 +5,14 @@ Blocks after a token cut see a data-dependent (unbacked) token count, so a block
 them is size-generic: Inductor binds the count from the input's shape at run time and cannot
 specialise on it. Blocks are shared only when their graphs are identical node for node and their inputs
 agree in dtype, device, rank, every static or backed-symbolic size and stride, and the pattern of their
-unbacked sizes."""
+unbacked sizes. A region that returns fewer values than another (the last block, whose token sizes nothing
+reads) borrows that one's compile when the other, cut down to those values, is the same graph."""
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import sympy
@@ -27,28 +29,49 @@ log = logging.getLogger("tokensparse")
 RegionCompiler = Callable[[fx.GraphModule, list], Callable]
 
 
+@dataclass(frozen=True)
+class OutputSelection:
+    """Which of a lender region's outputs a borrowing region returns (`single`: one value, not a tuple)."""
+
+    indices: tuple[int, ...]
+    single: bool
+
+    def pick(self, outputs):
+        return outputs[self.indices[0]] if self.single else tuple(outputs[i] for i in self.indices)
+
+
 @dataclass
 class RegionPlan:
     """The split graph and its regions grouped by structure (one compile per group)."""
 
     split: fx.GraphModule
     groups: list[list[str]]          # submodule names; the first of each group is compiled
+    # group index -> (the earlier group whose compile it runs, the outputs it keeps)
+    lenders: dict[int, tuple[int, OutputSelection]] = field(default_factory=dict)
 
     @property
     def regions(self) -> int:
         return sum(len(group) for group in self.groups)
 
+    @property
+    def compiles(self) -> int:
+        """Compiles when every region satisfies its group's guards."""
+        return len(self.groups) - len(self.lenders)
+
 
 class CompiledRegion(torch.nn.Module):
-    """Stands in the split graph for one region; calls the group's compiled function."""
+    """Stands in the split graph for one region; calls the group's compiled function (keeping `selection`'s
+    outputs of a lender's)."""
 
-    def __init__(self, compiled: Callable, name: str):
+    def __init__(self, compiled: Callable, name: str, selection: OutputSelection | None = None):
         super().__init__()
         self.compiled = compiled
         self.name = name
+        self.selection = selection
 
     def forward(self, *args):
-        return self.compiled(*args)
+        outputs = self.compiled(*args)
+        return outputs if self.selection is None else self.selection.pick(outputs)
 
 
 def split_at_blocks(gm: fx.GraphModule, blocks: list[Block]) -> fx.GraphModule:
@@ -73,7 +96,14 @@ def split_at_blocks(gm: fx.GraphModule, blocks: list[Block]) -> fx.GraphModule:
     # binding for the unbacked token counts our ops create; the regions get them from their inputs' shapes.
     for node in gm.graph.nodes:
         node.meta.pop("example_value", None)
-    return split_module(gm, None, region_of, keep_original_order=True)
+    split = split_module(gm, None, region_of, keep_original_order=True)
+    # Inside each region the values are back where AOTAutograd's cache looks for them (it bypasses, and traces
+    # again, a graph whose method calls have no example value).
+    for region in split.children():
+        for node in region.graph.nodes:
+            if "val" in node.meta:
+                node.meta["example_value"] = node.meta["val"]
+    return split
 
 
 def region_signature(region: fx.GraphModule) -> tuple:
@@ -121,24 +151,65 @@ def _size_key(size, unbacked: dict):
 
 
 def plan_regions(gm: fx.GraphModule, blocks: list[Block]) -> RegionPlan:
-    """Split at the blocks and group regions with equal signatures, in graph order."""
+    """Split at the blocks and group regions with equal signatures, in graph order; a group whose regions
+    return a subset of an earlier group's outputs borrows that group's compile."""
     split = split_at_blocks(gm, blocks)
     groups: dict[tuple, list[str]] = {}
     for node in split.graph.nodes:
         if node.op == "call_module":
             groups.setdefault(region_signature(getattr(split, node.target)), []).append(node.target)
-    return RegionPlan(split, list(groups.values()))
+    plan = RegionPlan(split, list(groups.values()))
+    for index, group in enumerate(plan.groups):
+        for earlier in range(index):
+            if earlier in plan.lenders:
+                continue
+            selection = outputs_served_by(getattr(split, plan.groups[earlier][0]), getattr(split, group[0]))
+            if selection is not None:
+                plan.lenders[index] = (earlier, selection)
+                break
+    return plan
+
+
+def _outputs(region: fx.GraphModule) -> tuple[list, bool]:
+    value = region.graph.output_node().args[0]
+    return (list(value), False) if isinstance(value, (tuple, list)) else ([value], True)
+
+
+def outputs_served_by(lender: fx.GraphModule, region: fx.GraphModule) -> OutputSelection | None:
+    """The outputs of `lender` that compute `region`, if `region` is `lender` returning fewer of its values
+    (cut down to them, dead code removed, the same signature); else None."""
+    lent, lent_single = _outputs(lender)
+    wanted, single = _outputs(region)
+    if lent_single or len(wanted) >= len(lent):
+        return None
+    target = region_signature(region)
+    for indices in itertools.combinations(range(len(lent)), len(wanted)):
+        graph = fx.Graph()
+        copied = graph.graph_copy(lender.graph, {})
+        kept = [copied[i] for i in indices]
+        graph.output(kept[0] if single else tuple(kept))
+        graph.eliminate_dead_code()
+        if region_signature(fx.GraphModule(lender, graph)) == target:
+            return OutputSelection(indices, single)
+    return None
 
 
 def compile_regions(plan: RegionPlan, compile_region: RegionCompiler) -> fx.GraphModule:
-    """Compile the first region of each group and install it for the whole group."""
-    for group in plan.groups:
-        first = getattr(plan.split, group[0])
-        inputs = [node.meta["val"] for node in first.graph.nodes if node.op == "placeholder"]
-        compiled = compile_region(first, inputs)
+    """Compile the first region of each group and install it for the whole group (a borrowing group: its
+    lender's compile, keeping the outputs it returns)."""
+    compiled_groups: dict[int, Callable] = {}
+    for index, group in enumerate(plan.groups):
+        if index in plan.lenders:
+            lender, selection = plan.lenders[index]
+            compiled = compiled_groups[lender]
+        else:
+            first = getattr(plan.split, group[0])
+            inputs = [node.meta["val"] for node in first.graph.nodes if node.op == "placeholder"]
+            compiled, selection = compile_region(first, inputs), None
+            compiled_groups[index] = compiled
         for name in group:
-            setattr(plan.split, name, CompiledRegion(compiled, name))
-    log.info("tokensparse: %d regions compiled as %d", plan.regions, len(plan.groups))
+            setattr(plan.split, name, CompiledRegion(compiled, name, selection))
+    log.info("tokensparse: %d regions compiled as %d", plan.regions, plan.compiles)
     return plan.split
 
 
@@ -233,14 +304,23 @@ def compile_regions_symbolically(plan: RegionPlan, compile_region: Callable, inp
     compiled on its own."""
     concrete = region_inputs(plan, inputs, fake_mode)
     compiled_count = 0
-    for group in plan.groups:
+    first_compiles: dict[int, tuple[Callable, SymbolicInputs]] = {}
+    for index, group in enumerate(plan.groups):
         pending = list(group)
+        if index in plan.lenders:
+            lender, selection = plan.lenders[index]
+            compiled, symbolic = first_compiles[lender]
+            served = [name for name in pending if symbolic.holds_for(concrete[name])]
+            for name in served:
+                setattr(plan.split, name, CompiledRegion(compiled, name, selection))
+            pending = [name for name in pending if name not in served]
         while pending:
             first = getattr(plan.split, pending[0])
             template = [node.meta.get("val") for node in first.graph.nodes if node.op == "placeholder"]
             symbolic = symbolic_inputs(template, concrete[pending[0]])
             compiled = compile_region(first, symbolic)
             compiled_count += 1
+            first_compiles.setdefault(index, (compiled, symbolic))
             served = [name for name in pending if name == pending[0] or symbolic.holds_for(concrete[name])]
             for name in served:
                 setattr(plan.split, name, CompiledRegion(compiled, name))

@@ -99,7 +99,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int, split=
     """
     m = metric[:, protected:]
     m = m / m.norm(dim=-1, keepdim=True)
-    a, b = m[:, ::2], m[:, 1::2]
+    a, b = m[:, ::2].contiguous(), m[:, 1::2].contiguous()
     scores = a @ b.transpose(-1, -2)
     if excluded:
         rows = torch.arange(scores.shape[1], device=scores.device)[None, :, None]

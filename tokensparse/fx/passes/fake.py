@@ -51,11 +51,12 @@ def fake_propagation(fake_mode):
     Python dispatcher on, as dynamo traces, so that meta functions of symbolic shapes (masked_scatter's
     broadcast under a dynamic sequence length) decompose as they did there."""
     from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.fake_tensor import disable_fake_tensor_cache
 
     shape_env = fake_mode.shape_env
     with allow_symbolic_token_counts(fake_mode), fake_mode, enable_python_dispatcher(), \
             (shape_env.ignore_fresh_unbacked_symbols() if shape_env else contextlib.nullcontext()), \
-            _quiet_meta_failures():
+            _quiet_meta_failures(), disable_fake_tensor_cache(fake_mode):
         yield
 
 

@@ -1,0 +1,48 @@
+"""Inductor's caches for graphs that call tokensparse's own functions (the inlined policy steps, the size bias):
+AOTAutograd bypasses its cache for a function it does not know, unless the function is marked cacheable with
+a key. The key is a hash of tokensparse's source, so an edited tokensparse never reuses an entry."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from pathlib import Path
+
+import torch.fx as fx
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 of every Python file of the tokensparse package (names and contents)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def tokensparse_functions(gm: fx.GraphModule) -> set[str]:
+    """The qualified names of the tokensparse functions `gm` calls (submodules included)."""
+    names = set()
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            name = getattr(node.target, "__name__", None)
+            owner = getattr(node.target, "__module__", None) or ""
+            if node.op == "call_function" and name and owner.split(".")[0] == "tokensparse":
+                names.add(f"{owner}.{name}")
+    return names
+
+
+@contextlib.contextmanager
+def cacheable(gm: fx.GraphModule):
+    """Inductor's config, while compiling `gm`, marks the tokensparse functions it calls cacheable."""
+    import torch._inductor.config as inductor_config
+
+    marked = dict(inductor_config.unsafe_marked_cacheable_functions)
+    marked.update({name: source_hash() for name in tokensparse_functions(gm)})
+    with inductor_config.patch(unsafe_marked_cacheable_functions=marked):
+        yield
