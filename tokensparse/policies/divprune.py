@@ -67,16 +67,18 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, dim=1).sort(dim=1).values
 
 
-def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float,
+                  select=divprune_select) -> torch.Tensor:
     """Positions [B, S'] ascending: every text position and the kept_image_count(n, keep) most diverse image
-    positions of features [B, S, D] (every sample holds the same number n of image tokens)."""
+    positions of features [B, S, D] (every sample holds the same number n of image tokens). `select` is
+    divprune_select or a kernel with its signature and result (runtime/kernels/divprune_greedy.py)."""
     from tokensparse.policies.fastv import image_count, kept_image_count, positions_kept
 
     batch, _, channels = features.shape
     count = image_count(image_mask)
     where = image_mask.nonzero()[:, 1].view(batch, count)                           # [B, n] image positions
     images = features.gather(1, where.unsqueeze(-1).expand(-1, -1, channels))
-    chosen = divprune_select(images, kept_image_count(count, keep))
+    chosen = select(images, kept_image_count(count, keep))
     return positions_kept(image_mask, where.gather(1, chosen))
 
 

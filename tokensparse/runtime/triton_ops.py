@@ -8,9 +8,11 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from tokensparse.policies.divprune import divprune_keep
 from tokensparse.policies.tome import tome_step
 from tokensparse.policies.topk import attention_received, join_kept
-from tokensparse.runtime.kernels import tome_merge_kernel, topk_gather, topk_select, topk_split
+from tokensparse.runtime.kernels import (divprune_select_triton, tome_merge_kernel, topk_gather, topk_select,
+                                         topk_split)
 
 
 @triton_op("tokensparse::tome_merge_rows", mutates_args={})
@@ -41,8 +43,14 @@ def topk_prune_triton(x, q, k, scale: float, keep: int, protected: int, fuse: bo
     return join_kept(x, rest, kept, kept_idx, scores, protected, fuse)
 
 
+def keep_diverse_triton(features, image_mask, keep: float):
+    """tokensparse::keep_diverse_vision_tokens with DivPrune's greedy loop in one Triton launch."""
+    return divprune_keep(features, image_mask, keep, select=divprune_select_triton)
+
+
 torch.library.register_kernel("tokensparse::tome_merge", "cuda", tome_merge_triton)
 torch.library.register_kernel("tokensparse::topk_prune", "cuda", topk_prune_triton)
+torch.library.register_kernel("tokensparse::keep_diverse_vision_tokens", "cuda", keep_diverse_triton)
 # The ops that plugins="kernel" exports as plugin nodes run the plugins' own kernels on a GPU.
 torch.library.register_kernel("tokensparse::merge_matches", "cuda", tome_merge_kernel)
 torch.library.register_kernel("tokensparse::select_top_k", "cuda", topk_select)
