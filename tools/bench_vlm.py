@@ -11,6 +11,8 @@ The model: a small CLIP tower (576 image tokens) and a Llama text model (hidden 
 heads, MLP 2816) on a prompt of 32 + 576 + 32 tokens. Prefill is forward(..., logits_to_keep=1), as
 generate() calls it. Every variant is compiled by Inductor through the same forward; speedups are over
 the unpruned one, and "of ideal" divides by the FLOPs-ideal speedup counted by tokensparse.explain.
+"eager ops": the ops dispatched one by one per prefill outside compiled kernels (benchmark.eager_ops_per_forward),
+the CPU-side proxy for a GPU's launch overhead.
 Decode: greedy generate() of --new-tokens tokens, tokens/s and the KV-cache bytes it holds.
 """
 
@@ -84,13 +86,17 @@ def llava_shaped(args):
     return model.to(device, dtype), inputs
 
 
-def print_table(console, title: str, timings: dict, base_name: str, ideal: dict, prefix: str) -> dict:
-    """Medians, speedups over `base_name` and shares of the FLOPs-ideal speedup; returns the rows."""
+def print_table(console, title: str, timings: dict, base_name: str, ideal: dict, prefix: str,
+                eager_ops: dict = None) -> dict:
+    """Medians, speedups over `base_name` and shares of the FLOPs-ideal speedup (and `eager_ops`, name -> ops
+    dispatched per call, where given); returns the rows."""
     from rich.table import Table
 
+    eager_ops = eager_ops or {}
     base = timings[base_name].median_ms
     table = Table(title=title)
-    for column in ("variant", "median ms", "speedup", "FLOPs-ideal", "of ideal", "compile s"):
+    for column in ("variant", "median ms", "speedup", "FLOPs-ideal", "of ideal", "compile s") + (
+            ("eager ops",) if eager_ops else ()):
         table.add_column(column, justify="left" if column == "variant" else "right")
     rows = {}
     for name, timing in timings.items():
@@ -99,8 +105,12 @@ def print_table(console, title: str, timings: dict, base_name: str, ideal: dict,
         share = speedup / ideal[key] if key in ideal else None
         rows[name] = {"median_ms": timing.median_ms, "speedup": speedup, "flops_ideal": ideal.get(key),
                       "of_ideal": share, "compile_s": timing.compile_s}
-        table.add_row(name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{ideal[key]:.2f}x" if share else "",
-                      f"{share:.2f}" if share else "", f"{timing.compile_s:.1f}")
+        cells = [name, f"{timing.median_ms:.1f}", f"{speedup:.2f}x", f"{ideal[key]:.2f}x" if share else "",
+                 f"{share:.2f}" if share else "", f"{timing.compile_s:.1f}"]
+        if eager_ops:
+            rows[name]["eager_ops"] = eager_ops.get(name)
+            cells.append(f"{eager_ops[name]:g}" if name in eager_ops else "")
+        table.add_row(*cells)
     console.print(table)
     return rows
 
@@ -208,7 +218,8 @@ def run(args) -> dict:
     from rich.table import Table
 
     import tokensparse
-    from tokensparse.benchmark import device_description, first_call_seconds, synchronizer, time_side_by_side
+    from tokensparse.benchmark import (device_description, eager_ops_per_forward, first_call_seconds, synchronizer,
+                                       time_side_by_side)
 
     if args.onnx:
         return run_onnx(args)
@@ -234,10 +245,11 @@ def run(args) -> dict:
     base_flops = report.flops_before
     timings = time_side_by_side({name: (lambda *_, fn=fn: fn(), s) for name, (fn, s) in compiled.items()},
                                 (), args.runs, synchronize=synchronize)
+    eager_ops = {name: eager_ops_per_forward(fn, calls=2) for name, (fn, _) in compiled.items()}
     where = device_description(args.device)
     rows = print_table(console, f"LLaVA-shaped prefill, batch {args.batch}, {args.dtype}, {where}, "
                                 f"median of {args.runs} runs ({base_flops / 1e9:.0f} GFLOPs unpruned)",
-                       timings, "inductor (unpruned)", ideal, "tokensparse ")
+                       timings, "inductor (unpruned)", ideal, "tokensparse ", eager_ops)
 
     decode = Table(title=f"greedy generate(), {args.new_tokens} new tokens")
     for column in ("variant", "decode tokens/s", "KV bytes after prefill", "KV bytes at the end"):
