@@ -140,13 +140,38 @@ def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> t
     return first_ranked_positions(order, image_mask, kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep))
 
 
+def fastv_keep_step(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """fastv_keep as compiled code sees it (what inline_steps.py puts in for KEEP_VISION before Inductor): traced,
+    unequal image-token counts fail a runtime check (eagerly image_count's ValueError), since the kept positions
+    would not fill the dense [B, S'] layout, and the kept length is read once from the first sample (a reshape
+    of nonzero's flat result would guard on its divisibility by a symbolic batch)."""
+    if not _traced(image_mask):
+        return fastv_keep(scores, image_mask, keep)
+    counts = image_mask.sum(dim=1, keepdim=True)
+    unequal = (counts != counts[:1]).sum().item()
+    torch.ops.aten._assert_scalar(unequal == 0, "samples hold different numbers of image tokens; pruning inside "
+                                                "the language model needs equal counts per batch")
+    order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
+    kept = _first_ranked(order, image_mask, kept_image_counts(counts, keep))
+    length = kept[:1].sum().item()
+    torch._check(length >= 1)            # as the op's fake says (op_shapes.data_dependent_count)
+    torch._check(length <= kept.shape[1])
+    # a stable sort puts the kept positions first, ascending
+    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
+
+
 def first_ranked_positions(order: torch.Tensor, image_mask: torch.Tensor, counts) -> torch.Tensor:
     """[B, S'] ascending: every text position and the first `counts` (a number, or [B, 1]) image positions of
     each row's ranking `order` [B, S] (a permutation of the positions, image positions first)."""
+    return _ascending_positions(_first_ranked(order, image_mask, counts))
+
+
+def _first_ranked(order: torch.Tensor, image_mask: torch.Tensor, counts) -> torch.Tensor:
+    """[B, S] bool: first_ranked_positions' kept positions."""
     batch, sequence = image_mask.shape
     ranks = torch.arange(sequence, device=order.device).expand(batch, -1)
     rank = torch.empty_like(order).scatter(1, order, ranks)                 # each position's place in the order
-    return _ascending_positions(~image_mask | (rank < counts))
+    return ~image_mask | (rank < counts)
 
 
 def positions_kept(image_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
