@@ -11,14 +11,15 @@ from tests.conftest import main_outputs
 from tests.models import VISION_FAMILIES, build
 from tokensparse import Config, ToMe, TokensparseWarning, TopK
 from tokensparse.capture import capture_graphs
+from tokensparse.config import NO_FACTS, CallerFacts
 from tokensparse.reference import reference_forward
 from tokensparse.fx.rewrite import rewrite_graph
 
 
-def _rewritten(family, policy, depth=5):
+def _rewritten(family, policy, depth=5, facts=NO_FACTS):
     model, pixels = build(family, depth=depth, width=32, heads=2, batch=2)
     [(gm, inputs)] = capture_graphs(model, pixels)
-    result = rewrite_graph(gm, inputs, Config(vision=policy))
+    result = rewrite_graph(gm, inputs, Config(vision=policy), facts=facts)
     assert result.changed, result.reason
     return result, inputs
 
@@ -61,6 +62,44 @@ def test_a_region_returning_fewer_values_borrows_only_an_equal_graph():
     assert regions.outputs_served_by(both, traced(lambda x: x.relu() + 2)) is None
     assert regions.outputs_served_by(both, traced(lambda x: (x.relu() + 1, x.sum(-1)))) is None
     assert regions.OutputSelection((1,), True).pick(("a", "b")) == "b"
+
+
+BY_REGIONS = CallerFacts(compiled_by_regions=True)
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_split_graph_with_a_symbolic_first_block_equals_the_reference(family):
+    model, pixels = build(family, depth=5, width=32, heads=2, batch=2)
+    [(gm, inputs)] = capture_graphs(model, pixels)
+    policy = ToMe(r=2)
+    result = rewrite_graph(gm, inputs, Config(vision=policy), facts=BY_REGIONS)
+    assert result.changed, result.reason
+    assert any(kind == "symbolic_first_block" for kind, _ in result.context.changes)
+    with torch.no_grad():
+        plan = regions.plan_regions(result.gm, result.match.blocks)
+        got = regions.compile_regions(plan, _eager)(*inputs)
+    want = reference_forward(model, pixels, policy)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got, next(iter(want.values())), atol=1e-5, rtol=1e-5)
+
+
+def test_with_a_symbolic_first_block_every_tome_block_shares_one_compile():
+    result, _ = _rewritten("timm_vit", ToMe(r=2), depth=5, facts=BY_REGIONS)
+    plan = regions.plan_regions(result.gm, result.match.blocks)
+    # Block 0 reads its token count from its input and biases its attention by its sizes (all 1) as blocks 1-3
+    # do; block 4 returns no sizes and borrows their compile.
+    assert plan.groups == [["submod_0"], ["submod_1", "submod_2", "submod_3", "submod_4"], ["submod_5"],
+                           ["submod_6"]]
+    assert plan.lenders == {2: (1, regions.OutputSelection((0,), single=True))}
+    assert plan.compiles == 3
+
+
+def test_with_a_symbolic_first_block_topk_plain_blocks_share_one_compile():
+    result, _ = _rewritten("timm_vit", TopK(layers=(2, 4), keep=0.5), depth=6, facts=BY_REGIONS)
+    plan = regions.plan_regions(result.gm, result.match.blocks)
+    groups = {name: i for i, group in enumerate(plan.groups) for name in group}
+    assert groups["submod_1"] == groups["submod_2"] == groups["submod_4"] == groups["submod_6"]   # plain blocks
+    assert groups["submod_3"] != groups["submod_1"]
 
 
 def test_topk_groups_plain_and_pruning_blocks_apart():
@@ -108,7 +147,7 @@ def test_backend_compiles_one_region_per_group(compile_fx_eager):
         warnings.simplefilter("error", TokensparseWarning)
         with torch.no_grad():
             got = main_outputs(compiled(pixels))
-    assert len(compile_fx_eager) == 4          # before, block 0, blocks 1-4 (block 4 keeps one output), after
+    assert len(compile_fx_eager) == 3          # before, blocks 0-4 (block 4 keeps one of their outputs), after
     want = reference_forward(model, pixels, policy)
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], atol=1e-5, rtol=1e-5)

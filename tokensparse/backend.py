@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from tokensparse.config import NO_FACTS, CallerFacts, config_from_options
@@ -28,6 +29,8 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), fa
         remember_frame()
     if config.cudagraphs:
         return _with_cuda_graphs(gm, example_inputs, config, facts)
+    if config.inductor and config.regional:
+        facts = dataclasses.replace(facts, compiled_by_regions=True)
     result = rewrite_with_kv(gm, example_inputs, config, facts)
     note_found(result.changed or result.match is not None)
     if hooked and result.changed and result.context is not None and result.context.acted_blocks:
@@ -55,8 +58,6 @@ def _with_cuda_graphs(gm, example_inputs, config, facts: CallerFacts):
     """Static token counts (each op's fake output has its true size), the whole graph, and Inductor with
     CUDA graphs: one replay per call instead of a launch per kernel. Graphs that are not on a GPU, or that
     Inductor cannot capture, run without (Inductor says why in its log)."""
-    import dataclasses
-
     from torch._inductor.compile_fx import compile_fx
 
     from tokensparse.runtime.ops import static_token_counts

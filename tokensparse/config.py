@@ -81,9 +81,12 @@ class CallerFacts:
     # entries: each decoder layer's sliding window (0 for a full-attention layer), by which the layer's attention
     # sees the entries it holds (fx/passes/sliding_positions.py).
     sliding_windows: tuple = ()
+    # The backend compiles a vision encoder's blocks one region each (Config.regional): the first block's token
+    # count is then symbolic, as after a cut, so that it can share the later blocks' compile.
+    compiled_by_regions: bool = False
 
     def __post_init__(self):
-        _check_flags(self, ("decode_masks_follow_cache", "kv_masks_follow_cache"))
+        _check_flags(self, ("decode_masks_follow_cache", "kv_masks_follow_cache", "compiled_by_regions"))
         if not (isinstance(self.sliding_windows, tuple) and all(isinstance(window, int) and window >= 0
                                                                for window in self.sliding_windows)):
             raise ValueError(f"sliding_windows={self.sliding_windows!r} must be a tuple of each decoder layer's "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from tokensparse.policies.fastv import KEEP_VISION, fastv_keep_step
+from tokensparse.policies.token_axis import TOKENS_AS_SYMBOL, same_tokens
 from tokensparse.policies.token_sources import FEATURES_AT_SOURCE_ROWS, features_at_source_rows
 from tokensparse.policies.tome import TOME_MERGE, tome_merge_step
 from tokensparse.policies.topk import TOPK_PRUNE, topk_step
@@ -14,9 +16,11 @@ from tokensparse.policies.visionzip import VISIONZIP, visionzip_from_attention
 
 
 # The ops whose outputs carry gradients (merged or gathered activations) and whose counts are known when
-# compiling; the ops that only choose positions stay ops (their selections carry no gradient).
+# compiling; the ops that only choose positions stay ops (their selections carry no gradient). FastV's and
+# PyramidDrop's selection (KEEP_VISION) is inlined too (fastv_keep_step): two host reads and a sort or two per
+# stage outside Inductor's kernels, where the op ran 24 aten ops eagerly.
 STEPS = {TOME_MERGE: tome_merge_step, TOPK_PRUNE: topk_step, VISIONZIP: visionzip_from_attention,
-         FEATURES_AT_SOURCE_ROWS: features_at_source_rows}
+         FEATURES_AT_SOURCE_ROWS: features_at_source_rows, TOKENS_AS_SYMBOL: same_tokens, KEEP_VISION: fastv_keep_step}
 
 
 def inline_policy_steps(gm: fx.GraphModule) -> fx.GraphModule:

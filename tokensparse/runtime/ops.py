@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from tokensparse.policies.token_axis import TOKENS_AS_SYMBOL
 from tokensparse.policies.adaptive_kv import ADAPTIVE_KEEP
 from tokensparse.policies.divprune import KEEP_DIVERSE
 from tokensparse.policies.dtd import KEEP_CHANGED_VIDEO
@@ -26,8 +27,8 @@ from tokensparse.policies.visionzip import KEEP_IMAGE_ROWS, VISIONZIP
 
 __all__ = ["ADAPTIVE_KEEP", "ATTENTION_COLUMN_SUMS", "FEATURES_AT_SOURCE_ROWS", "H2O_KEEP", "H2O_STEP_KEEP",
            "HEAVY_AND_RECENT", "KEEP_CHANGED_VIDEO", "KEEP_DIVERSE", "KEEP_IMAGE_ROWS", "KEEP_SINKS_AND_WINDOW",
-           "KEEP_VISION", "KV_EVICT", "MERGE_MATCHES", "SELECT_TOP_K", "SNAPKV_KEEP", "SPLIT_TOP_K", "TOME_MERGE",
-           "TOPK_PRUNE", "VISIONZIP", "VISION_BUDGET_KEEP", "is_tokensparse_target", "static_token_counts"]
+           "KEEP_VISION", "KV_EVICT", "MERGE_MATCHES", "SELECT_TOP_K", "SNAPKV_KEEP", "SPLIT_TOP_K", "TOKENS_AS_SYMBOL",
+           "TOME_MERGE", "TOPK_PRUNE", "VISIONZIP", "VISION_BUDGET_KEEP", "is_tokensparse_target", "static_token_counts"]
 
 
 def is_tokensparse_target(target) -> bool:

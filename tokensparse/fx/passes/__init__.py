@@ -9,12 +9,14 @@ from tokensparse.fx.passes.sizes import rederive_sizes_pass
 from tokensparse.fx.passes.sliding_positions import sliding_positions_pass
 from tokensparse.fx.passes.stale_counts import stale_token_counts_pass
 from tokensparse.fx.passes.static_slot_masks import static_slot_masks_pass
+from tokensparse.fx.passes.symbolic_first_block import symbolic_first_block_pass
 from tokensparse.fx.passes.tower_feature_rows import tower_feature_rows_pass
 from tokensparse.fx.passes.verify import verify_cache_pass, verify_pass
 from tokensparse.fx.passes.zip_vision_features import zip_vision_features_pass
 
 PASSES = (
     drop_all_pass_masks_pass,     # masks that let every token through would have to follow the cuts
+    symbolic_first_block_pass,    # regional compilation: the first block's token count symbolic, as after a cut
     reduce_tokens_pass,           # ToMe, TopK: the policy's token step after each block's attention residual
     tower_feature_rows_pass,      # ToMe, TopK in a VLM's tower: the patch rows its surviving tokens fill
     zip_vision_features_pass,     # VisionZip: dominant and contextual tokens at the vision encoder's feature layer

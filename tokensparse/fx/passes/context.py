@@ -25,6 +25,7 @@ class CallerSide:
     masks_follow_cache: bool = False
     sliding_windows: tuple = ()                # each decoder layer's window (0: full)
     pruned_and_evicted: bool = False
+    compiled_by_regions: bool = False          # the backend compiles each block as a region (tokensparse.regions)
 
 
 @dataclass

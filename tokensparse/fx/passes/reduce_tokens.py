@@ -25,7 +25,7 @@ def reduce_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not ctx.blocks:
         return gm
     graph, prefix, depth = gm.graph, ctx.prefix_tokens, len(ctx.blocks)
-    tokens, size = ctx.blocks[0].tokens, None
+    tokens, size = ctx.blocks[0].tokens, ctx.size_nodes.get(ctx.blocks[0].index)    # sizes may start before
     for block in ctx.blocks:
         ctx.tokens_in[block.index] = tokens
         ctx.size_nodes[block.index] = size

@@ -1,0 +1,69 @@
+"""Policy steps inlined for Inductor (tokensparse/inline_steps.py): FastV's selection enters the compiled prefill
+as its own PyTorch function, so no tokensparse op runs eagerly, and the prefill equals the eager masking oracle."""
+
+import warnings
+
+import pytest
+import torch
+
+import tokensparse
+from tests.models import build_llava
+from tokensparse import TokensparseWarning
+from tokensparse.benchmark import eager_ops_per_forward
+from tokensparse.reference.llava import masked_forward
+
+
+def test_fastv_selection_runs_inside_the_compiled_prefill():
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    policy = tokensparse.FastV(layer=2, keep=0.25)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+    prefill = {**inputs, "logits_to_keep": 1}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = fast(**prefill).logits
+    torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
+                               rtol=1e-4)
+
+    with torch.inference_mode(), torch.profiler.profile() as profile:       # compiled: the call above compiles
+        fast(**prefill)
+    assert not [event.name for event in profile.events() if event.name.startswith("tokensparse::")]
+    plain = torch.compile(model.forward)
+    # the selection's nonzero (and its sort, on the CPU) stay Inductor fallbacks: within the target of unpruned + 4
+    assert eager_ops_per_forward(lambda: fast(**prefill), calls=1) <= eager_ops_per_forward(
+        lambda: plain(**prefill), calls=1) + 4
+
+
+def test_pyramiddrop_stages_after_an_inlined_selection_equal_the_oracle():
+    """A later stage scores the last row of a sequence whose length an inlined selection chose."""
+    model, inputs = build_llava(text_layers=6, image_tokens=16, prompt=(3, 5), batch=2)
+    policy = tokensparse.PyramidDrop(layers=(2, 4), ratio=0.5)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = fast(**inputs, logits_to_keep=1).logits
+    torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
+                               rtol=1e-4)
+
+
+def test_unequal_image_counts_fail_in_the_compiled_prefill():
+    """17 and 15 image tokens: the kept positions would not fill one dense [B, S'], so the prefill fails rather
+    than mixing the samples' rows."""
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    ids = inputs["input_ids"].clone()
+    ids[0, 2], ids[1, 3] = model.config.image_token_index, 5
+    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.FastV(layer=2, keep=0.25)))
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        fast(**{**inputs, "input_ids": ids})
+
+
+def test_fastv_under_a_dynamic_batch_equals_the_oracle():
+    """A second batch size recompiles with a symbolic batch: the kept length is read from the first sample."""
+    policy = tokensparse.FastV(layer=2, keep=0.25)
+    model, _ = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+    for batch in (2, 3):
+        _, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=batch)
+        with torch.inference_mode():
+            got = fast(**inputs, logits_to_keep=1).logits
+        torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
+                                   rtol=1e-4)
