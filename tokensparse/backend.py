@@ -7,6 +7,7 @@ import warnings
 
 from tokensparse.config import NO_FACTS, CallerFacts, config_from_options
 from tokensparse.hooks import warn_hooks_in_rewritten_blocks
+from tokensparse.inductor_cache import cacheable
 from tokensparse.inline_steps import inline_policy_steps
 from tokensparse.fx.passes.fake import allow_symbolic_token_counts
 from tokensparse.recompile_limit import remember_frame
@@ -42,7 +43,6 @@ def tokensparse_backend(gm, example_inputs, options=None, hooked: tuple = (), fa
 
     if not result.changed:
         return compile_fx(result.gm, example_inputs)
-    from tokensparse.inductor_cache import cacheable
     vision_encoder = config.vision is not None and result.match is not None and result.context.vlm.language is None
     if config.regional and vision_encoder:
         try:
@@ -63,8 +63,6 @@ def _with_cuda_graphs(gm, example_inputs, config, facts: CallerFacts):
     from tokensparse.runtime.ops import static_token_counts
 
     config = dataclasses.replace(config, cudagraphs=False, regional=False)
-    from tokensparse.inductor_cache import cacheable
-
     with static_token_counts():
         result = rewrite_with_kv(gm, example_inputs, config, facts)
         note_found(result.changed or result.match is not None)
@@ -80,7 +78,6 @@ def compile_by_regions(result: RewriteResult, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
     from tokensparse.fx.passes.fake import fake_inputs
-    from tokensparse.inductor_cache import cacheable
     from tokensparse.regions import compile_regions_symbolically, plan_regions
 
     fake_mode = result.context.fake_mode
