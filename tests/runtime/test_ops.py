@@ -227,3 +227,12 @@ def test_the_kv_selection_ops_take_a_padded_batchs_padding():
     for op, args in calls[1:]:
         kept = op(*args)
         assert bool((kept[0] >= 5).all())               # sample 0 has 7 real positions, more than any count here
+
+
+def test_tokens_as_symbol_opcheck_and_inlined_form():
+    from tokensparse.policies.token_axis import same_tokens
+    from tokensparse.runtime.ops import TOKENS_AS_SYMBOL
+
+    x = torch.randn(2, 7, 5)
+    torch.library.opcheck(TOKENS_AS_SYMBOL, (x,))
+    assert torch.equal(TOKENS_AS_SYMBOL(x), x) and same_tokens(x) is x
