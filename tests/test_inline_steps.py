@@ -67,3 +67,38 @@ def test_fastv_under_a_dynamic_batch_equals_the_oracle():
             got = fast(**inputs, logits_to_keep=1).logits
         torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_visionzip_selection_runs_inside_the_compiled_prefill():
+    """VisionZip's mapping of kept encoder rows to sequence positions (tokensparse::keep_image_rows) is inlined
+    too: a static kept length, no tokensparse op in the prefill, which equals the masking oracle."""
+    model, inputs = build_llava(vision_layers=3, text_layers=4, feature_layer=-2, image_tokens=16, prompt=(3, 5),
+                                batch=2)
+    policy = tokensparse.VisionZip(dominant=5, contextual=2)
+    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
+    prefill = {**inputs, "logits_to_keep": 1}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", TokensparseWarning)
+        got = fast(**prefill).logits
+    torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
+                               rtol=1e-4)
+
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        fast(**prefill)
+    assert not [event.name for event in profile.events() if event.name.startswith("tokensparse::")]
+    plain = torch.compile(model.forward)
+    # measured: unpruned + 10 (the op ran 12 aten ops eagerly, unpruned + 20)
+    assert eager_ops_per_forward(lambda: fast(**prefill), calls=1) <= eager_ops_per_forward(
+        lambda: plain(**prefill), calls=1) + 10
+
+
+def test_visionzip_with_a_wrong_image_count_fails_in_the_compiled_prefill():
+    """17 and 15 image tokens for images of 16 features (32 in all, as the model checks): the inlined step's
+    runtime check fails rather than mapping features to the wrong positions."""
+    model, inputs = build_llava(vision_layers=3, text_layers=4, feature_layer=-2, image_tokens=16, prompt=(3, 5),
+                                batch=2)
+    ids = inputs["input_ids"].clone()
+    ids[0, 2], ids[1, 3] = model.config.image_token_index, 5
+    fast = tokensparse.compile(model, tokensparse.Config(llm=tokensparse.VisionZip(dominant=5, contextual=2)))
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        fast(**{**inputs, "input_ids": ids})

@@ -133,6 +133,25 @@ def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, f
     return image_positions_of_rows(image_mask, rows, offset)
 
 
+def image_rows_keep_step(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int) -> torch.Tensor:
+    """image_rows_keep as compiled code sees it (what inline_steps.py puts in for KEEP_IMAGE_ROWS before Inductor):
+    traced, a sample without `features` image tokens fails a runtime check (eagerly image_rows_keep's ValueError),
+    the image positions come from a stable sort rather than nonzero, and the kept length is static: the text
+    tokens (S - features) plus the kept feature rows, distinct and ascending."""
+    from tokensparse.policies.fastv import _traced
+
+    if not _traced(image_mask):
+        return image_rows_keep(image_mask, rows, offset, features)
+    wrong = (image_mask.sum(dim=1) != features).sum().item()
+    torch.ops.aten._assert_scalar(wrong == 0, f"a sample does not hold {features} image tokens, one per feature "
+                                              f"of its image: VisionZip maps one image per sample")
+    # a stable sort puts each sample's image positions first, ascending: the n-th is the n-th feature's
+    where = (~image_mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :features]      # [B, features]
+    kept = (~image_mask).scatter(1, where.gather(1, rows[:, offset:] - offset), True)
+    length = image_mask.shape[1] - features + rows.shape[1] - offset
+    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
+
+
 @torch.library.custom_op("tokensparse::visionzip", mutates_args=())
 def visionzip_op(hidden: Tensor, q: Tensor, k: Tensor, scale: float, dominant: int, contextual: int,
                  protected: int) -> tuple[Tensor, Tensor]:
