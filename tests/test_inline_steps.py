@@ -13,9 +13,9 @@ from tokensparse.benchmark import eager_ops_per_forward
 from tokensparse.reference.llava import masked_forward
 
 
-def test_fastv_selection_runs_inside_the_compiled_prefill():
-    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
-    policy = tokensparse.FastV(layer=2, keep=0.25)
+def _compiled_prefill_equals_oracle(model, inputs, policy):
+    """tokensparse.compile(model) with `policy`: its prefill (no TokensparseWarning) equals the masking oracle's
+    last logits. Returns the compiled model and the prefill's inputs."""
     fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
     prefill = {**inputs, "logits_to_keep": 1}
     with torch.inference_mode(), warnings.catch_warnings():
@@ -23,26 +23,31 @@ def test_fastv_selection_runs_inside_the_compiled_prefill():
         got = fast(**prefill).logits
     torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
                                rtol=1e-4)
+    return fast, prefill
 
-    with torch.inference_mode(), torch.profiler.profile() as profile:       # compiled: the call above compiles
+
+def _runs_no_tokensparse_op(fast, model, prefill, extra_ops: int):
+    """The compiled prefill dispatches no tokensparse op and at most `extra_ops` eager ops more than the unpruned
+    model compiled by Inductor."""
+    with torch.inference_mode(), torch.profiler.profile() as profile:       # compiled: the first call compiled
         fast(**prefill)
     assert not [event.name for event in profile.events() if event.name.startswith("tokensparse::")]
     plain = torch.compile(model.forward)
-    # the selection's nonzero (and its sort, on the CPU) stay Inductor fallbacks: within the target of unpruned + 4
     assert eager_ops_per_forward(lambda: fast(**prefill), calls=1) <= eager_ops_per_forward(
-        lambda: plain(**prefill), calls=1) + 4
+        lambda: plain(**prefill), calls=1) + extra_ops
+
+
+def test_fastv_selection_runs_inside_the_compiled_prefill():
+    model, inputs = build_llava(text_layers=4, image_tokens=16, prompt=(3, 5), batch=2)
+    fast, prefill = _compiled_prefill_equals_oracle(model, inputs, tokensparse.FastV(layer=2, keep=0.25))
+    # the selection's nonzero (and its sort, on the CPU) stay Inductor fallbacks: within the target of unpruned + 4
+    _runs_no_tokensparse_op(fast, model, prefill, extra_ops=4)
 
 
 def test_pyramiddrop_stages_after_an_inlined_selection_equal_the_oracle():
     """A later stage scores the last row of a sequence whose length an inlined selection chose."""
     model, inputs = build_llava(text_layers=6, image_tokens=16, prompt=(3, 5), batch=2)
-    policy = tokensparse.PyramidDrop(layers=(2, 4), ratio=0.5)
-    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        got = fast(**inputs, logits_to_keep=1).logits
-    torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
-                               rtol=1e-4)
+    _compiled_prefill_equals_oracle(model, inputs, tokensparse.PyramidDrop(layers=(2, 4), ratio=0.5))
 
 
 def test_unequal_image_counts_fail_in_the_compiled_prefill():
@@ -74,22 +79,9 @@ def test_visionzip_selection_runs_inside_the_compiled_prefill():
     too: a static kept length, no tokensparse op in the prefill, which equals the masking oracle."""
     model, inputs = build_llava(vision_layers=3, text_layers=4, feature_layer=-2, image_tokens=16, prompt=(3, 5),
                                 batch=2)
-    policy = tokensparse.VisionZip(dominant=5, contextual=2)
-    fast = tokensparse.compile(model, tokensparse.Config(llm=policy))
-    prefill = {**inputs, "logits_to_keep": 1}
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("error", TokensparseWarning)
-        got = fast(**prefill).logits
-    torch.testing.assert_close(got[:, -1], masked_forward(model, inputs, policy)["logits"][:, -1], atol=1e-5,
-                               rtol=1e-4)
-
-    with torch.inference_mode(), torch.profiler.profile() as profile:
-        fast(**prefill)
-    assert not [event.name for event in profile.events() if event.name.startswith("tokensparse::")]
-    plain = torch.compile(model.forward)
+    fast, prefill = _compiled_prefill_equals_oracle(model, inputs, tokensparse.VisionZip(dominant=5, contextual=2))
     # measured: unpruned + 10 (the op ran 12 aten ops eagerly, unpruned + 20)
-    assert eager_ops_per_forward(lambda: fast(**prefill), calls=1) <= eager_ops_per_forward(
-        lambda: plain(**prefill), calls=1) + 10
+    _runs_no_tokensparse_op(fast, model, prefill, extra_ops=10)
 
 
 def test_visionzip_with_a_wrong_image_count_fails_in_the_compiled_prefill():

@@ -9,6 +9,7 @@ import functools
 import hashlib
 from pathlib import Path
 
+import torch
 import torch.fx as fx
 
 
@@ -24,17 +25,15 @@ def source_hash() -> str:
 
 
 def tokensparse_functions(gm: fx.GraphModule) -> set[str]:
-    """The qualified names of the tokensparse functions `gm` calls (submodules included)."""
-    names = set()
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            name = getattr(node.target, "__name__", None)
-            owner = getattr(node.target, "__module__", None) or ""
-            if node.op == "call_function" and name and owner.split(".")[0] == "tokensparse":
-                names.add(f"{owner}.{name}")
-    return names
+    """The qualified names of the tokensparse functions `gm` calls (submodules included; its ops are cacheable
+    already)."""
+    from tokensparse.runtime.ops import is_tokensparse_target
+
+    return {f"{node.target.__module__}.{node.target.__name__}"
+            for module in gm.modules() if isinstance(module, fx.GraphModule)
+            for node in module.graph.nodes
+            if node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload)
+            and is_tokensparse_target(node.target)}
 
 
 @contextlib.contextmanager

@@ -207,10 +207,15 @@ def compile_regions(plan: RegionPlan, compile_region: RegionCompiler) -> fx.Grap
             inputs = [node.meta["val"] for node in first.graph.nodes if node.op == "placeholder"]
             compiled, selection = compile_region(first, inputs), None
             compiled_groups[index] = compiled
-        for name in group:
-            setattr(plan.split, name, CompiledRegion(compiled, name, selection))
+        _install(plan, group, compiled, selection)
     log.info("tokensparse: %d regions compiled as %d", plan.regions, plan.compiles)
     return plan.split
+
+
+def _install(plan: RegionPlan, names: list[str], compiled: Callable, selection: OutputSelection | None = None):
+    """`compiled` stands in the split graph for each region of `names`."""
+    for name in names:
+        setattr(plan.split, name, CompiledRegion(compiled, name, selection))
 
 
 def region_inputs(plan: RegionPlan, inputs: list, fake_mode) -> dict[str, list]:
@@ -311,8 +316,7 @@ def compile_regions_symbolically(plan: RegionPlan, compile_region: Callable, inp
             lender, selection = plan.lenders[index]
             compiled, symbolic = first_compiles[lender]
             served = [name for name in pending if symbolic.holds_for(concrete[name])]
-            for name in served:
-                setattr(plan.split, name, CompiledRegion(compiled, name, selection))
+            _install(plan, served, compiled, selection)
             pending = [name for name in pending if name not in served]
         while pending:
             first = getattr(plan.split, pending[0])
@@ -322,8 +326,7 @@ def compile_regions_symbolically(plan: RegionPlan, compile_region: Callable, inp
             compiled_count += 1
             first_compiles.setdefault(index, (compiled, symbolic))
             served = [name for name in pending if name == pending[0] or symbolic.holds_for(concrete[name])]
-            for name in served:
-                setattr(plan.split, name, CompiledRegion(compiled, name))
+            _install(plan, served, compiled)
             pending = [name for name in pending if name not in served]
     log.info("tokensparse: %d regions compiled as %d", plan.regions, compiled_count)
     plan.split.recompile()

@@ -44,16 +44,24 @@ def cosine_distances(features: torch.Tensor) -> torch.Tensor:
     return (distances + distances.transpose(-1, -2)) / 2
 
 
+def greedy_inputs(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What DivPrune's greedy selection of k of features [B, N, C] starts from: the cosine distances [B, N, N]
+    and each token's distance to its nearest neighbour [B, N] (k checked against N)."""
+    tokens = features.shape[1]
+    if not 1 <= k <= tokens:
+        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
+    distances = cosine_distances(features.float())
+    eye = torch.eye(tokens, dtype=torch.bool, device=features.device)
+    return distances, distances.masked_fill(eye, torch.inf).min(dim=-1).values
+
+
 def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of the kept tokens in original order. First the token farthest from its nearest
     neighbour, then repeatedly the token farthest from the chosen set; a running minimum makes each step
     O(N) (O(kN) in all after the distance matrix)."""
     batch, tokens, _ = features.shape
-    if not 1 <= k <= tokens:
-        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
-    distances = cosine_distances(features.float())
-    eye = torch.eye(tokens, dtype=torch.bool, device=features.device)
-    first = distances.masked_fill(eye, torch.inf).min(dim=-1).values.argmax(dim=-1)          # [B]
+    distances, nearest = greedy_inputs(features, k)
+    first = nearest.argmax(dim=-1)                                                           # [B]
     rows = torch.arange(batch, device=features.device)
     chosen = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     picks = [first]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokensparse.policies.divprune import cosine_distances
+from tokensparse.policies.divprune import greedy_inputs
 from tokensparse.runtime.kernels.launch import launch as _launch
 
 
@@ -58,10 +58,5 @@ def divprune_greedy(distances, nearest, k: int, launch=None):
 def divprune_select_triton(features, k: int, launch=None):
     """Same result as divprune_select (indices [B, k] ascending): the distances and each token's nearest
     neighbour in PyTorch, the greedy loop in one launch."""
-    batch, tokens, _ = features.shape
-    if not 1 <= k <= tokens:
-        raise ValueError(f"k={k} is out of range: it must be in 1..{tokens}")
-    distances = cosine_distances(features.float())
-    eye = torch.eye(tokens, dtype=torch.bool, device=features.device)
-    nearest = distances.masked_fill(eye, torch.inf).min(dim=-1).values
+    distances, nearest = greedy_inputs(features, k)
     return divprune_greedy(distances, nearest, k, launch).sort(dim=1).values
