@@ -94,12 +94,21 @@ def test_with_a_symbolic_first_block_every_tome_block_shares_one_compile():
     assert plan.compiles == 3
 
 
-def test_with_a_symbolic_first_block_topk_plain_blocks_share_one_compile():
-    result, _ = _rewritten("timm_vit", TopK(layers=(2, 4), keep=0.5), depth=6, facts=BY_REGIONS)
+def test_with_a_symbolic_first_block_topk_blocks_share_one_compile_per_structure():
+    model, pixels = build("timm_vit", depth=6, width=32, heads=2, batch=2)
+    [(gm, inputs)] = capture_graphs(model, pixels)
+    policy = TopK(layers=(2, 4), keep=0.5)
+    result = rewrite_graph(gm, inputs, Config(vision=policy), facts=BY_REGIONS)
     plan = regions.plan_regions(result.gm, result.match.blocks)
     groups = {name: i for i, group in enumerate(plan.groups) for name in group}
     assert groups["submod_1"] == groups["submod_2"] == groups["submod_4"] == groups["submod_6"]   # plain blocks
-    assert groups["submod_3"] != groups["submod_1"]
+    # Blocks 2 and 4 keep half of 17 and of 9 tokens' patches: the kept count is computed from the input's size.
+    assert groups["submod_3"] == groups["submod_5"] != groups["submod_1"]
+    assert plan.compiles == 4
+    with torch.no_grad():
+        got = regions.compile_regions(plan, _eager)(*inputs)
+    want = next(iter(reference_forward(model, pixels, policy).values()))
+    torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_topk_groups_plain_and_pruning_blocks_apart():

@@ -1,8 +1,14 @@
 """Attention-rank pruning against scores from the materialised attention matrix."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+
+from torch._dynamo.source import LocalSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from tokensparse.policies.topk import TopK, attention_received, kept_count, prune_tokens, topk_step
 
@@ -83,6 +89,20 @@ def test_kept_count():
     assert kept_count(197, 1, 0.7) == 138
     assert kept_count(197, 1, 1.0) == 196
     assert kept_count(5, 1, 0.01) == 1
+    assert kept_count(11, 1, 0.1) == 1          # 0.1 as written, not its binary float (a hair above 1/10)
+    assert kept_count(4, 0, 1e-9) == 1          # below 10^-6: the float's own fraction, still at least 1
+
+
+@given(patches=st.integers(1, 4096), keep=st.sampled_from([0.05, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.9, 0.999, 1.0]))
+def test_kept_count_is_the_ceiling_and_holds_for_a_symbolic_count(patches, keep):
+    exact = Fraction(keep).limit_denominator(10**6) * patches
+    assert kept_count(patches + 1, 1, keep) == math.ceil(exact)
+    shape_env = ShapeEnv()
+    symbol = shape_env.create_symbol(patches + 1, source=LocalSource("tokens"), dynamic_dim=DimDynamic.DYNAMIC)
+    tokens = shape_env.create_symintnode(symbol, hint=patches + 1)
+    symbolic = kept_count(tokens, 1, keep)
+    assert isinstance(symbolic, torch.SymInt)
+    assert symbolic.node.expr.xreplace({tokens.node.expr: patches + 1}) == math.ceil(exact)
 
 
 @pytest.mark.parametrize("kwargs, message", [

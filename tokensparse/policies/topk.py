@@ -8,6 +8,7 @@ is never materialised (without a CLS token, query rows are processed in chunks).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,7 +19,7 @@ from torch.utils import flop_counter
 from tokensparse.policies.base import Policy, check_fraction, check_int_at_least, checked_layers, recorder
 from tokensparse.policies.op_shapes import token_count
 from tokensparse.policies.selection import top_k_in_order
-from tokensparse.policies.tower_step import KEYS, MASK, QUERY, SCALE, X, TowerStep
+from tokensparse.policies.tower_step import KEYS, MASK, QUERY, SCALE, X, CountOfTokens, TowerStep
 
 QUERY_CHUNK = 128
 
@@ -52,16 +53,19 @@ class TopK(Policy):
     def tower_step(self, index: int, depth: int, tokens: int, prefix: int) -> Optional[TowerStep]:
         if index not in self.layers:
             return None
-        keep = kept_count(tokens, prefix, self.keep)
-        after = prefix + keep + int(self.fuse)
+        keep = CountOfTokens(kept_count, (prefix, self.keep), kept_count(tokens, prefix, self.keep))
+        after = prefix + keep.value + int(self.fuse)
         return TowerStep("prune_tokens", TOPK_PRUNE, topk_step, (X, QUERY, KEYS, SCALE, keep, prefix, self.fuse, MASK),
                          after, sized=False, note=f"keep {after} of {tokens} tokens")
 
 
-def kept_count(tokens: int, protected: int, keep: float) -> int:
-    """Patch tokens kept out of the tokens after the protected prefix: ceil(keep * n), at least 1."""
+def kept_count(tokens, protected: int, keep: float):
+    """Patch tokens kept of the n >= 1 after the protected prefix: ceil(keep * n), keep read as the fraction the
+    user wrote (the nearest with a denominator up to 10^6), so 1 <= kept <= n. Integer arithmetic: a symbolic
+    count gives its symbolic expression."""
+    fraction = Fraction(keep).limit_denominator(10**6) or Fraction(keep)
     patches = tokens - protected
-    return max(1, min(patches, math.ceil(keep * patches - 1e-9)))
+    return (fraction.numerator * patches + fraction.denominator - 1) // fraction.denominator
 
 
 def attention_received(q, k, scale: float, protected: int, attn_mask=None, query_chunk: int = QUERY_CHUNK):

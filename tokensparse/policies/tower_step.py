@@ -26,6 +26,17 @@ X, SIZE, QUERY, KEYS, SCALE, MASK = (BlockValue(name) for name in BLOCK_INPUTS)
 
 
 @dataclass(frozen=True)
+class CountOfTokens:
+    """A step argument computed from the count of tokens entering the step, `rule(tokens, *args)` (integer
+    arithmetic, so that it also holds for a symbolic count); `value` is the rule at the traced count. A compile
+    that shares one block's code between token counts computes it from the block's input size instead."""
+
+    rule: Callable
+    args: tuple
+    value: int
+
+
+@dataclass(frozen=True)
 class TowerStep:
     """One token step after a block's attention residual: `op` (a tokensparse:: op) called with `inputs`, the
     block's values (BlockValue) and constants; `function` is the same step in plain PyTorch (the eager reference).
@@ -39,6 +50,17 @@ class TowerStep:
     sized: bool
     note: str                   # what it does in words, for explain()
 
-    def arguments(self, values: dict) -> tuple:
-        """The op's (or function's) arguments, the block's values taken from `values` by name."""
-        return tuple(values[item.name] if isinstance(item, BlockValue) else item for item in self.inputs)
+    def arguments(self, values: dict, count_of_tokens: Callable | None = None) -> tuple:
+        """The op's (or function's) arguments, the block's values taken from `values` by name; a CountOfTokens
+        argument is its traced value, or count_of_tokens(argument) where given."""
+        def argument(item):
+            if isinstance(item, BlockValue):
+                return values[item.name]
+            if isinstance(item, CountOfTokens):
+                return item.value if count_of_tokens is None else count_of_tokens(item)
+            return item
+        return tuple(argument(item) for item in self.inputs)
+
+    def constants(self) -> tuple:
+        """The step's inputs with the block's values as None and counts at their traced values."""
+        return self.arguments(dict.fromkeys(BLOCK_INPUTS))

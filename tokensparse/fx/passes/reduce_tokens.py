@@ -11,11 +11,22 @@ import torch.fx as fx
 
 from tokensparse.fx.passes.context import PassContext, replace_uses_except
 from tokensparse.fx.patterns.graph import insert_call
+from tokensparse.policies.tower_step import CountOfTokens
 
 
 def initial_sizes(x: torch.Tensor) -> torch.Tensor:
     """Every token starts as one patch: s = 1, shape [B, N, 1]."""
     return torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+
+
+def _counts_from_input(graph: fx.Graph, anchor: fx.Node, stream: fx.Node, inserted: set):
+    """Computes a step's CountOfTokens arguments in the graph from the stream's token count (adding its nodes to
+    `inserted`), so that blocks that keep the same fraction of different counts are one graph (one compile)."""
+    def count_of_tokens(count: CountOfTokens) -> fx.Node:
+        tokens = insert_call(graph, anchor, torch.ops.aten.sym_size.int, (stream, 1))
+        inserted.add(tokens)
+        return insert_call(graph, anchor, count.rule, (tokens, *count.args))
+    return count_of_tokens
 
 
 def reduce_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -38,7 +49,8 @@ def reduce_tokens_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             size = insert_call(graph, anchor, initial_sizes, (stream,))
             keep.add(size)
         values = {"x": stream, "size": size, "query": site.q, "keys": site.k, "scale": site.scale, "mask": site.mask}
-        call = insert_call(graph, anchor, step.op, step.arguments(values))
+        counts = _counts_from_input(graph, anchor, stream, keep) if ctx.caller.compiled_by_regions else None
+        call = insert_call(graph, anchor, step.op, step.arguments(values, counts))
         reduced = call
         if step.sized:
             reduced = insert_call(graph, anchor, operator.getitem, (call, 0))

@@ -118,7 +118,8 @@ def _check_reduced_counts(gm: fx.GraphModule) -> None:
         elif node.target in (KEEP_VISION, KEEP_DIVERSE):
             reduces = node.args[2] < 1
         else:
-            reduces = not same_size(node.args[5] + node.args[4] + int(node.args[6]), tokens_in)
+            keep = node.args[4].meta["val"] if isinstance(node.args[4], fx.Node) else node.args[4]
+            reduces = not same_size(node.args[5] + keep + int(node.args[6]), tokens_in)
         if reduces and same_size(out.shape[1], tokens_in):
             raise MatchFailure(f"{node.name}: the reduced token count was unified with the {tokens_in} tokens it "
                                f"started from; a tensor sized for the original tokens (such as an attention mask "

@@ -21,7 +21,7 @@ ONNX_NATIVE_NAMES = tuple(cls.__name__ for cls in POLICIES.values() if cls.stage
 
 def _tome(ctx: OnnxPassContext, block, step: TowerStep, tokens: int, size):
     """ToMe's merge (r, prefix from the step's constants): (the merged stream, the sizes after it)."""
-    r, prefix = step.inputs[-2:]
+    r, prefix = step.constants()[-2:]
     heads, head_dim = _static(block.attention.keys_t, (1, 2), f"block {block.index} keys")
     channels = _static(block.residual, (2,), f"block {block.index} stream")[0]
     graph = tome_graph(tokens, channels, heads, head_dim, r, prefix, size is None)
@@ -33,7 +33,7 @@ def _tome(ctx: OnnxPassContext, block, step: TowerStep, tokens: int, size):
 
 def _topk(ctx: OnnxPassContext, block, step: TowerStep, tokens: int, size):
     """Attention-rank pruning (keep, prefix, fuse from the step's constants): (the kept stream, the sizes)."""
-    keep, prefix, fuse = step.inputs[4:7]
+    keep, prefix, fuse = step.constants()[4:7]
     heads = _static(block.attention.probabilities, (1,), f"block {block.index} attention")[0]
     channels = _static(block.residual, (2,), f"block {block.index} stream")[0]
     graph = topk_graph(tokens, channels, heads, keep, prefix, fuse)
