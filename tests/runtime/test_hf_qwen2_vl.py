@@ -9,7 +9,8 @@ import tokensparse
 from tests import generation
 from tests.models import build_qwen2_vl
 from tokensparse import TokensparseWarning
-from tokensparse.reference.llava import masked_forward, masked_generate, vision_token_mask
+from tokensparse.reference.llava import masked_forward, masked_generate
+from tokensparse.runtime.hf_model import vision_token_mask
 
 LOGGED = dict(max_new_tokens=8, **generation.LOGGED)
 # Temporal patches 1 and 3 of the 4 repeat the one before: DTD drops their 2 x 16 tokens.

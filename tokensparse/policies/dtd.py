@@ -26,6 +26,7 @@ class DTD(LanguagePolicy):
     tau: float = 0.9
 
     name = "dtd"
+    equal_image_counts = False  # the sample that keeps most sets the count (dtd_keep)
 
     def __post_init__(self):
         if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):

@@ -122,12 +122,12 @@ def kept_image_counts(counts: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 def image_count(image_mask: torch.Tensor) -> int:
-    """The number of image tokens per sample; every sample must hold the same number."""
-    counts = image_mask.sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(f"samples hold different numbers of image tokens ({counts.tolist()}); pruning inside "
+    """The number of image tokens per sample (one read to the host); every sample must hold the same number."""
+    counts = image_mask.sum(dim=1).tolist()
+    if any(count != counts[0] for count in counts):
+        raise ValueError(f"samples hold different numbers of image tokens ({counts}); pruning inside "
                          f"the language model needs equal counts per batch")
-    return int(counts[0])
+    return counts[0]
 
 
 def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:

@@ -47,6 +47,7 @@ class LanguagePolicy(Policy):
     vision_span: Optional[tuple] = None
     positions: str = "original"
     stage_in_tower = False      # chooses the tokens at the vision tower's feature layer (VisionZip)
+    equal_image_counts = True   # keeps a dense batch by keeping as many image tokens in every sample
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from tokensparse.policies.divprune import divprune_select
 from tokensparse.policies.fastv import attended, kept_image_count, text_row_mean
 from tokensparse.policies.language import Stage
 from tokensparse.policies.visionzip import image_positions_of_rows, visionzip_select
+from tokensparse.runtime.hf_model import vision_token_mask
 from tokensparse.reference._common import run_blocks, self_attn_mlp, self_attn_out, self_attn_qkv
 
 
@@ -194,17 +195,6 @@ def _image_mask(model, inputs, policy) -> torch.Tensor:
         mask[:, policy.vision_span[0]:policy.vision_span[1]] = True
         return mask
     return vision_token_mask(model.config, inputs["input_ids"])
-
-
-def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] True at the placeholders the model fills with image or video features (LLaVA's
-    `image_token_index`, LLaVA-OneVision's `video_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
-    ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_index",
-                                                    "video_token_id")]
-    ids = [token for token in ids if token is not None]
-    if not ids:
-        raise TypeError(f"{type(config).__name__} names no image or video token id")
-    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
 def _choose(model, inputs, layers, stage: Stage, image_mask, survivors, columns, rotary=None) -> torch.Tensor:

@@ -18,7 +18,8 @@ from tokensparse.runtime.cache_kind import is_static_cache
 from tokensparse.runtime.cache_positions import at_cache_positions, cache_positions_config
 from tokensparse.runtime.decode_masks import cut_masks_per_layer, evicted_cache_mask, is_2d
 from tokensparse.runtime.generate_cache import generate_with_own_cache, own_cache_class
-from tokensparse.runtime.hf_model import install_output_hooks, tower_splits_graph
+from tokensparse.policies.fastv import image_count
+from tokensparse.runtime.hf_model import install_output_hooks, tower_splits_graph, vision_token_ids, vision_token_mask
 from tokensparse.runtime.model_copy import own_copy
 from tokensparse.runtime.padding_checks import check_left_padding, check_static_cache
 from tokensparse.runtime.positioned_cache import records_positions
@@ -47,6 +48,10 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
     prunes_sequence = sequence_policy(config) is not None
+    # A dense batch needs as many image tokens in every sample: the compiled prefill's check of the counts fails
+    # with a symbolic expression for its message, so a failed call looks at the counts and names them.
+    counts_image_tokens = (config.llm is not None and config.llm.equal_image_counts and config.llm.vision_span is None
+                           and vision_token_ids(model.config))
     facts = cut_masks_per_layer(fast, prunes_sequence, evicts=config.kv is not None)
     handed = hand_static_decode_masks(fast, config)
     window = sliding_window(model) if config.kv is not None else None
@@ -77,7 +82,12 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         # The warnings are about the graphs that matter: a graph break's fragments are quiet when the prefill was
         # rewritten. capture_scalar_outputs only while this model's code traces with it (scalar_outputs.py).
         with warnings_per_call(model):
-            return scalar_outputs(compiled, *args, **kwargs)
+            try:
+                return scalar_outputs(compiled, *args, **kwargs)
+            except RuntimeError as error:
+                if counts_image_tokens and kwargs.get("input_ids") is not None:
+                    image_count(vision_token_mask(model.config, kwargs["input_ids"]))   # unequal: a clear error
+                raise error
 
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)

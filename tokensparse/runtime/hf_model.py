@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 
 def is_generative(model) -> bool:
     """A transformers model with generate()."""
@@ -34,3 +36,19 @@ def tower_splits_graph(model) -> bool:
     language model."""
     return ("image_grid_thw" in inspect.signature(model.forward).parameters
             or getattr(model.config, "image_grid_pinpoints", None) is not None)
+
+
+def vision_token_ids(config) -> list[int]:
+    """The ids of the placeholders a model fills with image or video features (LLaVA's `image_token_index`,
+    LLaVA-OneVision's `video_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
+    ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_index",
+                                                    "video_token_id")]
+    return [token for token in ids if token is not None]
+
+
+def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] True at the placeholders the model fills with image or video features (vision_token_ids)."""
+    ids = vision_token_ids(config)
+    if not ids:
+        raise TypeError(f"{type(config).__name__} names no image or video token id")
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
