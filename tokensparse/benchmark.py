@@ -70,7 +70,8 @@ def time_side_by_side(variants: dict, inputs: tuple, runs: int, warmup: int = 2,
 _NOT_WORK = {"view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "transpose", "permute", "expand",
              "select", "slice", "unsqueeze", "squeeze", "t", "alias", "detach", "empty", "empty_strided",
              "empty_like", "resize_", "lift_fresh", "unbind", "split", "chunk", "narrow", "contiguous",
-             "set_", "_to_copy_alias", "numpy_T", "expand_as", "view_as", "split_with_sizes"}
+             "set_", "_to_copy_alias", "numpy_T", "expand_as", "view_as", "split_with_sizes",
+             "resolve_conj", "resolve_neg"}       # the tensor itself unless it is complex or a negative view
 
 
 def eager_ops_per_forward(fn: Callable, *inputs, calls: int = 3) -> float:

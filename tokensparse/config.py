@@ -84,9 +84,13 @@ class CallerFacts:
     # The backend compiles a vision encoder's blocks one region each (Config.regional): the first block's token
     # count is then symbolic, as after a cut, so that it can share the later blocks' compile.
     compiled_by_regions: bool = False
+    # The forward checks, before the prefill runs, that every sample holds as many image tokens: a language-model
+    # policy's kept length is then known from the image features' shape, with no read to the host in the graph.
+    image_counts_checked: bool = False
 
     def __post_init__(self):
-        _check_flags(self, ("decode_masks_follow_cache", "kv_masks_follow_cache", "compiled_by_regions"))
+        _check_flags(self, ("decode_masks_follow_cache", "kv_masks_follow_cache", "compiled_by_regions",
+                            "image_counts_checked"))
         if not (isinstance(self.sliding_windows, tuple) and all(isinstance(window, int) and window >= 0
                                                                for window in self.sliding_windows)):
             raise ValueError(f"sliding_windows={self.sliding_windows!r} must be a tuple of each decoder layer's "

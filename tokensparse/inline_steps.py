@@ -17,10 +17,11 @@ from tokensparse.policies.visionzip import KEEP_IMAGE_ROWS, VISIONZIP, image_row
 
 # The ops whose outputs carry gradients (merged or gathered activations) and whose counts are known when
 # compiling; the ops that only choose positions stay ops (their selections carry no gradient). FastV's and
-# PyramidDrop's selection (KEEP_VISION) is inlined too (fastv_keep_step): two host reads and a sort or two per
-# stage outside Inductor's kernels, where the op ran 24 aten ops eagerly. VisionZip's mapping of kept encoder rows to
-# sequence positions (KEEP_IMAGE_ROWS) is inlined as image_rows_keep_step: one host read for its check, a static
-# kept length, where the op ran 12 aten ops eagerly.
+# PyramidDrop's selection (KEEP_VISION) is inlined too (fastv_keep_step): a sort or two per stage outside Inductor's
+# kernels, and no host read where tokensparse.compile's forward checked the image-token counts (else two per
+# stage), where the op ran 24 aten ops eagerly. VisionZip's mapping of kept encoder rows to sequence positions
+# (KEEP_IMAGE_ROWS) is inlined as image_rows_keep_step: a static kept length, and one host read for its check
+# unless the forward checked the counts, where the op ran 12 aten ops eagerly.
 STEPS = {TOME_MERGE: tome_merge_step, TOPK_PRUNE: topk_step, VISIONZIP: visionzip_from_attention,
          FEATURES_AT_SOURCE_ROWS: features_at_source_rows, TOKENS_AS_SYMBOL: same_tokens, KEEP_VISION: fastv_keep_step,
          KEEP_IMAGE_ROWS: image_rows_keep_step}

@@ -5,7 +5,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from tokensparse.policies.divprune import cosine_distances, divprune_select
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tokensparse.policies.divprune import KEEP_DIVERSE, cosine_distances, divprune_select
 from tokensparse.policies.visionzip import visionzip_select
 
 
@@ -104,6 +106,11 @@ def test_divprune_keep_keeps_text_and_the_diverse_images_in_order(batch, before,
     for row in range(batch):
         want = list(range(before)) + chosen[row].tolist() + list(range(before + images, before + images + after))
         assert kept[row].tolist() == want
+    # the image-token count given (the forward checked it): the same positions, and the op's fake has their length
+    assert divprune_keep(features, image_mask, keep, image_tokens=images).tolist() == kept.tolist()
+    with FakeTensorMode() as mode:
+        fake = KEEP_DIVERSE(mode.from_tensor(features), mode.from_tensor(image_mask), keep, images)
+    assert fake.shape == kept.shape
 
 
 @settings(max_examples=15, deadline=None)

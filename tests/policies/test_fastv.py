@@ -7,7 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tokensparse.policies.fastv import fastv_keep, fastv_scores, kept_image_count
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tokensparse.policies.fastv import (KEEP_VISION, fastv_keep, fastv_keep_step, fastv_scores, kept_image_count,
+                                       kept_image_counts)
 
 
 def _full_attention(q, k, scale):
@@ -66,6 +69,32 @@ def test_keep_text_and_top_images_in_order():
     kept = fastv_keep(scores, image_mask, keep=0.5)
     assert kept.tolist() == [[0, 2, 3, 5], [0, 1, 2, 4]]
     assert kept_image_count(576, 0.25) == 144
+
+
+@given(image_tokens=st.integers(0, 5000), keep=st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1 / 3, 1.0]),
+                                                         st.floats(0.0, 1.0)))
+def test_kept_image_count_in_python_equals_its_tensor_form(image_tokens, keep):
+    """Compiled code calls the Python form while tracing; the eager op and exported graphs use the tensor form."""
+    tensor = kept_image_counts(torch.tensor([image_tokens]), keep)[0].clamp_max(image_tokens)
+    assert kept_image_count(image_tokens, keep) == int(tensor)
+
+
+def test_keep_vision_with_the_image_count_given():
+    """With each sample's image-token count given (the forward checked it), the kept positions are the same, the
+    fake output's length is known (no data-dependent size), and a wrong count is refused eagerly."""
+    image_mask = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.4, 0.2, 9.0], [9.0, 9.0, 0.3, 0.2, 0.9, 0.1]])
+    want = fastv_keep(scores, image_mask, 0.5)
+    assert KEEP_VISION(scores, image_mask, 0.5, 4).tolist() == want.tolist()
+    with FakeTensorMode() as mode:
+        fake = KEEP_VISION(mode.from_tensor(scores), mode.from_tensor(image_mask), 0.5, 4)
+    assert fake.shape == (2, 4)
+    traced = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda s, m: fastv_keep_step(s, m, 0.5, 4), tracing_mode="fake")(scores, image_mask)
+    assert not [node for node in traced.graph.nodes if "_local_scalar_dense" in str(node.target)]
+    assert traced(scores, image_mask).tolist() == want.tolist()
+    with pytest.raises(ValueError, match="4 image tokens each where the compiled graph expects 3"):
+        KEEP_VISION(scores, image_mask, 0.5, 3)
 
 
 def test_unequal_image_counts_are_refused():

@@ -144,7 +144,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: Config, warn: bool
     ctx = PassContext(policy, [] if language else match.blocks, 0 if language else match.prefix_tokens,
                       fake_inputs(example_inputs, fake_mode), fake_mode,
                       CallerSide(masks_follow_cache=facts.decode_masks_follow_cache,
-                                 compiled_by_regions=facts.compiled_by_regions),
+                                 compiled_by_regions=facts.compiled_by_regions,
+                                 image_counts_checked=facts.image_counts_checked),
                       LanguageModelState(language=match if language else None))
     if tower is not None:
         ctx.vlm.language, ctx.vlm.tower_features, ctx.vlm.llm = tower[0], tower[1], config.llm

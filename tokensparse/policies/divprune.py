@@ -76,24 +76,35 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float,
-                  select=divprune_select) -> torch.Tensor:
+                  select=divprune_select, image_tokens: Optional[int] = None) -> torch.Tensor:
     """Positions [B, S'] ascending: every text position and the kept_image_count(n, keep) most diverse image
     positions of features [B, S, D] (every sample holds the same number n of image tokens). `select` is
-    divprune_select or a kernel with its signature and result (runtime/kernels/divprune_greedy.py)."""
-    from tokensparse.policies.fastv import image_count, kept_image_count, positions_kept
+    divprune_select or a kernel with its signature and result (runtime/kernels/divprune_greedy.py). With n given
+    as `image_tokens` (the caller checked the counts), nothing is read to the host: stable sorts place the image
+    and the kept positions, whose counts are known."""
+    from tokensparse.policies.fastv import image_count, kept_image_count, kept_length, positions_kept
 
-    batch, _, channels = features.shape
-    count = image_count(image_mask)
-    where = image_mask.nonzero()[:, 1].view(batch, count)                           # [B, n] image positions
+    batch, sequence, channels = features.shape
+    if image_tokens is None:
+        count = image_count(image_mask)
+        where = image_mask.nonzero()[:, 1].view(batch, count)                       # [B, n] image positions
+    else:
+        count = image_tokens
+        where = (~image_mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
     images = features.gather(1, where.unsqueeze(-1).expand(-1, -1, channels))
-    chosen = select(images, kept_image_count(count, keep))
-    return positions_kept(image_mask, where.gather(1, chosen))
+    chosen = where.gather(1, select(images, kept_image_count(count, keep)))
+    if image_tokens is None:
+        return positions_kept(image_mask, chosen)
+    kept = (~image_mask).scatter(1, chosen, True)
+    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :kept_length(sequence, count, keep)]
 
 
-def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, keep: float,
+                              image_tokens: Optional[int] = None) -> torch.Tensor:
     """divprune_keep without data-dependent Python, for torch.export and ONNX: the same greedy selection over
     the whole sequence [B, S] with text positions never chosen, its k - 1 steps a while_loop (an ONNX Loop)
-    whose trip count comes from the image mask. Every sample must hold the same number of image tokens."""
+    whose trip count comes from the image mask (`image_tokens`, where given, is what the mask holds). Every
+    sample must hold the same number of image tokens."""
     from torch._higher_order_ops import while_loop
 
     from tokensparse.policies.fastv import _ascending_positions, kept_image_counts
@@ -123,15 +134,22 @@ def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, 
 
 
 @torch.library.custom_op("tokensparse::keep_diverse_vision_tokens", mutates_args=())
-def keep_diverse_vision_tokens_op(features: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+def keep_diverse_vision_tokens_op(features: Tensor, image_mask: Tensor, keep: float,
+                                  image_tokens: Optional[int] = None) -> Tensor:
     """Positions [B, S'] kept: every text token and `keep` of the image tokens by DivPrune's greedy
-    max-min cosine distance of their features [B, S, D]."""
-    return divprune_keep(features, image_mask, keep)
+    max-min cosine distance of their features [B, S, D] (`image_tokens`: each sample's count, which the caller
+    checked; then the kept count is known and nothing is read to the host)."""
+    return divprune_keep(features, image_mask, keep, image_tokens=image_tokens)
 
 
 @keep_diverse_vision_tokens_op.register_fake
-def _keep_diverse_vision_tokens_fake(features, image_mask, keep):
-    return kept_sequence_positions(image_mask)
+def _keep_diverse_vision_tokens_fake(features, image_mask, keep, image_tokens=None):
+    from tokensparse.policies.fastv import kept_length
+
+    if image_tokens is None:
+        return kept_sequence_positions(image_mask)
+    return image_mask.new_empty(image_mask.shape[0], kept_length(image_mask.shape[1], image_tokens, keep),
+                                dtype=torch.int64)
 
 
 KEEP_DIVERSE = torch.ops.tokensparse.keep_diverse_vision_tokens.default

@@ -6,6 +6,7 @@ code) or from all text tokens (the paper). Plain PyTorch step functions, which t
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,9 +109,15 @@ def text_row_mean(probabilities: torch.Tensor, image_mask: torch.Tensor) -> torc
 
 
 def kept_image_count(image_tokens: int, keep: float) -> int:
-    """round(keep * N_vision) (in float32, as exported graphs compute it), at least one; keep=0 keeps none
-    (visual-token exit)."""
-    return int(kept_image_counts(torch.tensor([image_tokens]), keep)[0].clamp_max(image_tokens))
+    """round(keep * N_vision) (in float32 and to even, as kept_image_counts and exported graphs compute it), at
+    least one; keep=0 keeps none (visual-token exit). Plain Python: compiled code calls it while tracing."""
+    if keep == 0 or image_tokens == 0:
+        return 0
+    return min(image_tokens, max(1, round(_float32(_float32(image_tokens) * _float32(keep)))))
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def kept_image_counts(counts: torch.Tensor, keep: float) -> torch.Tensor:
@@ -119,6 +126,12 @@ def kept_image_counts(counts: torch.Tensor, keep: float) -> torch.Tensor:
         return torch.zeros_like(counts)
     kept = torch.round(counts.float() * keep).clamp_min(1).to(counts.dtype)
     return torch.where(counts == 0, counts, kept)
+
+
+def kept_length(sequence, image_tokens: int, keep: float):
+    """The sequence length after a stage that keeps kept_image_count(image_tokens, keep) of a sample's image tokens
+    and every other position."""
+    return sequence - image_tokens + kept_image_count(image_tokens, keep)
 
 
 def image_count(image_mask: torch.Tensor) -> int:
@@ -130,23 +143,36 @@ def image_count(image_mask: torch.Tensor) -> int:
     return counts[0]
 
 
-def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
+def fastv_keep(scores: torch.Tensor, image_mask: torch.Tensor, keep: float,
+               image_tokens: Optional[int] = None) -> torch.Tensor:
     """Positions [B, S'] kept from layer K on, ascending: every text position and the kept_image_count
     best-scored image positions (ties to the lower position). Every sample must hold the same number of
-    image tokens. Data-dependent only through nonzero, so that torch.export and ONNX trace it."""
+    image tokens (`image_tokens` where the caller knows it). Data-dependent only through nonzero, so that
+    torch.export and ONNX trace it."""
     if not _traced(image_mask):
-        image_count(image_mask)                                  # unequal counts: a clear error, eagerly
+        count = image_count(image_mask)                          # unequal counts: a clear error, eagerly
+        if image_tokens is not None and count != image_tokens:
+            raise ValueError(f"samples hold {count} image tokens each where the compiled graph expects "
+                             f"{image_tokens} (the image features' rows per sample)")
     order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
     return first_ranked_positions(order, image_mask, kept_image_counts(image_mask.sum(dim=1, keepdim=True), keep))
 
 
-def fastv_keep_step(scores: torch.Tensor, image_mask: torch.Tensor, keep: float) -> torch.Tensor:
-    """fastv_keep as compiled code sees it (what inline_steps.py puts in for KEEP_VISION before Inductor): traced,
-    unequal image-token counts fail a runtime check (eagerly image_count's ValueError), since the kept positions
-    would not fill the dense [B, S'] layout, and the kept length is read once from the first sample (a reshape
-    of nonzero's flat result would guard on its divisibility by a symbolic batch)."""
+def fastv_keep_step(scores: torch.Tensor, image_mask: torch.Tensor, keep: float,
+                    image_tokens: Optional[int] = None) -> torch.Tensor:
+    """fastv_keep as compiled code sees it (what inline_steps.py puts in for KEEP_VISION before Inductor). Traced
+    with `image_tokens` (each sample's count, which the caller checked before the graph ran): the kept length is
+    known, S - n + kept_image_count(n), and nothing is read to the host. Without: unequal image-token counts fail
+    a runtime check (eagerly image_count's ValueError), since the kept positions would not fill the dense [B, S']
+    layout, and the kept length is read once from the first sample (a reshape of nonzero's flat result would
+    guard on its divisibility by a symbolic batch)."""
     if not _traced(image_mask):
-        return fastv_keep(scores, image_mask, keep)
+        return fastv_keep(scores, image_mask, keep, image_tokens)
+    if image_tokens is not None:
+        order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
+        kept = _first_ranked(order, image_mask, kept_image_count(image_tokens, keep))
+        length = kept_length(image_mask.shape[1], image_tokens, keep)
+        return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
     counts = image_mask.sum(dim=1, keepdim=True)
     unequal = (counts != counts[:1]).sum().item()
     torch.ops.aten._assert_scalar(unequal == 0, "samples hold different numbers of image tokens; pruning inside "
@@ -192,15 +218,19 @@ def _traced(tensor: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("tokensparse::keep_vision_tokens", mutates_args=())
-def keep_vision_tokens_op(scores: Tensor, image_mask: Tensor, keep: float) -> Tensor:
+def keep_vision_tokens_op(scores: Tensor, image_mask: Tensor, keep: float, image_tokens: Optional[int] = None) -> Tensor:
     """Positions [B, S'] kept: every text token and `keep` of the image tokens by score (FastV,
-    PyramidDrop; keep=0 drops every image token). The count depends on the data (the image tokens)."""
-    return fastv_keep(scores, image_mask, keep)
+    PyramidDrop; keep=0 drops every image token). The count depends on the data (the image tokens), unless the
+    caller gives each sample's image-token count."""
+    return fastv_keep(scores, image_mask, keep, image_tokens)
 
 
 @keep_vision_tokens_op.register_fake
-def _keep_vision_tokens_fake(scores, image_mask, keep):
-    return kept_sequence_positions(image_mask)
+def _keep_vision_tokens_fake(scores, image_mask, keep, image_tokens=None):
+    if image_tokens is None:
+        return kept_sequence_positions(image_mask)
+    return image_mask.new_empty(image_mask.shape[0], kept_length(image_mask.shape[1], image_tokens, keep),
+                                dtype=torch.int64)
 
 
 KEEP_VISION = torch.ops.tokensparse.keep_vision_tokens.default

@@ -121,7 +121,8 @@ def image_positions_of_rows(image_mask: torch.Tensor, rows: torch.Tensor, offset
     return positions_kept(image_mask, where.gather(1, features))
 
 
-def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int) -> torch.Tensor:
+def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int,
+                    counts_checked: bool = False) -> torch.Tensor:
     """image_positions_of_rows, after checking (eagerly) that every sample holds `features` image tokens."""
     from tokensparse.policies.fastv import _traced, image_count
 
@@ -133,18 +134,21 @@ def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, f
     return image_positions_of_rows(image_mask, rows, offset)
 
 
-def image_rows_keep_step(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int) -> torch.Tensor:
+def image_rows_keep_step(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int,
+                         counts_checked: bool = False) -> torch.Tensor:
     """image_rows_keep as compiled code sees it (what inline_steps.py puts in for KEEP_IMAGE_ROWS before Inductor):
-    traced, a sample without `features` image tokens fails a runtime check (eagerly image_rows_keep's ValueError),
-    the image positions come from a stable sort rather than nonzero, and the kept length is static: the text
-    tokens (S - features) plus the kept feature rows, distinct and ascending."""
+    traced, a sample without `features` image tokens fails a runtime check (eagerly image_rows_keep's ValueError;
+    no check with `counts_checked`: the caller checked that the samples hold equally many, and the model that they
+    hold as many as the features), the image positions come from a stable sort rather than nonzero, and the kept
+    length is static: the text tokens (S - features) plus the kept feature rows, distinct and ascending."""
     from tokensparse.policies.fastv import _traced
 
     if not _traced(image_mask):
         return image_rows_keep(image_mask, rows, offset, features)
-    wrong = (image_mask.sum(dim=1) != features).sum().item()
-    torch.ops.aten._assert_scalar(wrong == 0, f"a sample does not hold {features} image tokens, one per feature "
-                                              f"of its image: VisionZip maps one image per sample")
+    if not counts_checked:
+        wrong = (image_mask.sum(dim=1) != features).sum().item()
+        torch.ops.aten._assert_scalar(wrong == 0, f"a sample does not hold {features} image tokens, one per "
+                                                  f"feature of its image: VisionZip maps one image per sample")
     # a stable sort puts each sample's image positions first, ascending: the n-th is the n-th feature's
     where = (~image_mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :features]      # [B, features]
     kept = (~image_mask).scatter(1, where.gather(1, rows[:, offset:] - offset), True)
@@ -168,14 +172,16 @@ def _visionzip_fake(hidden, q, k, scale, dominant, contextual, protected):
 
 
 @torch.library.custom_op("tokensparse::keep_image_rows", mutates_args=())
-def keep_image_rows_op(image_mask: Tensor, rows: Tensor, offset: int, features: int) -> Tensor:
+def keep_image_rows_op(image_mask: Tensor, rows: Tensor, offset: int, features: int,
+                       counts_checked: bool = False) -> Tensor:
     """Positions [B, S'] kept: every text token and the image positions filled by the kept encoder rows
-    `rows` (VisionZip). Each sample holds `features` image tokens, one per encoder row from `offset` on."""
+    `rows` (VisionZip). Each sample holds `features` image tokens, one per encoder row from `offset` on
+    (`counts_checked`: the caller checked that the samples hold equally many)."""
     return image_rows_keep(image_mask, rows, offset, features)
 
 
 @keep_image_rows_op.register_fake
-def _keep_image_rows_fake(image_mask, rows, offset, features):
+def _keep_image_rows_fake(image_mask, rows, offset, features, counts_checked=False):
     return kept_sequence_positions(image_mask)
 
 

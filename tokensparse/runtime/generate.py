@@ -48,11 +48,12 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         fast.generation_config = copy.deepcopy(model.generation_config)
         fast.generation_config.disable_compile = True
     prunes_sequence = sequence_policy(config) is not None
-    # A dense batch needs as many image tokens in every sample: the compiled prefill's check of the counts fails
-    # with a symbolic expression for its message, so a failed call looks at the counts and names them.
-    counts_image_tokens = (config.llm is not None and config.llm.equal_image_counts and config.llm.vision_span is None
-                           and vision_token_ids(model.config))
+    # A dense batch needs as many image tokens in every sample: the forward checks the counts before the prefill
+    # runs (one read to the host), and the graph takes its kept lengths from the image features' shape.
+    counts_image_tokens = bool(config.llm is not None and config.llm.equal_image_counts
+                               and config.llm.vision_span is None and vision_token_ids(model.config))
     facts = cut_masks_per_layer(fast, prunes_sequence, evicts=config.kv is not None)
+    facts = dataclasses.replace(facts, image_counts_checked=counts_image_tokens)
     handed = hand_static_decode_masks(fast, config)
     window = sliding_window(model) if config.kv is not None else None
     config, cache_positions = cache_positions_config(model, config, prunes_sequence, window)   # StreamingLLM's
@@ -72,6 +73,8 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
             kwargs = at_cache_positions(config.kv, args, kwargs)
         if prunes_sequence and any(kwargs.get(name) is not None for name in _IMAGE_INPUTS):
             check_left_padding(kwargs.get("attention_mask"))
+            if counts_image_tokens:
+                _check_image_counts(model.config, kwargs.get("input_ids"))
         if window is not None and not (positioned and records_positions(kwargs.get("past_key_values"))):
             check_forward_within_window(window, config.kv.name, kwargs)
         if is_static_cache(kwargs.get("past_key_values")):
@@ -82,12 +85,7 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
         # The warnings are about the graphs that matter: a graph break's fragments are quiet when the prefill was
         # rewritten. capture_scalar_outputs only while this model's code traces with it (scalar_outputs.py).
         with warnings_per_call(model):
-            try:
-                return scalar_outputs(compiled, *args, **kwargs)
-            except RuntimeError as error:
-                if counts_image_tokens and kwargs.get("input_ids") is not None:
-                    image_count(vision_token_mask(model.config, kwargs["input_ids"]))   # unequal: a clear error
-                raise error
+            return scalar_outputs(compiled, *args, **kwargs)
 
     if not tower_splits_graph(model):
         _encode_images_in_forward(forward)
@@ -97,6 +95,14 @@ def compile_for_generate(model, config, **torch_compile_kwargs):
     if window is not None:
         refuse_generation_past_window(fast, window, config.kv.name, positioned)
     return fast
+
+
+def _check_image_counts(model_config, input_ids) -> None:
+    """Every sample holds as many image tokens (fastv.image_count), or a ValueError that names the counts."""
+    if input_ids is None:
+        raise ValueError("pruning inside the language model reads where the image tokens are from input_ids: pass "
+                         "input_ids with the images (not inputs_embeds)")
+    image_count(vision_token_mask(model_config, input_ids))
 
 
 def _encode_images_in_forward(forward) -> None:

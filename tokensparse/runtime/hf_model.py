@@ -43,12 +43,16 @@ def vision_token_ids(config) -> list[int]:
     LLaVA-OneVision's `video_token_index`; Qwen2-VL's `image_token_id` and `video_token_id`)."""
     ids = [getattr(config, name, None) for name in ("image_token_index", "image_token_id", "video_token_index",
                                                     "video_token_id")]
-    return [token for token in ids if token is not None]
+    return sorted({token for token in ids if token is not None})
 
 
 def vision_token_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] True at the placeholders the model fills with image or video features (vision_token_ids)."""
+    """[B, S] True at the placeholders the model fills with image or video features (vision_token_ids); a
+    comparison per id, which runs before a compiled prefill."""
     ids = vision_token_ids(config)
     if not ids:
         raise TypeError(f"{type(config).__name__} names no image or video token id")
-    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+    mask = input_ids == ids[0]
+    for token in ids[1:]:
+        mask = mask | (input_ids == token)
+    return mask

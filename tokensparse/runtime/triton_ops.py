@@ -43,9 +43,9 @@ def topk_prune_triton(x, q, k, scale: float, keep: int, protected: int, fuse: bo
     return join_kept(x, rest, kept, kept_idx, scores, protected, fuse)
 
 
-def keep_diverse_triton(features, image_mask, keep: float):
+def keep_diverse_triton(features, image_mask, keep: float, image_tokens=None):
     """tokensparse::keep_diverse_vision_tokens with DivPrune's greedy loop in one Triton launch."""
-    return divprune_keep(features, image_mask, keep, select=divprune_select_triton)
+    return divprune_keep(features, image_mask, keep, select=divprune_select_triton, image_tokens=image_tokens)
 
 
 torch.library.register_kernel("tokensparse::tome_merge", "cuda", tome_merge_triton)

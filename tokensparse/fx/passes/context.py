@@ -26,6 +26,7 @@ class CallerSide:
     sliding_windows: tuple = ()                # each decoder layer's window (0: full)
     pruned_and_evicted: bool = False
     compiled_by_regions: bool = False          # the backend compiles each block as a region (tokensparse.regions)
+    image_counts_checked: bool = False         # the forward checked equal image-token counts before the prefill
 
 
 @dataclass

@@ -4,6 +4,7 @@ Yang et al., 2024; DTD, TimeChat-Online, Yao et al., 2025)."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -17,7 +18,7 @@ from tokensparse.fx.patterns.graph import arg, downstream, insert_call, is_op, m
 from tokensparse.pipeline import MatchFailure
 from tokensparse.fx.patterns.kv_cache import static_write
 from tokensparse.fx.patterns.language_model import DecoderLayer, LanguageModelMatch
-from tokensparse.policies.fastv import fastv_scores
+from tokensparse.policies.fastv import fastv_scores, kept_image_count
 from tokensparse.policies.language import Stage
 from tokensparse.runtime.ops import KEEP_CHANGED_VIDEO, KEEP_DIVERSE, KEEP_IMAGE_ROWS, KEEP_VISION
 from tokensparse.runtime.sequence import gather_tokens, last_tokens, span_mask, vision_mask_2d
@@ -48,7 +49,7 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise MatchFailure("positions='compact' renumbers 1-D RoPE positions; this language model reads 3-D M-RoPE "
                            "position ids (temporal, height, width), whose compact form is not defined: use "
                            "positions='original'")
-    mask = None
+    mask, image_tokens = None, _image_tokens_per_sample(ctx, lm, policy)
     for stage in stages:
         layer = lm.layers[stage.layer]
         inside = set().union(*(later.nodes for later in lm.layers[stage.layer:]))
@@ -58,7 +59,10 @@ def prune_sequence_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         stream = _stream_into(layer, riders)
         if mask is None:
             mask = _vision_mask(graph, point, lm, getattr(policy, "vision_span", None), stream)
-        kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.vlm.feature_rows)
+        kept = _select(graph, point, stage, lm, layer, mask, stream, ctx.vlm.feature_rows, image_tokens,
+                       ctx.caller.image_counts_checked)
+        image_tokens = kept_image_count(image_tokens, stage.keep) if image_tokens is not None and \
+            stage.score in _FRACTION_SCORES else None
         rotary = _rotary_tables(riders) if compact else set()
         for rider, axes in riders:
             follow = last_tokens if rider in rotary else gather_tokens
@@ -233,17 +237,35 @@ def _vision_mask(graph, point, lm: LanguageModelMatch, vision_span, stream) -> f
     return insert_call(graph, point, vision_mask_2d, lm.span.masks)
 
 
+def _image_tokens_per_sample(ctx: PassContext, lm: LanguageModelMatch, policy) -> int | None:
+    """Each sample's image-token count when the forward checked that the samples hold equally many
+    (CallerSide.image_counts_checked) and one merge's static feature rows give it (rows / batch); else None."""
+    if not ctx.caller.image_counts_checked or getattr(policy, "vision_span", None) is not None or \
+            lm.span is None or len(lm.span.masks) != 1:
+        return None
+    features, embeddings = shape_of(lm.span.features), shape_of(lm.span.embeddings)
+    if features is None or embeddings is None or not all(isinstance(size, int) for size in (*features, *embeddings)):
+        return None
+    rows = math.prod(features) // embeddings[-1]
+    return rows // embeddings[0] if rows % embeddings[0] == 0 and math.prod(features) % embeddings[-1] == 0 else None
+
+
+# The stages that keep kept_image_count(n, keep) of n image tokens, by score (the others choose their own counts).
+_FRACTION_SCORES = ("none", "previous_attention", "next_projection", "diversity")
+
+
 def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLayer, mask, stream,
-            feature_rows) -> fx.Node:
-    """The kept positions [B, S'] of this stage."""
+            feature_rows, image_tokens: int | None, counts_checked: bool) -> fx.Node:
+    """The kept positions [B, S'] of this stage (`image_tokens`: each sample's count, where known;
+    `counts_checked`: the forward checked that the samples hold equally many)."""
     if stage.score == "encoder_attention":    # VisionZip: the image positions its kept encoder rows fill
-        return insert_call(graph, point, KEEP_IMAGE_ROWS, (mask, *feature_rows))
+        return insert_call(graph, point, KEEP_IMAGE_ROWS, (mask, *feature_rows, counts_checked))
     if stage.score == "diversity":
-        return insert_call(graph, point, KEEP_DIVERSE, (stream, mask, stage.keep))
+        return insert_call(graph, point, KEEP_DIVERSE, (stream, mask, stage.keep, image_tokens))
     if stage.score == "temporal":
         return insert_call(graph, point, KEEP_CHANGED_VIDEO, (stream, mask, _mrope_positions(graph, lm), stage.keep))
     if stage.score == "none":
-        return insert_call(graph, point, KEEP_VISION, (mask, mask, stage.keep))
+        return insert_call(graph, point, KEEP_VISION, (mask, mask, stage.keep, image_tokens))
     if stage.score == "previous_attention":
         scored = lm.layers[stage.layer - 1]
         q, k = scored.site.q, scored.site.k
@@ -258,7 +280,7 @@ def _select(graph, point, stage: Stage, lm: LanguageModelMatch, layer: DecoderLa
         k, attn_mask = (insert_call(graph, point, first_columns, (tensor, q, dim)) for tensor, dim in ((k, 2),
                                                                                                       (attn_mask, 3)))
     scores = insert_call(graph, point, fastv_scores, (q, k, site.scale, mask, query, attn_mask))
-    return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep))
+    return insert_call(graph, point, KEEP_VISION, (scores, mask, stage.keep, image_tokens))
 
 
 def _find_mrope_positions(graph: fx.Graph, lm: LanguageModelMatch):
