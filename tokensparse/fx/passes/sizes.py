@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Optional
 
 import torch
@@ -35,13 +36,21 @@ class _SizeRederiver(fx.Interpreter):
         try:
             result = super().run_node(node)
         except Exception as error:  # any fake-tensor failure means the rewrite is not consistent
-            raise MatchFailure(f"shapes do not agree after the rewrite at {node.name} "
-                               f"({op_name(node)}): {type(error).__name__}: {str(error).splitlines()[0]}") from error
+            said = str(error).splitlines()[0]
+            raise MatchFailure(f"shapes do not agree after the rewrite at {node.name} ({op_name(node)}): "
+                               f"{type(error).__name__}: {said}{self._stale_hint(said)}") from error
         if node.op != "output":
             node.meta["val"] = result
             if "example_value" in node.meta:
                 node.meta["example_value"] = result
         return result
+
+    def _stale_hint(self, said: str) -> str:
+        """Where a failure names the traced token count: what it most likely means."""
+        if not isinstance(self.tokens, int) or not re.search(rf"\b{self.tokens}\b", said):
+            return ""
+        return (f" (a tensor sized for the original tokens, {self.tokens}, such as a mask computed before the cut, "
+                f"meets the reduced tokens)")
 
     def _patch(self, node: fx.Node) -> None:
         source = node.args[0]
