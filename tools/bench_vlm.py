@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=20, help="timed prefills per variant (medians reported)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8, help="decoder layers")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per variant (0: prefill only)")
     parser.add_argument("--onnx", action="store_true", help="time ONNX Runtime on to_onnx exports instead of "
                                                                 "Inductor (prefill only)")
     parser.add_argument("--onnx-generation", action="store_true", help="time ONNX Runtime on to_onnx_generation "
@@ -257,7 +257,7 @@ def run(args) -> dict:
     # keep=1.0: the graph compiles unchanged
     configs = {"inductor (unpruned)": tokensparse.Config(llm=tokensparse.FastV(keep=1.0))}
     configs.update({f"tokensparse {name}": config for name, config in policies.items()})
-    for name, config in configs.items():
+    for name, config in configs.items() if args.new_tokens > 0 else ():       # --new-tokens 0: prefill only
         torch._dynamo.reset()      # each copy's graphs count against dynamo's recompile limit of the shared forward
         fast = tokensparse.compile(model, config)
         settings = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
@@ -275,7 +275,8 @@ def run(args) -> dict:
                            "kv_bytes_end": kv_bytes(out.past_key_values)})
         decode.add_row(name, f"{rate:.1f}", f"{kv_bytes(first.past_key_values) / 2**20:.1f} MiB",
                        f"{kv_bytes(out.past_key_values) / 2**20:.1f} MiB")
-    console.print(decode)
+    if args.new_tokens > 0:
+        console.print(decode)
     result = {"batch": args.batch, "layers": args.layers, "runs": args.runs, "threads": torch.get_num_threads(),
               "device": where, "dtype": args.dtype,
               "flops_before": base_flops, "variants": rows}
