@@ -81,22 +81,15 @@ def divprune_keep(features: torch.Tensor, image_mask: torch.Tensor, keep: float,
     positions of features [B, S, D] (every sample holds the same number n of image tokens). `select` is
     divprune_select or a kernel with its signature and result (runtime/kernels/divprune_greedy.py). With n given
     as `image_tokens` (the caller checked the counts), nothing is read to the host: stable sorts place the image
-    and the kept positions, whose counts are known."""
-    from tokensparse.policies.fastv import image_count, kept_image_count, kept_length, positions_kept
+    and the kept positions, whose counts are known (otherwise one read counts the image tokens)."""
+    from tokensparse.policies.fastv import image_count, kept_image_count, kept_length, true_positions
 
-    batch, sequence, channels = features.shape
-    if image_tokens is None:
-        count = image_count(image_mask)
-        where = image_mask.nonzero()[:, 1].view(batch, count)                       # [B, n] image positions
-    else:
-        count = image_tokens
-        where = (~image_mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
+    _, sequence, channels = features.shape
+    count = image_count(image_mask) if image_tokens is None else image_tokens
+    where = true_positions(image_mask, count)                                       # [B, n] image positions
     images = features.gather(1, where.unsqueeze(-1).expand(-1, -1, channels))
     chosen = where.gather(1, select(images, kept_image_count(count, keep)))
-    if image_tokens is None:
-        return positions_kept(image_mask, chosen)
-    kept = (~image_mask).scatter(1, chosen, True)
-    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :kept_length(sequence, count, keep)]
+    return true_positions((~image_mask).scatter(1, chosen, True), kept_length(sequence, count, keep))
 
 
 def divprune_keep_in_sequence(features: torch.Tensor, image_mask: torch.Tensor, keep: float,

@@ -168,22 +168,19 @@ def fastv_keep_step(scores: torch.Tensor, image_mask: torch.Tensor, keep: float,
     guard on its divisibility by a symbolic batch)."""
     if not _traced(image_mask):
         return fastv_keep(scores, image_mask, keep, image_tokens)
+    order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
     if image_tokens is not None:
-        order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
         kept = _first_ranked(order, image_mask, kept_image_count(image_tokens, keep))
-        length = kept_length(image_mask.shape[1], image_tokens, keep)
-        return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
+        return true_positions(kept, kept_length(image_mask.shape[1], image_tokens, keep))
     counts = image_mask.sum(dim=1, keepdim=True)
     unequal = (counts != counts[:1]).sum().item()
     torch.ops.aten._assert_scalar(unequal == 0, "samples hold different numbers of image tokens; pruning inside "
                                                 "the language model needs equal counts per batch")
-    order = rank_order(scores.float().masked_fill(~image_mask, -math.inf))
     kept = _first_ranked(order, image_mask, kept_image_counts(counts, keep))
     length = kept[:1].sum().item()
     torch._check(length >= 1)            # as the op's fake says (op_shapes.data_dependent_count)
     torch._check(length <= kept.shape[1])
-    # a stable sort puts the kept positions first, ascending
-    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
+    return true_positions(kept, length)
 
 
 def first_ranked_positions(order: torch.Tensor, image_mask: torch.Tensor, counts) -> torch.Tensor:
@@ -203,6 +200,12 @@ def _first_ranked(order: torch.Tensor, image_mask: torch.Tensor, counts) -> torc
 def positions_kept(image_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
     """[B, S'] ascending: every text position plus the given image positions [B, k]."""
     return _ascending_positions((~image_mask).scatter(1, image_positions, True))
+
+
+def true_positions(mask: torch.Tensor, count) -> torch.Tensor:
+    """[B, count] ascending: the True positions of mask [B, S], `count` in every row (known to the caller), from a
+    stable sort (True first) rather than nonzero, so that nothing is read to the host."""
+    return (~mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
 
 
 def _ascending_positions(kept: torch.Tensor) -> torch.Tensor:

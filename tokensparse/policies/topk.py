@@ -53,7 +53,7 @@ class TopK(Policy):
     def tower_step(self, index: int, depth: int, tokens: int, prefix: int) -> Optional[TowerStep]:
         if index not in self.layers:
             return None
-        keep = CountOfTokens(kept_count, (prefix, self.keep), kept_count(tokens, prefix, self.keep))
+        keep = CountOfTokens(kept_count, (prefix, self.keep), tokens)
         after = prefix + keep.value + int(self.fuse)
         return TowerStep("prune_tokens", TOPK_PRUNE, topk_step, (X, QUERY, KEYS, SCALE, keep, prefix, self.fuse, MASK),
                          after, sized=False, note=f"keep {after} of {tokens} tokens")

@@ -28,12 +28,16 @@ X, SIZE, QUERY, KEYS, SCALE, MASK = (BlockValue(name) for name in BLOCK_INPUTS)
 @dataclass(frozen=True)
 class CountOfTokens:
     """A step argument computed from the count of tokens entering the step, `rule(tokens, *args)` (integer
-    arithmetic, so that it also holds for a symbolic count); `value` is the rule at the traced count. A compile
-    that shares one block's code between token counts computes it from the block's input size instead."""
+    arithmetic, so that it also holds for a symbolic count); `value` is the rule at the traced count, `tokens`. A
+    compile that shares one block's code between token counts computes it from the block's input size instead."""
 
     rule: Callable
     args: tuple
-    value: int
+    tokens: int
+
+    @property
+    def value(self) -> int:
+        return self.rule(self.tokens, *self.args)
 
 
 @dataclass(frozen=True)

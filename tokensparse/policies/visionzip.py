@@ -123,7 +123,8 @@ def image_positions_of_rows(image_mask: torch.Tensor, rows: torch.Tensor, offset
 
 def image_rows_keep(image_mask: torch.Tensor, rows: torch.Tensor, offset: int, features: int,
                     counts_checked: bool = False) -> torch.Tensor:
-    """image_positions_of_rows, after checking (eagerly) that every sample holds `features` image tokens."""
+    """image_positions_of_rows, after checking (eagerly) that every sample holds `features` image tokens (checked
+    whatever `counts_checked` says: the argument is the op's, which only the inlined step reads)."""
     from tokensparse.policies.fastv import _traced, image_count
 
     if not _traced(image_mask):
@@ -141,7 +142,7 @@ def image_rows_keep_step(image_mask: torch.Tensor, rows: torch.Tensor, offset: i
     no check with `counts_checked`: the caller checked that the samples hold equally many, and the model that they
     hold as many as the features), the image positions come from a stable sort rather than nonzero, and the kept
     length is static: the text tokens (S - features) plus the kept feature rows, distinct and ascending."""
-    from tokensparse.policies.fastv import _traced
+    from tokensparse.policies.fastv import _traced, true_positions
 
     if not _traced(image_mask):
         return image_rows_keep(image_mask, rows, offset, features)
@@ -149,11 +150,9 @@ def image_rows_keep_step(image_mask: torch.Tensor, rows: torch.Tensor, offset: i
         wrong = (image_mask.sum(dim=1) != features).sum().item()
         torch.ops.aten._assert_scalar(wrong == 0, f"a sample does not hold {features} image tokens, one per "
                                                   f"feature of its image: VisionZip maps one image per sample")
-    # a stable sort puts each sample's image positions first, ascending: the n-th is the n-th feature's
-    where = (~image_mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :features]      # [B, features]
+    where = true_positions(image_mask, features)          # [B, features]: the n-th is the n-th feature's position
     kept = (~image_mask).scatter(1, where.gather(1, rows[:, offset:] - offset), True)
-    length = image_mask.shape[1] - features + rows.shape[1] - offset
-    return (~kept).to(torch.uint8).sort(dim=1, stable=True).indices[:, :length]
+    return true_positions(kept, image_mask.shape[1] - features + rows.shape[1] - offset)
 
 
 @torch.library.custom_op("tokensparse::visionzip", mutates_args=())

@@ -246,8 +246,11 @@ def _image_tokens_per_sample(ctx: PassContext, lm: LanguageModelMatch, policy) -
     features, embeddings = shape_of(lm.span.features), shape_of(lm.span.embeddings)
     if features is None or embeddings is None or not all(isinstance(size, int) for size in (*features, *embeddings)):
         return None
-    rows = math.prod(features) // embeddings[-1]
-    return rows // embeddings[0] if rows % embeddings[0] == 0 and math.prod(features) % embeddings[-1] == 0 else None
+    batch, channels = embeddings[0], embeddings[-1]
+    elements = math.prod(features)
+    if elements % (batch * channels):
+        return None
+    return elements // (batch * channels)
 
 
 # The stages that keep kept_image_count(n, keep) of n image tokens, by score (the others choose their own counts).
